@@ -1,0 +1,235 @@
+//! The agent's configuration: one TOML file, `/etc/pvc/agent.toml` by
+//! default. `deploy/agent.toml` documents every option.
+
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use pvc_proto::{DEFAULT_BROKER_PORT, valid_name};
+use serde::Deserialize;
+
+pub const DEFAULT_PATH: &str = "/etc/pvc/agent.toml";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Names what this agent sets up on the host: pins under
+    /// `/sys/fs/bpf/pvc/<instance>/`, control socket `<run_dir>/<instance>.sock`.
+    #[serde(default = "default_instance")]
+    pub instance: String,
+    pub cluster: String,
+    /// This member's name (a DNS label).
+    pub name: String,
+    /// This member's virtual address, in 240.0.0.0/4.
+    pub virtual_ip: Ipv4Addr,
+    /// Brokers as "host" or "host:port", tried in order.
+    pub brokers: Vec<String>,
+    /// Real addresses to advertise; default: the uplink's IPv4 addresses.
+    #[serde(default)]
+    pub advertise: Vec<Ipv4Addr>,
+    pub interposition: Interposition,
+    #[serde(default)]
+    pub flows: Flows,
+    #[serde(default = "default_run_dir")]
+    pub run_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Interposition {
+    /// The interface that carries real traffic to the other members.
+    pub uplink: String,
+    /// cgroup v2 folder whose processes (and descendants) use the virtual
+    /// network. Default: the root of the cgroup v2 hierarchy.
+    #[serde(default)]
+    pub cgroup: Option<PathBuf>,
+    /// Capacity of the masquerading map (flows x 2 directions).
+    #[serde(default = "default_max_flows")]
+    pub max_flows: u32,
+    #[serde(default = "default_bpffs")]
+    pub bpffs: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Flows {
+    /// An idle flow's entries are removed after this many seconds.
+    #[serde(default = "default_idle")]
+    pub idle_timeout_secs: u64,
+    /// A TCP flow that saw FIN or RST is removed after this many idle seconds.
+    #[serde(default = "default_closed")]
+    pub closed_timeout_secs: u64,
+    /// ICMP echo entries are removed after this many idle seconds.
+    #[serde(default = "default_icmp")]
+    pub icmp_timeout_secs: u64,
+    #[serde(default = "default_gc_interval")]
+    pub gc_interval_secs: u64,
+}
+
+impl Default for Flows {
+    fn default() -> Self {
+        Self {
+            idle_timeout_secs: default_idle(),
+            closed_timeout_secs: default_closed(),
+            icmp_timeout_secs: default_icmp(),
+            gc_interval_secs: default_gc_interval(),
+        }
+    }
+}
+
+fn default_instance() -> String {
+    "default".into()
+}
+fn default_run_dir() -> PathBuf {
+    "/run/pvc".into()
+}
+fn default_bpffs() -> PathBuf {
+    "/sys/fs/bpf".into()
+}
+fn default_max_flows() -> u32 {
+    65536
+}
+fn default_idle() -> u64 {
+    // Like conntrack's established timeout: long-lived idle ssh sessions
+    // must survive a night.
+    5 * 24 * 3600
+}
+fn default_closed() -> u64 {
+    // Longer than TIME_WAIT (60 s), so the last ACKs still cross.
+    120
+}
+fn default_icmp() -> u64 {
+    30
+}
+fn default_gc_interval() -> u64 {
+    5
+}
+
+impl Config {
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the agent configuration {}", path.display()))?;
+        let config: Config = toml::from_str(&text)
+            .with_context(|| format!("invalid agent configuration {}", path.display()))?;
+        config
+            .validate()
+            .with_context(|| format!("invalid agent configuration {}", path.display()))?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if !valid_name(&self.instance) {
+            bail!(
+                "instance {:?}: use a-z, 0-9 and '-' (it names files)",
+                self.instance
+            );
+        }
+        let member = pvc_proto::Member {
+            name: self.name.clone(),
+            virtual_ip: self.virtual_ip,
+            // Addresses are checked once known (they may come from the uplink).
+            addresses: vec![Ipv4Addr::new(198, 18, 0, 1)],
+        };
+        member.validate()?;
+        if !valid_name(&self.cluster) {
+            bail!(
+                "cluster {:?}: use a-z, 0-9 and '-', at most 63 characters",
+                self.cluster
+            );
+        }
+        if self.brokers.is_empty() {
+            bail!(
+                "brokers: name at least one broker, e.g. brokers = [\"broker.example.org:{DEFAULT_BROKER_PORT}\"]"
+            );
+        }
+        if self.interposition.uplink.is_empty() {
+            bail!("interposition.uplink: name the interface that carries traffic to other members");
+        }
+        if self.interposition.max_flows < 64 {
+            bail!("interposition.max_flows must be at least 64");
+        }
+        if self.flows.gc_interval_secs == 0 {
+            bail!("flows.gc_interval_secs must be at least 1");
+        }
+        Ok(())
+    }
+
+    /// Brokers with the default port filled in.
+    pub fn broker_addresses(&self) -> Vec<String> {
+        self.brokers
+            .iter()
+            .map(|b| {
+                if b.rsplit_once(':')
+                    .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+                {
+                    b.clone()
+                } else {
+                    format!("{b}:{DEFAULT_BROKER_PORT}")
+                }
+            })
+            .collect()
+    }
+
+    pub fn pin_dir(&self) -> PathBuf {
+        self.interposition.bpffs.join("pvc").join(&self.instance)
+    }
+
+    pub fn control_socket(&self) -> PathBuf {
+        self.run_dir.join(format!("{}.sock", self.instance))
+    }
+
+    pub fn gc_interval(&self) -> Duration {
+        Duration::from_secs(self.flows.gc_interval_secs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+cluster = "lab"
+name = "alpha"
+virtual_ip = "240.0.0.1"
+brokers = ["198.18.0.254"]
+[interposition]
+uplink = "eth0"
+"#;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c: Config = toml::from_str(MINIMAL).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.instance, "default");
+        assert_eq!(c.broker_addresses(), vec!["198.18.0.254:7100".to_string()]);
+        assert_eq!(c.pin_dir(), PathBuf::from("/sys/fs/bpf/pvc/default"));
+        assert_eq!(c.control_socket(), PathBuf::from("/run/pvc/default.sock"));
+        assert_eq!(c.interposition.max_flows, 65536);
+    }
+
+    #[test]
+    fn the_example_config_is_valid() {
+        let text = include_str!("../../deploy/agent.toml");
+        let c: Config = toml::from_str(text).unwrap();
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn mistakes_are_named() {
+        let bad = MINIMAL.replace("240.0.0.1", "10.0.0.1");
+        let c: Config = toml::from_str(&bad).unwrap();
+        let err = format!("{:#}", c.validate().unwrap_err());
+        assert!(err.contains("10.0.0.1"), "{err}");
+
+        let typo = MINIMAL.replace("uplink", "uplnk");
+        let err = toml::from_str::<Config>(&typo).unwrap_err().to_string();
+        assert!(err.contains("uplnk"), "{err}");
+
+        let no_broker = MINIMAL.replace("[\"198.18.0.254\"]", "[]");
+        let c: Config = toml::from_str(&no_broker).unwrap();
+        assert!(format!("{:#}", c.validate().unwrap_err()).contains("broker"));
+    }
+}

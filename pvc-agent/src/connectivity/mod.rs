@@ -1,0 +1,23 @@
+//! Connectivity (paper §4.4): how this host reaches a member. One file per
+//! technique; `choose` picks the best that applies to the pair.
+
+pub mod direct;
+
+use std::net::Ipv4Addr;
+
+use pvc_common::Technique;
+use pvc_proto::Member;
+
+use crate::virtualization::LocalNet;
+
+/// A path to a member: the real address its flows are masqueraded to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Path {
+    pub real: Ipv4Addr,
+    pub technique: Technique,
+}
+
+/// The best path to `member` from a host on `local` networks, if any.
+pub fn choose(member: &Member, local: &[LocalNet]) -> Option<Path> {
+    direct::path(member, local)
+}

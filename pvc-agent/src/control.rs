@@ -1,0 +1,132 @@
+//! The agent's control socket: `pvc status` and friends ask over a Unix
+//! socket, one JSON request line, one JSON answer line.
+
+use std::{
+    collections::BTreeMap,
+    net::Ipv4Addr,
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, bail};
+use serde::{Deserialize, Serialize};
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
+    net::{UnixListener, UnixStream},
+    sync::{mpsc, oneshot},
+};
+use tracing::warn;
+
+use crate::interposition::{Counters, FlowEntry};
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Request {
+    Status,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Status {
+    pub instance: String,
+    pub cluster: String,
+    pub name: String,
+    pub virtual_ip: Ipv4Addr,
+    pub uplink: String,
+    pub real_ip: Ipv4Addr,
+    pub advertised: Vec<Ipv4Addr>,
+    /// The broker this agent is registered with, if any.
+    pub broker: Option<String>,
+    pub peers: Vec<PeerStatus>,
+    pub flows: Vec<FlowEntry>,
+    /// Flows opened since the agent started, by technique.
+    pub flows_opened: BTreeMap<String, u64>,
+    pub drops: BTreeMap<String, u64>,
+    pub traffic: Counters,
+    /// Per program: run time (ns) and run count, when `kernel.bpf_stats_enabled` is set.
+    pub programs: BTreeMap<String, (u64, u64)>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PeerStatus {
+    pub name: String,
+    pub virtual_ip: Ipv4Addr,
+    pub addresses: Vec<Ipv4Addr>,
+    /// The real address flows are masqueraded to, and how.
+    pub path: Option<(Ipv4Addr, String)>,
+}
+
+pub type Query = (Request, oneshot::Sender<Status>);
+
+/// Serves the control socket until the agent stops. Replaces a stale socket
+/// file left by a crashed agent.
+pub async fn serve(path: PathBuf, tx: mpsc::Sender<Query>) -> anyhow::Result<()> {
+    let listener = bind(&path)?;
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            if let Err(e) = answer(stream, tx).await {
+                warn!("control request failed: {e:#}");
+            }
+        });
+    }
+}
+
+fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            bail!(
+                "another agent answers on {}: stop it, or give this one another `instance`",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)?;
+    }
+    let listener = UnixListener::bind(path)
+        .with_context(|| format!("cannot create the control socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    Ok(listener)
+}
+
+async fn answer(stream: UnixStream, tx: mpsc::Sender<Query>) -> anyhow::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    // One request line, at most 4 KiB.
+    BufReader::new(read.take(4096)).read_line(&mut line).await?;
+    let reply = match serde_json::from_str::<Request>(line.trim()) {
+        Ok(request) => {
+            let (reply_tx, reply_rx) = oneshot::channel();
+            tx.send((request, reply_tx))
+                .await
+                .context("agent is stopping")?;
+            serde_json::to_string(&reply_rx.await.context("agent is stopping")?)?
+        }
+        Err(e) => {
+            serde_json::to_string(&serde_json::json!({ "error": format!("bad request: {e}") }))?
+        }
+    };
+    write.write_all(reply.as_bytes()).await?;
+    write.write_all(b"\n").await?;
+    Ok(())
+}
+
+/// Client side, for the `pvc` command.
+pub async fn query(path: &Path, request: Request) -> anyhow::Result<Status> {
+    let stream = UnixStream::connect(path).await.with_context(|| {
+        format!(
+            "no agent answers on {} (is pvc-agent running? see --instance)",
+            path.display()
+        )
+    })?;
+    let (read, mut write) = stream.into_split();
+    write
+        .write_all(serde_json::to_string(&request)?.as_bytes())
+        .await?;
+    write.write_all(b"\n").await?;
+    let mut line = String::new();
+    BufReader::new(read).read_line(&mut line).await?;
+    serde_json::from_str(&line).with_context(|| format!("unexpected answer from the agent: {line}"))
+}

@@ -1,0 +1,151 @@
+//! Control-plane events from the kernel (new flows, refused connects),
+//! read from the ring buffer without polling.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use aya::maps::{MapData, RingBuf};
+use pvc_common::{
+    DIRECTION_EGRESS, DropReason, EVENT_CONNECT_REFUSED, EVENT_FLOW_CREATED, Event, Technique,
+};
+use tokio::io::{Interest, unix::AsyncFd};
+
+pub struct EventStream {
+    ring: AsyncFd<RingBuf<MapData>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FlowEvent {
+    /// A flow got its masquerading entries. `local`/`remote` are virtual.
+    Opened {
+        proto: u8,
+        outbound: bool,
+        local: SocketAddrV4,
+        remote: SocketAddrV4,
+        technique: Option<Technique>,
+    },
+    /// A connect() was refused in the kernel.
+    Refused {
+        pid: u32,
+        proto: u8,
+        remote: SocketAddrV4,
+        reason: Option<DropReason>,
+    },
+}
+
+impl FlowEvent {
+    /// Decodes an event; `None` for bytes no known program writes.
+    pub fn parse(bytes: &[u8]) -> Option<Self> {
+        if bytes.len() < size_of::<Event>() {
+            return None;
+        }
+        // SAFETY: Event is plain old data and `bytes` holds at least one.
+        let e: Event = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+        let ep = |a: [u8; 4], p: u16| SocketAddrV4::new(Ipv4Addr::from(a), p);
+        match e.kind {
+            EVENT_FLOW_CREATED => Some(Self::Opened {
+                proto: e.proto,
+                outbound: e.direction == DIRECTION_EGRESS,
+                local: ep(e.saddr, e.sport),
+                remote: ep(e.daddr, e.dport),
+                technique: Technique::from_u8(e.technique),
+            }),
+            EVENT_CONNECT_REFUSED => Some(Self::Refused {
+                pid: e.pid,
+                proto: e.proto,
+                remote: ep(e.daddr, e.dport),
+                reason: DropReason::ALL.get(e.reason as usize).copied(),
+            }),
+            _ => None,
+        }
+    }
+}
+
+impl EventStream {
+    pub(super) fn new(ring: RingBuf<MapData>) -> std::io::Result<Self> {
+        // SAFETY: the ring buffer owns its map fd for as long as it lives,
+        // and the AsyncFd owns the ring buffer.
+        let ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+            .map_err(|e| e.into_parts().1)?;
+        Ok(Self { ring })
+    }
+
+    /// Waits for events and returns all that are ready.
+    pub async fn next_batch(&mut self) -> std::io::Result<Vec<FlowEvent>> {
+        loop {
+            let mut guard = self.ring.readable_mut().await?;
+            let ring = guard.get_inner_mut();
+            let mut batch = Vec::new();
+            while let Some(item) = ring.next() {
+                if let Some(e) = FlowEvent::parse(&item) {
+                    batch.push(e);
+                }
+            }
+            guard.clear_ready();
+            if !batch.is_empty() {
+                return Ok(batch);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bytes(e: &Event) -> Vec<u8> {
+        // SAFETY: Event is repr(C) plain data without padding.
+        unsafe { std::slice::from_raw_parts((e as *const Event).cast::<u8>(), size_of::<Event>()) }
+            .to_vec()
+    }
+
+    #[test]
+    fn refusals_and_flows_decode() {
+        let e = Event {
+            kind: EVENT_CONNECT_REFUSED,
+            proto: 6,
+            reason: DropReason::ConnectNoMember as u32,
+            daddr: [240, 0, 0, 9],
+            dport: 80,
+            pid: 42,
+            ..Default::default()
+        };
+        assert_eq!(
+            FlowEvent::parse(&bytes(&e)),
+            Some(FlowEvent::Refused {
+                pid: 42,
+                proto: 6,
+                remote: "240.0.0.9:80".parse().unwrap(),
+                reason: Some(DropReason::ConnectNoMember),
+            })
+        );
+        let e = Event {
+            kind: EVENT_FLOW_CREATED,
+            proto: 6,
+            direction: DIRECTION_EGRESS,
+            technique: Technique::Direct as u8,
+            saddr: [240, 0, 0, 1],
+            daddr: [240, 0, 0, 2],
+            sport: 40000,
+            dport: 22,
+            ..Default::default()
+        };
+        assert!(matches!(
+            FlowEvent::parse(&bytes(&e)),
+            Some(FlowEvent::Opened {
+                outbound: true,
+                technique: Some(Technique::Direct),
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn short_or_unknown_records_are_ignored() {
+        assert_eq!(FlowEvent::parse(&[1, 2, 3]), None);
+        let e = Event {
+            kind: 99,
+            ..Default::default()
+        };
+        assert_eq!(FlowEvent::parse(&bytes(&e)), None);
+    }
+}

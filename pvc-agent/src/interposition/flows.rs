@@ -1,0 +1,175 @@
+//! The masquerading map seen from userspace: listing flows and removing
+//! those that ended (the kernel creates entries, the agent retires them).
+
+use std::{collections::BTreeSet, net::Ipv4Addr, time::Duration};
+
+use pvc_common::{
+    DIRECTION_EGRESS, FlowKey, IPPROTO_ICMP, IPPROTO_TCP, Masquerade, TCP_FIN, TCP_RST, Technique,
+};
+use serde::{Deserialize, Serialize};
+
+use super::maps::Maps;
+
+/// One direction of a flow, for `pvc status`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FlowEntry {
+    pub proto: String,
+    /// "egress" (virtual -> real) or "ingress" (real -> virtual).
+    pub direction: String,
+    pub from: String,
+    pub to: String,
+    pub peer: Ipv4Addr,
+    pub technique: String,
+    pub idle_secs: u64,
+    pub closing: bool,
+}
+
+/// When entries expire.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub idle: Duration,
+    pub closed: Duration,
+    pub icmp: Duration,
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_coarse_ns`.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn endpoint(addr: [u8; 4], port: u16, proto: u8) -> String {
+    if proto == IPPROTO_ICMP {
+        format!("{}#{port}", Ipv4Addr::from(addr))
+    } else {
+        format!("{}:{port}", Ipv4Addr::from(addr))
+    }
+}
+
+fn proto_name(p: u8) -> String {
+    match p {
+        IPPROTO_TCP => "tcp".into(),
+        IPPROTO_ICMP => "icmp".into(),
+        other => other.to_string(),
+    }
+}
+
+fn expired(k: &FlowKey, m: &Masquerade, now: u64, t: &Timeouts) -> bool {
+    let idle = Duration::from_nanos(now.saturating_sub(m.last_seen_ns));
+    let limit = if k.proto == IPPROTO_ICMP {
+        t.icmp
+    } else if m.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        t.closed
+    } else {
+        t.idle
+    };
+    idle > limit
+}
+
+impl Maps {
+    pub fn flows(&self) -> Vec<FlowEntry> {
+        let now = monotonic_ns();
+        self.masquerading
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, m)| FlowEntry {
+                proto: proto_name(k.proto),
+                direction: if k.direction == DIRECTION_EGRESS {
+                    "egress"
+                } else {
+                    "ingress"
+                }
+                .into(),
+                from: format!(
+                    "{} -> {}",
+                    endpoint(k.saddr, k.sport, k.proto),
+                    endpoint(k.daddr, k.dport, k.proto)
+                ),
+                to: format!(
+                    "{} -> {}",
+                    endpoint(m.saddr, m.sport, k.proto),
+                    endpoint(m.daddr, m.dport, k.proto)
+                ),
+                peer: Ipv4Addr::from(m.peer),
+                technique: Technique::from_u8(m.technique)
+                    .map_or("unknown", Technique::name)
+                    .into(),
+                idle_secs: now.saturating_sub(m.last_seen_ns) / 1_000_000_000,
+                closing: m.tcp_flags & (TCP_FIN | TCP_RST) != 0,
+            })
+            .collect()
+    }
+
+    /// Removes expired flows, both directions together (a flow is expired
+    /// when either direction says so: a RST is seen by one side only).
+    /// Returns the number of entries removed and the peers that still have flows.
+    pub fn collect_garbage(&mut self, t: &Timeouts) -> (usize, BTreeSet<Ipv4Addr>) {
+        let now = monotonic_ns();
+        let mut doomed = Vec::new();
+        let mut active = BTreeSet::new();
+        for (k, m) in self.masquerading.iter().filter_map(Result::ok) {
+            if expired(&k, &m, now, t) {
+                doomed.push(k);
+                doomed.push(k.twin(&m));
+            } else {
+                active.insert(Ipv4Addr::from(m.peer));
+            }
+        }
+        let mut removed = 0;
+        for k in doomed {
+            if self.masquerading.remove(&k).is_ok() {
+                removed += 1;
+            }
+        }
+        (removed, active)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn timeouts() -> Timeouts {
+        Timeouts {
+            idle: Duration::from_secs(100),
+            closed: Duration::from_secs(10),
+            icmp: Duration::from_secs(5),
+        }
+    }
+
+    fn key(proto: u8) -> FlowKey {
+        FlowKey {
+            proto,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn expiry_depends_on_protocol_and_tcp_state() {
+        let s = 1_000_000_000u64;
+        let now = 1000 * s;
+        let m = |idle: u64, flags: u8| Masquerade {
+            last_seen_ns: now - idle * s,
+            tcp_flags: flags,
+            ..Default::default()
+        };
+        let t = timeouts();
+        assert!(!expired(&key(IPPROTO_TCP), &m(50, 0), now, &t));
+        assert!(expired(&key(IPPROTO_TCP), &m(101, 0), now, &t));
+        assert!(!expired(&key(IPPROTO_TCP), &m(9, TCP_FIN), now, &t));
+        assert!(expired(&key(IPPROTO_TCP), &m(11, TCP_FIN), now, &t));
+        assert!(expired(&key(IPPROTO_TCP), &m(11, TCP_RST), now, &t));
+        assert!(expired(&key(IPPROTO_ICMP), &m(6, 0), now, &t));
+        // An entry touched after the agent read the clock is not expired.
+        let future = Masquerade {
+            last_seen_ns: now + s,
+            ..Default::default()
+        };
+        assert!(!expired(&key(IPPROTO_TCP), &future, now, &t));
+    }
+}

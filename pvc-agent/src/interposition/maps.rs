@@ -1,0 +1,122 @@
+//! Typed access to the pinned maps.
+
+use std::net::Ipv4Addr;
+
+use anyhow::{Context as _, anyhow};
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
+};
+use pvc_common::{
+    COUNTER_EGRESS_BYTES, COUNTER_EGRESS_PACKETS, COUNTER_INGRESS_BYTES, COUNTER_INGRESS_PACKETS,
+    DropReason, FlowKey, Masquerade, PeerPath, Settings, Technique,
+};
+use serde::{Deserialize, Serialize};
+
+use super::events::EventStream;
+
+pub struct Maps {
+    pub(super) masquerading: HashMap<MapData, FlowKey, Masquerade>,
+    peers: HashMap<MapData, [u8; 4], PeerPath>,
+    settings: Array<MapData, Settings>,
+    drops: PerCpuArray<MapData, u64>,
+    traffic: PerCpuArray<MapData, u64>,
+}
+
+/// Masqueraded traffic since the maps were created.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Counters {
+    pub egress_packets: u64,
+    pub egress_bytes: u64,
+    pub ingress_packets: u64,
+    pub ingress_bytes: u64,
+}
+
+fn take<T>(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<T>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf
+        .take_map(name)
+        .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))?;
+    T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
+}
+
+impl Maps {
+    pub(super) fn take(ebpf: &mut Ebpf) -> anyhow::Result<(Self, EventStream)> {
+        let maps = Self {
+            masquerading: take(ebpf, "masquerading")?,
+            peers: take(ebpf, "peers")?,
+            settings: take(ebpf, "settings")?,
+            drops: take(ebpf, "drops")?,
+            traffic: take(ebpf, "traffic")?,
+        };
+        let events: RingBuf<MapData> = take(ebpf, "events")?;
+        Ok((maps, EventStream::new(events)?))
+    }
+
+    /// Tells the programs who this host is; until then they let everything pass.
+    pub fn set_identity(&mut self, virtual_ip: Ipv4Addr, real: Ipv4Addr) -> anyhow::Result<()> {
+        let s = Settings {
+            virtual_addr: virtual_ip.octets(),
+            real_addr: real.octets(),
+            ready: 1,
+        };
+        self.settings
+            .set(0, s, 0)
+            .context("cannot write the settings map")
+    }
+
+    pub fn set_peer(
+        &mut self,
+        virtual_ip: Ipv4Addr,
+        real: Ipv4Addr,
+        technique: Technique,
+    ) -> anyhow::Result<()> {
+        let path = PeerPath {
+            real: real.octets(),
+            technique: technique as u8,
+            _pad: [0; 3],
+        };
+        self.peers
+            .insert(virtual_ip.octets(), path, 0)
+            .with_context(|| format!("cannot install the path to {virtual_ip}"))
+    }
+
+    pub fn remove_peer(&mut self, virtual_ip: Ipv4Addr) -> anyhow::Result<()> {
+        match self.peers.remove(&virtual_ip.octets()) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("cannot remove the path to {virtual_ip}")),
+        }
+    }
+
+    /// Peers installed in the kernel (virtual address, path).
+    pub fn peers(&self) -> Vec<(Ipv4Addr, PeerPath)> {
+        self.peers
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, v)| (Ipv4Addr::from(k), v))
+            .collect()
+    }
+
+    /// Drop and refusal counts by reason, summed over CPUs.
+    pub fn drops(&self) -> Vec<(DropReason, u64)> {
+        DropReason::ALL
+            .iter()
+            .map(|r| (*r, self.sum(&self.drops, *r as u32)))
+            .collect()
+    }
+
+    pub fn counters(&self) -> Counters {
+        Counters {
+            egress_packets: self.sum(&self.traffic, COUNTER_EGRESS_PACKETS),
+            egress_bytes: self.sum(&self.traffic, COUNTER_EGRESS_BYTES),
+            ingress_packets: self.sum(&self.traffic, COUNTER_INGRESS_PACKETS),
+            ingress_bytes: self.sum(&self.traffic, COUNTER_INGRESS_BYTES),
+        }
+    }
+
+    fn sum(&self, map: &PerCpuArray<MapData, u64>, index: u32) -> u64 {
+        map.get(&index, 0).map(|v| v.iter().sum()).unwrap_or(0)
+    }
+}

@@ -1,0 +1,227 @@
+//! Interposition (paper §4.1): the eBPF programs that intercept connection
+//! requests and masquerade packets, and the maps through which the agent
+//! steers them.
+//!
+//! Everything is pinned under `/sys/fs/bpf/pvc/<instance>/`: the maps (so that
+//! flows survive an agent restart, and operators can read them with bpftool)
+//! and the links (so that a crashed agent leaves a working data path, never a
+//! leaking one). A restarted agent takes the pinned links over atomically.
+
+mod events;
+mod flows;
+mod maps;
+mod pins;
+
+use std::{
+    fs,
+    os::fd::AsFd as _,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, anyhow, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier, TcAttachType,
+        links::{FdLink, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachOptions},
+    },
+};
+pub use events::{EventStream, FlowEvent};
+pub use flows::{FlowEntry, Timeouts};
+pub use maps::{Counters, Maps};
+pub use pins::{ensure_bpffs, remove_instance};
+use tracing::{info, warn};
+
+/// The kernel programs, compiled from `pvc-ebpf` by build.rs.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pvc"));
+
+pub const MAP_NAMES: [&str; 6] = [
+    "masquerading",
+    "peers",
+    "settings",
+    "drops",
+    "traffic",
+    "events",
+];
+const CONNECT4: &str = "pvc_connect4";
+const EGRESS: &str = "pvc_egress";
+const INGRESS: &str = "pvc_ingress";
+pub const PROGRAM_NAMES: [&str; 3] = [CONNECT4, EGRESS, INGRESS];
+
+/// Where the data path is attached.
+#[derive(Debug, Clone)]
+pub struct Attachment {
+    pub pin_dir: PathBuf,
+    pub uplink: String,
+    pub uplink_index: u32,
+    pub cgroup: PathBuf,
+    pub max_flows: u32,
+}
+
+/// The loaded and attached data path.
+pub struct Datapath {
+    pin_dir: PathBuf,
+    ebpf: Ebpf,
+    pub maps: Maps,
+    events: Option<EventStream>,
+}
+
+impl Datapath {
+    /// Loads the programs, reusing pinned maps, and attaches them (taking
+    /// over links a previous agent of this instance left pinned).
+    pub fn start(a: &Attachment) -> anyhow::Result<Self> {
+        pins::create_dir(&a.pin_dir)?;
+        let reused = MAP_NAMES.iter().any(|m| a.pin_dir.join(m).exists());
+        let mut ebpf = match load(a) {
+            Ok(ebpf) => ebpf,
+            Err(e) if reused => {
+                warn!(
+                    "the pinned maps in {} do not fit this agent's programs ({e:#}); \
+                     removing them, established flows are lost",
+                    a.pin_dir.display()
+                );
+                for m in MAP_NAMES {
+                    let _ = fs::remove_file(a.pin_dir.join(m));
+                }
+                load(a)?
+            }
+            Err(e) => return Err(e),
+        };
+        if reused {
+            info!(pins = %a.pin_dir.display(), "reusing pinned maps: established flows are kept");
+        }
+        let (maps, events) = Maps::take(&mut ebpf)?;
+        let mut datapath = Self {
+            pin_dir: a.pin_dir.clone(),
+            ebpf,
+            maps,
+            events: Some(events),
+        };
+        datapath.attach(a)?;
+        Ok(datapath)
+    }
+
+    /// The ring buffer of control-plane events (taken once).
+    pub fn take_events(&mut self) -> Option<EventStream> {
+        self.events.take()
+    }
+
+    fn attach(&mut self, a: &Attachment) -> anyhow::Result<()> {
+        let links = a.pin_dir.join("links");
+        pins::create_dir(&links)?;
+
+        for (name, kind, label) in [
+            (INGRESS, TcAttachType::Ingress, "ingress"),
+            (EGRESS, TcAttachType::Egress, "egress"),
+        ] {
+            let prog: &mut SchedClassifier = self.program(name)?.try_into()?;
+            prog.load()
+                .with_context(|| format!("the kernel refused program {name}"))?;
+            let pin = links.join(format!("tc_{label}_{}", a.uplink_index));
+            pins::remove_stale(&links, &format!("tc_{label}_"), &pin)?;
+            let link_id = match PinnedLink::from_pin(&pin) {
+                Ok(old) => {
+                    // Atomic replacement: no packet sees a gap or both programs.
+                    let link = SchedClassifierLink::try_from(FdLink::from(old))?;
+                    prog.attach_to_link(link)
+                        .with_context(|| format!("cannot take over the pinned {label} link"))?
+                }
+                Err(_) => prog
+                    .attach_with_options(
+                        &a.uplink,
+                        kind,
+                        TcAttachOptions::TcxOrder(LinkOrder::default()),
+                    )
+                    .with_context(|| format!("cannot attach tc {label} to {}", a.uplink))?,
+            };
+            let link = FdLink::try_from(prog.take_link(link_id)?).map_err(|_| {
+                anyhow!(
+                    "tc {label} on {} was attached without TCX (kernel older than 6.6): \
+                     PVC needs TCX links to pin its data path",
+                    a.uplink
+                )
+            })?;
+            if !pin.exists() {
+                link.pin(&pin)?;
+            }
+        }
+
+        let cgroup = fs::File::open(&a.cgroup)
+            .with_context(|| format!("cannot open cgroup {}", a.cgroup.display()))?;
+        let prog: &mut CgroupSockAddr = self.program(CONNECT4)?.try_into()?;
+        prog.load()
+            .with_context(|| format!("the kernel refused program {CONNECT4}"))?;
+        let pin = links.join(format!("connect4_{}", pins::inode(&a.cgroup)?));
+        pins::remove_stale(&links, "connect4_", &pin)?;
+        // cgroup links cannot be replaced in place: attach the new program
+        // next to the old one (both decide alike), then drop the old one.
+        let link_id = prog
+            // A cgroup bpf_link always coexists with other programs; its
+            // flags must be 0 ("Single" here).
+            .attach(cgroup.as_fd(), CgroupAttachMode::Single)
+            .with_context(|| format!("cannot attach connect4 to cgroup {}", a.cgroup.display()))?;
+        let link = FdLink::try_from(prog.take_link(link_id)?)?;
+        if let Ok(old) = PinnedLink::from_pin(&pin) {
+            old.unpin()?;
+        }
+        link.pin(&pin)?;
+        Ok(())
+    }
+
+    fn program(&mut self, name: &str) -> anyhow::Result<&mut aya::programs::Program> {
+        self.ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))
+    }
+
+    /// Kernel statistics of each program (`kernel.bpf_stats_enabled`).
+    pub fn program_stats(&self) -> Vec<(String, u64, u64)> {
+        self.ebpf
+            .programs()
+            .filter_map(|(name, p)| {
+                let info = p.info().ok()?;
+                Some((
+                    name.to_string(),
+                    info.run_time().as_nanos() as u64,
+                    info.run_count(),
+                ))
+            })
+            .collect()
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// Detaches everything and removes the pins (clean stop).
+    pub fn remove(self) -> anyhow::Result<()> {
+        let Self {
+            pin_dir,
+            ebpf,
+            maps,
+            events,
+        } = self;
+        drop((events, maps, ebpf));
+        remove_instance(&pin_dir)
+    }
+}
+
+fn load(a: &Attachment) -> anyhow::Result<Ebpf> {
+    let mut loader = EbpfLoader::new();
+    for name in MAP_NAMES {
+        loader.map_pin_path(name, a.pin_dir.join(name));
+    }
+    loader.map_max_entries("masquerading", a.max_flows.saturating_mul(2));
+    let ebpf = loader.load(OBJECT).context(
+        "cannot load PVC's eBPF object (needs BTF, BPF ring buffers and tc/cgroup programs: \
+         Linux 6.6 or later, run as root)",
+    )?;
+    if ebpf.programs().count() != PROGRAM_NAMES.len() {
+        bail!(
+            "unexpected eBPF object: {} programs",
+            ebpf.programs().count()
+        );
+    }
+    Ok(ebpf)
+}

@@ -1,0 +1,21 @@
+//! PVC's peer daemon, as modules named after the paper's peer (Fig. 2):
+//! the coordinator runs the workflow through interposition (eBPF),
+//! virtualization (addresses, routes) and connectivity (techniques).
+
+pub mod config;
+pub mod connectivity;
+pub mod control;
+pub mod coordinator;
+pub mod interposition;
+pub mod virtualization;
+
+/// Logs go to stderr; `PVC_LOG` takes a tracing filter (default `info`).
+pub fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("PVC_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}

@@ -1,0 +1,29 @@
+//! PVC's kernel data path (paper §4.1, the interposition module).
+//!
+//! - `sock_addr`: cgroup hooks that see every connect() to 240.0.0.0/4 and
+//!   refuse, with a real errno, those that no member can answer.
+//! - `tc_egress` / `tc_ingress`: the masquerading programs on the uplink. They
+//!   rewrite virtual addresses to real ones and back, per flow, from the
+//!   masquerading map the agent fills, so that sockets on both ends see only
+//!   virtual addresses while the wire carries real ones. No encapsulation, no
+//!   copy to userspace.
+#![no_std]
+#![no_main]
+
+mod flow;
+mod maps;
+mod nat;
+mod packet;
+mod sock_addr;
+mod tc_egress;
+mod tc_ingress;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

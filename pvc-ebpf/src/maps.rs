@@ -1,0 +1,73 @@
+//! The maps shared with the agent. BTF-defined, so that `bpftool map dump`
+//! shows field names. The agent pins them under `/sys/fs/bpf/pvc/<instance>/`.
+
+use aya_ebpf::{
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    helpers::bpf_ktime_get_coarse_ns,
+    macros::btf_map,
+};
+use pvc_common::{
+    COUNTER_COUNT, DROP_REASON_COUNT, DropReason, Event, FlowKey, Masquerade, PeerPath, Settings,
+};
+
+/// The masquerading map (paper §4.1.3's "masquerading rules"): one entry per
+/// flow and direction. The agent may resize it at load time (`max_flows`).
+#[btf_map(name = "masquerading")]
+pub static MASQUERADING: LruHashMap<FlowKey, Masquerade, 65536> = LruHashMap::new();
+
+/// Members this host has a path to, by virtual address.
+#[btf_map(name = "peers")]
+pub static PEERS: HashMap<[u8; 4], PeerPath, 16384> = HashMap::new();
+
+#[btf_map(name = "settings")]
+pub static SETTINGS: Array<Settings, 1> = Array::new();
+
+/// Drops and refusals by `DropReason`.
+#[btf_map(name = "drops")]
+pub static DROPS: PerCpuArray<u64, { DROP_REASON_COUNT as usize }> = PerCpuArray::new();
+
+/// Masqueraded packets and bytes (`COUNTER_*`).
+#[btf_map(name = "traffic")]
+pub static TRAFFIC: PerCpuArray<u64, { COUNTER_COUNT as usize }> = PerCpuArray::new();
+
+/// Control-plane events: new flows and refusals. Never per packet.
+#[btf_map(name = "events")]
+pub static EVENTS: RingBuf<Event, { 256 * 1024 }> = RingBuf::new();
+
+#[inline(always)]
+pub fn settings() -> Option<Settings> {
+    match SETTINGS.get(0) {
+        Some(s) if s.ready == 1 => Some(*s),
+        _ => None,
+    }
+}
+
+#[inline(always)]
+pub fn count_drop(reason: DropReason) {
+    add(&DROPS, reason as u32, 1);
+}
+
+#[inline(always)]
+pub fn count_traffic(packets_index: u32, bytes: u32) {
+    add(&TRAFFIC, packets_index, 1);
+    add(&TRAFFIC, packets_index + 1, bytes as u64);
+}
+
+#[inline(always)]
+fn add<const N: usize>(map: &PerCpuArray<u64, N>, index: u32, n: u64) {
+    if let Some(p) = map.get_ptr_mut(index) {
+        // Per-CPU slot: no other CPU writes it, a plain add is exact.
+        unsafe { *p += n };
+    }
+}
+
+#[inline(always)]
+pub fn emit(event: &Event) {
+    // A full ring buffer loses the event, never the packet or the connect().
+    let _ = EVENTS.output(event, 0);
+}
+
+#[inline(always)]
+pub fn now_ns() -> u64 {
+    unsafe { bpf_ktime_get_coarse_ns() }
+}

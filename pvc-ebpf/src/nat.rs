@@ -1,0 +1,175 @@
+//! Masquerading: header rewrites with incremental checksum updates.
+//!
+//! Checksums follow the kernel's own NAT: `l4_csum_replace` with
+//! `BPF_F_PSEUDO_HDR` for addresses (valid for CHECKSUM_PARTIAL skbs from
+//! veth/TSO as well as for fully checksummed ones), plain replaces for bytes
+//! inside the L4 header.
+
+use aya_ebpf::{
+    bindings::BPF_F_PSEUDO_HDR, helpers::bpf_csum_diff, helpers::bpf_skb_change_tail,
+    programs::TcContext,
+};
+use pvc_common::{DropReason, IPPROTO_TCP, Masquerade, TAG_EXID, TAG_KIND, TAG_LEN};
+
+use crate::packet::{
+    ETH_HLEN, IP_ADDRS_OFF, IP_CSUM_OFF, IP_TOT_LEN_OFF, Ipv4, Quoted, TCP_CSUM, TCP_DOFF, Tcp,
+};
+
+/// One's-complement difference between two address pairs, for `*_csum_replace`.
+#[inline(always)]
+fn addrs_diff(from: &[u8; 8], to: &[u8; 8]) -> Result<u64, DropReason> {
+    let mut from = [
+        u32::from_ne_bytes([from[0], from[1], from[2], from[3]]),
+        u32::from_ne_bytes([from[4], from[5], from[6], from[7]]),
+    ];
+    let mut to = [
+        u32::from_ne_bytes([to[0], to[1], to[2], to[3]]),
+        u32::from_ne_bytes([to[4], to[5], to[6], to[7]]),
+    ];
+    let diff = unsafe { bpf_csum_diff(from.as_mut_ptr(), 8, to.as_mut_ptr(), 8, 0) };
+    if diff < 0 {
+        return Err(DropReason::RewriteFailed);
+    }
+    Ok(diff as u64)
+}
+
+#[inline(always)]
+fn pair(a: [u8; 4], b: [u8; 4]) -> [u8; 8] {
+    [a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3]]
+}
+
+/// Rewrites the IPv4 addresses (and the TCP ports when they differ) to the
+/// entry's tuple. ICMP echo keeps its identifier: ICMP has no pseudo-header,
+/// so only the IP checksum changes.
+#[inline(always)]
+pub fn masquerade(
+    ctx: &TcContext,
+    ip: &Ipv4,
+    sport: u16,
+    dport: u16,
+    to: &Masquerade,
+) -> Result<(), DropReason> {
+    let from_addrs = pair(ip.saddr, ip.daddr);
+    let to_addrs = pair(to.saddr, to.daddr);
+    let err = |_| DropReason::RewriteFailed;
+    if from_addrs != to_addrs {
+        let diff = addrs_diff(&from_addrs, &to_addrs)?;
+        ctx.l3_csum_replace(IP_CSUM_OFF, 0, diff, 0).map_err(err)?;
+        if ip.proto == IPPROTO_TCP {
+            ctx.l4_csum_replace(ip.l4_off + TCP_CSUM, 0, diff, BPF_F_PSEUDO_HDR as u64)
+                .map_err(err)?;
+        }
+        ctx.store(IP_ADDRS_OFF, &to_addrs, 0).map_err(err)?;
+    }
+    if ip.proto == IPPROTO_TCP && (sport != to.sport || dport != to.dport) {
+        let from_ports = ports_word(sport, dport);
+        let to_ports = ports_word(to.sport, to.dport);
+        ctx.l4_csum_replace(ip.l4_off + TCP_CSUM, from_ports as u64, to_ports as u64, 4)
+            .map_err(err)?;
+        ctx.store(ip.l4_off, &to_ports, 0).map_err(err)?;
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn ports_word(sport: u16, dport: u16) -> u32 {
+    let s = sport.to_be_bytes();
+    let d = dport.to_be_bytes();
+    u32::from_ne_bytes([s[0], s[1], d[0], d[1]])
+}
+
+/// Appends the PVC flow tag (sender's virtual address) as the last TCP
+/// option of a SYN, so that the receiver can tell this flow from a real
+/// connection between the same two hosts.
+///
+/// Must run before `masquerade` (it works on the unrewritten header; the
+/// address rewrite that follows does not care about lengths).
+#[inline(always)]
+pub fn append_tag(ctx: &TcContext, ip: &Ipv4, tcp: &Tcp, vsrc: [u8; 4]) -> Result<(), DropReason> {
+    let tag_len = TAG_LEN as usize;
+    if tcp.hlen + tag_len > 60 {
+        return Err(DropReason::SynOptionsFull);
+    }
+    let tcp_len = (ip.tot_len as usize).saturating_sub(ip.ihl);
+    if tcp_len != tcp.hlen {
+        // A SYN with data (TCP Fast Open): dropped, the client's stack
+        // retransmits a plain SYN.
+        return Err(DropReason::SynWithPayload);
+    }
+    let new_tcp_len = tcp.hlen + tag_len;
+    let new_tot_len = ip.ihl + new_tcp_len;
+    let err = |_| DropReason::RewriteFailed;
+    if unsafe { bpf_skb_change_tail(ctx.skb.skb as *mut _, (ETH_HLEN + new_tot_len) as u32, 0) }
+        != 0
+    {
+        return Err(DropReason::RewriteFailed);
+    }
+
+    let csum = ip.l4_off + TCP_CSUM;
+    // IP total length, and the TCP length in the pseudo-header.
+    let old_tot = (ip.tot_len).to_be();
+    let new_tot = (new_tot_len as u16).to_be();
+    ctx.l3_csum_replace(IP_CSUM_OFF, old_tot as u64, new_tot as u64, 2)
+        .map_err(err)?;
+    ctx.store(IP_TOT_LEN_OFF, &new_tot, 0).map_err(err)?;
+    let old_len = (tcp_len as u16).to_be();
+    let new_len = (new_tcp_len as u16).to_be();
+    ctx.l4_csum_replace(
+        csum,
+        old_len as u64,
+        new_len as u64,
+        BPF_F_PSEUDO_HDR as u64 | 2,
+    )
+    .map_err(err)?;
+
+    // Data offset: the header grows by the tag.
+    let low_bits = tcp.doff_byte & 0x0f;
+    let old_word = u16::from_ne_bytes([tcp.doff_byte, tcp.flags]);
+    let new_word = u16::from_ne_bytes([(((new_tcp_len / 4) as u8) << 4) | low_bits, tcp.flags]);
+    ctx.l4_csum_replace(csum, old_word as u64, new_word as u64, 2)
+        .map_err(err)?;
+    ctx.store(ip.l4_off + TCP_DOFF, &new_word, 0).map_err(err)?;
+
+    // The tag itself: added to the checksum as two new 32-bit words.
+    let tag: [u8; 8] = [
+        TAG_KIND,
+        TAG_LEN,
+        TAG_EXID[0],
+        TAG_EXID[1],
+        vsrc[0],
+        vsrc[1],
+        vsrc[2],
+        vsrc[3],
+    ];
+    let w0 = u32::from_ne_bytes([tag[0], tag[1], tag[2], tag[3]]);
+    let w1 = u32::from_ne_bytes([tag[4], tag[5], tag[6], tag[7]]);
+    ctx.l4_csum_replace(csum, 0, w0 as u64, 4).map_err(err)?;
+    ctx.l4_csum_replace(csum, 0, w1 as u64, 4).map_err(err)?;
+    ctx.store(ip.l4_off + tcp.hlen, &tag, 0).map_err(err)?;
+    Ok(())
+}
+
+/// Rewrites the packet quoted by an ICMP error (the one this host sent, as it
+/// was on the wire) back to its virtual tuple, so that the kernel finds the
+/// socket and applies, e.g., a path MTU update. `inner` is the quoted
+/// packet's new source and destination.
+///
+/// The quoted IP header's checksum is updated with its addresses, which
+/// leaves the one's-complement sum of that header, and so the ICMP checksum,
+/// unchanged.
+#[inline(always)]
+pub fn masquerade_quoted(
+    ctx: &TcContext,
+    q: &Quoted,
+    inner_saddr: [u8; 4],
+    inner_daddr: [u8; 4],
+) -> Result<(), DropReason> {
+    let from = pair(q.saddr, q.daddr);
+    let to = pair(inner_saddr, inner_daddr);
+    let diff = addrs_diff(&from, &to)?;
+    let err = |_| DropReason::RewriteFailed;
+    ctx.l3_csum_replace(q.ip_off + 10, 0, diff, 0)
+        .map_err(err)?;
+    ctx.store(q.ip_off + 12, &to, 0).map_err(err)?;
+    Ok(())
+}

@@ -1,0 +1,44 @@
+//! cgroup sock_addr hooks: every connect() of a process in the agent's
+//! cgroup passes here before the kernel sends anything.
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, bpf_set_retval},
+    macros::cgroup_sock_addr,
+    programs::SockAddrContext,
+};
+use pvc_common::{DropReason, EVENT_CONNECT_REFUSED, Event, is_virtual};
+
+use crate::maps::{PEERS, count_drop, emit, settings};
+
+const EHOSTUNREACH: i32 = 113;
+
+/// Refuses, at once and with EHOSTUNREACH, a connect() to a virtual address
+/// that no member holds: without this the SYN would be dropped on egress and
+/// the application would wait for TCP's timeouts.
+#[cgroup_sock_addr(connect4)]
+pub fn pvc_connect4(ctx: SockAddrContext) -> i32 {
+    let sa = unsafe { &*ctx.sock_addr };
+    let daddr = sa.user_ip4.to_ne_bytes();
+    if !is_virtual(daddr) {
+        return 1;
+    }
+    let Some(s) = settings() else {
+        return 1;
+    };
+    if daddr == s.virtual_addr || unsafe { PEERS.get(daddr) }.is_some() {
+        return 1;
+    }
+    count_drop(DropReason::ConnectNoMember);
+    emit(&Event {
+        kind: EVENT_CONNECT_REFUSED,
+        proto: sa.protocol as u8,
+        reason: DropReason::ConnectNoMember as u32,
+        saddr: s.virtual_addr,
+        daddr,
+        dport: u16::from_be(sa.user_port as u16),
+        pid: (bpf_get_current_pid_tgid() >> 32) as u32,
+        ..Default::default()
+    });
+    unsafe { bpf_set_retval(-EHOSTUNREACH) };
+    0
+}

@@ -1,0 +1,126 @@
+//! tc egress on the uplink: packets leaving with a virtual destination are
+//! masqueraded to the peer's real address, or dropped with a reason. Nothing
+//! with a virtual address leaves the host.
+//!
+//! The frame already carries the right MAC addresses: the agent routes each
+//! member's virtual address via the next hop of its real address, so the
+//! kernel's neighbour resolution did the L2 work (no FIB lookup per packet,
+//! and no need for the host to forward).
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    macros::classifier,
+    programs::TcContext,
+};
+use pvc_common::{
+    COUNTER_EGRESS_PACKETS, DIRECTION_EGRESS, DropReason, FlowKey, IPPROTO_ICMP, IPPROTO_TCP,
+    Settings, is_virtual,
+};
+
+use crate::{
+    flow,
+    maps::{PEERS, count_drop, count_traffic, settings},
+    nat,
+    packet::{ICMP_ECHO, Ipv4, Parsed, parse_icmp, parse_ipv4, parse_tcp},
+};
+
+#[classifier]
+pub fn pvc_egress(ctx: TcContext) -> i32 {
+    match egress(&ctx) {
+        Ok(verdict) => verdict,
+        Err(reason) => {
+            count_drop(reason);
+            TC_ACT_SHOT as i32
+        }
+    }
+}
+
+#[inline(always)]
+fn egress(ctx: &TcContext) -> Result<i32, DropReason> {
+    let ip = match parse_ipv4(ctx) {
+        Parsed::NotIpv4 => return Ok(TC_ACT_OK as i32),
+        Parsed::Malformed => return Err(DropReason::Malformed),
+        Parsed::Ipv4(ip) => ip,
+    };
+    if !is_virtual(ip.daddr) {
+        if is_virtual(ip.saddr) {
+            return Err(DropReason::VirtualSourceToRealDestination);
+        }
+        // Real traffic: the fast path for everything that is not PVC's.
+        return Ok(TC_ACT_OK as i32);
+    }
+    let s = settings().ok_or(DropReason::UnknownPeer)?;
+    if ip.saddr != s.virtual_addr {
+        return Err(DropReason::ForeignVirtualSource);
+    }
+    if ip.fragment {
+        return Err(DropReason::Fragment);
+    }
+    match ip.proto {
+        IPPROTO_TCP => egress_tcp(ctx, &ip, &s),
+        IPPROTO_ICMP => egress_icmp(ctx, &ip, &s),
+        _ => Err(DropReason::UnsupportedProtocol),
+    }
+}
+
+#[inline(always)]
+fn egress_tcp(ctx: &TcContext, ip: &Ipv4, s: &Settings) -> Result<i32, DropReason> {
+    let tcp = parse_tcp(ctx, ip).ok_or(DropReason::Malformed)?;
+    let key = FlowKey {
+        saddr: ip.saddr,
+        daddr: ip.daddr,
+        sport: tcp.sport,
+        dport: tcp.dport,
+        proto: IPPROTO_TCP,
+        direction: DIRECTION_EGRESS,
+        _pad: [0; 2],
+    };
+    let m = match flow::touch(&key, tcp.flags) {
+        Some(m) => m,
+        None => {
+            // A new flow, or one whose entry was evicted: the peer's path
+            // says how to reach it, the kernel needs no agent for this.
+            let path = unsafe { PEERS.get(ip.daddr) }.ok_or(DropReason::UnknownPeer)?;
+            let m = flow::entry(s.real_addr, path.real, tcp.sport, tcp.dport, ip.daddr, path);
+            flow::open(&key, &m, tcp.is_syn())?;
+            m
+        }
+    };
+    if tcp.is_syn() {
+        nat::append_tag(ctx, ip, &tcp, s.virtual_addr)?;
+    }
+    nat::masquerade(ctx, ip, tcp.sport, tcp.dport, &m)?;
+    count_traffic(COUNTER_EGRESS_PACKETS, ctx.len());
+    Ok(TC_ACT_OK as i32)
+}
+
+/// ICMP echo requests (ping) to a member: keyed by the echo identifier. The
+/// peer answers the real address; ingress maps the reply back.
+#[inline(always)]
+fn egress_icmp(ctx: &TcContext, ip: &Ipv4, s: &Settings) -> Result<i32, DropReason> {
+    let icmp = parse_icmp(ctx, ip).ok_or(DropReason::Malformed)?;
+    if icmp.kind != ICMP_ECHO {
+        return Err(DropReason::UnsupportedProtocol);
+    }
+    let key = FlowKey {
+        saddr: ip.saddr,
+        daddr: ip.daddr,
+        sport: icmp.id,
+        dport: 0,
+        proto: IPPROTO_ICMP,
+        direction: DIRECTION_EGRESS,
+        _pad: [0; 2],
+    };
+    let m = match flow::touch(&key, 0) {
+        Some(m) => m,
+        None => {
+            let path = unsafe { PEERS.get(ip.daddr) }.ok_or(DropReason::UnknownPeer)?;
+            let m = flow::entry(s.real_addr, path.real, icmp.id, 0, ip.daddr, path);
+            flow::open(&key, &m, false)?;
+            m
+        }
+    };
+    nat::masquerade(ctx, ip, icmp.id, 0, &m)?;
+    count_traffic(COUNTER_EGRESS_PACKETS, ctx.len());
+    Ok(TC_ACT_OK as i32)
+}

@@ -1,0 +1,174 @@
+//! tc ingress on the uplink: packets of PVC flows arrive with real addresses
+//! and are rewritten to virtual ones before the IP stack sees them, so that a
+//! server's accept() returns the client's virtual address and a server bound
+//! to its virtual address receives them.
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    macros::classifier,
+    programs::TcContext,
+};
+use pvc_common::{
+    COUNTER_INGRESS_PACKETS, DIRECTION_INGRESS, DropReason, FlowKey, IPPROTO_ICMP, IPPROTO_TCP,
+    Settings, is_virtual,
+};
+
+use crate::{
+    flow,
+    maps::{PEERS, count_drop, count_traffic, settings},
+    nat,
+    packet::{
+        ICMP_DEST_UNREACH, ICMP_ECHO_REPLY, ICMP_TIME_EXCEEDED, Ipv4, Parsed, parse_icmp,
+        parse_ipv4, parse_quoted, parse_tcp, read_tag,
+    },
+};
+
+#[classifier]
+pub fn pvc_ingress(ctx: TcContext) -> i32 {
+    match ingress(&ctx) {
+        Ok(verdict) => verdict,
+        Err(reason) => {
+            count_drop(reason);
+            TC_ACT_SHOT as i32
+        }
+    }
+}
+
+const PASS: Result<i32, DropReason> = Ok(TC_ACT_OK as i32);
+
+#[inline(always)]
+fn ingress(ctx: &TcContext) -> Result<i32, DropReason> {
+    let ip = match parse_ipv4(ctx) {
+        Parsed::Ipv4(ip) => ip,
+        // Not ours to judge: the stack handles (and drops) what it cannot parse.
+        Parsed::NotIpv4 | Parsed::Malformed => return PASS,
+    };
+    if is_virtual(ip.saddr) || is_virtual(ip.daddr) {
+        // Virtual addresses exist only inside hosts; on the wire they are
+        // spoofed (or leaked by a host without PVC's egress program).
+        return Err(DropReason::VirtualAddressOnWire);
+    }
+    let Some(s) = settings() else {
+        return PASS;
+    };
+    if ip.fragment {
+        return PASS;
+    }
+    match ip.proto {
+        IPPROTO_TCP => ingress_tcp(ctx, &ip, &s),
+        IPPROTO_ICMP => ingress_icmp(ctx, &ip),
+        _ => PASS,
+    }
+}
+
+#[inline(always)]
+fn ingress_tcp(ctx: &TcContext, ip: &Ipv4, s: &Settings) -> Result<i32, DropReason> {
+    let Some(tcp) = parse_tcp(ctx, ip) else {
+        return PASS;
+    };
+    let key = FlowKey {
+        saddr: ip.saddr,
+        daddr: ip.daddr,
+        sport: tcp.sport,
+        dport: tcp.dport,
+        proto: IPPROTO_TCP,
+        direction: DIRECTION_INGRESS,
+        _pad: [0; 2],
+    };
+    let m = match flow::touch(&key, tcp.flags) {
+        Some(m) => m,
+        None => {
+            if !tcp.is_syn() || ip.daddr != s.real_addr {
+                return PASS;
+            }
+            let Some(vsrc) = read_tag(ctx, ip, &tcp) else {
+                // An ordinary connection between real addresses.
+                return PASS;
+            };
+            // A member opening a flow to us: it must come from the real
+            // address its path says it has.
+            let path = unsafe { PEERS.get(vsrc) }.ok_or(DropReason::TagMismatch)?;
+            if path.real != ip.saddr {
+                return Err(DropReason::TagMismatch);
+            }
+            let m = flow::entry(vsrc, s.virtual_addr, tcp.sport, tcp.dport, vsrc, path);
+            flow::open(&key, &m, true)?;
+            m
+        }
+    };
+    nat::masquerade(ctx, ip, tcp.sport, tcp.dport, &m)?;
+    count_traffic(COUNTER_INGRESS_PACKETS, ctx.len());
+    PASS
+}
+
+#[inline(always)]
+fn ingress_icmp(ctx: &TcContext, ip: &Ipv4) -> Result<i32, DropReason> {
+    let Some(icmp) = parse_icmp(ctx, ip) else {
+        return PASS;
+    };
+    match icmp.kind {
+        ICMP_ECHO_REPLY => {
+            let key = FlowKey {
+                saddr: ip.saddr,
+                daddr: ip.daddr,
+                sport: icmp.id,
+                dport: 0,
+                proto: IPPROTO_ICMP,
+                direction: DIRECTION_INGRESS,
+                _pad: [0; 2],
+            };
+            let Some(m) = flow::touch(&key, 0) else {
+                return PASS;
+            };
+            nat::masquerade(ctx, ip, icmp.id, 0, &m)?;
+            count_traffic(COUNTER_INGRESS_PACKETS, ctx.len());
+            PASS
+        }
+        ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED => ingress_icmp_error(ctx, ip),
+        _ => PASS,
+    }
+}
+
+/// An ICMP error about a packet of a PVC flow (e.g. "fragmentation needed"
+/// from a router): the quoted packet and the outer destination become
+/// virtual again, otherwise the kernel finds no socket and path MTU
+/// discovery breaks.
+#[inline(always)]
+fn ingress_icmp_error(ctx: &TcContext, ip: &Ipv4) -> Result<i32, DropReason> {
+    let Some(q) = parse_quoted(ctx, ip) else {
+        return PASS;
+    };
+    if q.proto != IPPROTO_TCP || q.saddr != ip.daddr {
+        return PASS;
+    }
+    // The quoted packet went out as (us -> peer); its reply direction is
+    // keyed by the reverse tuple, and that entry maps back to virtual.
+    let reply = FlowKey {
+        saddr: q.daddr,
+        daddr: q.saddr,
+        sport: q.dport,
+        dport: q.sport,
+        proto: IPPROTO_TCP,
+        direction: DIRECTION_INGRESS,
+        _pad: [0; 2],
+    };
+    let Some(m) = flow::touch(&reply, 0) else {
+        return PASS;
+    };
+    // Quoted: (local virtual -> peer virtual); outer: to our virtual address,
+    // from the peer's virtual address when the peer itself reports it.
+    nat::masquerade_quoted(ctx, &q, m.daddr, m.saddr)?;
+    let outer_src = if ip.saddr == q.daddr {
+        m.saddr
+    } else {
+        ip.saddr
+    };
+    let outer = pvc_common::Masquerade {
+        saddr: outer_src,
+        daddr: m.daddr,
+        ..m
+    };
+    nat::masquerade(ctx, ip, 0, 0, &outer)?;
+    count_traffic(COUNTER_INGRESS_PACKETS, ctx.len());
+    PASS
+}
