@@ -36,8 +36,9 @@ pub const DIRECTION_INGRESS: u8 = 1;
 /// Key of the masquerading map: a flow's tuple as seen at one hook.
 ///
 /// Egress keys hold virtual addresses (what the local socket uses); ingress
-/// keys hold real addresses (what is on the wire). For ICMP echo, `sport` is
-/// the echo identifier and `dport` is 0.
+/// keys hold real addresses (what is on the wire). For ICMP echo the
+/// identifier plays the local port: requests are keyed (id, 0) on egress,
+/// replies (0, id) on ingress.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct FlowKey {

@@ -108,11 +108,13 @@ fn ingress_icmp(ctx: &TcContext, ip: &Ipv4) -> Result<i32, DropReason> {
     };
     match icmp.kind {
         ICMP_ECHO_REPLY => {
+            // The echo identifier plays the local port: the request went out
+            // keyed (id, 0), its reply comes back keyed (0, id).
             let key = FlowKey {
                 saddr: ip.saddr,
                 daddr: ip.daddr,
-                sport: icmp.id,
-                dport: 0,
+                sport: 0,
+                dport: icmp.id,
                 proto: IPPROTO_ICMP,
                 direction: DIRECTION_INGRESS,
                 _pad: [0; 2],
@@ -120,7 +122,7 @@ fn ingress_icmp(ctx: &TcContext, ip: &Ipv4) -> Result<i32, DropReason> {
             let Some(m) = flow::touch(&key, 0) else {
                 return PASS;
             };
-            nat::masquerade(ctx, ip, icmp.id, 0, &m)?;
+            nat::masquerade(ctx, ip, 0, icmp.id, &m)?;
             count_traffic(COUNTER_INGRESS_PACKETS, ctx.len());
             PASS
         }

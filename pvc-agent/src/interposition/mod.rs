@@ -11,6 +11,8 @@ mod events;
 mod flows;
 mod maps;
 mod pins;
+#[cfg(test)]
+mod tests;
 
 use std::{
     fs,
