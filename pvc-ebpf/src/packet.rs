@@ -8,6 +8,10 @@ use aya_ebpf::programs::TcContext;
 
 pub const ETH_HLEN: usize = 14;
 pub const ETH_P_IP: [u8; 2] = [0x08, 0x00];
+pub const ETH_P_ARP: [u8; 2] = [0x08, 0x06];
+pub const ARP_REQUEST: u16 = 1;
+/// Offset of the sender protocol address in an Ethernet/IPv4 ARP frame.
+pub const ARP_SENDER_IP_OFF: usize = ETH_HLEN + 14;
 pub const IP_OFF: usize = ETH_HLEN;
 pub const IP_TOT_LEN_OFF: usize = IP_OFF + 2;
 pub const IP_CSUM_OFF: usize = IP_OFF + 10;
@@ -68,6 +72,41 @@ pub struct IcmpHdr {
     /// Echo identifier (echo request/reply), unused for errors.
     pub id: [u8; 2],
     pub seq: [u8; 2],
+}
+
+/// Ethernet/IPv4 ARP (RFC 826).
+#[repr(C)]
+pub struct ArpHdr {
+    pub htype: [u8; 2],
+    pub ptype: [u8; 2],
+    pub hlen: u8,
+    pub plen: u8,
+    pub op: [u8; 2],
+    pub sender_mac: [u8; 6],
+    pub sender_ip: [u8; 4],
+    pub target_mac: [u8; 6],
+    pub target_ip: [u8; 4],
+}
+
+pub struct Arp {
+    pub op: u16,
+    pub sender_ip: [u8; 4],
+}
+
+#[inline(always)]
+pub fn parse_arp(ctx: &TcContext) -> Option<Arp> {
+    let eth = unsafe { &*ptr_at::<EthHdr>(ctx, 0)? };
+    if eth.proto != ETH_P_ARP {
+        return None;
+    }
+    let arp = unsafe { &*ptr_at::<ArpHdr>(ctx, ETH_HLEN)? };
+    if arp.ptype != ETH_P_IP || arp.plen != 4 || arp.hlen != 6 {
+        return None;
+    }
+    Some(Arp {
+        op: u16::from_be_bytes(arp.op),
+        sender_ip: arp.sender_ip,
+    })
 }
 
 /// Bytes of headers the programs need linear: Ethernet, a full IPv4 header,

@@ -21,7 +21,10 @@ use crate::{
     flow,
     maps::{PEERS, count_drop, count_traffic, settings},
     nat,
-    packet::{ICMP_ECHO, Ipv4, Parsed, parse_icmp, parse_ipv4, parse_tcp},
+    packet::{
+        ARP_REQUEST, ARP_SENDER_IP_OFF, ICMP_ECHO, Ipv4, Parsed, parse_arp, parse_icmp, parse_ipv4,
+        parse_tcp,
+    },
 };
 
 #[classifier]
@@ -38,7 +41,7 @@ pub fn pvc_egress(ctx: TcContext) -> i32 {
 #[inline(always)]
 fn egress(ctx: &TcContext) -> Result<i32, DropReason> {
     let ip = match parse_ipv4(ctx) {
-        Parsed::NotIpv4 => return Ok(TC_ACT_OK as i32),
+        Parsed::NotIpv4 => return egress_arp(ctx),
         Parsed::Malformed => return Err(DropReason::Malformed),
         Parsed::Ipv4(ip) => ip,
     };
@@ -61,6 +64,27 @@ fn egress(ctx: &TcContext) -> Result<i32, DropReason> {
         IPPROTO_ICMP => egress_icmp(ctx, &ip, &s),
         _ => Err(DropReason::UnsupportedProtocol),
     }
+}
+
+/// ARP for a member's next hop is triggered by a packet from our virtual
+/// address, and Linux then uses that address as the ARP sender. On the wire
+/// it becomes our real address; ARP replies about a virtual address (asked by
+/// a stranger) do not leave.
+#[inline(always)]
+fn egress_arp(ctx: &TcContext) -> Result<i32, DropReason> {
+    let Some(arp) = parse_arp(ctx) else {
+        return Ok(TC_ACT_OK as i32);
+    };
+    if !is_virtual(arp.sender_ip) {
+        return Ok(TC_ACT_OK as i32);
+    }
+    if arp.op != ARP_REQUEST {
+        return Err(DropReason::VirtualAddressOnWire);
+    }
+    let s = settings().ok_or(DropReason::VirtualAddressOnWire)?;
+    ctx.store(ARP_SENDER_IP_OFF, &s.real_addr, 0)
+        .map_err(|_| DropReason::RewriteFailed)?;
+    Ok(TC_ACT_OK as i32)
 }
 
 #[inline(always)]

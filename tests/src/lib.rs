@@ -1,1 +1,793 @@
+//! The test lab: hosts in network namespaces on a simulated LAN, a broker,
+//! one real `pvc-agent` per host, and helpers to run unmodified programs
+//! inside a host (its network namespace and its cgroup).
+//!
+//! Safety on a shared machine: nothing touches the root network namespace or
+//! the root cgroup; "real" addresses are in 198.18.0.0/15 and virtual ones in
+//! 240.0.0.0/4, only inside the lab's namespaces. Dropping a `Lab` (also when
+//! a test panics) stops the agents, kills every process it started, and
+//! removes its namespaces, cgroups and pins.
 
+use std::{
+    fs::{self, File, OpenOptions},
+    io::Write as _,
+    net::Ipv4Addr,
+    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    thread::sleep,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, anyhow, bail, ensure};
+use serde_json::Value;
+
+pub const BROKER_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 254);
+pub const BROKER_PORT: u16 = 7100;
+
+static LABS: AtomicU32 = AtomicU32::new(0);
+
+/// Where the workspace's binaries are: `PVC_BIN_DIR`, else next to the test
+/// executable's `deps/` folder (target/<profile>/).
+pub fn bin(name: &str) -> PathBuf {
+    let dir = std::env::var_os("PVC_BIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let exe = std::env::current_exe().expect("current_exe");
+            exe.parent()
+                .and_then(Path::parent)
+                .expect("target/<profile>")
+                .to_path_buf()
+        });
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the workspace first (`cargo build --workspace`, or run `cargo xtask test`)",
+        path.display()
+    );
+    path
+}
+
+/// The cgroup v2 hierarchy of this machine.
+pub fn cgroup2_root() -> PathBuf {
+    if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+        "/sys/fs/cgroup".into()
+    } else {
+        "/sys/fs/cgroup/unified".into()
+    }
+}
+
+/// Fails with a clear message when a tool the lab needs is missing.
+pub fn require_tools(tools: &[&str]) {
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "the lab needs root (namespaces, eBPF)"
+    );
+    for t in tools {
+        let found = std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).any(|d| d.join(t).exists()))
+            .unwrap_or(false);
+        assert!(found, "{t} is not installed: run ./setup.sh");
+    }
+}
+
+fn sh(args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .with_context(|| format!("cannot run {}", args[0]))?;
+    ensure!(
+        out.status.success(),
+        "{} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A host of the lab.
+pub struct Host {
+    pub name: String,
+    /// Network namespace name (under /run/netns).
+    pub netns: String,
+    pub cgroup: PathBuf,
+    pub real: Ipv4Addr,
+    pub virtual_ip: Ipv4Addr,
+    pub instance: String,
+    pub config: PathBuf,
+    pub socket: PathBuf,
+    agent: Option<Child>,
+}
+
+pub struct Lab {
+    pub prefix: String,
+    pub dir: PathBuf,
+    pub hosts: Vec<Host>,
+    cgroup_dir: PathBuf,
+    lan_ns: String,
+    broker_ns: String,
+    broker: Option<Child>,
+    children: Vec<Child>,
+    namespaces: Vec<String>,
+}
+
+impl Lab {
+    /// `n` hosts (a, b, c, ...) on one LAN, 198.18.0.<i+1>/24, virtual
+    /// 240.0.0.<i+1>, and a broker namespace at 198.18.0.254. Nothing runs yet.
+    pub fn lan(n: usize) -> anyhow::Result<Lab> {
+        require_tools(&["ip", "nsenter"]);
+        let id = LABS.fetch_add(1, Ordering::Relaxed);
+        let prefix = format!("pvct{}x{id}", std::process::id());
+        let dir = std::env::temp_dir().join(&prefix);
+        fs::create_dir_all(&dir)?;
+        let cgroup_dir = cgroup2_root().join(&prefix);
+        let mut lab = Lab {
+            lan_ns: format!("{prefix}-lan"),
+            broker_ns: format!("{prefix}-broker"),
+            prefix,
+            dir,
+            hosts: Vec::new(),
+            cgroup_dir,
+            broker: None,
+            children: Vec::new(),
+            namespaces: Vec::new(),
+        };
+        // From here on, Drop cleans up whatever was made.
+        lab.build(n)?;
+        Ok(lab)
+    }
+
+    fn add_ns(&mut self, name: &str) -> anyhow::Result<()> {
+        sh(&["ip", "netns", "add", name])?;
+        self.namespaces.push(name.to_string());
+        sh(&["ip", "-n", name, "link", "set", "lo", "up"])?;
+        Ok(())
+    }
+
+    /// A veth from the LAN bridge to `ns` (as eth0) with `addr`/24.
+    fn plug(&self, ns: &str, port: &str, addr: Ipv4Addr) -> anyhow::Result<()> {
+        sh(&[
+            "ip",
+            "link",
+            "add",
+            port,
+            "netns",
+            &self.lan_ns,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            ns,
+        ])?;
+        sh(&[
+            "ip",
+            "-n",
+            &self.lan_ns,
+            "link",
+            "set",
+            port,
+            "master",
+            "br0",
+            "up",
+        ])?;
+        sh(&[
+            "ip",
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{addr}/24"),
+            "dev",
+            "eth0",
+        ])?;
+        sh(&["ip", "-n", ns, "link", "set", "eth0", "up"])?;
+        Ok(())
+    }
+
+    fn build(&mut self, n: usize) -> anyhow::Result<()> {
+        assert!(n <= 26);
+        let lan = self.lan_ns.clone();
+        self.add_ns(&lan)?;
+        sh(&["ip", "-n", &lan, "link", "add", "br0", "type", "bridge"])?;
+        sh(&["ip", "-n", &lan, "link", "set", "br0", "up"])?;
+        let broker = self.broker_ns.clone();
+        self.add_ns(&broker)?;
+        self.plug(&broker, "p-broker", BROKER_IP)?;
+        fs::create_dir_all(&self.cgroup_dir)?;
+        for i in 0..n {
+            let name = ((b'a' + i as u8) as char).to_string();
+            let netns = format!("{}-{name}", self.prefix);
+            self.add_ns(&netns)?;
+            let real = Ipv4Addr::new(198, 18, 0, i as u8 + 1);
+            self.plug(&netns, &format!("p-{name}"), real)?;
+            let cgroup = self.cgroup_dir.join(&name);
+            fs::create_dir_all(&cgroup)?;
+            let instance = format!("{}-{name}", self.prefix);
+            let host = Host {
+                virtual_ip: Ipv4Addr::new(240, 0, 0, i as u8 + 1),
+                config: self.dir.join(format!("{name}.toml")),
+                socket: self.dir.join(format!("{instance}.sock")),
+                name,
+                netns,
+                cgroup,
+                real,
+                instance,
+                agent: None,
+            };
+            self.hosts.push(host);
+            let i = self.hosts.len() - 1;
+            self.write_config(i, "")?;
+        }
+        Ok(())
+    }
+
+    /// Writes host `i`'s agent configuration, with `extra` TOML appended.
+    pub fn write_config(&self, i: usize, extra: &str) -> anyhow::Result<()> {
+        let h = &self.hosts[i];
+        let text = format!(
+            r#"instance = "{instance}"
+cluster = "lab"
+name = "host-{name}"
+virtual_ip = "{vip}"
+brokers = ["{BROKER_IP}:{BROKER_PORT}"]
+run_dir = "{dir}"
+[interposition]
+uplink = "eth0"
+cgroup = "{cgroup}"
+max_flows = 4096
+{extra}"#,
+            instance = h.instance,
+            name = h.name,
+            vip = h.virtual_ip,
+            dir = self.dir.display(),
+            cgroup = h.cgroup.display(),
+        );
+        fs::write(&h.config, text)?;
+        Ok(())
+    }
+
+    pub fn host(&self, name: &str) -> &Host {
+        self.hosts
+            .iter()
+            .find(|h| h.name == name)
+            .unwrap_or_else(|| panic!("no host {name}"))
+    }
+
+    fn index(&self, name: &str) -> usize {
+        self.hosts
+            .iter()
+            .position(|h| h.name == name)
+            .unwrap_or_else(|| panic!("no host {name}"))
+    }
+
+    /// A command that will run inside a network namespace (and a cgroup).
+    pub fn command_in(
+        netns: &str,
+        cgroup: Option<&Path>,
+        program: impl AsRef<std::ffi::OsStr>,
+    ) -> anyhow::Result<Prepared> {
+        let ns =
+            File::open(format!("/run/netns/{netns}")).with_context(|| format!("netns {netns}"))?;
+        let procs = match cgroup {
+            Some(c) => Some(
+                OpenOptions::new()
+                    .write(true)
+                    .open(c.join("cgroup.procs"))?,
+            ),
+            None => None,
+        };
+        let mut cmd = Command::new(program);
+        let ns_fd = ns.as_raw_fd();
+        let procs_fd = procs.as_ref().map(|f| f.as_raw_fd());
+        // SAFETY: only async-signal-safe syscalls between fork and exec; the
+        // fds stay open until spawn returns (Prepared owns them).
+        unsafe {
+            cmd.pre_exec(move || {
+                if let Some(fd) = procs_fd
+                    && libc::write(fd, b"0".as_ptr().cast(), 1) != 1
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        Ok(Prepared {
+            cmd,
+            _ns: ns,
+            _procs: procs,
+        })
+    }
+
+    /// A command for an application on host `name` (its netns and cgroup).
+    pub fn app(&self, name: &str, program: &str) -> Prepared {
+        let h = self.host(name);
+        Self::command_in(&h.netns, Some(&h.cgroup), program).expect("prepare command")
+    }
+
+    /// Runs a command on a host's LAN-side namespace, outside any PVC cgroup.
+    pub fn ns(&self, netns: &str, program: &str) -> Prepared {
+        Self::command_in(netns, None, program).expect("prepare command")
+    }
+
+    pub fn lan_netns(&self) -> &str {
+        &self.lan_ns
+    }
+
+    /// Starts a long-running program on a host; it is killed with the lab.
+    pub fn spawn(&mut self, name: &str, program: &str, args: &[&str]) -> anyhow::Result<u32> {
+        let mut p = self.app(name, program);
+        p.cmd.args(args).stdin(Stdio::null());
+        let child = p.spawn_logged(&self.dir.join(format!(
+            "{name}-{}-{}.log",
+            program.rsplit('/').next().unwrap_or(program),
+            self.children.len()
+        )))?;
+        let pid = child.id();
+        self.children.push(child);
+        Ok(pid)
+    }
+
+    pub fn start_broker(&mut self) -> anyhow::Result<()> {
+        let mut p = Self::command_in(&self.broker_ns, None, bin("pvc-broker"))?;
+        p.cmd
+            .args(["--listen", &format!("{BROKER_IP}:{BROKER_PORT}")]);
+        self.broker = Some(p.spawn_logged(&self.dir.join("broker.log"))?);
+        // Ready when it accepts connections.
+        let ns = self.broker_ns.clone();
+        wait_until(Duration::from_secs(10), "broker listening", || {
+            let out = Self::command_in(&ns, None, "ss")
+                .ok()?
+                .cmd
+                .args(["-Hltn"])
+                .output()
+                .ok()?;
+            String::from_utf8_lossy(&out.stdout)
+                .contains(&format!(":{BROKER_PORT}"))
+                .then_some(())
+        })
+    }
+
+    pub fn kill_broker(&mut self) {
+        if let Some(mut b) = self.broker.take() {
+            let _ = b.kill();
+            let _ = b.wait();
+        }
+    }
+
+    pub fn start_agent(&mut self, name: &str) -> anyhow::Result<()> {
+        let i = self.index(name);
+        let log = self.dir.join(format!("agent-{name}.log"));
+        let h = &self.hosts[i];
+        ensure!(h.agent.is_none(), "agent {name} already running");
+        let mut p = Self::command_in(&h.netns, Some(&h.cgroup), bin("pvc-agent"))?;
+        p.cmd
+            .args(["--config"])
+            .arg(&h.config)
+            .env("PVC_LOG", "info,pvc_agent=debug");
+        let child = p.spawn_logged(&log)?;
+        self.hosts[i].agent = Some(child);
+        let socket = self.hosts[i].socket.clone();
+        wait_until(
+            Duration::from_secs(20),
+            &format!("agent {name} answering"),
+            || {
+                if let Some(a) = self.hosts[i].agent.as_mut()
+                    && let Ok(Some(status)) = a.try_wait()
+                {
+                    panic!(
+                        "agent {name} exited ({status}):\n{}",
+                        fs::read_to_string(&log).unwrap_or_default()
+                    );
+                }
+                status_of(&socket).ok()
+            },
+        )?;
+        Ok(())
+    }
+
+    /// All agents, then waits until every one has a path to every other.
+    pub fn start_all(&mut self) -> anyhow::Result<()> {
+        self.start_broker()?;
+        let names: Vec<String> = self.hosts.iter().map(|h| h.name.clone()).collect();
+        for n in &names {
+            self.start_agent(n)?;
+        }
+        for n in &names {
+            self.wait_for_peers(n, names.len() - 1)?;
+        }
+        Ok(())
+    }
+
+    /// Waits until host `name` has installed paths to `n` members.
+    pub fn wait_for_peers(&self, name: &str, n: usize) -> anyhow::Result<()> {
+        let socket = self.host(name).socket.clone();
+        wait_until(
+            Duration::from_secs(20),
+            &format!("{name} to know {n} peers"),
+            || {
+                let s = status_of(&socket).ok()?;
+                let ready = s["peers"]
+                    .as_array()?
+                    .iter()
+                    .filter(|p| !p["path"].is_null())
+                    .count();
+                (ready == n).then_some(())
+            },
+        )
+    }
+
+    pub fn status(&self, name: &str) -> anyhow::Result<Value> {
+        status_of(&self.host(name).socket)
+    }
+
+    pub fn agent_pid(&self, name: &str) -> Option<u32> {
+        self.host(name).agent.as_ref().map(Child::id)
+    }
+
+    /// Clean stop (SIGTERM), waiting for the agent to exit.
+    pub fn stop_agent(&mut self, name: &str) -> anyhow::Result<std::process::ExitStatus> {
+        let i = self.index(name);
+        let mut child = self.hosts[i]
+            .agent
+            .take()
+            .ok_or_else(|| anyhow!("agent {name} not running"))?;
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("agent {name} did not stop within 10 s of SIGTERM");
+            }
+            sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Crash (SIGKILL): the agent gets no chance to clean up.
+    pub fn kill_agent(&mut self, name: &str) {
+        let i = self.index(name);
+        if let Some(mut child) = self.hosts[i].agent.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn agent_log(&self, name: &str) -> String {
+        fs::read_to_string(self.dir.join(format!("agent-{name}.log"))).unwrap_or_default()
+    }
+
+    /// Runs `pvc <args> --json` against host `name`'s agent.
+    pub fn pvc_json(&self, name: &str, args: &[&str]) -> anyhow::Result<Value> {
+        let out = Command::new(bin("pvc"))
+            .args(args)
+            .arg("--json")
+            .arg("--socket")
+            .arg(&self.host(name).socket)
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "pvc {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+}
+
+fn status_of(socket: &Path) -> anyhow::Result<Value> {
+    let out = Command::new(bin("pvc"))
+        .args(["status", "--json", "--socket"])
+        .arg(socket)
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// Polls `f` every 50 ms until it returns `Some`, or fails after `limit`.
+pub fn wait_until<T>(
+    limit: Duration,
+    what: &str,
+    mut f: impl FnMut() -> Option<T>,
+) -> anyhow::Result<T> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {limit:?} waiting for {what}");
+        }
+        sleep(Duration::from_millis(50));
+    }
+}
+
+/// A command ready to run inside a namespace (owns the fds its pre_exec uses).
+pub struct Prepared {
+    pub cmd: Command,
+    _ns: File,
+    _procs: Option<File>,
+}
+
+impl Prepared {
+    pub fn args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        self.cmd.args(args);
+        self
+    }
+
+    pub fn output(mut self) -> anyhow::Result<Output> {
+        Ok(self.cmd.stdin(Stdio::null()).output()?)
+    }
+
+    /// Runs to completion; fails with its output when it exits non-zero.
+    pub fn ok(self) -> anyhow::Result<String> {
+        let desc = format!("{:?}", self.cmd);
+        let out = self.output()?;
+        ensure!(
+            out.status.success(),
+            "{desc} failed ({}):\n{}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    pub fn spawn_logged(mut self, log: &Path) -> anyhow::Result<Child> {
+        let file = File::create(log)?;
+        self.cmd.stdout(file.try_clone()?).stderr(file);
+        Ok(self.cmd.spawn()?)
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        // Agents stop cleanly when they can; otherwise their leftovers are
+        // removed by `pvc-agent --cleanup` inside their namespace.
+        let names: Vec<String> = self
+            .hosts
+            .iter()
+            .filter(|h| h.agent.is_some())
+            .map(|h| h.name.clone())
+            .collect();
+        for n in names {
+            if self.stop_agent(&n).is_err() {
+                let h = self.host(&n);
+                if let Ok(p) = Self::command_in(&h.netns, None, bin("pvc-agent")) {
+                    let _ = p.args(["--cleanup", "--config"]).args([&h.config]).output();
+                }
+            }
+        }
+        self.kill_broker();
+        for ns in &self.namespaces {
+            if let Ok(pids) = sh(&["ip", "netns", "pids", ns]) {
+                for pid in pids
+                    .split_whitespace()
+                    .filter_map(|p| p.parse::<i32>().ok())
+                {
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+        }
+        for ns in self.namespaces.iter().rev() {
+            let _ = sh(&["ip", "netns", "del", ns]);
+        }
+        for h in &self.hosts {
+            let _ = fs::remove_dir(&h.cgroup);
+            let pins = Path::new("/sys/fs/bpf/pvc").join(&h.instance);
+            if pins.exists() {
+                let _ = fs::remove_dir_all(&pins);
+            }
+        }
+        let _ = fs::remove_dir(&self.cgroup_dir);
+        let _ = fs::remove_dir(Path::new("/sys/fs/bpf/pvc"));
+        if std::thread::panicking() {
+            // Keep logs of a failed test for the reader.
+            eprintln!("lab logs kept in {}", self.dir.display());
+            for entry in fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+                let p = entry.path();
+                if p.extension().is_some_and(|e| e == "log") {
+                    let text = fs::read_to_string(&p).unwrap_or_default();
+                    let tail: Vec<&str> = text.lines().rev().take(30).collect();
+                    let _ = writeln!(
+                        std::io::stderr(),
+                        "---- {}\n{}",
+                        p.display(),
+                        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                    );
+                }
+            }
+        } else {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// Small programs written against the plain socket API, run with python3:
+/// they stand for any unmodified application and report what the socket
+/// calls returned (accept(), getpeername(), getsockname(), errno).
+pub mod probe {
+    use super::*;
+
+    /// A TCP server on `host` answering `count` connections with "echo:<data>",
+    /// printing one JSON line per connection: what accept() returned.
+    pub fn server(
+        lab: &mut Lab,
+        host: &str,
+        bind: &str,
+        port: u16,
+        count: usize,
+    ) -> anyhow::Result<PathBuf> {
+        let script = format!(
+            r#"
+import socket, json
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("{bind}", {port}))
+s.listen(512)
+for _ in range({count}):
+    c, a = s.accept()
+    d = c.recv(100)
+    c.sendall(b"echo:" + d)
+    print(json.dumps({{"peer": a[0], "port": a[1], "local": c.getsockname()[0]}}), flush=True)
+    c.close()
+"#
+        );
+        let log = lab.dir.join(format!("server-{host}-{port}.jsonl"));
+        let mut p = lab.app(host, "python3");
+        p.cmd
+            .args(["-c", &script])
+            .stdin(Stdio::null())
+            .stdout(File::create(&log)?)
+            .stderr(File::create(log.with_extension("err"))?);
+        let child = p.cmd.spawn()?;
+        lab.children.push(child);
+        lab.wait_listening(host, port)?;
+        Ok(log)
+    }
+
+    /// What the server saw, one entry per connection so far.
+    pub fn accepted(log: &Path) -> Vec<Value> {
+        fs::read_to_string(log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// `count` sequential connections from `host` to dst:port, each sending
+    /// "hello". Returns one JSON object per connection: peer/local/reply, or
+    /// errno on failure.
+    pub fn clients(
+        lab: &Lab,
+        host: &str,
+        dst: Ipv4Addr,
+        port: u16,
+        count: usize,
+    ) -> anyhow::Result<Vec<Value>> {
+        let script = format!(
+            r#"
+import socket, json
+for _ in range({count}):
+    try:
+        s = socket.create_connection(("{dst}", {port}), timeout=5)
+        s.sendall(b"hello")
+        r = s.recv(100)
+        print(json.dumps({{"peer": s.getpeername()[0], "local": s.getsockname()[0], "reply": r.decode()}}))
+        s.close()
+    except OSError as e:
+        print(json.dumps({{"errno": e.errno, "error": str(e)}}))
+"#
+        );
+        let out = lab.app(host, "python3").args(["-c", &script]).ok()?;
+        Ok(out
+            .lines()
+            .map(|l| serde_json::from_str(l))
+            .collect::<Result<_, _>>()?)
+    }
+
+    pub fn client(lab: &Lab, host: &str, dst: Ipv4Addr, port: u16) -> anyhow::Result<Value> {
+        Ok(clients(lab, host, dst, port, 1)?.remove(0))
+    }
+}
+
+impl Lab {
+    /// Waits until something on `host` listens on TCP `port`.
+    pub fn wait_listening(&self, host: &str, port: u16) -> anyhow::Result<()> {
+        let netns = self.host(host).netns.clone();
+        wait_until(
+            Duration::from_secs(10),
+            &format!("{host} listening on {port}"),
+            || {
+                let out = Self::command_in(&netns, None, "ss")
+                    .ok()?
+                    .cmd
+                    .args(["-Hltn"])
+                    .output()
+                    .ok()?;
+                String::from_utf8_lossy(&out.stdout)
+                    .lines()
+                    .any(|l| {
+                        l.split_whitespace()
+                            .nth(3)
+                            .is_some_and(|a| a.ends_with(&format!(":{port}")))
+                    })
+                    .then_some(())
+            },
+        )
+    }
+}
+
+/// tcpdump on the LAN bridge: what really crosses the wire.
+pub struct Capture {
+    child: Child,
+    out: PathBuf,
+}
+
+impl Lab {
+    /// Starts capturing on the bridge: `filter` holds tcpdump options and a
+    /// pcap filter; text output with checksum verification (-vv, whole packets).
+    pub fn capture(&self, filter: &str) -> anyhow::Result<Capture> {
+        require_tools(&["tcpdump"]);
+        let id = LABS.fetch_add(1, Ordering::Relaxed);
+        let out = self.dir.join(format!("capture-{id}.txt"));
+        let err = out.with_extension("err");
+        let mut p = self.ns(&self.lan_ns, "tcpdump");
+        p.cmd
+            .args(["-i", "br0", "-n", "-l", "-vv"])
+            .args(filter.split_whitespace())
+            .stdout(File::create(&out)?)
+            .stderr(File::create(&err)?)
+            .stdin(Stdio::null());
+        let child = p.cmd.spawn()?;
+        wait_until(Duration::from_secs(10), "tcpdump to start", || {
+            fs::read_to_string(&err)
+                .ok()?
+                .contains("listening on")
+                .then_some(())
+        })?;
+        Ok(Capture { child, out })
+    }
+}
+
+impl Capture {
+    /// Stops the capture and returns its text (one packet may span two lines).
+    pub fn finish(mut self) -> String {
+        // Let the last packets reach the file.
+        sleep(Duration::from_millis(300));
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let _ = self.child.wait();
+        fs::read_to_string(&self.out).unwrap_or_default()
+    }
+}
+
+/// CPU time (user + system) a process has used so far.
+pub fn cpu_time(pid: u32) -> Duration {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).expect("process alive");
+    // Fields after the command name (which may contain spaces) start at ')'.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    Duration::from_millis(ticks * 1000 / hz)
+}

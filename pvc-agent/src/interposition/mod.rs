@@ -36,7 +36,7 @@ pub use pins::{ensure_bpffs, remove_instance};
 use tracing::{info, warn};
 
 /// The kernel programs, compiled from `pvc-ebpf` by build.rs.
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pvc"));
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pvc-ebpf"));
 
 pub const MAP_NAMES: [&str; 6] = [
     "masquerading",

@@ -501,3 +501,32 @@ async fn non_ip_frames_pass_untouched() {
     assert_eq!(verdict, TC_ACT_SHOT);
     assert_eq!(host.drops(DropReason::Malformed), 1);
 }
+
+fn arp(op: u16, sender_ip: [u8; 4], target_ip: [u8; 4]) -> Vec<u8> {
+    let mut f = vec![0xff; 6];
+    f.extend_from_slice(&[2, 0, 0, 0, 0, 1, 0x08, 0x06]);
+    f.extend_from_slice(&[0, 1, 0x08, 0x00, 6, 4]);
+    f.extend_from_slice(&op.to_be_bytes());
+    f.extend_from_slice(&[2, 0, 0, 0, 0, 1]);
+    f.extend_from_slice(&sender_ip);
+    f.extend_from_slice(&[0; 6]);
+    f.extend_from_slice(&target_ip);
+    f
+}
+
+#[tokio::test]
+async fn arp_never_carries_a_virtual_address_to_the_wire() {
+    let host = Host::new();
+    // Resolving B's next hop for a packet from 240.0.0.1: Linux asks "tell
+    // 240.0.0.1"; the wire sees our real address instead.
+    let (verdict, out) = host.run(EGRESS, &arp(1, A_V, B_R));
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(out, arp(1, A_R, B_R));
+    // A stranger asked for our virtual address: no answer leaves.
+    let (verdict, _) = host.run(EGRESS, &arp(2, A_V, [198, 18, 0, 77]));
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert_eq!(host.drops(DropReason::VirtualAddressOnWire), 1);
+    // Ordinary ARP is untouched.
+    let plain = arp(1, A_R, B_R);
+    assert_eq!(host.run(EGRESS, &plain), (TC_ACT_OK, plain));
+}
