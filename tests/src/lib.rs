@@ -702,7 +702,7 @@ for _ in range({count}):
         let out = lab.app(host, "python3").args(["-c", &script]).ok()?;
         Ok(out
             .lines()
-            .map(|l| serde_json::from_str(l))
+            .map(serde_json::from_str)
             .collect::<Result<_, _>>()?)
     }
 

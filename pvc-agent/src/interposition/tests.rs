@@ -2,8 +2,6 @@
 //! programs with BPF_PROG_TEST_RUN, and every checksum of what comes out is
 //! recomputed from scratch. These load eBPF programs: run as root.
 
-use std::net::Ipv4Addr;
-
 use aya::{
     Ebpf, EbpfLoader,
     programs::{SchedClassifier, TestRun as _, TestRunOptions},
