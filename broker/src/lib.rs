@@ -156,21 +156,22 @@ impl Broker {
         info!(%peer, cluster, name = member.name, virtual_ip = %member.virtual_ip,
               addresses = ?member.addresses, software, "member registered");
 
-        let reason = self.converse(&mut framed, peer, others, rx).await;
-        if self.leave(&cluster, &member, id) {
+        let (reason, clean) = self.converse(&mut framed, peer, others, rx).await;
+        if self.leave(&cluster, &member, id, clean) {
             info!(%peer, cluster, name = member.name, virtual_ip = %member.virtual_ip, reason, "member left");
         }
     }
 
     /// Sends the member list, then relays membership changes and answers
-    /// pings until the session ends. Returns why it ended.
+    /// pings until the session ends. Returns why it ended, and whether the
+    /// agent said it was leaving.
     async fn converse(
         &self,
         framed: &mut Framed<TcpStream, BrokerCodec>,
         peer: SocketAddr,
         others: Vec<Member>,
         mut rx: mpsc::Receiver<BrokerMessage>,
-    ) -> &'static str {
+    ) -> (&'static str, bool) {
         let chunks = member_chunks(&others);
         let last = chunks.len() - 1;
         for (i, members) in chunks.into_iter().enumerate() {
@@ -185,7 +186,7 @@ impl Broker {
                 BrokerMessage::Members { members, more }
             };
             if framed.send(msg).await.is_err() {
-                return "write failed";
+                return ("write failed", false);
             }
         }
 
@@ -196,34 +197,35 @@ impl Broker {
                     Some(Ok(AgentMessage::Ping { nonce })) => {
                         deadline = Instant::now() + self.limits.idle_timeout;
                         if framed.send(BrokerMessage::Pong { nonce }).await.is_err() {
-                            return "write failed";
+                            return ("write failed", false);
                         }
                     }
                     Some(Ok(AgentMessage::Register(_))) => {
                         refuse(framed, peer, ErrorCode::NotRegistered, "Register sent twice in one session".into()).await;
-                        return "protocol violation";
+                        return ("protocol violation", false);
                     }
                     Some(Err(e)) => {
                         refuse(framed, peer, e.code(), e.to_string()).await;
-                        return "bad frame";
+                        return ("bad frame", false);
                     }
-                    None => return "agent closed the session",
+                    Some(Ok(AgentMessage::Leave)) => return ("agent left", true),
+                    None => return ("agent closed the session", false),
                 },
                 out = rx.recv() => match out {
                     Some(BrokerMessage::Error { code, message }) => {
                         let _ = framed.send(BrokerMessage::Error { code, message }).await;
-                        return "closed by the broker";
+                        return ("closed by the broker", false);
                     }
                     Some(msg) => {
                         if framed.send(msg).await.is_err() {
-                            return "write failed";
+                            return ("write failed", false);
                         }
                     }
-                    None => return "agent too slow",
+                    None => return ("agent too slow", false),
                 },
                 _ = tokio::time::sleep_until(deadline) => {
                     refuse(framed, peer, ErrorCode::Timeout, "no ping for too long".into()).await;
-                    return "idle timeout";
+                    return ("idle timeout", false);
                 }
             }
         }
@@ -287,7 +289,7 @@ impl Broker {
     }
 
     /// Removes a session if it is still the current one for its address.
-    fn leave(&self, cluster_name: &str, member: &Member, id: u64) -> bool {
+    fn leave(&self, cluster_name: &str, member: &Member, id: u64, clean: bool) -> bool {
         let mut state = self.state.lock().unwrap();
         let Some(cluster) = state.clusters.get_mut(cluster_name) else {
             return false;
@@ -305,6 +307,7 @@ impl Broker {
             let msg = BrokerMessage::Left {
                 name: member.name.clone(),
                 virtual_ip: member.virtual_ip,
+                clean,
             };
             if s.tx.try_send(msg).is_err() {
                 slow.push(s.member.virtual_ip);
@@ -332,6 +335,7 @@ fn drop_slow(cluster: &mut Cluster, mut slow: Vec<Ipv4Addr>) {
             let msg = BrokerMessage::Left {
                 name: gone.member.name.clone(),
                 virtual_ip: vip,
+                clean: false,
             };
             if s.tx.try_send(msg).is_err() {
                 slow.push(s.member.virtual_ip);

@@ -98,12 +98,25 @@ async fn members_learn_about_each_other_as_they_come_and_go() {
     b.send(AgentMessage::Ping { nonce: 7 }).await.unwrap();
     assert_eq!(next(&mut b).await, BrokerMessage::Pong { nonce: 7 });
 
+    // A lost session and a clean departure are told apart.
     drop(b);
     assert_eq!(
         next(&mut a).await,
         BrokerMessage::Left {
             name: "b".into(),
-            virtual_ip: Ipv4Addr::new(240, 0, 0, 2)
+            virtual_ip: Ipv4Addr::new(240, 0, 0, 2),
+            clean: false,
+        }
+    );
+    let (mut d, _) = join(addr, "lab", member("d", 4)).await;
+    assert_eq!(next(&mut a).await, BrokerMessage::Joined(member("d", 4)));
+    d.send(AgentMessage::Leave).await.unwrap();
+    assert_eq!(
+        next(&mut a).await,
+        BrokerMessage::Left {
+            name: "d".into(),
+            virtual_ip: Ipv4Addr::new(240, 0, 0, 4),
+            clean: true,
         }
     );
 }

@@ -35,6 +35,8 @@ pub enum AgentMessage {
     Register(Registration),
     /// Liveness; the broker answers `Pong` with the same nonce.
     Ping { nonce: u64 },
+    /// The agent is stopping for good: members may forget it at once.
+    Leave,
 }
 
 /// What a broker tells an agent.
@@ -54,10 +56,12 @@ pub enum BrokerMessage {
     },
     /// A member registered (or re-registered with new addresses).
     Joined(Member),
-    /// A member's session ended.
+    /// A member's session ended. `clean`: the member said `Leave`; otherwise
+    /// the session was lost (crash, network trouble) and the member may be back.
     Left {
         name: String,
         virtual_ip: Ipv4Addr,
+        clean: bool,
     },
     Pong {
         nonce: u64,

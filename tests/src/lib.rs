@@ -321,17 +321,29 @@ max_flows = 4096
     }
 
     /// Starts a long-running program on a host; it is killed with the lab.
-    pub fn spawn(&mut self, name: &str, program: &str, args: &[&str]) -> anyhow::Result<u32> {
+    pub fn spawn(&mut self, name: &str, program: &str, args: &[&str]) -> anyhow::Result<Spawned> {
         let mut p = self.app(name, program);
         p.cmd.args(args).stdin(Stdio::null());
-        let child = p.spawn_logged(&self.dir.join(format!(
+        let log = self.dir.join(format!(
             "{name}-{}-{}.log",
             program.rsplit('/').next().unwrap_or(program),
             self.children.len()
-        )))?;
+        ));
+        let child = p.spawn_logged(&log)?;
         let pid = child.id();
         self.children.push(child);
-        Ok(pid)
+        Ok(Spawned { pid, log })
+    }
+
+    /// Waits for a spawned program to exit; returns its output.
+    pub fn wait(&mut self, s: &Spawned, limit: Duration) -> anyhow::Result<String> {
+        let child = self
+            .children
+            .iter_mut()
+            .find(|c| c.id() == s.pid)
+            .ok_or_else(|| anyhow!("no such program"))?;
+        wait_until(limit, "program to exit", || child.try_wait().ok().flatten())?;
+        Ok(fs::read_to_string(&s.log)?)
     }
 
     pub fn start_broker(&mut self) -> anyhow::Result<()> {
@@ -512,6 +524,12 @@ pub fn wait_until<T>(
         }
         sleep(Duration::from_millis(50));
     }
+}
+
+/// A program started in the background by the lab.
+pub struct Spawned {
+    pub pid: u32,
+    pub log: PathBuf,
 }
 
 /// A command ready to run inside a namespace (owns the fds its pre_exec uses).

@@ -63,3 +63,151 @@ fn connecting_to_a_virtual_address_without_member_fails_at_once() {
         "{log}"
     );
 }
+
+#[test]
+fn three_hosts_reach_each_other_in_all_directions_with_real_programs() {
+    require_tools(&["python3", "curl", "socat"]);
+    let mut lab = Lab::lan(3).unwrap();
+    lab.start_all().unwrap();
+    let names = ["a", "b", "c"];
+    // An HTTP server on every host, bound to its virtual address.
+    for h in names {
+        let vip = lab.host(h).virtual_ip.to_string();
+        let root = lab.dir.join(format!("www-{h}"));
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::write(root.join("index.html"), format!("this is host {h}\n")).unwrap();
+        let root = root.to_str().unwrap().to_string();
+        lab.spawn(
+            h,
+            "python3",
+            &[
+                "-m",
+                "http.server",
+                "8080",
+                "--bind",
+                &vip,
+                "--directory",
+                &root,
+            ],
+        )
+        .unwrap();
+        lab.wait_listening(h, 8080).unwrap();
+    }
+    for client in names {
+        for server in names.iter().filter(|s| **s != client) {
+            let url = format!("http://{}:8080/", lab.host(server).virtual_ip);
+            let body = lab
+                .app(client, "curl")
+                .args(["-sS", "--max-time", "5", &url])
+                .ok()
+                .unwrap();
+            assert_eq!(
+                body,
+                format!("this is host {server}\n"),
+                "{client} -> {server}"
+            );
+        }
+    }
+    // python's http.server logs the client address of every request.
+    for server in names {
+        let logs: String = std::fs::read_dir(&lab.dir)
+            .unwrap()
+            .flatten()
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with(&format!("{server}-python3"))
+            })
+            .map(|e| std::fs::read_to_string(e.path()).unwrap())
+            .collect();
+        for client in names.iter().filter(|c| **c != server) {
+            let vip = lab.host(client).virtual_ip.to_string();
+            assert!(
+                logs.contains(&format!("{vip} - - ")),
+                "{server} saw no request from {vip}:\n{logs}"
+            );
+        }
+        assert!(
+            !logs.contains("198.18."),
+            "{server} saw a real address:\n{logs}"
+        );
+    }
+
+    // socat as a server on a, reporting the peer it accepted.
+    let a = lab.host("a").virtual_ip.to_string();
+    lab.spawn(
+        "a",
+        "socat",
+        &["-d", "-d", "TCP-LISTEN:9000,fork,reuseaddr", "EXEC:cat"],
+    )
+    .unwrap();
+    lab.wait_listening("a", 9000).unwrap();
+    for client in ["b", "c"] {
+        let out = lab
+            .app(client, "socat")
+            .args(["-T", "5", "-", &format!("TCP:{a}:9000")])
+            .cmd
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut child| {
+                use std::io::Write as _;
+                child.stdin.take().unwrap().write_all(b"through socat\n")?;
+                child.wait_with_output()
+            })
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "through socat\n");
+    }
+    let socat_log: String = std::fs::read_dir(&lab.dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("a-socat"))
+        .map(|e| std::fs::read_to_string(e.path()).unwrap())
+        .collect();
+    for client in ["b", "c"] {
+        let vip = lab.host(client).virtual_ip;
+        assert!(
+            socat_log.contains(&format!("accepting connection from AF=2 {vip}:")),
+            "{socat_log}"
+        );
+    }
+}
+
+#[test]
+fn many_short_connections_all_succeed() {
+    require_tools(&["python3"]);
+    let mut lab = Lab::lan(2).unwrap();
+    lab.start_all().unwrap();
+    const N: usize = 500;
+    let b = lab.host("b").virtual_ip;
+    let log = probe::server(&mut lab, "b", "0.0.0.0", 7200, N).unwrap();
+    let results = probe::clients(&lab, "a", b, 7200, N).unwrap();
+    assert_eq!(results.len(), N);
+    let failed: Vec<_> = results
+        .iter()
+        .filter(|r| r["reply"] != "echo:hello")
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {N} failed, e.g. {}",
+        failed.len(),
+        failed[0]
+    );
+    let seen = pvc_tests::wait_until(
+        std::time::Duration::from_secs(10),
+        "server to log all",
+        || {
+            let s = probe::accepted(&log);
+            (s.len() == N).then_some(s)
+        },
+    )
+    .unwrap();
+    let a = lab.host("a").virtual_ip.to_string();
+    assert!(seen.iter().all(|s| s["peer"] == a.as_str()));
+    let status = lab.status("a").unwrap();
+    assert!(
+        status["flows_opened"]["direct"].as_u64().unwrap() >= N as u64,
+        "{}",
+        status["flows_opened"]
+    );
+}

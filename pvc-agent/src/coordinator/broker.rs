@@ -12,7 +12,7 @@ use tokio::{
     sync::mpsc,
     time::{Instant, interval, timeout},
 };
-use tokio_util::codec::Framed;
+use tokio_util::{codec::Framed, sync::CancellationToken};
 use tracing::{info, warn};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -29,9 +29,11 @@ pub enum Membership {
         members: Vec<Member>,
     },
     Joined(Member),
+    /// A member's session ended; `clean` if it said it was leaving for good.
     Left {
         name: String,
         virtual_ip: std::net::Ipv4Addr,
+        clean: bool,
     },
     /// The session ended; members stay as they were until the next snapshot.
     Disconnected {
@@ -40,13 +42,19 @@ pub enum Membership {
     },
 }
 
-/// Runs sessions forever, trying the brokers in turn.
-pub async fn run(brokers: Vec<String>, registration: Registration, tx: mpsc::Sender<Membership>) {
+/// Runs sessions, trying the brokers in turn, until `stop` is cancelled:
+/// then tells the broker this member leaves for good.
+pub async fn run(
+    brokers: Vec<String>,
+    registration: Registration,
+    tx: mpsc::Sender<Membership>,
+    stop: CancellationToken,
+) {
     let mut backoff = Duration::from_millis(250);
     for broker in brokers.iter().cycle() {
         let started = Instant::now();
-        let reason = match session(broker, &registration, &tx).await {
-            Ok(()) => return, // the coordinator is gone
+        let reason = match session(broker, &registration, &tx, &stop).await {
+            Ok(()) => return, // leaving, or the coordinator is gone
             Err(e) => format!("{e:#}"),
         };
         warn!(
@@ -66,7 +74,10 @@ pub async fn run(brokers: Vec<String>, registration: Registration, tx: mpsc::Sen
         if started.elapsed() > SILENCE_LIMIT {
             backoff = Duration::from_millis(250);
         }
-        tokio::time::sleep(backoff).await;
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = stop.cancelled() => return,
+        }
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }
@@ -75,6 +86,7 @@ async fn session(
     broker: &str,
     registration: &Registration,
     tx: &mpsc::Sender<Membership>,
+    stop: &CancellationToken,
 ) -> anyhow::Result<()> {
     let stream = timeout(CONNECT_TIMEOUT, TcpStream::connect(broker))
         .await
@@ -146,7 +158,7 @@ async fn session(
                 last_heard = Instant::now();
                 let update = match frame {
                     Some(Ok(BrokerMessage::Joined(m))) => Membership::Joined(m),
-                    Some(Ok(BrokerMessage::Left { name, virtual_ip })) => Membership::Left { name, virtual_ip },
+                    Some(Ok(BrokerMessage::Left { name, virtual_ip, clean })) => Membership::Left { name, virtual_ip, clean },
                     Some(Ok(BrokerMessage::Pong { .. })) => continue,
                     Some(Ok(BrokerMessage::Error { code, message })) => bail!("broker closed the session ({code:?}): {message}"),
                     Some(Ok(other)) => bail!("unexpected message: {other:?}"),
@@ -156,6 +168,11 @@ async fn session(
                 if tx.send(update).await.is_err() {
                     return Ok(());
                 }
+            }
+            _ = stop.cancelled() => {
+                framed.send(AgentMessage::Leave).await.context("cannot tell the broker")?;
+                info!(broker, "told the broker this member leaves");
+                return Ok(());
             }
             _ = ping.tick() => {
                 if last_heard.elapsed() > SILENCE_LIMIT {

@@ -19,6 +19,7 @@ use tokio::{
     task::JoinHandle,
     time::{Instant, interval},
 };
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use self::broker::Membership;
@@ -30,8 +31,9 @@ use crate::{
     virtualization::{self, Uplink},
 };
 
-/// How long a member missing from a broker's list is kept: after a broker
-/// failover, the new broker's list fills up as agents re-register.
+/// How long a member whose broker session was lost (or who is missing from a
+/// new broker's list) keeps its path: a crashed agent restarts, and after a
+/// broker failover the new broker's list fills up as agents re-register.
 const ABSENCE_GRACE: Duration = Duration::from_secs(20);
 /// How often next hops are checked against the host's routing table.
 const NEXT_HOP_REFRESH: Duration = Duration::from_secs(30);
@@ -215,10 +217,12 @@ impl Agent {
         mut events: interposition::EventStream,
     ) -> anyhow::Result<()> {
         let (member_tx, mut member_rx) = mpsc::channel(256);
-        let brokers: JoinHandle<()> = tokio::spawn(broker::run(
+        let leave = CancellationToken::new();
+        let mut brokers: JoinHandle<()> = tokio::spawn(broker::run(
             self.config.broker_addresses(),
             registration,
             member_tx,
+            leave.clone(),
         ));
         let (query_tx, mut query_rx) = mpsc::channel::<Query>(16);
         let socket = self.config.control_socket();
@@ -264,7 +268,14 @@ impl Agent {
                 _ = term.recv() => { info!("SIGTERM: stopping"); break Ok(()) }
             }
         };
-        brokers.abort();
+        // Members may forget this one at once, rather than wait for it.
+        leave.cancel();
+        if tokio::time::timeout(Duration::from_secs(2), &mut brokers)
+            .await
+            .is_err()
+        {
+            brokers.abort();
+        }
         control.abort();
         result
     }
@@ -285,9 +296,25 @@ impl Agent {
                 }
             }
             Membership::Joined(m) => self.learn(m).await,
-            Membership::Left { name, virtual_ip } => {
+            Membership::Left {
+                name,
+                virtual_ip,
+                clean: true,
+            } => {
                 info!(name, %virtual_ip, "member left");
                 self.forget(virtual_ip);
+            }
+            // Lost, not gone: an agent restarting or a member cut from the
+            // broker but not from us. Flows keep working for a grace period.
+            Membership::Left {
+                name,
+                virtual_ip,
+                clean: false,
+            } => {
+                info!(name, %virtual_ip, "member lost its broker session; keeping its path for {ABSENCE_GRACE:?}");
+                if let Some(p) = self.peers.get_mut(&virtual_ip) {
+                    p.absent_since.get_or_insert_with(Instant::now);
+                }
             }
             Membership::Disconnected { .. } => self.broker = None,
         }
