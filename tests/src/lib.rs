@@ -28,22 +28,25 @@ pub const BROKER_PORT: u16 = 7100;
 
 static LABS: AtomicU32 = AtomicU32::new(0);
 
-/// Where the workspace's binaries are: `PVC_BIN_DIR`, else next to the test
-/// executable's `deps/` folder (target/<profile>/).
+/// Where the workspace's binaries are: `PVC_BIN_DIR`, else the target folder
+/// of the running executable (target/<profile>/).
 pub fn bin(name: &str) -> PathBuf {
     let dir = std::env::var_os("PVC_BIN_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
+            // Test executables live in target/<profile>/deps, xtask in target/<profile>.
             let exe = std::env::current_exe().expect("current_exe");
-            exe.parent()
-                .and_then(Path::parent)
-                .expect("target/<profile>")
-                .to_path_buf()
+            let dir = exe.parent().expect("executable folder");
+            if dir.ends_with("deps") {
+                dir.parent().expect("target/<profile>").to_path_buf()
+            } else {
+                dir.to_path_buf()
+            }
         });
     let path = dir.join(name);
     assert!(
         path.exists(),
-        "{} is missing: build the workspace first (`cargo build --workspace`, or run `cargo xtask test`)",
+        "{} is missing: build the workspace first (`cargo build`, or run `cargo xtask test`)",
         path.display()
     );
     path

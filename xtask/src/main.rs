@@ -1,1 +1,111 @@
-fn main() {}
+//! `cargo xtask`: the project's own commands.
+//!
+//! - `demo`: a 3-host virtual cluster in network namespaces, narrated.
+//! - `test`: formatting, lints, the whole test suite and a short fuzz run —
+//!   what CI runs.
+//! - `fuzz`: the wire-protocol fuzz targets, longer.
+
+mod demo;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Args {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build, then run a 3-host virtual cluster in network namespaces and show
+    /// unmodified programs talking over virtual addresses. Cleans up after.
+    Demo,
+    /// What CI runs: fmt, clippy, build, every test, a short fuzz run.
+    Test {
+        /// Seconds per fuzz target.
+        #[arg(long, default_value_t = 15)]
+        fuzz_seconds: u32,
+    },
+    /// Run the fuzz targets (cargo-fuzz, nightly) on the committed corpus.
+    Fuzz {
+        #[arg(long, default_value_t = 60)]
+        seconds: u32,
+    },
+}
+
+const FUZZ_TARGETS: [&str; 2] = ["broker_reads_agent_frames", "agent_reads_broker_frames"];
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn run(what: &str, cmd: &mut Command) -> anyhow::Result<()> {
+    eprintln!("\n==> {what}");
+    let status = cmd
+        .current_dir(root())
+        .status()
+        .with_context(|| format!("cannot start: {cmd:?}"))?;
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    Ok(())
+}
+
+fn cargo(args: &[&str]) -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.args(args);
+    c
+}
+
+fn fuzz(seconds: u32) -> anyhow::Result<()> {
+    let dir = root().join("pvc-proto/fuzz");
+    for target in FUZZ_TARGETS {
+        let what = format!("fuzz {target} for {seconds} s");
+        eprintln!("\n==> {what}");
+        let status = Command::new("cargo")
+            .args(["+nightly", "fuzz", "run", target, "--"])
+            .arg(format!("-max_total_time={seconds}"))
+            .current_dir(&dir)
+            .status()
+            .context(
+                "cannot run cargo fuzz: install it with ./setup.sh (cargo install cargo-fuzz)",
+            )?;
+        if !status.success() {
+            bail!("{what} found a failure: see pvc-proto/fuzz/artifacts/{target}/");
+        }
+    }
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    match Args::parse().command {
+        Cmd::Demo => {
+            run("build", &mut cargo(&["build"]))?;
+            demo::run()
+        }
+        Cmd::Test { fuzz_seconds } => {
+            run("format", &mut cargo(&["fmt", "--all", "--check"]))?;
+            run(
+                "lints",
+                &mut cargo(&["clippy", "--all-targets", "--", "-D", "warnings"]),
+            )?;
+            // The lab starts the real binaries: build them before the tests.
+            run("build", &mut cargo(&["build"]))?;
+            run("tests", &mut cargo(&["test", "--no-fail-fast"]))?;
+            fuzz(fuzz_seconds)?;
+            eprintln!("\nall checks passed");
+            Ok(())
+        }
+        Cmd::Fuzz { seconds } => fuzz(seconds),
+    }
+}

@@ -1,0 +1,46 @@
+#!/bin/sh
+# Installs what PVC needs on a Debian 12 machine, idempotently: the Debian
+# Rust compiler that has a prebuilt `core` for the BPF target, LLVM 22 and
+# bpf-linker (to link the eBPF object), bpftool, the programs the tests and
+# the demo run, and cargo-fuzz. Safe to run again: it only adds what is missing.
+set -eu
+
+SUDO=""
+if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+
+PACKAGES="rustc-web libstd-rust-web-dev-bpf llvm-22-dev libbpf-dev bpftool
+  iproute2 iputils-ping ethtool tcpdump iperf3 socat netcat-openbsd curl python3 systemd
+  ca-certificates"
+
+missing=""
+for p in $PACKAGES; do
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed"; then
+    missing="$missing $p"
+  fi
+done
+if [ -n "$missing" ]; then
+  echo "setup: installing Debian packages:$missing"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends $missing
+fi
+
+command -v cargo >/dev/null || { echo "setup: cargo not found; install Rust with rustup first" >&2; exit 1; }
+
+# bpf-linker against Debian's LLVM 22 (/usr/bin/llvm-config is an older LLVM).
+if ! bpf-linker --version 2>/dev/null | grep -q "0.13.0"; then
+  echo "setup: building bpf-linker 0.13.0 against LLVM 22 (about a minute)"
+  LLVM_PREFIX=/usr/lib/llvm-22 cargo install bpf-linker@0.13.0 --locked \
+    --no-default-features --features llvm-22
+fi
+
+# cargo-fuzz for the wire-protocol fuzz targets (run with the nightly toolchain).
+if ! cargo fuzz --version >/dev/null 2>&1; then
+  echo "setup: installing cargo-fuzz"
+  cargo install cargo-fuzz@0.13.2 --locked
+fi
+if ! rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
+  echo "setup: the fuzz targets need a nightly toolchain (rustup toolchain install nightly)" >&2
+  exit 1
+fi
+
+echo "setup: done"
