@@ -169,9 +169,7 @@ pub fn run() -> anyhow::Result<()> {
         "   {gbps:.2} Gbit/s through the eBPF masquerading, no encapsulation, no copy to userspace"
     );
 
-    step(&format!(
-        "Connecting to 240.0.0.99, which no member holds (from host a)"
-    ));
+    step("Connecting to 240.0.0.99, which no member holds (from host a)");
     let refused = probe::client(&lab, "a", "240.0.0.99".parse()?, 80)?;
     println!("   connect() failed at once: {}", refused["error"]);
 
