@@ -105,7 +105,8 @@ fn default_icmp() -> u64 {
     30
 }
 fn default_gc_interval() -> u64 {
-    5
+    // Each pass reads the whole masquerading map with one syscall per entry.
+    15
 }
 
 impl Config {

@@ -7,23 +7,16 @@
 //! host order (bpftool prints them as plain numbers).
 #![no_std]
 
-/// The virtual network, 240.0.0.0/4 (class E), as the first octet's high nibble.
-pub const VIRTUAL_NET_FIRST_OCTET: u8 = 0xf0;
-pub const VIRTUAL_NET_MASK_FIRST_OCTET: u8 = 0xf0;
-
-/// Next hop of the 240.0.0.0/4 route. The agent installs a permanent neighbour
-/// entry for it so that the kernel never sends an ARP request for a virtual
-/// address; tc egress rewrites the frame before it leaves.
-pub const VIRTUAL_GATEWAY: [u8; 4] = [240, 0, 0, 0];
+/// The virtual network, 240.0.0.0/4 (class E): the first octet's high nibble.
+const VIRTUAL_NET_FIRST_OCTET: u8 = 0xf0;
 
 #[inline(always)]
 pub fn is_virtual(addr: [u8; 4]) -> bool {
-    addr[0] & VIRTUAL_NET_MASK_FIRST_OCTET == VIRTUAL_NET_FIRST_OCTET
+    addr[0] & 0xf0 == VIRTUAL_NET_FIRST_OCTET
 }
 
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
-pub const IPPROTO_UDP: u8 = 17;
 
 /// TCP flags the agent looks at in `Masquerade::tcp_flags`.
 pub const TCP_FIN: u8 = 0x01;
@@ -52,19 +45,38 @@ pub struct FlowKey {
 }
 
 impl FlowKey {
+    #[inline(always)]
+    pub const fn new(
+        saddr: [u8; 4],
+        daddr: [u8; 4],
+        sport: u16,
+        dport: u16,
+        proto: u8,
+        direction: u8,
+    ) -> Self {
+        Self {
+            saddr,
+            daddr,
+            sport,
+            dport,
+            proto,
+            direction,
+            _pad: [0; 2],
+        }
+    }
+
     /// The key under which the other direction of the same flow is stored,
     /// given this entry's rewritten tuple.
     #[inline(always)]
     pub fn twin(&self, m: &Masquerade) -> FlowKey {
-        FlowKey {
-            saddr: m.daddr,
-            daddr: m.saddr,
-            sport: m.dport,
-            dport: m.sport,
-            proto: self.proto,
-            direction: self.direction ^ 1,
-            _pad: [0; 2],
-        }
+        FlowKey::new(
+            m.daddr,
+            m.saddr,
+            m.dport,
+            m.sport,
+            self.proto,
+            self.direction ^ 1,
+        )
     }
 }
 
@@ -289,15 +301,14 @@ mod tests {
 
     #[test]
     fn twin_key_reverses_the_rewritten_tuple() {
-        let egress = FlowKey {
-            saddr: [240, 0, 0, 1],
-            daddr: [240, 0, 0, 2],
-            sport: 40000,
-            dport: 80,
-            proto: IPPROTO_TCP,
-            direction: DIRECTION_EGRESS,
-            _pad: [0; 2],
-        };
+        let egress = FlowKey::new(
+            [240, 0, 0, 1],
+            [240, 0, 0, 2],
+            40000,
+            80,
+            IPPROTO_TCP,
+            DIRECTION_EGRESS,
+        );
         let m = Masquerade {
             saddr: [198, 18, 0, 1],
             daddr: [198, 18, 0, 2],

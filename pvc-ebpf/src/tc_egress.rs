@@ -90,15 +90,14 @@ fn egress_arp(ctx: &TcContext) -> Result<i32, DropReason> {
 #[inline(always)]
 fn egress_tcp(ctx: &TcContext, ip: &Ipv4, s: &Settings) -> Result<i32, DropReason> {
     let tcp = parse_tcp(ctx, ip).ok_or(DropReason::Malformed)?;
-    let key = FlowKey {
-        saddr: ip.saddr,
-        daddr: ip.daddr,
-        sport: tcp.sport,
-        dport: tcp.dport,
-        proto: IPPROTO_TCP,
-        direction: DIRECTION_EGRESS,
-        _pad: [0; 2],
-    };
+    let key = FlowKey::new(
+        ip.saddr,
+        ip.daddr,
+        tcp.sport,
+        tcp.dport,
+        IPPROTO_TCP,
+        DIRECTION_EGRESS,
+    );
     let m = match flow::touch(&key, tcp.flags) {
         Some(m) => m,
         None => {
@@ -126,15 +125,14 @@ fn egress_icmp(ctx: &TcContext, ip: &Ipv4, s: &Settings) -> Result<i32, DropReas
     if icmp.kind != ICMP_ECHO {
         return Err(DropReason::UnsupportedProtocol);
     }
-    let key = FlowKey {
-        saddr: ip.saddr,
-        daddr: ip.daddr,
-        sport: icmp.id,
-        dport: 0,
-        proto: IPPROTO_ICMP,
-        direction: DIRECTION_EGRESS,
-        _pad: [0; 2],
-    };
+    let key = FlowKey::new(
+        ip.saddr,
+        ip.daddr,
+        icmp.id,
+        0,
+        IPPROTO_ICMP,
+        DIRECTION_EGRESS,
+    );
     let m = match flow::touch(&key, 0) {
         Some(m) => m,
         None => {

@@ -66,15 +66,14 @@ fn ingress_tcp(ctx: &TcContext, ip: &Ipv4, s: &Settings) -> Result<i32, DropReas
     let Some(tcp) = parse_tcp(ctx, ip) else {
         return PASS;
     };
-    let key = FlowKey {
-        saddr: ip.saddr,
-        daddr: ip.daddr,
-        sport: tcp.sport,
-        dport: tcp.dport,
-        proto: IPPROTO_TCP,
-        direction: DIRECTION_INGRESS,
-        _pad: [0; 2],
-    };
+    let key = FlowKey::new(
+        ip.saddr,
+        ip.daddr,
+        tcp.sport,
+        tcp.dport,
+        IPPROTO_TCP,
+        DIRECTION_INGRESS,
+    );
     let m = match flow::touch(&key, tcp.flags) {
         Some(m) => m,
         None => {
@@ -110,15 +109,14 @@ fn ingress_icmp(ctx: &TcContext, ip: &Ipv4) -> Result<i32, DropReason> {
         ICMP_ECHO_REPLY => {
             // The echo identifier plays the local port: the request went out
             // keyed (id, 0), its reply comes back keyed (0, id).
-            let key = FlowKey {
-                saddr: ip.saddr,
-                daddr: ip.daddr,
-                sport: 0,
-                dport: icmp.id,
-                proto: IPPROTO_ICMP,
-                direction: DIRECTION_INGRESS,
-                _pad: [0; 2],
-            };
+            let key = FlowKey::new(
+                ip.saddr,
+                ip.daddr,
+                0,
+                icmp.id,
+                IPPROTO_ICMP,
+                DIRECTION_INGRESS,
+            );
             let Some(m) = flow::touch(&key, 0) else {
                 return PASS;
             };
@@ -145,15 +143,14 @@ fn ingress_icmp_error(ctx: &TcContext, ip: &Ipv4) -> Result<i32, DropReason> {
     }
     // The quoted packet went out as (us -> peer); its reply direction is
     // keyed by the reverse tuple, and that entry maps back to virtual.
-    let reply = FlowKey {
-        saddr: q.daddr,
-        daddr: q.saddr,
-        sport: q.dport,
-        dport: q.sport,
-        proto: IPPROTO_TCP,
-        direction: DIRECTION_INGRESS,
-        _pad: [0; 2],
-    };
+    let reply = FlowKey::new(
+        q.daddr,
+        q.saddr,
+        q.dport,
+        q.sport,
+        IPPROTO_TCP,
+        DIRECTION_INGRESS,
+    );
     let Some(m) = flow::touch(&reply, 0) else {
         return PASS;
     };

@@ -483,32 +483,28 @@ max_flows = 4096
 
     /// Runs `pvc <args> --json` against host `name`'s agent.
     pub fn pvc_json(&self, name: &str, args: &[&str]) -> anyhow::Result<Value> {
-        let out = Command::new(bin("pvc"))
-            .args(args)
-            .arg("--json")
-            .arg("--socket")
-            .arg(&self.host(name).socket)
-            .output()?;
-        ensure!(
-            out.status.success(),
-            "pvc {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(serde_json::from_slice(&out.stdout)?)
+        pvc_json(&self.host(name).socket, args)
     }
 }
 
-fn status_of(socket: &Path) -> anyhow::Result<Value> {
+/// Runs `pvc <args> --json` against the agent behind `socket`.
+fn pvc_json(socket: &Path, args: &[&str]) -> anyhow::Result<Value> {
     let out = Command::new(bin("pvc"))
-        .args(["status", "--json", "--socket"])
+        .args(args)
+        .arg("--json")
+        .arg("--socket")
         .arg(socket)
         .output()?;
     ensure!(
         out.status.success(),
-        "{}",
+        "pvc {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+fn status_of(socket: &Path) -> anyhow::Result<Value> {
+    pvc_json(socket, &["status"])
 }
 
 /// Polls `f` every 50 ms until it returns `Some`, or fails after `limit`.

@@ -209,3 +209,39 @@ for garbage in [b"GET / HTTP/1.0\r\n\r\n", b"PVC\x01\xff\xff\xff\xff", b"PVC\x07
     }
     lab.wait_for_peers("a", 1).unwrap();
 }
+
+#[test]
+fn ended_flows_are_retired_from_the_masquerading_map() {
+    require_tools(&["python3"]);
+    let mut lab = Lab::lan(2).unwrap();
+    let fast_gc = "[flows]\nclosed_timeout_secs = 1\ngc_interval_secs = 1\n";
+    lab.write_config(0, fast_gc).unwrap();
+    lab.write_config(1, fast_gc).unwrap();
+    lab.start_all().unwrap();
+    probe::server(&mut lab, "b", "0.0.0.0", 7600, 5).unwrap();
+    let results = probe::clients(&lab, "a", lab.host("b").virtual_ip, 7600, 5).unwrap();
+    assert!(
+        results.iter().all(|r| r["reply"] == "echo:hello"),
+        "{results:?}"
+    );
+    let flows = lab.pvc_json("a", &["flows"]).unwrap();
+    assert!(
+        !flows.as_array().unwrap().is_empty(),
+        "the flows were in the map"
+    );
+    // Closed (FIN seen) and idle for a second: both ends drop both directions.
+    for h in ["a", "b"] {
+        wait_until(
+            Duration::from_secs(15),
+            &format!("{h}'s map to empty"),
+            || {
+                lab.pvc_json(h, &["flows"])
+                    .ok()?
+                    .as_array()?
+                    .is_empty()
+                    .then_some(())
+            },
+        )
+        .unwrap();
+    }
+}

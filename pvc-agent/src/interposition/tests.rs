@@ -177,25 +177,6 @@ fn check(frame: &[u8]) -> Checked {
     }
 }
 
-fn key(
-    saddr: [u8; 4],
-    daddr: [u8; 4],
-    sport: u16,
-    dport: u16,
-    proto: u8,
-    direction: u8,
-) -> FlowKey {
-    FlowKey {
-        saddr,
-        daddr,
-        sport,
-        dport,
-        proto,
-        direction,
-        _pad: [0; 2],
-    }
-}
-
 #[tokio::test]
 async fn outbound_syn_is_masqueraded_tagged_and_opens_both_directions() {
     let host = Host::new();
@@ -210,12 +191,12 @@ async fn outbound_syn_is_masqueraded_tagged_and_opens_both_directions() {
     assert_eq!(&opts[20..], &[253, 8, b'P', b'V', 240, 0, 0, 1]);
 
     let egress = host
-        .entry(&key(A_V, B_V, 40000, 80, 6, DIRECTION_EGRESS))
+        .entry(&FlowKey::new(A_V, B_V, 40000, 80, 6, DIRECTION_EGRESS))
         .expect("egress entry");
     assert_eq!((egress.saddr, egress.daddr, egress.peer), (A_R, B_R, B_V));
     assert_eq!(egress.technique, Technique::Direct as u8);
     let ingress = host
-        .entry(&key(B_R, A_R, 80, 40000, 6, DIRECTION_INGRESS))
+        .entry(&FlowKey::new(B_R, A_R, 80, 40000, 6, DIRECTION_INGRESS))
         .expect("reply entry");
     assert_eq!((ingress.saddr, ingress.daddr), (B_V, A_V));
 }
@@ -258,11 +239,11 @@ async fn inbound_tagged_syn_from_a_member_opens_a_flow() {
     let p = check(&out);
     assert_eq!((p.saddr, p.daddr), (B_V, A_V));
     assert!(
-        host.entry(&key(B_R, A_R, 50000, 8080, 6, DIRECTION_INGRESS))
+        host.entry(&FlowKey::new(B_R, A_R, 50000, 8080, 6, DIRECTION_INGRESS))
             .is_some()
     );
     let reply = host
-        .entry(&key(A_V, B_V, 8080, 50000, 6, DIRECTION_EGRESS))
+        .entry(&FlowKey::new(A_V, B_V, 8080, 50000, 6, DIRECTION_EGRESS))
         .expect("the server's replies have an entry");
     assert_eq!((reply.saddr, reply.daddr), (A_R, B_R));
 
@@ -305,7 +286,7 @@ async fn a_tag_from_the_wrong_address_is_dropped_and_untagged_syns_pass() {
     assert_eq!(verdict, TC_ACT_OK);
     assert_eq!(out, plain);
     assert!(
-        host.entry(&key(B_R, A_R, 50002, 22, 6, DIRECTION_INGRESS))
+        host.entry(&FlowKey::new(B_R, A_R, 50002, 22, 6, DIRECTION_INGRESS))
             .is_none()
     );
 }
@@ -459,7 +440,7 @@ async fn entries_that_translate_ports_keep_checksums_valid() {
     // Not used by direct paths (ports are kept), but the rewrite supports it
     // for NAT traversal: an entry is installed by hand here.
     let mut host = Host::new();
-    let k = key(A_V, B_V, 40030, 80, 6, DIRECTION_EGRESS);
+    let k = FlowKey::new(A_V, B_V, 40030, 80, 6, DIRECTION_EGRESS);
     let m = Masquerade {
         saddr: A_R,
         daddr: B_R,

@@ -27,12 +27,8 @@ use tracing::info;
 
 /// The prefix of the virtual network.
 pub const VIRTUAL_NET: (Ipv4Addr, u8) = (Ipv4Addr::new(240, 0, 0, 0), 4);
-pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(
-    pvc_common::VIRTUAL_GATEWAY[0],
-    pvc_common::VIRTUAL_GATEWAY[1],
-    pvc_common::VIRTUAL_GATEWAY[2],
-    pvc_common::VIRTUAL_GATEWAY[3],
-);
+/// Placeholder next hop of the 240.0.0.0/4 route (never a member's address).
+pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(240, 0, 0, 0);
 
 /// An IPv4 network of the uplink.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
