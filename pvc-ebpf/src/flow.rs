@@ -72,6 +72,16 @@ pub fn open(key: &FlowKey, to: &Masquerade, announce: bool) -> Result<(), DropRe
     Ok(())
 }
 
+/// Removes a flow's entries, both directions, if there are any.
+#[inline(always)]
+pub fn close(key: &FlowKey) {
+    if let Some(m) = MASQUERADING.get_ptr(key) {
+        let twin = key.twin(unsafe { &*m });
+        let _ = MASQUERADING.remove(&twin);
+        let _ = MASQUERADING.remove(key);
+    }
+}
+
 /// The masquerading value for a new flow towards/from `peer`.
 #[inline(always)]
 pub fn entry(

@@ -19,7 +19,7 @@ use pvc_common::{
 
 use crate::{
     flow,
-    maps::{PEERS, count_drop, count_traffic, settings},
+    maps::{MASQUERADING, PEERS, count_drop, count_traffic, settings},
     nat,
     packet::{
         ARP_REQUEST, ARP_SENDER_IP_OFF, ICMP_ECHO, Ipv4, Parsed, parse_arp, parse_icmp, parse_ipv4,
@@ -98,15 +98,25 @@ fn egress_tcp(ctx: &TcContext, ip: &Ipv4, s: &Settings) -> Result<i32, DropReaso
         IPPROTO_TCP,
         DIRECTION_EGRESS,
     );
-    let m = match flow::touch(&key, tcp.flags) {
-        Some(m) => m,
-        None => {
-            // A new flow, or one whose entry was evicted: the peer's path
-            // says how to reach it, the kernel needs no agent for this.
-            let path = unsafe { PEERS.get(ip.daddr) }.ok_or(DropReason::UnknownPeer)?;
-            let m = flow::entry(s.real_addr, path.real, tcp.sport, tcp.dport, ip.daddr, path);
-            flow::open(&key, &m, tcp.is_syn())?;
-            m
+    let m = if tcp.is_syn() {
+        // A connection request always gets fresh entries in both directions:
+        // whatever an earlier flow with this tuple left is replaced.
+        let path = unsafe { PEERS.get(ip.daddr) }.ok_or(DropReason::UnknownPeer)?;
+        let m = flow::entry(s.real_addr, path.real, tcp.sport, tcp.dport, ip.daddr, path);
+        let fresh = MASQUERADING.get_ptr(&key).is_none();
+        flow::open(&key, &m, fresh)?;
+        m
+    } else {
+        match flow::touch(&key, tcp.flags) {
+            Some(m) => m,
+            None => {
+                // An entry evicted or expired under a live flow: the peer's
+                // path says how to reach it, the kernel needs no agent.
+                let path = unsafe { PEERS.get(ip.daddr) }.ok_or(DropReason::UnknownPeer)?;
+                let m = flow::entry(s.real_addr, path.real, tcp.sport, tcp.dport, ip.daddr, path);
+                flow::open(&key, &m, false)?;
+                m
+            }
         }
     };
     if tcp.is_syn() {

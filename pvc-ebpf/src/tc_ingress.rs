@@ -15,7 +15,7 @@ use pvc_common::{
 
 use crate::{
     flow,
-    maps::{PEERS, count_drop, count_traffic, settings},
+    maps::{MASQUERADING, PEERS, count_drop, count_traffic, settings},
     nat,
     packet::{
         ICMP_DEST_UNREACH, ICMP_ECHO_REPLY, ICMP_TIME_EXCEEDED, Ipv4, Parsed, parse_icmp,
@@ -74,25 +74,28 @@ fn ingress_tcp(ctx: &TcContext, ip: &Ipv4, s: &Settings) -> Result<i32, DropReas
         IPPROTO_TCP,
         DIRECTION_INGRESS,
     );
-    let m = match flow::touch(&key, tcp.flags) {
-        Some(m) => m,
-        None => {
-            if !tcp.is_syn() || ip.daddr != s.real_addr {
-                return PASS;
-            }
-            let Some(vsrc) = read_tag(ctx, ip, &tcp) else {
-                // An ordinary connection between real addresses.
-                return PASS;
-            };
-            // A member opening a flow to us: it must come from the real
-            // address its path says it has.
-            let path = unsafe { PEERS.get(vsrc) }.ok_or(DropReason::TagMismatch)?;
-            if path.real != ip.saddr {
-                return Err(DropReason::TagMismatch);
-            }
-            let m = flow::entry(vsrc, s.virtual_addr, tcp.sport, tcp.dport, vsrc, path);
-            flow::open(&key, &m, true)?;
-            m
+    let m = if tcp.is_syn() && ip.daddr == s.real_addr {
+        // A connection request decides afresh what the flow is: a member's
+        // tagged SYN opens a PVC flow, an untagged one is an ordinary
+        // connection between real addresses, even if an earlier PVC flow
+        // used the same ports.
+        let Some(vsrc) = read_tag(ctx, ip, &tcp) else {
+            flow::close(&key);
+            return PASS;
+        };
+        // The member must come from the real address its path says it has.
+        let path = unsafe { PEERS.get(vsrc) }.ok_or(DropReason::TagMismatch)?;
+        if path.real != ip.saddr {
+            return Err(DropReason::TagMismatch);
+        }
+        let m = flow::entry(vsrc, s.virtual_addr, tcp.sport, tcp.dport, vsrc, path);
+        let fresh = MASQUERADING.get_ptr(&key).is_none();
+        flow::open(&key, &m, fresh)?;
+        m
+    } else {
+        match flow::touch(&key, tcp.flags) {
+            Some(m) => m,
+            None => return PASS,
         }
     };
     nat::masquerade(ctx, ip, tcp.sport, tcp.dport, &m)?;

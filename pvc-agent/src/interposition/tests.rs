@@ -509,3 +509,26 @@ async fn arp_never_carries_a_virtual_address_to_the_wire() {
     let plain = arp(1, A_R, B_R);
     assert_eq!(host.run(EGRESS, &plain), (TC_ACT_OK, plain));
 }
+
+#[tokio::test]
+async fn a_real_connection_reusing_the_ports_of_an_ended_flow_is_left_alone() {
+    let host = Host::new();
+    let b = Host::new_as_b();
+    let (_, tagged) = b.run(EGRESS, &tcp_frame(B_V, A_V, 50100, 22, true, &[]));
+    assert_eq!(host.run(INGRESS, &tagged).0, TC_ACT_OK);
+    let k = FlowKey::new(B_R, A_R, 50100, 22, 6, DIRECTION_INGRESS);
+    assert!(host.entry(&k).is_some());
+    // Later, B connects to our real address from the same port, without PVC.
+    let plain = tcp_frame(B_R, A_R, 50100, 22, true, &[]);
+    let (verdict, out) = host.run(INGRESS, &plain);
+    assert_eq!((verdict, out), (TC_ACT_OK, plain));
+    assert!(host.entry(&k).is_none(), "the old flow's entry is gone");
+    assert!(
+        host.entry(&FlowKey::new(A_V, B_V, 22, 50100, 6, DIRECTION_EGRESS))
+            .is_none(),
+        "and its twin"
+    );
+    // Its packets are not masqueraded either.
+    let data = tcp_frame(B_R, A_R, 50100, 22, false, b"ssh");
+    assert_eq!(host.run(INGRESS, &data), (TC_ACT_OK, data));
+}
