@@ -1,14 +1,20 @@
 //! The brokering service (paper §4, Fig. 2): agents keep a TCP session with a
-//! broker, register who they are and where they can be reached, and learn
-//! about the other members of their cluster as they come and go.
+//! broker, register with their host key, learn about the other members of
+//! their cluster as they come and go, and exchange handshake messages
+//! through it. The cluster's master publishes its signed documents here.
 //!
-//! A broker is not trusted with anything but availability: it relays what
-//! members say about themselves. It never sees data-path traffic of a direct
-//! path, so killing it does not break established flows.
+//! A broker is trusted with availability only. It checks the master's
+//! signatures so that it serves nothing a member would reject, but members
+//! check them again: a broker that lies can drop or delay, never admit.
+//! It never sees data-path traffic of a direct path, so killing it does not
+//! break established flows.
+
+mod store;
 
 use std::{
     collections::HashMap,
     net::{Ipv4Addr, SocketAddr},
+    path::Path,
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -18,7 +24,9 @@ use std::{
 
 use futures::{SinkExt as _, StreamExt as _};
 use pvc_proto::{
-    AgentMessage, BrokerCodec, BrokerMessage, ErrorCode, Member, Registration, member_chunks,
+    AgentMessage, BrokerCodec, BrokerMessage, ClusterId, ErrorCode, GlobalPolicy, MAX_RELAY,
+    MemberInfo, MembershipRecord, PublicKey, Publication, Registration, Revocations, SignedPolicy,
+    SignedRecord, SignedRevocations, member_chunks, unix_now,
 };
 use tokio::{
     net::{TcpListener, TcpStream},
@@ -28,10 +36,12 @@ use tokio::{
 use tokio_util::codec::Framed;
 use tracing::{info, warn};
 
+pub use store::Store;
+
 /// Timeouts of a session.
 #[derive(Clone, Debug)]
 pub struct Limits {
-    /// Time an agent has to send `Register` after connecting.
+    /// Time an agent has to send `Register` (or a master `Publish`) after connecting.
     pub register_timeout: Duration,
     /// A session that sends nothing (agents ping every 10 s) for this long is closed.
     pub idle_timeout: Duration,
@@ -49,27 +59,75 @@ impl Default for Limits {
     }
 }
 
-#[derive(Default)]
-struct Cluster {
+/// What the broker holds for one cluster.
+pub(crate) struct Cluster {
+    pub(crate) master_key: PublicKey,
+    /// The newest record of each host key.
+    pub(crate) records: HashMap<PublicKey, (MembershipRecord, SignedRecord)>,
+    pub(crate) revocations: Option<(Revocations, SignedRevocations)>,
+    pub(crate) policy: Option<(GlobalPolicy, SignedPolicy)>,
     /// Live sessions by virtual address.
     sessions: HashMap<Ipv4Addr, Session>,
 }
 
 struct Session {
     id: u64,
-    member: Member,
+    host_key: PublicKey,
+    info: MemberInfo,
     tx: mpsc::Sender<BrokerMessage>,
+}
+
+impl Cluster {
+    fn new(master_key: PublicKey) -> Self {
+        Self {
+            master_key,
+            records: HashMap::new(),
+            revocations: None,
+            policy: None,
+            sessions: HashMap::new(),
+        }
+    }
+
+    fn revoked(&self) -> &[u64] {
+        self.revocations.as_ref().map_or(&[], |(r, _)| &r.serials)
+    }
+
+    /// The record admitting `key` now, if any.
+    fn admission(&self, key: &PublicKey) -> Result<&(MembershipRecord, SignedRecord), String> {
+        let entry = self.records.get(key).ok_or_else(|| {
+            "no record for this host key: the cluster's administrator must admit it \
+             (`pvc master admit`)"
+                .to_string()
+        })?;
+        entry
+            .0
+            .check(unix_now(), self.revoked())
+            .map_err(|e| e.to_string())?;
+        Ok(entry)
+    }
+
+    /// Sends to every session but `except`; sessions that cannot keep up are dropped.
+    fn broadcast(&mut self, msg: &BrokerMessage, except: Option<u64>) {
+        let slow: Vec<Ipv4Addr> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| Some(s.id) != except && s.tx.try_send(msg.clone()).is_err())
+            .map(|(vip, _)| *vip)
+            .collect();
+        drop_slow(self, slow);
+    }
 }
 
 #[derive(Default)]
 struct State {
-    clusters: HashMap<String, Cluster>,
+    clusters: HashMap<ClusterId, Cluster>,
 }
 
 pub struct Broker {
     name: String,
     limits: Limits,
     state: Mutex<State>,
+    store: Option<Store>,
     next_id: AtomicU64,
 }
 
@@ -79,8 +137,30 @@ impl Broker {
             name: name.into(),
             limits,
             state: Mutex::default(),
+            store: None,
             next_id: AtomicU64::new(1),
         })
+    }
+
+    /// A broker that keeps what masters publish in `path` across restarts.
+    pub fn with_store(
+        name: impl Into<String>,
+        limits: Limits,
+        path: &Path,
+    ) -> anyhow::Result<Arc<Self>> {
+        let store = Store::open(path)?;
+        let mut state = State::default();
+        for (id, cluster) in store.load()? {
+            state.clusters.insert(id, cluster);
+        }
+        info!(clusters = state.clusters.len(), path = %path.display(), "loaded published documents");
+        Ok(Arc::new(Self {
+            name: name.into(),
+            limits,
+            state: Mutex::new(state),
+            store: Some(store),
+            next_id: AtomicU64::new(1),
+        }))
     }
 
     /// Accepts agents until the listener fails.
@@ -93,7 +173,7 @@ impl Broker {
     }
 
     /// Number of live sessions in a cluster (for tests and logs).
-    pub fn members(&self, cluster: &str) -> usize {
+    pub fn members(&self, cluster: &ClusterId) -> usize {
         let state = self.state.lock().unwrap();
         state.clusters.get(cluster).map_or(0, |c| c.sessions.len())
     }
@@ -103,14 +183,13 @@ impl Broker {
         let mut framed = Framed::new(stream, BrokerCodec::default());
         let registration = match timeout(self.limits.register_timeout, framed.next()).await {
             Ok(Some(Ok(AgentMessage::Register(r)))) => r,
+            Ok(Some(Ok(AgentMessage::Publish(p)))) => {
+                self.master_session(&mut framed, peer, p).await;
+                return;
+            }
             Ok(Some(Ok(other))) => {
-                refuse(
-                    &mut framed,
-                    peer,
-                    ErrorCode::NotRegistered,
-                    format!("expected Register first, got {other:?}"),
-                )
-                .await;
+                let msg = format!("expected Register or Publish first, got {}", kind(&other));
+                refuse(&mut framed, peer, ErrorCode::NotRegistered, msg).await;
                 return;
             }
             Ok(Some(Err(e))) => {
@@ -119,17 +198,12 @@ impl Broker {
             }
             Ok(None) => return,
             Err(_) => {
-                refuse(
-                    &mut framed,
-                    peer,
-                    ErrorCode::Timeout,
-                    "no Register within the time limit".into(),
-                )
-                .await;
+                let msg = "no Register within the time limit".into();
+                refuse(&mut framed, peer, ErrorCode::Timeout, msg).await;
                 return;
             }
         };
-        if let Err(e) = registration.validate() {
+        if let Err(e) = registration.validate(unix_now()) {
             refuse(
                 &mut framed,
                 peer,
@@ -141,49 +215,53 @@ impl Broker {
         }
         let (tx, rx) = mpsc::channel(self.limits.queue);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let others = match self.admit(&registration, id, tx) {
-            Ok(others) => others,
-            Err(message) => {
-                refuse(&mut framed, peer, ErrorCode::Conflict, message).await;
+        let welcome = match self.admit(&registration, id, tx) {
+            Ok(w) => w,
+            Err((code, message)) => {
+                refuse(&mut framed, peer, code, message).await;
                 return;
             }
         };
-        let Registration {
-            cluster,
-            member,
-            software,
-        } = registration;
-        info!(%peer, cluster, name = member.name, virtual_ip = %member.virtual_ip,
-              addresses = ?member.addresses, software, "member registered");
+        let cluster = registration.cluster;
+        let me = welcome.you_vip;
+        info!(%peer, %cluster, name = welcome.you_name, virtual_ip = %me,
+              addresses = ?registration.addresses, software = registration.software, "member registered");
 
-        let (reason, clean) = self.converse(&mut framed, peer, others, rx).await;
-        if self.leave(&cluster, &member, id, clean) {
-            info!(%peer, cluster, name = member.name, virtual_ip = %member.virtual_ip, reason, "member left");
+        let (reason, clean) = self
+            .converse(&mut framed, peer, &cluster, me, welcome, rx)
+            .await;
+        if self.leave(&cluster, me, id, clean) {
+            info!(%peer, %cluster, virtual_ip = %me, reason, "member left");
         }
     }
 
-    /// Sends the member list, then relays membership changes and answers
-    /// pings until the session ends. Returns why it ended, and whether the
-    /// agent said it was leaving.
+    /// Sends the welcome, then relays membership changes and messages, and
+    /// answers pings until the session ends. Returns why it ended, and
+    /// whether the agent said it was leaving.
     async fn converse(
         &self,
         framed: &mut Framed<TcpStream, BrokerCodec>,
         peer: SocketAddr,
-        others: Vec<Member>,
+        cluster: &ClusterId,
+        me: Ipv4Addr,
+        welcome: Welcome,
         mut rx: mpsc::Receiver<BrokerMessage>,
     ) -> (&'static str, bool) {
-        let chunks = member_chunks(&others);
+        let chunks = member_chunks(&welcome.others);
         let last = chunks.len() - 1;
+        let mut first = Some((welcome.you, welcome.revocations, welcome.policy));
         for (i, members) in chunks.into_iter().enumerate() {
             let more = i < last;
-            let msg = if i == 0 {
-                BrokerMessage::Welcome {
+            let msg = match first.take() {
+                Some((you, revocations, policy)) => BrokerMessage::Welcome {
                     broker: self.name.clone(),
+                    you,
+                    revocations,
+                    policy,
                     members,
                     more,
-                }
-            } else {
-                BrokerMessage::Members { members, more }
+                },
+                None => BrokerMessage::Members { members, more },
             };
             if framed.send(msg).await.is_err() {
                 return ("write failed", false);
@@ -193,24 +271,34 @@ impl Broker {
         let mut deadline = Instant::now() + self.limits.idle_timeout;
         loop {
             tokio::select! {
-                frame = framed.next() => match frame {
-                    Some(Ok(AgentMessage::Ping { nonce })) => {
-                        deadline = Instant::now() + self.limits.idle_timeout;
-                        if framed.send(BrokerMessage::Pong { nonce }).await.is_err() {
-                            return ("write failed", false);
+                frame = framed.next() => {
+                    deadline = Instant::now() + self.limits.idle_timeout;
+                    match frame {
+                        Some(Ok(AgentMessage::Ping { nonce })) => {
+                            if framed.send(BrokerMessage::Pong { nonce }).await.is_err() {
+                                return ("write failed", false);
+                            }
                         }
+                        Some(Ok(AgentMessage::Relay { to, payload })) => {
+                            if let Some(answer) = self.relay(cluster, me, to, payload)
+                                && framed.send(answer).await.is_err()
+                            {
+                                return ("write failed", false);
+                            }
+                        }
+                        Some(Ok(AgentMessage::Leave)) => return ("agent left", true),
+                        Some(Ok(other)) => {
+                            let msg = format!("{} is not allowed in a registered session", kind(&other));
+                            refuse(framed, peer, ErrorCode::NotRegistered, msg).await;
+                            return ("protocol violation", false);
+                        }
+                        Some(Err(e)) => {
+                            refuse(framed, peer, e.code(), e.to_string()).await;
+                            return ("bad frame", false);
+                        }
+                        None => return ("agent closed the session", false),
                     }
-                    Some(Ok(AgentMessage::Register(_))) => {
-                        refuse(framed, peer, ErrorCode::NotRegistered, "Register sent twice in one session".into()).await;
-                        return ("protocol violation", false);
-                    }
-                    Some(Err(e)) => {
-                        refuse(framed, peer, e.code(), e.to_string()).await;
-                        return ("bad frame", false);
-                    }
-                    Some(Ok(AgentMessage::Leave)) => return ("agent left", true),
-                    None => return ("agent closed the session", false),
-                },
+                }
                 out = rx.recv() => match out {
                     Some(BrokerMessage::Error { code, message }) => {
                         let _ = framed.send(BrokerMessage::Error { code, message }).await;
@@ -231,93 +319,254 @@ impl Broker {
         }
     }
 
-    /// Registers a session and tells the cluster. Returns the other members.
+    /// Registers a session and tells the cluster.
     fn admit(
         &self,
         r: &Registration,
         id: u64,
         tx: mpsc::Sender<BrokerMessage>,
-    ) -> Result<Vec<Member>, String> {
+    ) -> Result<Welcome, (ErrorCode, String)> {
         let mut state = self.state.lock().unwrap();
-        let cluster = state.clusters.entry(r.cluster.clone()).or_default();
-        let vip = r.member.virtual_ip;
-        if let Some(other) = cluster
-            .sessions
-            .values()
-            .find(|s| s.member.name == r.member.name && s.member.virtual_ip != vip)
-        {
-            return Err(format!(
-                "name {:?} is registered with virtual address {} (this agent says {vip})",
-                r.member.name, other.member.virtual_ip
-            ));
-        }
+        let cluster = state.clusters.get_mut(&r.cluster).ok_or_else(|| {
+            (
+                ErrorCode::UnknownCluster,
+                format!(
+                    "this broker holds nothing for cluster {}: the master must publish to it \
+                     (`pvc master publish`)",
+                    r.cluster
+                ),
+            )
+        })?;
+        let (record, signed) = cluster
+            .admission(&r.host_key)
+            .map_err(|e| (ErrorCode::NotAdmitted, e))?
+            .clone();
+        let vip = record.virtual_ip;
         if let Some(old) = cluster.sessions.get(&vip) {
-            if old.member.name != r.member.name {
-                return Err(format!(
-                    "virtual address {vip} is registered by member {:?} (this agent is {:?})",
-                    old.member.name, r.member.name
-                ));
-            }
-            // The same member again (agent restart, broker reconnect): the
-            // newer session wins, the older one is told and closed.
+            // The same member again (agent restart, broker reconnect), or a
+            // newer admission of the address: the newer session wins.
             let _ = old.tx.try_send(BrokerMessage::Error {
                 code: ErrorCode::Replaced,
-                message: "a newer session of this member registered".into(),
+                message: "a newer session registered for this virtual address".into(),
             });
         }
+        let info = MemberInfo {
+            record: signed.clone(),
+            addresses: r.addresses.clone(),
+        };
+        let others = cluster
+            .sessions
+            .values()
+            .filter(|s| s.info.record.body != signed.body)
+            .map(|s| s.info.clone())
+            .collect();
         cluster.sessions.insert(
             vip,
             Session {
                 id,
-                member: r.member.clone(),
+                host_key: r.host_key,
+                info: info.clone(),
                 tx,
             },
         );
-        let mut slow = Vec::new();
-        let mut others = Vec::new();
-        for s in cluster.sessions.values().filter(|s| s.id != id) {
-            others.push(s.member.clone());
-            if s.tx
-                .try_send(BrokerMessage::Joined(r.member.clone()))
-                .is_err()
-            {
-                slow.push(s.member.virtual_ip);
-            }
+        cluster.broadcast(&BrokerMessage::Joined(info), Some(id));
+        Ok(Welcome {
+            you: signed,
+            you_vip: vip,
+            you_name: record.name,
+            revocations: cluster.revocations.as_ref().map(|(_, s)| s.clone()),
+            policy: cluster.policy.as_ref().map(|(_, s)| s.clone()),
+            others,
+        })
+    }
+
+    /// Forwards a payload to another member of the cluster. Returns the
+    /// answer for the sender when it cannot be delivered.
+    fn relay(
+        &self,
+        cluster: &ClusterId,
+        from: Ipv4Addr,
+        to: Ipv4Addr,
+        payload: Vec<u8>,
+    ) -> Option<BrokerMessage> {
+        if payload.len() > MAX_RELAY {
+            return Some(BrokerMessage::Undeliverable { to });
         }
-        drop_slow(cluster, slow);
-        Ok(others)
+        let mut state = self.state.lock().unwrap();
+        let target = state.clusters.get_mut(cluster)?.sessions.get(&to);
+        match target {
+            Some(s)
+                if s.tx
+                    .try_send(BrokerMessage::Relayed { from, payload })
+                    .is_ok() =>
+            {
+                None
+            }
+            _ => Some(BrokerMessage::Undeliverable { to }),
+        }
     }
 
     /// Removes a session if it is still the current one for its address.
-    fn leave(&self, cluster_name: &str, member: &Member, id: u64, clean: bool) -> bool {
+    fn leave(&self, cluster_id: &ClusterId, vip: Ipv4Addr, id: u64, clean: bool) -> bool {
         let mut state = self.state.lock().unwrap();
-        let Some(cluster) = state.clusters.get_mut(cluster_name) else {
+        let Some(cluster) = state.clusters.get_mut(cluster_id) else {
             return false;
         };
-        if cluster
-            .sessions
-            .get(&member.virtual_ip)
-            .is_none_or(|s| s.id != id)
-        {
+        if cluster.sessions.get(&vip).is_none_or(|s| s.id != id) {
             return false;
         }
-        cluster.sessions.remove(&member.virtual_ip);
-        let mut slow = Vec::new();
-        for s in cluster.sessions.values() {
-            let msg = BrokerMessage::Left {
-                name: member.name.clone(),
-                virtual_ip: member.virtual_ip,
+        cluster.sessions.remove(&vip);
+        cluster.broadcast(
+            &BrokerMessage::Left {
+                virtual_ip: vip,
                 clean,
+            },
+            None,
+        );
+        true
+    }
+
+    /// A master's session: publications, each answered, until it closes.
+    async fn master_session(
+        &self,
+        framed: &mut Framed<TcpStream, BrokerCodec>,
+        peer: SocketAddr,
+        first: Publication,
+    ) {
+        let mut next = Some(first);
+        while let Some(p) = next.take() {
+            match self.publish(p) {
+                Ok((cluster, records)) => {
+                    info!(%peer, %cluster, records, "master published");
+                    if framed
+                        .send(BrokerMessage::Published { records })
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                Err(message) => {
+                    refuse(framed, peer, ErrorCode::BadPublication, message).await;
+                    return;
+                }
+            }
+            next = match timeout(self.limits.register_timeout, framed.next()).await {
+                Ok(Some(Ok(AgentMessage::Publish(p)))) => Some(p),
+                Ok(Some(Ok(other))) => {
+                    let msg = format!("a master session only publishes, got {}", kind(&other));
+                    refuse(framed, peer, ErrorCode::NotRegistered, msg).await;
+                    None
+                }
+                Ok(Some(Err(e))) => {
+                    refuse(framed, peer, e.code(), e.to_string()).await;
+                    None
+                }
+                _ => None,
             };
-            if s.tx.try_send(msg).is_err() {
-                slow.push(s.member.virtual_ip);
+        }
+    }
+
+    /// Checks and stores a publication; pushes revocations and policy to the
+    /// cluster's members, and closes the sessions of revoked members.
+    fn publish(&self, p: Publication) -> Result<(ClusterId, u32), String> {
+        let id = ClusterId::of(&p.master_key);
+        let mut records = Vec::new();
+        for s in &p.records {
+            let r = s
+                .verify(&p.master_key)
+                .map_err(|e| format!("record: {e}"))?;
+            records.push((r, s.clone()));
+        }
+        let revocations = match &p.revocations {
+            Some(s) => Some((
+                s.verify(&p.master_key)
+                    .map_err(|e| format!("revocations: {e}"))?,
+                s.clone(),
+            )),
+            None => None,
+        };
+        let policy = match &p.policy {
+            Some(s) => Some((
+                s.verify(&p.master_key)
+                    .map_err(|e| format!("policy: {e}"))?,
+                s.clone(),
+            )),
+            None => None,
+        };
+
+        let mut state = self.state.lock().unwrap();
+        let cluster = state
+            .clusters
+            .entry(id)
+            .or_insert_with(|| Cluster::new(p.master_key));
+        for (r, s) in records {
+            let newer = cluster
+                .records
+                .get(&r.host_key)
+                .is_none_or(|(old, _)| r.serial >= old.serial);
+            if newer {
+                cluster.records.insert(r.host_key, (r, s));
             }
         }
-        drop_slow(cluster, slow);
-        if cluster.sessions.is_empty() {
-            state.clusters.remove(cluster_name);
+        if let Some((r, s)) = revocations
+            && cluster
+                .revocations
+                .as_ref()
+                .is_none_or(|(old, _)| r.version > old.version)
+        {
+            cluster.revocations = Some((r, s.clone()));
+            cluster.broadcast(&BrokerMessage::Revocations(s), None);
+            let revoked: Vec<Ipv4Addr> = cluster
+                .sessions
+                .iter()
+                .filter(|(_, sess)| cluster.admission(&sess.host_key).is_err())
+                .map(|(vip, _)| *vip)
+                .collect();
+            for vip in revoked {
+                if let Some(sess) = cluster.sessions.get(&vip) {
+                    let _ = sess.tx.try_send(BrokerMessage::Error {
+                        code: ErrorCode::NotAdmitted,
+                        message: "this member's record was revoked".into(),
+                    });
+                }
+            }
         }
-        true
+        if let Some((g, s)) = policy
+            && cluster
+                .policy
+                .as_ref()
+                .is_none_or(|(old, _)| g.version > old.version)
+        {
+            cluster.policy = Some((g, s.clone()));
+            cluster.broadcast(&BrokerMessage::Policy(s), None);
+        }
+        let count = cluster.records.len() as u32;
+        if let Some(store) = &self.store
+            && let Err(e) = store.save(&id, cluster)
+        {
+            warn!(%id, "cannot persist the publication: {e:#}");
+        }
+        Ok((id, count))
+    }
+}
+
+struct Welcome {
+    you: SignedRecord,
+    you_vip: Ipv4Addr,
+    you_name: String,
+    revocations: Option<SignedRevocations>,
+    policy: Option<SignedPolicy>,
+    others: Vec<MemberInfo>,
+}
+
+fn kind(m: &AgentMessage) -> &'static str {
+    match m {
+        AgentMessage::Register(_) => "Register",
+        AgentMessage::Ping { .. } => "Ping",
+        AgentMessage::Leave => "Leave",
+        AgentMessage::Relay { .. } => "Relay",
+        AgentMessage::Publish(_) => "Publish",
     }
 }
 
@@ -327,18 +576,17 @@ impl Broker {
 /// find more slow agents.
 fn drop_slow(cluster: &mut Cluster, mut slow: Vec<Ipv4Addr>) {
     while let Some(vip) = slow.pop() {
-        let Some(gone) = cluster.sessions.remove(&vip) else {
+        if cluster.sessions.remove(&vip).is_none() {
             continue;
+        }
+        warn!(virtual_ip = %vip, "agent does not keep up; closing its session");
+        let msg = BrokerMessage::Left {
+            virtual_ip: vip,
+            clean: false,
         };
-        warn!(name = gone.member.name, virtual_ip = %vip, "agent does not keep up; closing its session");
-        for s in cluster.sessions.values() {
-            let msg = BrokerMessage::Left {
-                name: gone.member.name.clone(),
-                virtual_ip: vip,
-                clean: false,
-            };
-            if s.tx.try_send(msg).is_err() {
-                slow.push(s.member.virtual_ip);
+        for (other, s) in &cluster.sessions {
+            if s.tx.try_send(msg.clone()).is_err() {
+                slow.push(*other);
             }
         }
     }

@@ -18,6 +18,10 @@ struct Args {
     /// Name this broker reports to agents (default: the listen address).
     #[arg(long)]
     name: Option<String>,
+    /// File where published records, revocations and policies are kept
+    /// across restarts (default: memory only).
+    #[arg(long)]
+    state: Option<std::path::PathBuf>,
 }
 
 #[tokio::main]
@@ -42,9 +46,12 @@ async fn run() -> anyhow::Result<()> {
             args.listen
         )
     })?;
-    let name = args.name.unwrap_or_else(|| args.listen.to_string());
+    let name = args.name.clone().unwrap_or_else(|| args.listen.to_string());
     info!(listen = %args.listen, name, "broker ready");
-    let broker = Broker::new(name, Limits::default());
+    let broker = match &args.state {
+        Some(path) => Broker::with_store(name, Limits::default(), path)?,
+        None => Broker::new(name, Limits::default()),
+    };
     tokio::select! {
         r = broker.serve(listener) => r.context("accepting agents failed")?,
         _ = shutdown() => info!("broker stopping"),

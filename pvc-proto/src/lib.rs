@@ -1,4 +1,4 @@
-//! PVC's wire protocol between agents and brokers.
+//! PVC's wire protocol between agents, brokers and the cluster's master.
 //!
 //! Every frame is `"PVC" | version: u8 | length: u32 (big endian) | body`,
 //! where the body is a postcard-encoded message. The fixed header lets either
@@ -7,6 +7,10 @@
 //!
 //! Decoding never panics: malformed, oversized or foreign frames are errors
 //! (fuzzed in `fuzz/`).
+//!
+//! Brokers are not trusted: what they relay about members is master-signed
+//! (`records`), and what agents say to each other through them is signed
+//! end to end (`handshake`).
 
 use std::{marker::PhantomData, net::Ipv4Addr};
 
@@ -14,54 +18,89 @@ use bytes::{Buf, BufMut, BytesMut};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use tokio_util::codec::{Decoder, Encoder};
 
+pub mod handshake;
+pub mod records;
 mod registration;
 
-pub use registration::{InvalidRegistration, valid_name};
+pub use records::{
+    ClusterId, GlobalPolicy, MembershipRecord, PolicyRule, PortRange, PublicKey, RecordError,
+    Revocations, Selector, Signed, SignedPolicy, SignedRecord, SignedRevocations, unix_now,
+};
+pub use registration::{InvalidRegistration, valid_name, valid_virtual_address};
 
 pub const MAGIC: [u8; 3] = *b"PVC";
 /// Bumped on any incompatible change of the messages below.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 pub const HEADER_LEN: usize = 8;
 /// Largest body either end accepts. Longer member lists are sent in several
 /// frames (`member_chunks`).
 pub const MAX_BODY: usize = 64 * 1024;
+/// Largest agent-to-agent payload a broker relays.
+pub const MAX_RELAY: usize = 4096;
 /// Default TCP port of a broker.
 pub const DEFAULT_BROKER_PORT: u16 = 7100;
 
-/// What an agent tells a broker.
+/// What an agent (or the master) tells a broker.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub enum AgentMessage {
-    /// First message of a session: who this agent is.
+    /// First message of an agent's session: who it is, signed with its host key.
     Register(Registration),
     /// Liveness; the broker answers `Pong` with the same nonce.
     Ping { nonce: u64 },
     /// The agent is stopping for good: members may forget it at once.
     Leave,
+    /// An opaque message for another member of the cluster (signed end to
+    /// end by its sender; see `handshake`).
+    Relay { to: Ipv4Addr, payload: Vec<u8> },
+    /// First and only message of a master's session: documents to store
+    /// and distribute. The broker answers `Published` or `Error`.
+    Publish(Publication),
 }
 
 /// What a broker tells an agent.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub enum BrokerMessage {
-    /// Registration accepted. `members` are the other members present now
-    /// (possibly continued by `Members` frames when `more` is set).
+    /// Registration accepted. `you` is this agent's own record, `members` the
+    /// other members present now (continued by `Members` frames while `more`).
     Welcome {
         broker: String,
-        members: Vec<Member>,
+        you: SignedRecord,
+        revocations: Option<SignedRevocations>,
+        policy: Option<SignedPolicy>,
+        members: Vec<MemberInfo>,
         more: bool,
     },
     /// Continuation of the member list of `Welcome`.
     Members {
-        members: Vec<Member>,
+        members: Vec<MemberInfo>,
         more: bool,
     },
     /// A member registered (or re-registered with new addresses).
-    Joined(Member),
+    Joined(MemberInfo),
     /// A member's session ended. `clean`: the member said `Leave`; otherwise
     /// the session was lost (crash, network trouble) and the member may be back.
     Left {
-        name: String,
         virtual_ip: Ipv4Addr,
         clean: bool,
+    },
+    /// A payload another member sent with `Relay`. `from` is what the broker
+    /// says; only the payload's own signatures can be believed.
+    Relayed {
+        from: Ipv4Addr,
+        payload: Vec<u8>,
+    },
+    /// A `Relay` could not be delivered: `to` is not connected here (or the
+    /// payload was too large).
+    Undeliverable {
+        to: Ipv4Addr,
+    },
+    /// The master published a new revocation list.
+    Revocations(SignedRevocations),
+    /// The master published a new global policy.
+    Policy(SignedPolicy),
+    /// Answer to `Publish`: how many records the broker now holds for the cluster.
+    Published {
+        records: u32,
     },
     Pong {
         nonce: u64,
@@ -73,21 +112,36 @@ pub enum BrokerMessage {
     },
 }
 
-/// A member of the cluster as the broker knows it.
+/// A member as a broker presents it: the master's record, and the real
+/// addresses the member registered with (a hint: the handshake decides).
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
-pub struct Member {
-    pub name: String,
-    pub virtual_ip: Ipv4Addr,
-    /// Real IPv4 addresses the member can be reached at, preferred first.
+pub struct MemberInfo {
+    pub record: SignedRecord,
     pub addresses: Vec<Ipv4Addr>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct Registration {
-    pub cluster: String,
-    pub member: Member,
+    pub cluster: ClusterId,
+    pub host_key: PublicKey,
+    /// Real IPv4 addresses the member can be reached at, preferred first.
+    pub addresses: Vec<Ipv4Addr>,
     /// Free text for logs, e.g. "pvc-agent 0.1.0".
     pub software: String,
+    /// Seconds since the Unix epoch; the broker accepts a few minutes of skew.
+    pub timestamp: u64,
+    /// The host key's signature over the fields above (`Registration::signed_part`).
+    pub proof: Vec<u8>,
+}
+
+/// Documents a master publishes. The broker checks every signature against
+/// `master_key` and that the cluster is the one `master_key` names.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Publication {
+    pub master_key: PublicKey,
+    pub records: Vec<SignedRecord>,
+    pub revocations: Option<SignedRevocations>,
+    pub policy: Option<SignedPolicy>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,17 +149,23 @@ pub enum ErrorCode {
     MalformedFrame,
     UnsupportedVersion,
     FrameTooLarge,
-    /// The first message was not `Register`, or `Register` came twice.
+    /// The first message was not `Register`/`Publish`, or came twice.
     NotRegistered,
     InvalidRegistration,
-    /// The virtual address or name belongs to another live member.
-    Conflict,
+    /// No valid (admitted, unexpired, unrevoked) record for this host key.
+    NotAdmitted,
+    /// The broker holds nothing for this cluster: the master must publish.
+    UnknownCluster,
+    /// A publication whose signatures or cluster do not check.
+    BadPublication,
     /// A newer session of the same member replaced this one.
     Replaced,
     /// Nothing received for too long.
     Timeout,
     /// The agent does not read fast enough.
     TooSlow,
+    /// A relay to a member that is not connected, or too large.
+    CannotRelay,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -213,15 +273,22 @@ impl<In, Out: Serialize> Encoder<Out> for Codec<In, Out> {
     }
 }
 
-/// Splits a member list into chunks that each fit in a frame.
-pub fn member_chunks(members: &[Member]) -> Vec<Vec<Member>> {
-    // A valid member encodes to at most 1 + 63 + 4 + 1 + 16 * 4 = 133 bytes
-    // (see `Member::validate`): 400 take 53 KiB, under `MAX_BODY`.
-    const PER_FRAME: usize = 400;
-    if members.is_empty() {
-        return vec![Vec::new()];
+/// Splits a member list into chunks that each fit in a frame (with room
+/// for the rest of a `Welcome`).
+pub fn member_chunks(members: &[MemberInfo]) -> Vec<Vec<MemberInfo>> {
+    const BUDGET: usize = MAX_BODY / 2;
+    let mut chunks = vec![Vec::new()];
+    let mut size = 0;
+    for m in members {
+        let n = postcard::experimental::serialized_size(m).unwrap_or(MAX_BODY);
+        if size + n > BUDGET && !chunks.last().unwrap().is_empty() {
+            chunks.push(Vec::new());
+            size = 0;
+        }
+        size += n;
+        chunks.last_mut().unwrap().push(m.clone());
     }
-    members.chunks(PER_FRAME).map(<[Member]>::to_vec).collect()
+    chunks
 }
 
 #[cfg(test)]

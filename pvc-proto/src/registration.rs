@@ -1,26 +1,25 @@
-//! The rules a registration must follow, shared by the agent (to reject a bad
-//! config before it reaches a broker) and the broker (to reject bad input).
+//! Registration with a broker: its rules, shared by the agent (to reject a
+//! bad setup before it reaches a broker) and the broker (to reject bad
+//! input), and the host key's proof that the agent holds the key it claims.
 
 use std::net::Ipv4Addr;
 
-use crate::{Member, Registration};
+use ring::signature::Ed25519KeyPair;
+
+use crate::{
+    ClusterId, PublicKey, Registration,
+    records::{sign, unix_now},
+};
 
 pub const MAX_NAME: usize = 63;
 pub const MAX_ADDRESSES: usize = 16;
 pub const MAX_SOFTWARE: usize = 64;
+/// How far a registration's timestamp may be from the broker's clock.
+pub const MAX_SKEW_SECS: u64 = 300;
+const PROOF_DOMAIN: &[u8] = b"pvc-registration-v1\0";
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum InvalidRegistration {
-    #[error(
-        "{what} {value:?} is not a valid name: use 1 to 63 characters among a-z, 0-9 and '-', \
-         not starting or ending with '-'"
-    )]
-    Name { what: &'static str, value: String },
-    #[error(
-        "virtual address {0} is outside 240.0.0.0/4 or reserved (240.0.0.0 and \
-         255.255.255.255 are not assignable)"
-    )]
-    VirtualAddress(Ipv4Addr),
     #[error("no real address to advertise: a member must be reachable somewhere")]
     NoAddress,
     #[error("too many real addresses ({0}, at most {MAX_ADDRESSES})")]
@@ -32,9 +31,13 @@ pub enum InvalidRegistration {
     RealAddress(Ipv4Addr),
     #[error("software string longer than {MAX_SOFTWARE} bytes")]
     Software,
+    #[error("the registration is not signed by the host key it names")]
+    BadProof,
+    #[error("the registration's clock is {0} s away from the broker's (check NTP)")]
+    Clock(u64),
 }
 
-/// A DNS label: the member's name is also its host name in the virtual zone.
+/// A DNS label: a member's name is also its host name in the virtual zone.
 pub fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= MAX_NAME
@@ -57,41 +60,66 @@ fn valid_real_address(a: Ipv4Addr) -> bool {
         || a.is_unspecified())
 }
 
-impl Member {
-    pub fn validate(&self) -> Result<(), InvalidRegistration> {
-        if !valid_name(&self.name) {
-            return Err(InvalidRegistration::Name {
-                what: "member name",
-                value: self.name.clone(),
-            });
-        }
-        if !valid_virtual_address(self.virtual_ip) {
-            return Err(InvalidRegistration::VirtualAddress(self.virtual_ip));
-        }
-        if self.addresses.is_empty() {
-            return Err(InvalidRegistration::NoAddress);
-        }
-        if self.addresses.len() > MAX_ADDRESSES {
-            return Err(InvalidRegistration::TooManyAddresses(self.addresses.len()));
-        }
-        if let Some(a) = self.addresses.iter().find(|a| !valid_real_address(**a)) {
-            return Err(InvalidRegistration::RealAddress(*a));
-        }
-        Ok(())
+/// Checks a list of real addresses a member advertises.
+pub fn validate_addresses(addresses: &[Ipv4Addr]) -> Result<(), InvalidRegistration> {
+    if addresses.is_empty() {
+        return Err(InvalidRegistration::NoAddress);
     }
+    if addresses.len() > MAX_ADDRESSES {
+        return Err(InvalidRegistration::TooManyAddresses(addresses.len()));
+    }
+    if let Some(a) = addresses.iter().find(|a| !valid_real_address(**a)) {
+        return Err(InvalidRegistration::RealAddress(*a));
+    }
+    Ok(())
 }
 
 impl Registration {
-    pub fn validate(&self) -> Result<(), InvalidRegistration> {
-        if !valid_name(&self.cluster) {
-            return Err(InvalidRegistration::Name {
-                what: "cluster name",
-                value: self.cluster.clone(),
-            });
-        }
+    /// A registration signed with the host key, stamped now.
+    pub fn new(
+        cluster: ClusterId,
+        host: &Ed25519KeyPair,
+        addresses: Vec<Ipv4Addr>,
+        software: String,
+    ) -> Self {
+        let mut r = Registration {
+            cluster,
+            host_key: PublicKey::of(host),
+            addresses,
+            software,
+            timestamp: unix_now(),
+            proof: Vec::new(),
+        };
+        r.proof = sign(host, PROOF_DOMAIN, &r.signed_part());
+        r
+    }
+
+    fn signed_part(&self) -> Vec<u8> {
+        postcard::to_stdvec(&(
+            &self.cluster,
+            &self.host_key,
+            &self.addresses,
+            &self.software,
+            self.timestamp,
+        ))
+        .expect("registration encodes")
+    }
+
+    pub fn validate(&self, now: u64) -> Result<(), InvalidRegistration> {
+        validate_addresses(&self.addresses)?;
         if self.software.len() > MAX_SOFTWARE {
             return Err(InvalidRegistration::Software);
         }
-        self.member.validate()
+        if !self
+            .host_key
+            .verify(PROOF_DOMAIN, &self.signed_part(), &self.proof)
+        {
+            return Err(InvalidRegistration::BadProof);
+        }
+        let skew = now.abs_diff(self.timestamp);
+        if skew > MAX_SKEW_SECS {
+            return Err(InvalidRegistration::Clock(skew));
+        }
+        Ok(())
     }
 }

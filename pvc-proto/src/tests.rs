@@ -1,21 +1,37 @@
 use bytes::BytesMut;
 use proptest::prelude::*;
+use ring::{rand::SystemRandom, signature::Ed25519KeyPair};
 
 use super::*;
 
-fn member(name: &str, last: u8) -> Member {
-    Member {
-        name: name.into(),
-        virtual_ip: Ipv4Addr::new(240, 0, 0, last),
-        addresses: vec![Ipv4Addr::new(198, 18, 0, last)],
-    }
+fn keypair() -> Ed25519KeyPair {
+    let doc = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).unwrap();
+    Ed25519KeyPair::from_pkcs8(doc.as_ref()).unwrap()
 }
 
 fn registration() -> Registration {
-    Registration {
-        cluster: "lab".into(),
-        member: member("alpha", 1),
-        software: "pvc-agent test".into(),
+    Registration::new(
+        ClusterId([3; 16]),
+        &keypair(),
+        vec![Ipv4Addr::new(198, 18, 0, 1)],
+        "pvc-agent test".into(),
+    )
+}
+
+fn member_info(master: &Ed25519KeyPair, i: u32) -> MemberInfo {
+    let record = MembershipRecord {
+        cluster: ClusterId::of(&PublicKey::of(master)),
+        serial: i as u64,
+        name: format!("{:a>63}", i),
+        virtual_ip: Ipv4Addr::from(0xf000_0000 + i),
+        host_key: PublicKey([i as u8; 32]),
+        groups: vec!["g".repeat(63); 4],
+        not_before: 0,
+        not_after: u64::MAX,
+    };
+    MemberInfo {
+        record: SignedRecord::sign(&record, master),
+        addresses: vec![Ipv4Addr::new(198, 18, 0, 1); 16],
     }
 }
 
@@ -75,7 +91,7 @@ fn another_version_is_named_in_the_error() {
 #[test]
 fn an_oversized_frame_is_refused_from_its_header() {
     let mut buf = BytesMut::new();
-    buf.extend_from_slice(b"PVC\x01");
+    buf.extend_from_slice(&[b'P', b'V', b'C', VERSION]);
     buf.extend_from_slice(&((MAX_BODY as u32) + 1).to_be_bytes());
     let err = BrokerCodec::default().decode(&mut buf).unwrap_err();
     assert!(matches!(err, FrameError::TooLarge { .. }), "{err}");
@@ -94,15 +110,11 @@ fn trailing_bytes_in_a_body_are_malformed() {
 
 #[test]
 fn member_lists_are_chunked_to_fit_frames() {
-    let members: Vec<Member> = (0..1200)
-        .map(|i| Member {
-            name: format!("{:a>63}", i),
-            virtual_ip: Ipv4Addr::new(240, 1, (i / 256) as u8, (i % 256) as u8),
-            addresses: vec![Ipv4Addr::new(198, 18, 0, 1); 16],
-        })
-        .collect();
+    let master = keypair();
+    let members: Vec<MemberInfo> = (0..700).map(|i| member_info(&master, i)).collect();
     let chunks = member_chunks(&members);
-    assert_eq!(chunks.iter().map(Vec::len).sum::<usize>(), 1200);
+    assert!(chunks.len() > 1);
+    assert_eq!(chunks.iter().map(Vec::len).sum::<usize>(), 700);
     for chunk in chunks {
         let mut buf = BytesMut::new();
         BrokerCodec::default()
@@ -115,50 +127,67 @@ fn member_lists_are_chunked_to_fit_frames() {
             )
             .expect("a chunk fits in one frame");
     }
-    assert_eq!(member_chunks(&[]), vec![Vec::<Member>::new()]);
+    assert_eq!(member_chunks(&[]), vec![Vec::<MemberInfo>::new()]);
 }
 
 #[test]
-fn registration_rules() {
-    assert!(registration().validate().is_ok());
-    let mut r = registration();
-    r.member.name = "Alpha".into();
+fn registrations_prove_the_host_key() {
+    let now = unix_now();
+    let r = registration();
+    assert_eq!(r.validate(now), Ok(()));
+    // Another key cannot claim this one's registration.
+    let mut stolen = r.clone();
+    stolen.host_key = PublicKey::of(&keypair());
+    assert_eq!(stolen.validate(now), Err(InvalidRegistration::BadProof));
+    // Nor can the addresses be changed in transit.
+    let mut moved = r.clone();
+    moved.addresses = vec![Ipv4Addr::new(198, 18, 9, 9)];
+    assert_eq!(moved.validate(now), Err(InvalidRegistration::BadProof));
+    // An old registration does not replay.
     assert!(matches!(
-        r.validate(),
-        Err(InvalidRegistration::Name { .. })
+        r.validate(now + 3600),
+        Err(InvalidRegistration::Clock(_))
     ));
-    let mut r = registration();
-    r.cluster = "-lab".into();
+    let key = keypair();
+    let none = Registration::new(ClusterId([3; 16]), &key, vec![], String::new());
+    assert_eq!(none.validate(now), Err(InvalidRegistration::NoAddress));
+    let virt = Registration::new(
+        ClusterId([3; 16]),
+        &key,
+        vec![Ipv4Addr::new(240, 0, 0, 9)],
+        String::new(),
+    );
     assert!(matches!(
-        r.validate(),
-        Err(InvalidRegistration::Name { .. })
-    ));
-    let mut r = registration();
-    r.member.virtual_ip = Ipv4Addr::new(10, 0, 0, 1);
-    assert!(matches!(
-        r.validate(),
-        Err(InvalidRegistration::VirtualAddress(_))
-    ));
-    let mut r = registration();
-    r.member.virtual_ip = Ipv4Addr::new(240, 0, 0, 0);
-    assert!(matches!(
-        r.validate(),
-        Err(InvalidRegistration::VirtualAddress(_))
-    ));
-    let mut r = registration();
-    r.member.addresses = vec![];
-    assert_eq!(r.validate(), Err(InvalidRegistration::NoAddress));
-    let mut r = registration();
-    r.member.addresses = vec![Ipv4Addr::new(240, 0, 0, 9)];
-    assert!(matches!(
-        r.validate(),
+        virt.validate(now),
         Err(InvalidRegistration::RealAddress(_))
     ));
-    let mut r = registration();
-    r.member.addresses = vec![Ipv4Addr::new(198, 18, 0, 1); 17];
-    assert_eq!(r.validate(), Err(InvalidRegistration::TooManyAddresses(17)));
+    let many = Registration::new(
+        ClusterId([3; 16]),
+        &key,
+        vec![Ipv4Addr::new(198, 18, 0, 1); 17],
+        String::new(),
+    );
+    assert_eq!(
+        many.validate(now),
+        Err(InvalidRegistration::TooManyAddresses(17))
+    );
     assert!(valid_name("a-1"));
     assert!(!valid_name(&"a".repeat(64)));
+    assert!(!valid_name("Alpha"));
+}
+
+#[test]
+fn handshake_payloads_round_trip_and_reject_trailing_bytes() {
+    use crate::handshake::{Confirm, Handshake};
+    let h = Handshake::Confirm(Confirm {
+        id: [1; 16],
+        signature: vec![2; 64],
+    });
+    let mut bytes = h.encode();
+    assert_eq!(Handshake::decode(&bytes), Some(h));
+    bytes.push(0);
+    assert_eq!(Handshake::decode(&bytes), None);
+    assert_eq!(Handshake::decode(&[0xff; 3]), None);
 }
 
 proptest! {
@@ -178,7 +207,7 @@ proptest! {
     #[test]
     fn arbitrary_bodies_never_panic(body in proptest::collection::vec(any::<u8>(), 0..512)) {
         let mut buf = BytesMut::new();
-        buf.extend_from_slice(b"PVC\x01");
+        buf.extend_from_slice(&[b'P', b'V', b'C', VERSION]);
         buf.extend_from_slice(&(body.len() as u32).to_be_bytes());
         buf.extend_from_slice(&body);
         let _ = BrokerCodec::default().decode(&mut buf.clone());
