@@ -8,8 +8,10 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use pvc_proto::{DEFAULT_BROKER_PORT, valid_name};
-use serde::Deserialize;
+use pvc_proto::{DEFAULT_BROKER_PORT, PublicKey, valid_name, valid_virtual_address};
+use serde::{Deserialize, Deserializer};
+
+use crate::security::policy::LocalPolicyConfig;
 
 pub const DEFAULT_PATH: &str = "/etc/pvc/agent.toml";
 
@@ -20,10 +22,16 @@ pub struct Config {
     /// `/sys/fs/bpf/pvc/<instance>/`, control socket `<run_dir>/<instance>.sock`.
     #[serde(default = "default_instance")]
     pub instance: String,
-    pub cluster: String,
-    /// This member's name (a DNS label).
+    /// The cluster master's public key (`pvc master init` prints it). It
+    /// names the cluster and is the only key whose signatures admit members.
+    #[serde(deserialize_with = "public_key")]
+    pub master_key: PublicKey,
+    /// This host's private key; created on first start (mode 0600).
+    #[serde(default = "default_key_file")]
+    pub key_file: PathBuf,
+    /// This member's name (a DNS label), as the master admitted it.
     pub name: String,
-    /// This member's virtual address, in 240.0.0.0/4.
+    /// This member's virtual address, as the master admitted it.
     pub virtual_ip: Ipv4Addr,
     /// Brokers as "host" or "host:port", tried in order.
     pub brokers: Vec<String>,
@@ -33,8 +41,49 @@ pub struct Config {
     pub interposition: Interposition,
     #[serde(default)]
     pub flows: Flows,
+    #[serde(default)]
+    pub policy: LocalPolicyConfig,
+    #[serde(default)]
+    pub security: Security,
     #[serde(default = "default_run_dir")]
     pub run_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Security {
+    /// An authenticated path is proven again after this many seconds (and
+    /// whenever a record or path changes).
+    #[serde(default = "default_session_lifetime")]
+    pub session_lifetime_secs: u64,
+    /// How long an exchange with a peer may take before the flows waiting
+    /// for it are refused.
+    #[serde(default = "default_handshake_timeout")]
+    pub handshake_timeout_ms: u64,
+}
+
+impl Default for Security {
+    fn default() -> Self {
+        Self {
+            session_lifetime_secs: default_session_lifetime(),
+            handshake_timeout_ms: default_handshake_timeout(),
+        }
+    }
+}
+
+fn default_session_lifetime() -> u64 {
+    3600
+}
+fn default_handshake_timeout() -> u64 {
+    5000
+}
+fn default_key_file() -> PathBuf {
+    "/var/lib/pvc/host.key".into()
+}
+
+fn public_key<'de, D: Deserializer<'de>>(d: D) -> Result<PublicKey, D::Error> {
+    let s = String::deserialize(d)?;
+    s.parse().map_err(serde::de::Error::custom)
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -128,18 +177,22 @@ impl Config {
                 self.instance
             );
         }
-        let member = pvc_proto::Member {
-            name: self.name.clone(),
-            virtual_ip: self.virtual_ip,
-            // Addresses are checked once known (they may come from the uplink).
-            addresses: vec![Ipv4Addr::new(198, 18, 0, 1)],
-        };
-        member.validate()?;
-        if !valid_name(&self.cluster) {
+        if !valid_name(&self.name) {
             bail!(
-                "cluster {:?}: use a-z, 0-9 and '-', at most 63 characters",
-                self.cluster
+                "name {:?} is not a valid name: use a-z, 0-9 and '-', at most 63 characters",
+                self.name
             );
+        }
+        if !valid_virtual_address(self.virtual_ip) {
+            bail!(
+                "virtual address {} is outside 240.0.0.0/4 or reserved (240.0.0.0 and \
+                 255.255.255.255 are not assignable)",
+                self.virtual_ip
+            );
+        }
+        self.policy.parse()?;
+        if self.security.session_lifetime_secs < 10 {
+            bail!("security.session_lifetime_secs must be at least 10");
         }
         if self.brokers.is_empty() {
             bail!(
@@ -192,7 +245,7 @@ mod tests {
     use super::*;
 
     const MINIMAL: &str = r#"
-cluster = "lab"
+master_key = "fXNndFJ9Kwcl0+3BqHlDK1v5RVrxGzDFLXzp9xPCKYk="
 name = "alpha"
 virtual_ip = "240.0.0.1"
 brokers = ["198.18.0.254"]
@@ -224,6 +277,10 @@ uplink = "eth0"
         let c: Config = toml::from_str(&bad).unwrap();
         let err = format!("{:#}", c.validate().unwrap_err());
         assert!(err.contains("10.0.0.1"), "{err}");
+
+        let bad_key = MINIMAL.replace("fXNnd", "!!");
+        let err = toml::from_str::<Config>(&bad_key).unwrap_err().to_string();
+        assert!(err.contains("base64"), "{err}");
 
         let typo = MINIMAL.replace("uplink", "uplnk");
         let err = toml::from_str::<Config>(&typo).unwrap_err().to_string();

@@ -28,7 +28,9 @@ pub enum Request {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Status {
     pub instance: String,
+    /// The cluster id (derived from the master key).
     pub cluster: String,
+    pub host_key: String,
     pub name: String,
     pub virtual_ip: Ipv4Addr,
     pub uplink: String,
@@ -36,6 +38,10 @@ pub struct Status {
     pub advertised: Vec<Ipv4Addr>,
     /// The broker this agent is registered with, if any.
     pub broker: Option<String>,
+    /// Whether a broker handed over this host's record and it verified.
+    pub admitted: bool,
+    pub revocations_version: u64,
+    pub policy_version: u64,
     pub peers: Vec<PeerStatus>,
     pub flows: Vec<FlowEntry>,
     /// Flows opened since the agent started, by technique.
@@ -51,8 +57,12 @@ pub struct PeerStatus {
     pub name: String,
     pub virtual_ip: Ipv4Addr,
     pub addresses: Vec<Ipv4Addr>,
-    /// The real address flows are masqueraded to, and how.
+    pub groups: Vec<String>,
+    /// Whether the path was authenticated (challenge-response done).
+    pub authenticated: bool,
+    /// The real address flows are masqueraded to, and how (once authenticated).
     pub path: Option<(Ipv4Addr, String)>,
+    pub session_age_secs: Option<u64>,
 }
 
 pub type Query = (Request, oneshot::Sender<Status>);

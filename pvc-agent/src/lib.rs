@@ -1,12 +1,14 @@
 //! PVC's peer daemon, as modules named after the paper's peer (Fig. 2):
 //! the coordinator runs the workflow through interposition (eBPF),
-//! virtualization (addresses, routes) and connectivity (techniques).
+//! virtualization (addresses, routes), security (keys, membership,
+//! challenge-response, policy) and connectivity (techniques).
 
 pub mod config;
 pub mod connectivity;
 pub mod control;
 pub mod coordinator;
 pub mod interposition;
+pub mod security;
 pub mod virtualization;
 
 /// Logs go to stderr; `PVC_LOG` takes a tracing filter (default `info`).

@@ -125,16 +125,28 @@ impl Technique {
     }
 }
 
-/// Value of the peer map (key: the peer's virtual address, `[u8; 4]`): how
-/// this host reaches the member. Flows to a virtual address are masqueraded
-/// only while its entry exists.
+/// `PeerPath::state`: a verified member (master-signed record) with no
+/// authenticated path yet. connect() is allowed; its SYN is held and handed
+/// to the agent, which authenticates the peer first.
+pub const PEER_MEMBER: u8 = 1;
+/// Both agents proved their identities for this path (challenge-response);
+/// flows are masqueraded by the kernel alone.
+pub const PEER_READY: u8 = 2;
+
+/// Value of the peer map (key: the peer's virtual address, `[u8; 4]`): what
+/// this host knows of the member and how it reaches it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct PeerPath {
-    /// The peer's real address on the wire.
+    /// The peer's real address on the wire (from the authenticated exchange).
     pub real: [u8; 4],
     pub technique: u8,
-    pub _pad: [u8; 3],
+    /// `PEER_MEMBER` or `PEER_READY`.
+    pub state: u8,
+    pub _pad: [u8; 2],
+    /// SipHash-2-4 key for the tags of SYNs between the two, derived by the
+    /// exchange (zero until `PEER_READY`).
+    pub tag_key: [u8; 16],
 }
 
 /// Single entry of the settings array: who this host is.
@@ -146,8 +158,31 @@ pub struct Settings {
     /// This host's real address on the uplink (source of masqueraded packets).
     pub real_addr: [u8; 4],
     /// 1 once the agent has filled the entry; programs pass everything before.
-    pub ready: u32,
+    pub ready: u8,
+    /// 1 when a policy restricts outbound flows (else every member is allowed).
+    pub policy_out: u8,
+    /// 1 when a policy restricts inbound flows.
+    pub policy_in: u8,
+    pub _pad: u8,
 }
+
+pub const POLICY_OUTBOUND: u8 = 0;
+pub const POLICY_INBOUND: u8 = 1;
+
+/// Key data of the policy LPM trie: an allowed (direction, member, port
+/// prefix). Bytes are in matching order, most significant first.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct PolicyKey {
+    pub direction: u8,
+    pub peer: [u8; 4],
+    /// Big endian, so that a port range is a set of prefixes.
+    pub port: [u8; 2],
+    pub _pad: u8,
+}
+
+/// Prefix length of a full (direction, member, port) key.
+pub const POLICY_FULL_PREFIX: u32 = 8 + 32 + 16;
 
 /// Indexes of the per-CPU drop/refusal counters. Every packet the data path
 /// drops and every connect() it refuses is counted under exactly one reason.
@@ -164,13 +199,15 @@ pub enum DropReason {
     VirtualSourceToRealDestination = 3,
     /// A packet with a virtual source that is not this host's virtual address.
     ForeignVirtualSource = 4,
-    /// The real path to the peer has no route.
-    NoRoute = 5,
+    /// A SYN held until the path to its member is authenticated: copied to
+    /// the agent, which re-sends it once the path exists.
+    AwaitingPath = 5,
     /// A SYN whose TCP options leave no room for the PVC flow tag.
     SynOptionsFull = 6,
     /// Truncated or malformed headers on a virtual flow.
     Malformed = 7,
-    /// A tagged SYN from a real address that does not belong to the member it names.
+    /// A tagged SYN naming a member that has no authenticated path from
+    /// this real address.
     TagMismatch = 8,
     /// An IP fragment of a virtual flow (cannot be masqueraded without its L4 header).
     Fragment = 9,
@@ -183,9 +220,16 @@ pub enum DropReason {
     /// A SYN carrying data (TCP Fast Open) on a virtual flow; the client's
     /// stack retransmits a plain SYN.
     SynWithPayload = 13,
+    /// A tagged SYN whose MAC does not verify: forged, altered or from an
+    /// old session.
+    BadTag = 14,
+    /// An outbound flow the policy does not allow (connect() fails with EPERM).
+    PolicyOutbound = 15,
+    /// An inbound flow the policy does not allow (its SYN is dropped).
+    PolicyInbound = 16,
 }
 
-pub const DROP_REASON_COUNT: u32 = 14;
+pub const DROP_REASON_COUNT: u32 = 17;
 
 impl DropReason {
     pub const ALL: [DropReason; DROP_REASON_COUNT as usize] = [
@@ -194,7 +238,7 @@ impl DropReason {
         Self::VirtualAddressOnWire,
         Self::VirtualSourceToRealDestination,
         Self::ForeignVirtualSource,
-        Self::NoRoute,
+        Self::AwaitingPath,
         Self::SynOptionsFull,
         Self::Malformed,
         Self::TagMismatch,
@@ -203,6 +247,9 @@ impl DropReason {
         Self::FlowTableFull,
         Self::ConnectNoMember,
         Self::SynWithPayload,
+        Self::BadTag,
+        Self::PolicyOutbound,
+        Self::PolicyInbound,
     ];
 
     /// Stable name used in logs, metrics labels and the CLI.
@@ -213,7 +260,7 @@ impl DropReason {
             Self::VirtualAddressOnWire => "virtual_address_on_wire",
             Self::VirtualSourceToRealDestination => "virtual_source_to_real_destination",
             Self::ForeignVirtualSource => "foreign_virtual_source",
-            Self::NoRoute => "no_route",
+            Self::AwaitingPath => "awaiting_path",
             Self::SynOptionsFull => "syn_options_full",
             Self::Malformed => "malformed",
             Self::TagMismatch => "tag_mismatch",
@@ -222,6 +269,9 @@ impl DropReason {
             Self::FlowTableFull => "flow_table_full",
             Self::ConnectNoMember => "connect_no_member",
             Self::SynWithPayload => "syn_with_payload",
+            Self::BadTag => "bad_tag",
+            Self::PolicyOutbound => "policy_outbound",
+            Self::PolicyInbound => "policy_inbound",
         }
     }
 }
@@ -234,16 +284,110 @@ pub const COUNTER_INGRESS_BYTES: u32 = 3;
 pub const COUNTER_COUNT: u32 = 4;
 
 /// The TCP option that marks the SYN of a PVC flow on the wire (RFC 6994
-/// shared experimental option, kind 253, with our experiment identifier),
-/// carrying the sender's virtual address. Without it the receiver could not
-/// tell a virtual flow from a real connection between the same two hosts.
+/// shared experimental option, kind 253, with our experiment identifier):
+/// the sender's virtual address, then a MAC. Without it the receiver could
+/// not tell a virtual flow from a real connection between the same two hosts.
+///
+/// The MAC is SipHash-2-4, keyed with the pair's `tag_key`, over the SYN's
+/// real source and destination addresses, ports and sequence number
+/// (`tag_message`): only an authenticated peer can open flows, even from a
+/// real address it shares with others.
 pub const TAG_KIND: u8 = 253;
-pub const TAG_LEN: u8 = 8;
+pub const TAG_LEN: u8 = 16;
 pub const TAG_EXID: [u8; 2] = *b"PV";
+
+/// The 16 bytes a SYN tag's MAC covers.
+#[inline(always)]
+pub fn tag_message(
+    saddr: [u8; 4],
+    daddr: [u8; 4],
+    sport: u16,
+    dport: u16,
+    seq: [u8; 4],
+) -> [u8; 16] {
+    let s = sport.to_be_bytes();
+    let d = dport.to_be_bytes();
+    [
+        saddr[0], saddr[1], saddr[2], saddr[3], daddr[0], daddr[1], daddr[2], daddr[3], s[0], s[1],
+        d[0], d[1], seq[0], seq[1], seq[2], seq[3],
+    ]
+}
+
+/// SipHash-2-4 of a 16-byte message (the kernel's and the agent's tests'
+/// shared implementation; no allocation, no loops the verifier dislikes).
+#[inline(always)]
+pub fn siphash24_16(key: &[u8; 16], msg: &[u8; 16]) -> u64 {
+    #[inline(always)]
+    fn le(b: &[u8], i: usize) -> u64 {
+        u64::from_le_bytes([
+            b[i],
+            b[i + 1],
+            b[i + 2],
+            b[i + 3],
+            b[i + 4],
+            b[i + 5],
+            b[i + 6],
+            b[i + 7],
+        ])
+    }
+    #[inline(always)]
+    fn round(v: &mut [u64; 4]) {
+        v[0] = v[0].wrapping_add(v[1]);
+        v[1] = v[1].rotate_left(13) ^ v[0];
+        v[0] = v[0].rotate_left(32);
+        v[2] = v[2].wrapping_add(v[3]);
+        v[3] = v[3].rotate_left(16) ^ v[2];
+        v[0] = v[0].wrapping_add(v[3]);
+        v[3] = v[3].rotate_left(21) ^ v[0];
+        v[2] = v[2].wrapping_add(v[1]);
+        v[1] = v[1].rotate_left(17) ^ v[2];
+        v[2] = v[2].rotate_left(32);
+    }
+    let (k0, k1) = (le(key, 0), le(key, 8));
+    let mut v = [
+        k0 ^ 0x736f6d6570736575,
+        k1 ^ 0x646f72616e646f6d,
+        k0 ^ 0x6c7967656e657261,
+        k1 ^ 0x7465646279746573,
+    ];
+    for m in [le(msg, 0), le(msg, 8), 16u64 << 56] {
+        v[3] ^= m;
+        round(&mut v);
+        round(&mut v);
+        v[0] ^= m;
+    }
+    v[2] ^= 0xff;
+    round(&mut v);
+    round(&mut v);
+    round(&mut v);
+    round(&mut v);
+    v[0] ^ v[1] ^ v[2] ^ v[3]
+}
 
 /// Event kinds sent to the agent through the ring buffer.
 pub const EVENT_FLOW_CREATED: u8 = 1;
+/// A connect() refused by the cgroup hook (no member, or policy).
 pub const EVENT_CONNECT_REFUSED: u8 = 2;
+/// An inbound SYN refused by tc ingress (policy, bad or unknown tag).
+pub const EVENT_INBOUND_REFUSED: u8 = 3;
+/// A SYN held for the agent (`SynEvent`).
+pub const EVENT_SYN_HELD: u8 = 4;
+
+/// Bytes of a held SYN the agent gets: its IPv4 and TCP headers.
+pub const HELD_SYN_BYTES: usize = 120;
+
+/// A SYN to a member without an authenticated path, as the local stack sent
+/// it (virtual addresses). The agent authenticates the peer and re-sends it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SynEvent {
+    pub kind: u8,
+    pub _pad: u8,
+    /// Bytes of `packet` that hold the SYN (from its IPv4 header on).
+    pub len: u16,
+    pub daddr: [u8; 4],
+    pub packet: [u8; HELD_SYN_BYTES],
+}
 
 /// A control-plane event (one per new flow or refusal, never per packet).
 #[repr(C)]
@@ -256,13 +400,16 @@ pub struct Event {
     pub technique: u8,
     /// `DropReason` for refusals.
     pub reason: u32,
-    /// Virtual tuple (local side first for outbound flows, remote first for inbound).
+    /// Virtual tuple (local side first for outbound flows and connect()
+    /// refusals; for inbound refusals the remote member first).
     pub saddr: [u8; 4],
     pub daddr: [u8; 4],
     pub sport: u16,
     pub dport: u16,
-    /// Process that called connect() (refusals only; 0 otherwise).
+    /// Process that called connect() (connect() refusals only; 0 otherwise).
     pub pid: u32,
+    /// For inbound refusals: the real address the SYN came from.
+    pub real: [u8; 4],
 }
 
 #[cfg(feature = "user")]
@@ -273,6 +420,8 @@ mod pod {
     unsafe impl aya::Pod for PeerPath {}
     unsafe impl aya::Pod for Settings {}
     unsafe impl aya::Pod for Event {}
+    unsafe impl aya::Pod for SynEvent {}
+    unsafe impl aya::Pod for PolicyKey {}
 }
 
 #[cfg(test)]
@@ -286,9 +435,11 @@ mod tests {
         // equal keys differ. Sizes are the sum of the declared fields.
         assert_eq!(size_of::<FlowKey>(), 4 + 4 + 2 + 2 + 1 + 1 + 2);
         assert_eq!(size_of::<Masquerade>(), 8 + 4 + 4 + 2 + 2 + 4 + 1 + 1 + 6);
-        assert_eq!(size_of::<PeerPath>(), 8);
+        assert_eq!(size_of::<PeerPath>(), 8 + 16);
         assert_eq!(size_of::<Settings>(), 12);
-        assert_eq!(size_of::<Event>(), 4 + 4 + 4 + 4 + 2 + 2 + 4);
+        assert_eq!(size_of::<PolicyKey>(), 8);
+        assert_eq!(size_of::<SynEvent>(), 8 + HELD_SYN_BYTES);
+        assert_eq!(size_of::<Event>(), 4 + 4 + 4 + 4 + 2 + 2 + 4 + 4);
     }
 
     #[test]
@@ -321,6 +472,20 @@ mod tests {
         assert_eq!(twin.daddr, [198, 18, 0, 1]);
         assert_eq!((twin.sport, twin.dport), (80, 40000));
         assert_eq!(twin.direction, DIRECTION_INGRESS);
+    }
+
+    #[test]
+    fn siphash_matches_a_reference_implementation() {
+        use core::hash::Hasher as _;
+        for seed in 0u8..64 {
+            let key: [u8; 16] =
+                core::array::from_fn(|i| (i as u8).wrapping_mul(31).wrapping_add(seed));
+            let msg: [u8; 16] =
+                core::array::from_fn(|i| (i as u8).wrapping_mul(seed).wrapping_add(7));
+            let mut h = siphasher::sip::SipHasher24::new_with_key(&key);
+            h.write(&msg);
+            assert_eq!(siphash24_16(&key, &msg), h.finish(), "seed {seed}");
+        }
     }
 
     #[test]

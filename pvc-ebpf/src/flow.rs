@@ -1,11 +1,16 @@
 //! Flow entries of the masquerading map: lookup with bookkeeping, and
 //! creation of both directions at once.
 
+use aya_ebpf::{helpers::bpf_skb_load_bytes, programs::TcContext};
 use pvc_common::{
-    DIRECTION_EGRESS, DropReason, EVENT_FLOW_CREATED, Event, FlowKey, Masquerade, PeerPath,
+    DIRECTION_EGRESS, DropReason, EVENT_FLOW_CREATED, EVENT_SYN_HELD, Event, FlowKey,
+    HELD_SYN_BYTES, Masquerade, PeerPath, SynEvent, siphash24_16, tag_message,
 };
 
-use crate::maps::{MASQUERADING, emit, now_ns};
+use crate::{
+    maps::{EVENTS, MASQUERADING, emit, now_ns},
+    packet::{IP_OFF, Ipv4, Tcp},
+};
 
 /// Looks up a flow and records that a packet (with these TCP flags) used it.
 #[inline(always)]
@@ -102,5 +107,53 @@ pub fn entry(
         technique: path.technique,
         tcp_flags: 0,
         _pad: [0; 6],
+    }
+}
+
+/// The MAC of a SYN's tag: only the two ends of an authenticated path hold
+/// `tag_key`. Computed over the addresses and ports as they are on the wire.
+#[inline(always)]
+pub fn tag_mac(
+    path: &PeerPath,
+    saddr: [u8; 4],
+    daddr: [u8; 4],
+    sport: u16,
+    dport: u16,
+    tcp: &Tcp,
+) -> [u8; 8] {
+    siphash24_16(
+        &path.tag_key,
+        &tag_message(saddr, daddr, sport, dport, tcp.seq),
+    )
+    .to_le_bytes()
+}
+
+/// Hands a SYN to the agent (which authenticates the peer, then re-sends
+/// it). A full ring buffer loses it: TCP retransmits the SYN.
+#[inline(always)]
+pub fn hold(ctx: &TcContext, ip: &Ipv4) {
+    let Some(mut entry) = EVENTS.reserve_untyped::<SynEvent>(0) else {
+        return;
+    };
+    // Bounded on both sides in one value, so that the verifier sees a
+    // non-empty copy that fits the record (a SYN has at least 40 bytes).
+    let len = (ip.tot_len as u32).clamp(20, HELD_SYN_BYTES as u32);
+    let ev = entry.as_mut_ptr();
+    let copied = unsafe {
+        (*ev).kind = EVENT_SYN_HELD;
+        (*ev)._pad = 0;
+        (*ev).len = len as u16;
+        (*ev).daddr = ip.daddr;
+        bpf_skb_load_bytes(
+            ctx.skb.skb as *const _,
+            IP_OFF as u32,
+            (*ev).packet.as_mut_ptr() as *mut _,
+            len,
+        ) == 0
+    };
+    if copied {
+        entry.submit(0);
+    } else {
+        entry.discard(0);
     }
 }

@@ -2,12 +2,13 @@
 //! shows field names. The agent pins them under `/sys/fs/bpf/pvc/<instance>/`.
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
     helpers::bpf_ktime_get_coarse_ns,
     macros::btf_map,
 };
 use pvc_common::{
-    COUNTER_COUNT, DROP_REASON_COUNT, DropReason, Event, FlowKey, Masquerade, PeerPath, Settings,
+    COUNTER_COUNT, DROP_REASON_COUNT, DropReason, Event, FlowKey, Masquerade, POLICY_FULL_PREFIX,
+    POLICY_INBOUND, PeerPath, PolicyKey, Settings,
 };
 
 /// The masquerading map (paper §4.1.3's "masquerading rules"): one entry per
@@ -21,6 +22,12 @@ pub static PEERS: HashMap<[u8; 4], PeerPath, 16384> = HashMap::new();
 
 #[btf_map(name = "settings")]
 pub static SETTINGS: Array<Settings, 1> = Array::new();
+
+/// The effective policy (local and global, compiled by the agent): allowed
+/// (direction, member, port prefix). Consulted only for a direction the
+/// settings mark as restricted.
+#[btf_map(name = "policy")]
+pub static POLICY: LpmTrie<PolicyKey, u8, 65536> = LpmTrie::new();
 
 /// Drops and refusals by `DropReason`.
 #[btf_map(name = "drops")]
@@ -70,4 +77,27 @@ pub fn emit(event: &Event) {
 #[inline(always)]
 pub fn now_ns() -> u64 {
     unsafe { bpf_ktime_get_coarse_ns() }
+}
+
+/// Whether the policy allows a flow with `peer` on `port` in `direction`.
+#[inline(always)]
+pub fn allowed(s: &Settings, direction: u8, peer: [u8; 4], port: u16) -> bool {
+    let restricted = if direction == POLICY_INBOUND {
+        s.policy_in
+    } else {
+        s.policy_out
+    };
+    if restricted == 0 {
+        return true;
+    }
+    let key = Key::new(
+        POLICY_FULL_PREFIX,
+        PolicyKey {
+            direction,
+            peer,
+            port: port.to_be_bytes(),
+            _pad: 0,
+        },
+    );
+    POLICY.get(&key).is_some()
 }

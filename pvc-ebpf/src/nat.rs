@@ -78,14 +78,20 @@ fn ports_word(sport: u16, dport: u16) -> u32 {
     u32::from_ne_bytes([s[0], s[1], d[0], d[1]])
 }
 
-/// Appends the PVC flow tag (sender's virtual address) as the last TCP
-/// option of a SYN, so that the receiver can tell this flow from a real
-/// connection between the same two hosts.
+/// Appends the PVC flow tag (sender's virtual address and MAC) as the last
+/// TCP option of a SYN, so that the receiver can tell this flow from a real
+/// connection between the same two hosts, and knows who opened it.
 ///
 /// Must run before `masquerade` (it works on the unrewritten header; the
 /// address rewrite that follows does not care about lengths).
 #[inline(always)]
-pub fn append_tag(ctx: &TcContext, ip: &Ipv4, tcp: &Tcp, vsrc: [u8; 4]) -> Result<(), DropReason> {
+pub fn append_tag(
+    ctx: &TcContext,
+    ip: &Ipv4,
+    tcp: &Tcp,
+    vsrc: [u8; 4],
+    mac: [u8; 8],
+) -> Result<(), DropReason> {
     let tag_len = TAG_LEN as usize;
     if tcp.hlen + tag_len > 60 {
         return Err(DropReason::SynOptionsFull);
@@ -130,8 +136,8 @@ pub fn append_tag(ctx: &TcContext, ip: &Ipv4, tcp: &Tcp, vsrc: [u8; 4]) -> Resul
         .map_err(err)?;
     ctx.store(ip.l4_off + TCP_DOFF, &new_word, 0).map_err(err)?;
 
-    // The tag itself: added to the checksum as two new 32-bit words.
-    let tag: [u8; 8] = [
+    // The tag itself: added to the checksum as four new 32-bit words.
+    let tag: [u8; 16] = [
         TAG_KIND,
         TAG_LEN,
         TAG_EXID[0],
@@ -140,11 +146,19 @@ pub fn append_tag(ctx: &TcContext, ip: &Ipv4, tcp: &Tcp, vsrc: [u8; 4]) -> Resul
         vsrc[1],
         vsrc[2],
         vsrc[3],
+        mac[0],
+        mac[1],
+        mac[2],
+        mac[3],
+        mac[4],
+        mac[5],
+        mac[6],
+        mac[7],
     ];
-    let w0 = u32::from_ne_bytes([tag[0], tag[1], tag[2], tag[3]]);
-    let w1 = u32::from_ne_bytes([tag[4], tag[5], tag[6], tag[7]]);
-    ctx.l4_csum_replace(csum, 0, w0 as u64, 4).map_err(err)?;
-    ctx.l4_csum_replace(csum, 0, w1 as u64, 4).map_err(err)?;
+    for i in 0..4 {
+        let w = u32::from_ne_bytes([tag[4 * i], tag[4 * i + 1], tag[4 * i + 2], tag[4 * i + 3]]);
+        ctx.l4_csum_replace(csum, 0, w as u64, 4).map_err(err)?;
+    }
     ctx.store(ip.l4_off + tcp.hlen, &tag, 0).map_err(err)?;
     Ok(())
 }

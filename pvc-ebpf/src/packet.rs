@@ -191,6 +191,7 @@ pub struct Tcp {
     pub sport: u16,
     pub dport: u16,
     pub flags: u8,
+    pub seq: [u8; 4],
     /// The byte holding the data offset (and the reserved/AE bits, kept as they are).
     pub doff_byte: u8,
     /// Header length in bytes, options included.
@@ -225,6 +226,7 @@ pub fn parse_tcp(ctx: &TcContext, ip: &Ipv4) -> Option<Tcp> {
         sport: u16::from_be_bytes(tcp.sport),
         dport: u16::from_be_bytes(tcp.dport),
         flags: tcp.flags,
+        seq: tcp.seq,
         doff_byte: tcp.doff,
         hlen,
     })
@@ -285,20 +287,29 @@ pub fn parse_quoted(ctx: &TcContext, ip: &Ipv4) -> Option<Quoted> {
     })
 }
 
-/// Reads the PVC flow tag, which egress appends as the last TCP option of a
-/// SYN. Returns the sender's virtual address.
+/// The PVC flow tag egress appends as the last TCP option of a SYN.
+pub struct Tag {
+    /// The sender's virtual address.
+    pub vsrc: [u8; 4],
+    pub mac: [u8; 8],
+}
+
+/// Reads the PVC flow tag at the end of a SYN's options, if it is there.
 #[inline(always)]
-pub fn read_tag(ctx: &TcContext, ip: &Ipv4, tcp: &Tcp) -> Option<[u8; 4]> {
+pub fn read_tag(ctx: &TcContext, ip: &Ipv4, tcp: &Tcp) -> Option<Tag> {
     use pvc_common::{TAG_EXID, TAG_KIND, TAG_LEN};
     if tcp.hlen < 20 + TAG_LEN as usize || tcp.hlen > 60 || ip.l4_off > IP_OFF + 60 {
         return None;
     }
     let off = ip.l4_off + tcp.hlen - TAG_LEN as usize;
-    // Only SYNs without a flow get here: a helper copy is cheap enough, and
-    // keeps the verifier from seeing a variable offset counted backwards.
-    let tag: [u8; 8] = ctx.load(off).ok()?;
-    if tag[0] != TAG_KIND || tag[1] != TAG_LEN || tag[2] != TAG_EXID[0] || tag[3] != TAG_EXID[1] {
+    // Only SYNs get here: a helper copy is cheap enough, and keeps the
+    // verifier from seeing a variable offset counted backwards.
+    let t: [u8; 16] = ctx.load(off).ok()?;
+    if t[0] != TAG_KIND || t[1] != TAG_LEN || t[2] != TAG_EXID[0] || t[3] != TAG_EXID[1] {
         return None;
     }
-    Some([tag[4], tag[5], tag[6], tag[7]])
+    Some(Tag {
+        vsrc: [t[4], t[5], t[6], t[7]],
+        mac: [t[8], t[9], t[10], t[11], t[12], t[13], t[14], t[15]],
+    })
 }

@@ -6,15 +6,19 @@ use aya_ebpf::{
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
-use pvc_common::{DropReason, EVENT_CONNECT_REFUSED, Event, is_virtual};
+use pvc_common::{
+    DropReason, EVENT_CONNECT_REFUSED, Event, IPPROTO_TCP, POLICY_OUTBOUND, is_virtual,
+};
 
-use crate::maps::{PEERS, count_drop, emit, settings};
+use crate::maps::{PEERS, allowed, count_drop, emit, settings};
 
+const EPERM: i32 = 1;
 const EHOSTUNREACH: i32 = 113;
 
-/// Refuses, at once and with EHOSTUNREACH, a connect() to a virtual address
-/// that no member holds: without this the SYN would be dropped on egress and
-/// the application would wait for TCP's timeouts.
+/// Refuses at once, with a real errno, a connect() that cannot succeed:
+/// EHOSTUNREACH to a virtual address no member holds, EPERM when the policy
+/// forbids the flow. Without this the SYN would be dropped on egress and the
+/// application would wait for TCP's timeouts.
 #[cgroup_sock_addr(connect4)]
 pub fn pvc_connect4(ctx: SockAddrContext) -> i32 {
     let sa = unsafe { &*ctx.sock_addr };
@@ -25,20 +29,28 @@ pub fn pvc_connect4(ctx: SockAddrContext) -> i32 {
     let Some(s) = settings() else {
         return 1;
     };
-    if daddr == s.virtual_addr || unsafe { PEERS.get(daddr) }.is_some() {
+    if daddr == s.virtual_addr {
         return 1;
     }
-    count_drop(DropReason::ConnectNoMember);
+    let dport = u16::from_be(sa.user_port as u16);
+    let (reason, errno) = if unsafe { PEERS.get(daddr) }.is_none() {
+        (DropReason::ConnectNoMember, EHOSTUNREACH)
+    } else if sa.protocol == IPPROTO_TCP as u32 && !allowed(&s, POLICY_OUTBOUND, daddr, dport) {
+        (DropReason::PolicyOutbound, EPERM)
+    } else {
+        return 1;
+    };
+    count_drop(reason);
     emit(&Event {
         kind: EVENT_CONNECT_REFUSED,
         proto: sa.protocol as u8,
-        reason: DropReason::ConnectNoMember as u32,
+        reason: reason as u32,
         saddr: s.virtual_addr,
         daddr,
-        dport: u16::from_be(sa.user_port as u16),
+        dport,
         pid: (bpf_get_current_pid_tgid() >> 32) as u32,
         ..Default::default()
     });
-    unsafe { bpf_set_retval(-EHOSTUNREACH) };
+    unsafe { bpf_set_retval(-errno) };
     0
 }

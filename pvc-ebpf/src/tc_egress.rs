@@ -14,12 +14,12 @@ use aya_ebpf::{
 };
 use pvc_common::{
     COUNTER_EGRESS_PACKETS, DIRECTION_EGRESS, DropReason, FlowKey, IPPROTO_ICMP, IPPROTO_TCP,
-    Settings, is_virtual,
+    PEER_READY, POLICY_OUTBOUND, Settings, is_virtual,
 };
 
 use crate::{
     flow,
-    maps::{MASQUERADING, PEERS, count_drop, count_traffic, settings},
+    maps::{MASQUERADING, PEERS, allowed, count_drop, count_traffic, settings},
     nat,
     packet::{
         ARP_REQUEST, ARP_SENDER_IP_OFF, ICMP_ECHO, Ipv4, Parsed, parse_arp, parse_icmp, parse_ipv4,
@@ -99,12 +99,25 @@ fn egress_tcp(ctx: &TcContext, ip: &Ipv4, s: &Settings) -> Result<i32, DropReaso
         DIRECTION_EGRESS,
     );
     let m = if tcp.is_syn() {
+        let path = unsafe { PEERS.get(ip.daddr) }.ok_or(DropReason::UnknownPeer)?;
+        if path.state != PEER_READY {
+            // A member we have not authenticated yet: the agent does it,
+            // then re-sends this very SYN, so connect() does not wait for
+            // TCP's retransmit timer.
+            flow::hold(ctx, ip);
+            return Err(DropReason::AwaitingPath);
+        }
+        if !allowed(s, POLICY_OUTBOUND, ip.daddr, tcp.dport) {
+            // Processes outside the hooked cgroup reach here without connect4.
+            return Err(DropReason::PolicyOutbound);
+        }
         // A connection request always gets fresh entries in both directions:
         // whatever an earlier flow with this tuple left is replaced.
-        let path = unsafe { PEERS.get(ip.daddr) }.ok_or(DropReason::UnknownPeer)?;
         let m = flow::entry(s.real_addr, path.real, tcp.sport, tcp.dport, ip.daddr, path);
         let fresh = MASQUERADING.get_ptr(&key).is_none();
         flow::open(&key, &m, fresh)?;
+        let mac = flow::tag_mac(path, m.saddr, m.daddr, m.sport, m.dport, &tcp);
+        nat::append_tag(ctx, ip, &tcp, s.virtual_addr, mac)?;
         m
     } else {
         match flow::touch(&key, tcp.flags) {
@@ -112,16 +125,15 @@ fn egress_tcp(ctx: &TcContext, ip: &Ipv4, s: &Settings) -> Result<i32, DropReaso
             None => {
                 // An entry evicted or expired under a live flow: the peer's
                 // path says how to reach it, the kernel needs no agent.
-                let path = unsafe { PEERS.get(ip.daddr) }.ok_or(DropReason::UnknownPeer)?;
+                let path = unsafe { PEERS.get(ip.daddr) }
+                    .filter(|p| p.state == PEER_READY)
+                    .ok_or(DropReason::UnknownPeer)?;
                 let m = flow::entry(s.real_addr, path.real, tcp.sport, tcp.dport, ip.daddr, path);
                 flow::open(&key, &m, false)?;
                 m
             }
         }
     };
-    if tcp.is_syn() {
-        nat::append_tag(ctx, ip, &tcp, s.virtual_addr)?;
-    }
     nat::masquerade(ctx, ip, tcp.sport, tcp.dport, &m)?;
     count_traffic(COUNTER_EGRESS_PACKETS, ctx.len());
     Ok(TC_ACT_OK as i32)
@@ -146,7 +158,9 @@ fn egress_icmp(ctx: &TcContext, ip: &Ipv4, s: &Settings) -> Result<i32, DropReas
     let m = match flow::touch(&key, 0) {
         Some(m) => m,
         None => {
-            let path = unsafe { PEERS.get(ip.daddr) }.ok_or(DropReason::UnknownPeer)?;
+            let path = unsafe { PEERS.get(ip.daddr) }
+                .filter(|p| p.state == PEER_READY)
+                .ok_or(DropReason::UnknownPeer)?;
             let m = flow::entry(s.real_addr, path.real, icmp.id, 0, ip.daddr, path);
             flow::open(&key, &m, false)?;
             m

@@ -9,13 +9,13 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use pvc_common::{
-    COUNTER_INGRESS_PACKETS, DIRECTION_INGRESS, DropReason, FlowKey, IPPROTO_ICMP, IPPROTO_TCP,
-    Settings, is_virtual,
+    COUNTER_INGRESS_PACKETS, DIRECTION_INGRESS, DropReason, EVENT_INBOUND_REFUSED, Event, FlowKey,
+    IPPROTO_ICMP, IPPROTO_TCP, PEER_READY, POLICY_INBOUND, Settings, is_virtual,
 };
 
 use crate::{
     flow,
-    maps::{MASQUERADING, PEERS, count_drop, count_traffic, settings},
+    maps::{MASQUERADING, PEERS, allowed, count_drop, count_traffic, emit, settings},
     nat,
     packet::{
         ICMP_DEST_UNREACH, ICMP_ECHO_REPLY, ICMP_TIME_EXCEEDED, Ipv4, Parsed, parse_icmp,
@@ -79,16 +79,47 @@ fn ingress_tcp(ctx: &TcContext, ip: &Ipv4, s: &Settings) -> Result<i32, DropReas
         // tagged SYN opens a PVC flow, an untagged one is an ordinary
         // connection between real addresses, even if an earlier PVC flow
         // used the same ports.
-        let Some(vsrc) = read_tag(ctx, ip, &tcp) else {
+        let Some(tag) = read_tag(ctx, ip, &tcp) else {
             flow::close(&key);
             return PASS;
         };
-        // The member must come from the real address its path says it has.
-        let path = unsafe { PEERS.get(vsrc) }.ok_or(DropReason::TagMismatch)?;
-        if path.real != ip.saddr {
-            return Err(DropReason::TagMismatch);
+        let refuse = |reason: DropReason| {
+            emit(&Event {
+                kind: EVENT_INBOUND_REFUSED,
+                proto: IPPROTO_TCP,
+                direction: DIRECTION_INGRESS,
+                reason: reason as u32,
+                saddr: tag.vsrc,
+                daddr: s.virtual_addr,
+                sport: tcp.sport,
+                dport: tcp.dport,
+                real: ip.saddr,
+                ..Default::default()
+            });
+            Err(reason)
+        };
+        // The member must have an authenticated path from this real
+        // address, and the SYN must carry that path's MAC.
+        let Some(path) = (unsafe { PEERS.get(tag.vsrc) }) else {
+            return refuse(DropReason::TagMismatch);
+        };
+        if path.state != PEER_READY || path.real != ip.saddr {
+            return refuse(DropReason::TagMismatch);
         }
-        let m = flow::entry(vsrc, s.virtual_addr, tcp.sport, tcp.dport, vsrc, path);
+        if flow::tag_mac(path, ip.saddr, ip.daddr, tcp.sport, tcp.dport, &tcp) != tag.mac {
+            return refuse(DropReason::BadTag);
+        }
+        if !allowed(s, POLICY_INBOUND, tag.vsrc, tcp.dport) {
+            return refuse(DropReason::PolicyInbound);
+        }
+        let m = flow::entry(
+            tag.vsrc,
+            s.virtual_addr,
+            tcp.sport,
+            tcp.dport,
+            tag.vsrc,
+            path,
+        );
         let fresh = MASQUERADING.get_ptr(&key).is_none();
         flow::open(&key, &m, fresh)?;
         m

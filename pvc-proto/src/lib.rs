@@ -26,7 +26,9 @@ pub use records::{
     ClusterId, GlobalPolicy, MembershipRecord, PolicyRule, PortRange, PublicKey, RecordError,
     Revocations, Selector, Signed, SignedPolicy, SignedRecord, SignedRevocations, unix_now,
 };
-pub use registration::{InvalidRegistration, valid_name, valid_virtual_address};
+pub use registration::{
+    InvalidRegistration, valid_name, valid_virtual_address, validate_addresses,
+};
 
 pub const MAGIC: [u8; 3] = *b"PVC";
 /// Bumped on any incompatible change of the messages below.

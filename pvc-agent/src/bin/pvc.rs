@@ -1,34 +1,141 @@
-//! `pvc`: the command-line tool for a host running `pvc-agent`.
+//! `pvc`: the command-line tool. On a member: status, peers, flows, keys.
+//! On the administrator's machine: the cluster's master (`pvc master ...`).
 
-use std::path::PathBuf;
+use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
 
-use clap::{Parser, Subcommand};
-use pvc_agent::control::{self, Request, Status};
+use anyhow::Context as _;
+use clap::{Args as ClapArgs, Parser, Subcommand};
+use pvc_agent::{
+    control::{self, Request, Status},
+    security::{
+        keys::KeyPair,
+        master::{self, Master, PolicyFile},
+    },
+};
+use pvc_proto::PublicKey;
 
 #[derive(Parser)]
 #[command(name = "pvc", version, about = "Private Virtual Cluster")]
 struct Args {
-    /// Agent instance to talk to.
-    #[arg(long, global = true, default_value = "default")]
-    instance: String,
-    /// Control socket (default: /run/pvc/<instance>.sock).
-    #[arg(long, global = true)]
-    socket: Option<PathBuf>,
-    /// Print JSON instead of text.
-    #[arg(long, global = true)]
-    json: bool,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(ClapArgs)]
+struct AgentSocket {
+    /// Agent instance to talk to.
+    #[arg(long, default_value = "default")]
+    instance: String,
+    /// Control socket (default: /run/pvc/<instance>.sock).
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand)]
 enum Command {
     /// This host's membership, broker and counters.
-    Status,
-    /// Known members and the path to each.
-    Peers,
+    Status(AgentSocket),
+    /// Known members: whether their path is authenticated, and where to.
+    Peers(AgentSocket),
     /// Flows in the masquerading map.
-    Flows,
+    Flows(AgentSocket),
+    /// Creates this host's key pair (mode 0600) and prints its public key.
+    Keygen {
+        #[arg(long, default_value = "/var/lib/pvc/host.key")]
+        key: PathBuf,
+    },
+    /// Prints the public key of a host key pair (what `pvc master admit` takes).
+    Key {
+        #[arg(long, default_value = "/var/lib/pvc/host.key")]
+        key: PathBuf,
+    },
+    /// The cluster's master: admission, revocation, global policy.
+    #[command(subcommand)]
+    Master(MasterCommand),
+}
+
+#[derive(ClapArgs)]
+struct MasterDir {
+    /// Where the master key and the registry live.
+    #[arg(long, default_value = master::DEFAULT_DIR)]
+    dir: PathBuf,
+}
+
+#[derive(ClapArgs)]
+struct Brokers {
+    /// Brokers to publish to ("host:port"); repeat for several.
+    #[arg(long = "broker")]
+    brokers: Vec<String>,
+}
+
+#[derive(Subcommand)]
+enum MasterCommand {
+    /// Creates the cluster: the master key pair and an empty registry.
+    Init {
+        #[command(flatten)]
+        dir: MasterDir,
+    },
+    /// Prints the master public key (for members' `master_key`) and the cluster id.
+    Show {
+        #[command(flatten)]
+        dir: MasterDir,
+    },
+    /// Admits a host: signs its membership record and publishes it.
+    Admit {
+        #[command(flatten)]
+        dir: MasterDir,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        virtual_ip: Ipv4Addr,
+        /// The host's public key (`pvc key` on the host).
+        #[arg(long)]
+        host_key: PublicKey,
+        /// Groups, comma separated, that policies can name.
+        #[arg(long, value_delimiter = ',')]
+        groups: Vec<String>,
+        /// How long the record is valid.
+        #[arg(long, default_value_t = 365)]
+        valid_days: u64,
+        /// Validity in seconds instead of days (short-lived records, tests).
+        #[arg(long)]
+        valid_secs: Option<u64>,
+        #[command(flatten)]
+        brokers: Brokers,
+    },
+    /// Revokes a member: publishes a new signed revocation list.
+    Revoke {
+        #[command(flatten)]
+        dir: MasterDir,
+        #[arg(long)]
+        name: String,
+        #[command(flatten)]
+        brokers: Brokers,
+    },
+    /// Signs and publishes a global policy from a TOML file of [[rule]]s.
+    Policy {
+        #[command(flatten)]
+        dir: MasterDir,
+        #[arg(long)]
+        file: PathBuf,
+        #[command(flatten)]
+        brokers: Brokers,
+    },
+    /// Publishes everything again (a new or restarted broker).
+    Publish {
+        #[command(flatten)]
+        dir: MasterDir,
+        #[command(flatten)]
+        brokers: Brokers,
+    },
+    /// Lists admitted hosts.
+    List {
+        #[command(flatten)]
+        dir: MasterDir,
+    },
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -39,30 +146,162 @@ async fn main() {
     }
 }
 
-async fn run(args: Args) -> anyhow::Result<()> {
-    let socket = args
+async fn status(s: &AgentSocket) -> anyhow::Result<Status> {
+    let socket = s
         .socket
-        .unwrap_or_else(|| PathBuf::from(format!("/run/pvc/{}.sock", args.instance)));
-    let status = control::query(&socket, Request::Status).await?;
-    if args.json {
-        let value = match args.command {
-            Command::Status => serde_json::to_value(&status)?,
-            Command::Peers => serde_json::to_value(&status.peers)?,
-            Command::Flows => serde_json::to_value(&status.flows)?,
-        };
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("/run/pvc/{}.sock", s.instance)));
+    control::query(&socket, Request::Status).await
+}
+
+async fn publish_to(m: &Master, b: &Brokers) -> anyhow::Result<()> {
+    if b.brokers.is_empty() {
+        println!("not published: name brokers with --broker (or run `pvc master publish` later)");
         return Ok(());
     }
+    master::publish(&m.publications()?, &b.brokers).await?;
+    println!("published to {}", b.brokers.join(", "));
+    Ok(())
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
     match args.command {
-        Command::Status => print_status(&status),
-        Command::Peers => print_peers(&status),
-        Command::Flows => print_flows(&status),
+        Command::Status(s) => {
+            let st = status(&s).await?;
+            if s.json {
+                println!("{}", serde_json::to_string_pretty(&st)?);
+            } else {
+                print_status(&st);
+            }
+        }
+        Command::Peers(s) => {
+            let st = status(&s).await?;
+            if s.json {
+                println!("{}", serde_json::to_string_pretty(&st.peers)?);
+            } else {
+                print_peers(&st);
+            }
+        }
+        Command::Flows(s) => {
+            let st = status(&s).await?;
+            if s.json {
+                println!("{}", serde_json::to_string_pretty(&st.flows)?);
+            } else {
+                print_flows(&st);
+            }
+        }
+        Command::Keygen { key } => {
+            let k = KeyPair::create(&key)?;
+            println!("{}", k.public);
+        }
+        Command::Key { key } => println!("{}", KeyPair::load(&key)?.public),
+        Command::Master(m) => master_command(m).await?,
+    }
+    Ok(())
+}
+
+async fn master_command(cmd: MasterCommand) -> anyhow::Result<()> {
+    match cmd {
+        MasterCommand::Init { dir } => {
+            std::fs::create_dir_all(&dir.dir)
+                .with_context(|| format!("cannot create {}", dir.dir.display()))?;
+            let m = Master::init(&dir.dir)?;
+            println!("cluster {} created in {}", m.cluster, dir.dir.display());
+            println!("master_key = \"{}\"", m.key.public);
+        }
+        MasterCommand::Show { dir } => {
+            let m = Master::open(&dir.dir)?;
+            println!("cluster {}", m.cluster);
+            println!("master_key = \"{}\"", m.key.public);
+        }
+        MasterCommand::Admit {
+            dir,
+            name,
+            virtual_ip,
+            host_key,
+            groups,
+            valid_days,
+            valid_secs,
+            brokers,
+        } => {
+            let m = Master::open(&dir.dir)?;
+            let valid = Duration::from_secs(valid_secs.unwrap_or(valid_days * 86400));
+            let signed = m.admit(&name, virtual_ip, host_key, groups, valid)?;
+            let r = signed.verify(&m.key.public).expect("just signed");
+            println!(
+                "admitted {} as {} (serial {}, valid until {})",
+                r.name, r.virtual_ip, r.serial, r.not_after
+            );
+            publish_to(&m, &brokers).await?;
+        }
+        MasterCommand::Revoke { dir, name, brokers } => {
+            let m = Master::open(&dir.dir)?;
+            let (r, list) = m.revoke(&name)?;
+            let version = list.verify(&m.key.public).expect("just signed").version;
+            println!(
+                "revoked {} ({}, serial {}); revocation list version {version}",
+                r.name, r.virtual_ip, r.serial
+            );
+            publish_to(&m, &brokers).await?;
+        }
+        MasterCommand::Policy { dir, file, brokers } => {
+            let m = Master::open(&dir.dir)?;
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            let parsed: PolicyFile = toml::from_str(&text)
+                .with_context(|| format!("invalid policy {}", file.display()))?;
+            let signed = m.set_policy(parsed.rules()?)?;
+            let p = signed.verify(&m.key.public).expect("just signed");
+            println!(
+                "global policy version {} with {} rules",
+                p.version,
+                p.rules.len()
+            );
+            publish_to(&m, &brokers).await?;
+        }
+        MasterCommand::Publish { dir, brokers } => {
+            publish_to(&Master::open(&dir.dir)?, &brokers).await?
+        }
+        MasterCommand::List { dir } => {
+            let m = Master::open(&dir.dir)?;
+            println!(
+                "{:<6} {:<20} {:<16} {:<10} {:<12} HOST KEY",
+                "SERIAL", "NAME", "VIRTUAL", "STATE", "GROUPS"
+            );
+            for e in m.entries()? {
+                let state = if e.revoked {
+                    "revoked"
+                } else if e.record.not_after < pvc_proto::unix_now() {
+                    "expired"
+                } else {
+                    "admitted"
+                };
+                println!(
+                    "{:<6} {:<20} {:<16} {:<10} {:<12} {}",
+                    e.record.serial,
+                    e.record.name,
+                    e.record.virtual_ip,
+                    state,
+                    e.record.groups.join(","),
+                    e.record.host_key
+                );
+            }
+        }
     }
     Ok(())
 }
 
 fn print_status(s: &Status) {
     println!("{} ({}) in cluster {}", s.name, s.virtual_ip, s.cluster);
+    println!(
+        "  host key {}{}",
+        s.host_key,
+        if s.admitted {
+            ""
+        } else {
+            " (no verified record yet)"
+        }
+    );
     println!(
         "  uplink {} {}, advertised {:?}",
         s.uplink, s.real_ip, s.advertised
@@ -71,7 +310,16 @@ fn print_status(s: &Status) {
         Some(b) => println!("  broker {b}: connected"),
         None => println!("  broker: not connected"),
     }
-    println!("  {} peers, {} flow entries", s.peers.len(), s.flows.len());
+    let authenticated = s.peers.iter().filter(|p| p.authenticated).count();
+    println!(
+        "  {} members known, {authenticated} with an authenticated path; {} flow entries",
+        s.peers.len(),
+        s.flows.len()
+    );
+    println!(
+        "  revocation list v{}, global policy v{}",
+        s.revocations_version, s.policy_version
+    );
     let t = &s.traffic;
     println!(
         "  masqueraded: out {} packets / {} bytes, in {} packets / {} bytes",
@@ -86,17 +334,22 @@ fn print_status(s: &Status) {
 }
 
 fn print_peers(s: &Status) {
-    println!("{:<20} {:<16} {:<16} TECHNIQUE", "NAME", "VIRTUAL", "REAL");
+    println!(
+        "{:<20} {:<16} {:<16} {:<10} GROUPS",
+        "NAME", "VIRTUAL", "REAL", "PATH"
+    );
     for p in &s.peers {
-        let (real, technique) = p
-            .path
-            .as_ref()
-            .map_or(("-".to_string(), "none".to_string()), |(r, t)| {
-                (r.to_string(), t.clone())
-            });
+        let (real, path) = match &p.path {
+            Some((r, t)) => (r.to_string(), t.clone()),
+            None => ("-".to_string(), "not yet".to_string()),
+        };
         println!(
-            "{:<20} {:<16} {:<16} {}",
-            p.name, p.virtual_ip, real, technique
+            "{:<20} {:<16} {:<16} {:<10} {}",
+            p.name,
+            p.virtual_ip,
+            real,
+            path,
+            p.groups.join(",")
         );
     }
 }

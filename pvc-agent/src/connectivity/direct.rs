@@ -2,10 +2,9 @@
 //! public host, or a port the member opened with UPnP).
 
 use pvc_common::Technique;
-use pvc_proto::Member;
 
 use super::Path;
-use crate::virtualization::LocalNet;
+use crate::{security::membership::Member, virtualization::LocalNet};
 
 /// Prefers an address on one of our own networks (a LAN neighbour answers
 /// without a router), then the member's own preference order.
@@ -31,6 +30,10 @@ mod tests {
         let member = Member {
             name: "b".into(),
             virtual_ip: Ipv4Addr::new(240, 0, 0, 2),
+            key: pvc_proto::PublicKey([2; 32]),
+            groups: vec![],
+            serial: 2,
+            not_after: u64::MAX,
             addresses: vec![Ipv4Addr::new(198, 19, 4, 2), Ipv4Addr::new(198, 18, 0, 2)],
         };
         let lan = [LocalNet {

@@ -1,14 +1,15 @@
 //! Connectivity (paper §4.4): how this host reaches a member. One file per
-//! technique; `choose` picks the best that applies to the pair.
+//! technique; `choose` picks the best that applies to the pair. The choice is
+//! a candidate: the authenticated exchange with the member confirms the path
+//! before anything is installed.
 
 pub mod direct;
 
 use std::net::Ipv4Addr;
 
 use pvc_common::Technique;
-use pvc_proto::Member;
 
-use crate::virtualization::LocalNet;
+use crate::{security::membership::Member, virtualization::LocalNet};
 
 /// A path to a member: the real address its flows are masqueraded to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,19 +1,25 @@
-//! The agent's session with the brokering service: register, receive the
-//! member list and its changes, keep the session alive, and move to the next
-//! broker when one fails.
+//! The agent's session with the brokering service: register with the host
+//! key, receive the members and the master's documents, carry handshake
+//! messages, keep the session alive, and move to the next broker when one
+//! fails. Nothing received here is trusted: the coordinator verifies it.
 
-use std::time::Duration;
+use std::{net::Ipv4Addr, sync::Arc, time::Duration};
 
 use anyhow::{Context as _, anyhow, bail};
 use futures::{SinkExt as _, StreamExt as _};
-use pvc_proto::{AgentCodec, AgentMessage, BrokerMessage, Member, Registration};
+use pvc_proto::{
+    AgentCodec, AgentMessage, BrokerMessage, ClusterId, ErrorCode, MemberInfo, Registration,
+    SignedPolicy, SignedRecord, SignedRevocations,
+};
 use tokio::{
     net::TcpStream,
     sync::mpsc,
     time::{Instant, interval, timeout},
 };
 use tokio_util::{codec::Framed, sync::CancellationToken};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
+
+use crate::security::keys::KeyPair;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
@@ -21,20 +27,35 @@ pub const PING_INTERVAL: Duration = Duration::from_secs(10);
 const SILENCE_LIMIT: Duration = Duration::from_secs(30);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Membership {
-    /// A session is up; `members` is the complete list of the others.
+/// What the session reports to the coordinator.
+#[derive(Debug, Clone)]
+pub enum BrokerEvent {
+    /// A session is up: this host's record, the master's current lists,
+    /// and the complete list of the other members present.
     Connected {
         broker: String,
-        members: Vec<Member>,
+        you: SignedRecord,
+        revocations: Option<SignedRevocations>,
+        policy: Option<SignedPolicy>,
+        members: Vec<MemberInfo>,
     },
-    Joined(Member),
+    Joined(MemberInfo),
     /// A member's session ended; `clean` if it said it was leaving for good.
     Left {
-        name: String,
-        virtual_ip: std::net::Ipv4Addr,
+        virtual_ip: Ipv4Addr,
         clean: bool,
     },
+    /// A payload another member relayed (a handshake message).
+    Relayed {
+        from: Ipv4Addr,
+        payload: Vec<u8>,
+    },
+    /// A relay could not reach `to`.
+    Undeliverable {
+        to: Ipv4Addr,
+    },
+    Revocations(SignedRevocations),
+    Policy(SignedPolicy),
     /// The session ended; members stay as they were until the next snapshot.
     Disconnected {
         broker: String,
@@ -42,18 +63,34 @@ pub enum Membership {
     },
 }
 
+/// A payload for another member.
+#[derive(Debug, Clone)]
+pub struct Relay {
+    pub to: Ipv4Addr,
+    pub payload: Vec<u8>,
+}
+
+/// Who this agent registers as.
+pub struct Identity {
+    pub cluster: ClusterId,
+    pub key: Arc<KeyPair>,
+    pub addresses: Vec<Ipv4Addr>,
+    pub software: String,
+}
+
 /// Runs sessions, trying the brokers in turn, until `stop` is cancelled:
 /// then tells the broker this member leaves for good.
 pub async fn run(
     brokers: Vec<String>,
-    registration: Registration,
-    tx: mpsc::Sender<Membership>,
+    me: Identity,
+    events: mpsc::Sender<BrokerEvent>,
+    mut relays: mpsc::Receiver<Relay>,
     stop: CancellationToken,
 ) {
     let mut backoff = Duration::from_millis(250);
     for broker in brokers.iter().cycle() {
         let started = Instant::now();
-        let reason = match session(broker, &registration, &tx, &stop).await {
+        let reason = match session(broker, &me, &events, &mut relays, &stop).await {
             Ok(()) => return, // leaving, or the coordinator is gone
             Err(e) => format!("{e:#}"),
         };
@@ -61,8 +98,8 @@ pub async fn run(
             broker,
             "broker session ended: {reason}; trying the next broker"
         );
-        if tx
-            .send(Membership::Disconnected {
+        if events
+            .send(BrokerEvent::Disconnected {
                 broker: broker.clone(),
                 reason,
             })
@@ -82,10 +119,22 @@ pub async fn run(
     }
 }
 
+fn refused(code: ErrorCode, message: &str, me: &Identity) -> anyhow::Error {
+    if code == ErrorCode::NotAdmitted {
+        error!(
+            "the broker says this host is not admitted ({message}); the administrator admits it with \
+             `pvc master admit --host-key {}`",
+            me.key.public
+        );
+    }
+    anyhow!("broker refused the registration ({code:?}): {message}")
+}
+
 async fn session(
     broker: &str,
-    registration: &Registration,
-    tx: &mpsc::Sender<Membership>,
+    me: &Identity,
+    events: &mpsc::Sender<BrokerEvent>,
+    relays: &mut mpsc::Receiver<Relay>,
     stop: &CancellationToken,
 ) -> anyhow::Result<()> {
     let stream = timeout(CONNECT_TIMEOUT, TcpStream::connect(broker))
@@ -94,58 +143,64 @@ async fn session(
         .with_context(|| format!("cannot connect to broker {broker}"))?;
     stream.set_nodelay(true)?;
     let mut framed = Framed::new(stream, AgentCodec::default());
-    framed
-        .send(AgentMessage::Register(registration.clone()))
-        .await?;
+    let registration = Registration::new(
+        me.cluster,
+        &me.key.pair,
+        me.addresses.clone(),
+        me.software.clone(),
+    );
+    framed.send(AgentMessage::Register(registration)).await?;
 
-    let mut members = Vec::new();
-    let name = timeout(WELCOME_TIMEOUT, async {
-        let mut name = None;
+    let welcome = timeout(WELCOME_TIMEOUT, async {
+        let mut welcome = None;
         loop {
             match framed.next().await {
                 Some(Ok(BrokerMessage::Welcome {
-                    broker,
-                    members: m,
+                    broker: name,
+                    you,
+                    revocations,
+                    policy,
+                    members,
                     more,
                 })) => {
-                    name = Some(broker);
-                    members.extend(m);
+                    welcome = Some((name, you, revocations, policy, members));
                     if !more {
                         break;
                     }
                 }
-                Some(Ok(BrokerMessage::Members { members: m, more })) if name.is_some() => {
-                    members.extend(m);
+                Some(Ok(BrokerMessage::Members { members, more })) if welcome.is_some() => {
+                    welcome.as_mut().expect("checked").4.extend(members);
                     if !more {
                         break;
                     }
                 }
                 Some(Ok(BrokerMessage::Error { code, message })) => {
-                    bail!("broker refused the registration ({code:?}): {message}")
+                    return Err(refused(code, &message, me));
                 }
                 Some(Ok(other)) => bail!("unexpected message before Welcome: {other:?}"),
                 Some(Err(e)) => return Err(e).context("bad frame from broker"),
                 None => bail!("broker closed the connection"),
             }
         }
-        Ok(name.unwrap_or_default())
+        Ok(welcome.expect("loop exits with a welcome"))
     })
     .await
     .map_err(|_| anyhow!("no Welcome within {WELCOME_TIMEOUT:?}"))??;
+    let (name, you, revocations, policy, members) = welcome;
     info!(
         broker,
         name,
         members = members.len(),
         "registered with broker"
     );
-    if tx
-        .send(Membership::Connected {
-            broker: broker.to_string(),
-            members,
-        })
-        .await
-        .is_err()
-    {
+    let connected = BrokerEvent::Connected {
+        broker: broker.to_string(),
+        you,
+        revocations,
+        policy,
+        members,
+    };
+    if events.send(connected).await.is_err() {
         return Ok(());
     }
 
@@ -156,18 +211,25 @@ async fn session(
         tokio::select! {
             frame = framed.next() => {
                 last_heard = Instant::now();
-                let update = match frame {
-                    Some(Ok(BrokerMessage::Joined(m))) => Membership::Joined(m),
-                    Some(Ok(BrokerMessage::Left { name, virtual_ip, clean })) => Membership::Left { name, virtual_ip, clean },
+                let event = match frame {
+                    Some(Ok(BrokerMessage::Joined(m))) => BrokerEvent::Joined(m),
+                    Some(Ok(BrokerMessage::Left { virtual_ip, clean })) => BrokerEvent::Left { virtual_ip, clean },
+                    Some(Ok(BrokerMessage::Relayed { from, payload })) => BrokerEvent::Relayed { from, payload },
+                    Some(Ok(BrokerMessage::Undeliverable { to })) => BrokerEvent::Undeliverable { to },
+                    Some(Ok(BrokerMessage::Revocations(r))) => BrokerEvent::Revocations(r),
+                    Some(Ok(BrokerMessage::Policy(p))) => BrokerEvent::Policy(p),
                     Some(Ok(BrokerMessage::Pong { .. })) => continue,
                     Some(Ok(BrokerMessage::Error { code, message })) => bail!("broker closed the session ({code:?}): {message}"),
                     Some(Ok(other)) => bail!("unexpected message: {other:?}"),
                     Some(Err(e)) => return Err(e).context("bad frame from broker"),
                     None => bail!("broker closed the connection"),
                 };
-                if tx.send(update).await.is_err() {
+                if events.send(event).await.is_err() {
                     return Ok(());
                 }
+            }
+            Some(r) = relays.recv() => {
+                framed.send(AgentMessage::Relay { to: r.to, payload: r.payload }).await.context("cannot write to broker")?;
             }
             _ = stop.cancelled() => {
                 framed.send(AgentMessage::Leave).await.context("cannot tell the broker")?;

@@ -1,18 +1,23 @@
 //! The coordinator (paper §4, Fig. 2): runs the peer's workflow. It sets up
-//! interposition and virtualization, keeps the broker session, turns
-//! membership into paths in the kernel, and undoes everything on a clean stop.
+//! interposition and virtualization, keeps the broker session, checks what
+//! the broker relays against the master's signatures, authenticates each
+//! peer before its path is used (`paths`), compiles the policies into the
+//! kernel, and undoes everything on a clean stop.
 
 pub mod broker;
+mod paths;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
 
 use anyhow::{Context as _, bail};
-use pvc_proto::{Member, Registration};
+use pvc_common::{PEER_MEMBER, PeerPath as KernelPath, Technique};
+use pvc_proto::{MemberInfo, SignedPolicy, SignedRecord, SignedRevocations, unix_now};
 use rtnetlink::Handle;
 use tokio::{
     sync::mpsc,
@@ -20,14 +25,22 @@ use tokio::{
     time::{Instant, interval},
 };
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
-use self::broker::Membership;
+use self::{
+    broker::{BrokerEvent, Identity, Relay},
+    paths::Peer,
+};
 use crate::{
     config::Config,
-    connectivity::{self, Path as PeerPath},
+    connectivity,
     control::{self, PeerStatus, Query, Request, Status},
-    interposition::{self, Attachment, Datapath, FlowEvent, Timeouts},
+    interposition::{self, Attachment, Datapath, FlowEvent, Timeouts, inject::Injector},
+    security::{
+        keys::KeyPair,
+        membership::{Member, Trust},
+        policy::{self, Compiled, LocalPolicy, PolicyEntry, Subject},
+    },
     virtualization::{self, Uplink},
 };
 
@@ -37,16 +50,8 @@ use crate::{
 const ABSENCE_GRACE: Duration = Duration::from_secs(20);
 /// How often next hops are checked against the host's routing table.
 const NEXT_HOP_REFRESH: Duration = Duration::from_secs(30);
-
-/// What the agent knows of a member.
-struct Peer {
-    member: Member,
-    path: Option<PeerPath>,
-    /// The next hop of the path's real address, as routed now.
-    via: Option<Ipv4Addr>,
-    /// Set when a broker's member list did not include this member.
-    absent_since: Option<Instant>,
-}
+/// How often exchanges and sessions are checked for timeouts and expiry.
+const SECURITY_TICK: Duration = Duration::from_millis(500);
 
 struct Agent {
     config: Config,
@@ -55,6 +60,13 @@ struct Agent {
     real_ip: Ipv4Addr,
     advertised: Vec<Ipv4Addr>,
     datapath: Datapath,
+    key: Arc<KeyPair>,
+    trust: Trust,
+    /// This host's own record, once a broker handed it over and it verified.
+    own: Option<Member>,
+    local_policy: LocalPolicy,
+    compiled: Compiled,
+    installed_policy: BTreeSet<PolicyEntry>,
     peers: BTreeMap<Ipv4Addr, Peer>,
     /// Paths found in the kernel at start (left by a previous agent): kept
     /// until the broker confirms the member or the grace period ends.
@@ -62,6 +74,10 @@ struct Agent {
     /// Routes of members that left, kept while flows still use them.
     retained_routes: BTreeSet<Ipv4Addr>,
     broker: Option<String>,
+    relays: mpsc::Sender<Relay>,
+    injector: Injector,
+    /// Peers with flows in the masquerading map, as of the last GC pass.
+    active: BTreeSet<Ipv4Addr>,
     flows_opened: BTreeMap<String, u64>,
     refusals_logged: u32,
     refusals_unlogged: u64,
@@ -95,6 +111,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(default_cgroup);
     check_cgroup(&cgroup)?;
+    let key = Arc::new(KeyPair::load_or_create(&config.key_file)?);
+    let local_policy = config.policy.parse()?;
     let handle = virtualization::connect()?;
     let uplink = virtualization::uplink(&handle, &config.interposition.uplink).await?;
     let real_ip = uplink
@@ -112,18 +130,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     } else {
         config.advertise.clone()
     };
-    let registration = Registration {
-        cluster: config.cluster.clone(),
-        member: Member {
-            name: config.name.clone(),
-            virtual_ip: config.virtual_ip,
-            addresses: advertised.clone(),
-        },
-        software: format!("pvc-agent {}", env!("CARGO_PKG_VERSION")),
-    };
-    registration
-        .validate()
-        .context("cannot register with these settings")?;
+    pvc_proto::validate_addresses(&advertised).context("cannot register with these addresses")?;
+    let injector = Injector::new().context("cannot open a raw socket (needs CAP_NET_RAW)")?;
 
     interposition::ensure_bpffs(&config.interposition.bpffs)?;
     let attachment = Attachment {
@@ -141,6 +149,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     };
     let events = datapath.take_events().expect("events are taken once");
+    let (relays, relay_rx) = mpsc::channel(256);
+    let trust = Trust::new(config.master_key);
     let mut agent = Agent {
         config,
         handle,
@@ -148,10 +158,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         real_ip,
         advertised,
         datapath,
+        key,
+        trust,
+        own: None,
+        local_policy,
+        compiled: Compiled::default(),
+        installed_policy: BTreeSet::new(),
         peers: BTreeMap::new(),
         inherited: BTreeMap::new(),
         retained_routes: BTreeSet::new(),
         broker: None,
+        relays,
+        injector,
+        active: BTreeSet::new(),
         flows_opened: BTreeMap::new(),
         refusals_logged: 0,
         refusals_unlogged: 0,
@@ -163,11 +182,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 virtual_ip = %agent.config.virtual_ip,
                 real_ip = %agent.real_ip,
                 uplink = agent.uplink.name,
+                cluster = %agent.trust.cluster,
+                host_key = %agent.key.public,
                 cgroup = %cgroup.display(),
                 pins = %agent.datapath.pin_dir().display(),
                 "agent ready"
             );
-            agent.serve(registration, events).await
+            agent.serve(events, relay_rx).await
         }
         Err(e) => Err(e),
     };
@@ -190,9 +211,7 @@ pub async fn cleanup(config: &Config) -> anyhow::Result<()> {
 
 impl Agent {
     async fn configure(&mut self) -> anyhow::Result<()> {
-        self.datapath
-            .maps
-            .set_identity(self.config.virtual_ip, self.real_ip)?;
+        self.recompile_policy()?;
         // A previous agent of this instance may have left paths and routes
         // (it crashed, or was upgraded): established flows keep using them
         // until the broker says who is still a member.
@@ -213,22 +232,29 @@ impl Agent {
 
     async fn serve(
         &mut self,
-        registration: Registration,
         mut events: interposition::EventStream,
+        relay_rx: mpsc::Receiver<Relay>,
     ) -> anyhow::Result<()> {
-        let (member_tx, mut member_rx) = mpsc::channel(256);
+        let (event_tx, mut broker_rx) = mpsc::channel(256);
         let leave = CancellationToken::new();
+        let identity = Identity {
+            cluster: self.trust.cluster,
+            key: Arc::clone(&self.key),
+            addresses: self.advertised.clone(),
+            software: format!("pvc-agent {}", env!("CARGO_PKG_VERSION")),
+        };
         let mut brokers: JoinHandle<()> = tokio::spawn(broker::run(
             self.config.broker_addresses(),
-            registration,
-            member_tx,
+            identity,
+            event_tx,
+            relay_rx,
             leave.clone(),
         ));
         let (query_tx, mut query_rx) = mpsc::channel::<Query>(16);
-        let socket = self.config.control_socket();
-        let mut control = tokio::spawn(control::serve(socket, query_tx));
+        let mut control = tokio::spawn(control::serve(self.config.control_socket(), query_tx));
         let mut gc = interval(self.config.gc_interval());
         let mut refresh = interval(NEXT_HOP_REFRESH);
+        let mut security = interval(SECURITY_TICK);
         let timeouts = Timeouts {
             idle: Duration::from_secs(self.config.flows.idle_timeout_secs),
             closed: Duration::from_secs(self.config.flows.closed_timeout_secs),
@@ -238,9 +264,17 @@ impl Agent {
 
         let result = loop {
             tokio::select! {
-                Some(update) = member_rx.recv() => self.on_membership(update).await,
+                Some(event) = broker_rx.recv() => {
+                    if let Err(e) = self.on_broker(event).await {
+                        break Err(e);
+                    }
+                }
                 batch = events.next_batch() => match batch {
-                    Ok(batch) => batch.into_iter().for_each(|e| self.on_event(e)),
+                    Ok(batch) => {
+                        for e in batch {
+                            self.on_event(e).await;
+                        }
+                    }
                     Err(e) => break Err(e).context("cannot read kernel events"),
                 },
                 Some((request, reply)) = query_rx.recv() => {
@@ -252,13 +286,15 @@ impl Agent {
                     if removed > 0 {
                         debug!(removed, "expired flow entries removed");
                     }
-                    self.expire_members(&active).await;
+                    self.active = active;
+                    self.expire_members().await;
                     if self.refusals_unlogged > 0 {
-                        warn!("{} more connect() refusals not logged one by one", self.refusals_unlogged);
+                        warn!("{} more refusals not logged one by one", self.refusals_unlogged);
                     }
                     self.refusals_logged = 0;
                     self.refusals_unlogged = 0;
                 }
+                _ = security.tick() => self.check_exchanges_and_sessions().await,
                 _ = refresh.tick() => self.refresh_next_hops().await,
                 r = &mut control => break match r {
                     Ok(Err(e)) => Err(e),
@@ -280,151 +316,302 @@ impl Agent {
         result
     }
 
-    async fn on_membership(&mut self, update: Membership) {
-        match update {
-            Membership::Connected { broker, members } => {
+    async fn on_broker(&mut self, event: BrokerEvent) -> anyhow::Result<()> {
+        match event {
+            BrokerEvent::Connected {
+                broker,
+                you,
+                revocations,
+                policy,
+                members,
+            } => {
+                if let Some(r) = revocations {
+                    self.take_revocations(&r).await;
+                }
+                if let Some(p) = policy {
+                    self.take_policy(&p);
+                }
+                self.check_own_record(&you)?;
                 self.broker = Some(broker);
-                let present: BTreeSet<Ipv4Addr> = members.iter().map(|m| m.virtual_ip).collect();
-                let now = Instant::now();
+                let now = unix_now();
+                let present: BTreeSet<Ipv4Addr> = members
+                    .iter()
+                    .filter_map(|m| self.trust.member(m, now).ok())
+                    .map(|m| m.virtual_ip)
+                    .collect();
+                let now_i = Instant::now();
                 for (vip, peer) in self.peers.iter_mut() {
                     if !present.contains(vip) && peer.absent_since.is_none() {
-                        peer.absent_since = Some(now);
+                        peer.absent_since = Some(now_i);
                     }
                 }
-                for m in members {
+                for m in &members {
                     self.learn(m).await;
                 }
             }
-            Membership::Joined(m) => self.learn(m).await,
-            Membership::Left {
-                name,
+            BrokerEvent::Joined(m) => self.learn(&m).await,
+            BrokerEvent::Left {
                 virtual_ip,
                 clean: true,
             } => {
-                info!(name, %virtual_ip, "member left");
-                self.forget(virtual_ip);
+                info!(%virtual_ip, "member left");
+                self.forget(virtual_ip, false).await;
             }
             // Lost, not gone: an agent restarting or a member cut from the
             // broker but not from us. Flows keep working for a grace period.
-            Membership::Left {
-                name,
+            BrokerEvent::Left {
                 virtual_ip,
                 clean: false,
             } => {
-                info!(name, %virtual_ip, "member lost its broker session; keeping its path for {ABSENCE_GRACE:?}");
+                info!(%virtual_ip, "member lost its broker session; keeping its path for {ABSENCE_GRACE:?}");
                 if let Some(p) = self.peers.get_mut(&virtual_ip) {
                     p.absent_since.get_or_insert_with(Instant::now);
                 }
             }
-            Membership::Disconnected { .. } => self.broker = None,
+            BrokerEvent::Relayed { from, payload } => self.on_relayed(from, &payload).await,
+            BrokerEvent::Undeliverable { to } => {
+                self.fail_exchange(
+                    to,
+                    "the broker cannot reach that member (it is not connected)",
+                )
+                .await;
+            }
+            BrokerEvent::Revocations(r) => self.take_revocations(&r).await,
+            BrokerEvent::Policy(p) => {
+                self.take_policy(&p);
+            }
+            BrokerEvent::Disconnected { .. } => self.broker = None,
         }
+        Ok(())
     }
 
-    /// A member is known: install the best path to it, route first (a flow
-    /// must never be masqueraded before the kernel knows its next hop).
-    async fn learn(&mut self, member: Member) {
+    /// The broker hands this host its own record: it must be the master's,
+    /// for this host key, with the name and address configured here.
+    fn check_own_record(&mut self, you: &SignedRecord) -> anyhow::Result<()> {
+        let r = match self.trust.record(you, unix_now()) {
+            Ok(r) => r,
+            Err(e) => {
+                error!(
+                    "the broker gave this host a record that does not check ({e}); ignoring this broker's word for it"
+                );
+                return Ok(());
+            }
+        };
+        if r.host_key != self.key.public {
+            error!(
+                "the broker gave this host another host's record ({}); ignoring it",
+                r.name
+            );
+            return Ok(());
+        }
+        if r.name != self.config.name || r.virtual_ip != self.config.virtual_ip {
+            bail!(
+                "the master admitted this host as {} ({}), but the configuration says {} ({}): fix name and virtual_ip",
+                r.name,
+                r.virtual_ip,
+                self.config.name,
+                self.config.virtual_ip
+            );
+        }
+        if self.own.as_ref().is_none_or(|o| o.serial != r.serial) {
+            info!(serial = r.serial, groups = ?r.groups, not_after = r.not_after, "this host's membership record verified");
+        }
+        self.own = Some(Member {
+            name: r.name,
+            virtual_ip: r.virtual_ip,
+            key: r.host_key,
+            groups: r.groups,
+            serial: r.serial,
+            not_after: r.not_after,
+            addresses: self.advertised.clone(),
+        });
+        self.recompile_policy_or_warn();
+        Ok(())
+    }
+
+    /// A member the broker relays: believed only if the master signed it.
+    async fn learn(&mut self, info: &MemberInfo) {
+        let member = match self.trust.member(info, unix_now()) {
+            Ok(m) => m,
+            Err(e) => {
+                warn!("ignoring a member the broker relayed: {e}");
+                return;
+            }
+        };
         let vip = member.virtual_ip;
         if vip == self.config.virtual_ip {
             return;
         }
-        if let Err(e) = member.validate() {
-            warn!(
-                name = member.name,
-                "ignoring a member the broker relayed: {e}"
-            );
-            return;
-        }
         self.inherited.remove(&vip);
-        self.retained_routes.remove(&vip);
-        let path = connectivity::choose(&member, &self.uplink.networks);
-        let (old_path, old_via) = self
-            .peers
-            .get(&vip)
-            .map_or((None, None), |p| (p.path, p.via));
-        let via = match path {
-            Some(p) if Some(p) == old_path && old_via.is_some() => old_via,
-            Some(p) => match self.install(&member, p).await {
-                Ok(via) => Some(via),
-                Err(e) => {
-                    warn!(name = member.name, "no path to member: {e:#}");
-                    self.uninstall(vip).await;
-                    None
+        let hint = connectivity::choose(&member, &self.uplink.networks);
+        let changed = match self.peers.get_mut(&vip) {
+            Some(p) => {
+                p.absent_since = None;
+                let record_changed = p.member.key != member.key || p.member.serial != member.serial;
+                let path_changed = p.hint != hint;
+                p.member = member.clone();
+                p.hint = hint;
+                if record_changed || path_changed {
+                    // Proven for another key or path: prove it again.
+                    info!(name = member.name, %vip, "member's record or path changed; its path will be authenticated again");
+                    p.end_session();
                 }
-            },
+                record_changed || path_changed
+            }
             None => {
-                warn!(name = member.name, "no usable address for member");
-                self.uninstall(vip).await;
-                None
+                self.peers.insert(vip, Peer::new(member.clone(), hint));
+                true
             }
         };
-        let path = path.filter(|_| via.is_some());
-        self.peers.insert(
-            vip,
-            Peer {
-                member,
-                path,
-                via,
-                absent_since: None,
-            },
-        );
+        if changed {
+            self.publish_member(vip);
+            self.recompile_policy_or_warn();
+        }
     }
 
-    async fn install(&mut self, member: &Member, p: PeerPath) -> anyhow::Result<Ipv4Addr> {
-        let (via, oif) = virtualization::next_hop(&self.handle, p.real).await?;
-        if oif != self.uplink.index {
-            bail!(
-                "{} is routed through another interface than the uplink {};                  PVC only masquerades on the uplink",
-                p.real,
-                self.uplink.name
-            );
+    /// Tells the kernel about a member without an authenticated path: its
+    /// connects are allowed, their SYNs held for the agent.
+    fn publish_member(&mut self, vip: Ipv4Addr) {
+        let Some(p) = self.peers.get(&vip) else {
+            return;
+        };
+        if p.session.is_some() {
+            return;
         }
-        virtualization::set_peer_route(
-            &self.handle,
-            member.virtual_ip,
-            via,
-            self.uplink.index,
-            self.config.virtual_ip,
-        )
-        .await?;
+        let path = KernelPath {
+            real: p.hint.map_or([0; 4], |h| h.real.octets()),
+            technique: p.hint.map_or(Technique::Direct, |h| h.technique) as u8,
+            state: PEER_MEMBER,
+            _pad: [0; 2],
+            tag_key: [0; 16],
+        };
+        if let Err(e) = self.datapath.maps.set_peer(vip, path) {
+            warn!("{e:#}");
+        }
+    }
+
+    /// A member left, was revoked or expired: new flows to it are refused at
+    /// once. With `cut`, its established flows end too; otherwise its route
+    /// stays while they last (a broker outage must not cut them).
+    async fn forget(&mut self, vip: Ipv4Addr, cut: bool) {
+        if let Some(mut p) = self.peers.remove(&vip) {
+            self.refuse_held(&mut p).await;
+            if p.session.is_some() {
+                self.retained_routes.insert(vip);
+            }
+        }
+        if let Err(e) = self.datapath.maps.remove_peer(vip) {
+            warn!("{e:#}");
+        }
+        if cut {
+            let n = self.datapath.maps.close_flows_with(vip);
+            if n > 0 {
+                info!(%vip, entries = n, "cut the member's established flows");
+            }
+        }
+        self.recompile_policy_or_warn();
+    }
+
+    async fn take_revocations(&mut self, signed: &SignedRevocations) {
+        match self.trust.update_revocations(signed) {
+            Ok(true) => {
+                let list = &self.trust.revocations;
+                info!(
+                    version = list.version,
+                    revoked = list.serials.len(),
+                    "revocation list updated"
+                );
+                if self
+                    .own
+                    .as_ref()
+                    .is_some_and(|o| self.trust.is_revoked(o.serial))
+                {
+                    error!(
+                        "the master revoked this host's own membership: no member will accept it any more"
+                    );
+                }
+                let revoked: Vec<(Ipv4Addr, String)> = self
+                    .peers
+                    .values()
+                    .filter(|p| self.trust.is_revoked(p.member.serial))
+                    .map(|p| (p.member.virtual_ip, p.member.name.clone()))
+                    .collect();
+                for (vip, name) in revoked {
+                    warn!(name, %vip, "member revoked by the master: refusing its flows and cutting established ones");
+                    self.forget(vip, true).await;
+                }
+            }
+            Ok(false) => {}
+            Err(e) => warn!("ignoring a revocation list the broker relayed: {e}"),
+        }
+    }
+
+    fn take_policy(&mut self, signed: &SignedPolicy) {
+        match self.trust.update_policy(signed) {
+            Ok(true) => {
+                info!(
+                    version = self.trust.policy.version,
+                    rules = self.trust.policy.rules.len(),
+                    "global policy updated"
+                );
+                self.recompile_policy_or_warn();
+            }
+            Ok(false) => {}
+            Err(e) => warn!("ignoring a global policy the broker relayed: {e}"),
+        }
+    }
+
+    /// Compiles local and global policy for every known member into the
+    /// kernel, then updates the settings (which directions are restricted).
+    fn recompile_policy(&mut self) -> anyhow::Result<()> {
+        let members: Vec<Member> = self.peers.values().map(|p| p.member.clone()).collect();
+        let groups = self
+            .own
+            .as_ref()
+            .map(|o| o.groups.clone())
+            .unwrap_or_default();
+        let me = Subject {
+            name: &self.config.name,
+            groups: &groups,
+        };
+        let compiled = policy::compile(&self.local_policy, &self.trust.policy, &me, &members);
+        // Entries first, then the switch that makes the kernel consult them.
         self.datapath
             .maps
-            .set_peer(member.virtual_ip, p.real, p.technique)?;
-        info!(name = member.name, virtual_ip = %member.virtual_ip, real = %p.real, %via,
-              technique = p.technique.name(), "path to member installed");
-        Ok(via)
+            .set_policy(&mut self.installed_policy, &compiled.entries)?;
+        self.datapath
+            .maps
+            .set_identity(self.config.virtual_ip, self.real_ip, &compiled)?;
+        self.compiled = compiled;
+        Ok(())
     }
 
-    async fn uninstall(&mut self, vip: Ipv4Addr) {
-        if let Err(e) = self.datapath.maps.remove_peer(vip) {
-            warn!("{e:#}");
-        }
-        if let Err(e) = virtualization::remove_peer_route(&self.handle, vip).await {
-            warn!("{e:#}");
-        }
-    }
-
-    /// A member left: new flows to it are refused at once. Its route stays
-    /// while established flows use it (a broker outage must not cut them).
-    fn forget(&mut self, vip: Ipv4Addr) {
-        if self.peers.remove(&vip).is_some_and(|p| p.via.is_some()) {
-            self.retained_routes.insert(vip);
-        }
-        if let Err(e) = self.datapath.maps.remove_peer(vip) {
-            warn!("{e:#}");
+    fn recompile_policy_or_warn(&mut self) {
+        if let Err(e) = self.recompile_policy() {
+            warn!("cannot update the policy in the kernel: {e:#}");
         }
     }
 
-    /// Ends grace periods and removes routes no flow uses any more.
-    async fn expire_members(&mut self, active: &BTreeSet<Ipv4Addr>) {
-        let absent: Vec<Ipv4Addr> = self
+    /// Ends grace periods, expired records, and routes no flow uses any more.
+    async fn expire_members(&mut self) {
+        let now = unix_now();
+        let gone: Vec<(Ipv4Addr, bool)> = self
             .peers
             .iter()
-            .filter(|(_, p)| p.absent_since.is_some_and(|t| t.elapsed() > ABSENCE_GRACE))
-            .map(|(vip, _)| *vip)
+            .filter_map(|(vip, p)| {
+                if p.member.not_after < now {
+                    warn!(name = p.member.name, %vip, "member's record expired");
+                    Some((*vip, true))
+                } else if p.absent_since.is_some_and(|t| t.elapsed() > ABSENCE_GRACE) {
+                    info!(name = p.member.name, %vip, "member no longer listed by the broker");
+                    Some((*vip, false))
+                } else {
+                    None
+                }
+            })
             .collect();
-        for vip in absent {
-            info!(%vip, "member no longer listed by the broker");
-            self.forget(vip);
+        for (vip, cut) in gone {
+            self.forget(vip, cut).await;
         }
         let inherited: Vec<Ipv4Addr> = self
             .inherited
@@ -434,14 +621,14 @@ impl Agent {
             .collect();
         for vip in inherited {
             self.inherited.remove(&vip);
-            self.forget(vip);
+            self.forget(vip, false).await;
             self.retained_routes.insert(vip);
         }
         let unused: Vec<Ipv4Addr> = self
             .retained_routes
             .iter()
             .filter(|vip| {
-                !active.contains(vip)
+                !self.active.contains(vip)
                     && !self.peers.contains_key(vip)
                     && !self.inherited.contains_key(vip)
             })
@@ -455,29 +642,7 @@ impl Agent {
         }
     }
 
-    /// Follows changes of the host's routing (a new gateway, a moved LAN).
-    async fn refresh_next_hops(&mut self) {
-        let current: Vec<(Member, PeerPath, Option<Ipv4Addr>)> = self
-            .peers
-            .values()
-            .filter_map(|p| p.path.map(|path| (p.member.clone(), path, p.via)))
-            .collect();
-        for (member, path, via) in current {
-            let now = virtualization::next_hop(&self.handle, path.real)
-                .await
-                .ok()
-                .map(|(v, _)| v);
-            if now != via {
-                info!(name = member.name, "next hop changed ({via:?} -> {now:?})");
-                if let Some(p) = self.peers.get_mut(&member.virtual_ip) {
-                    p.via = None;
-                }
-                self.learn(member).await;
-            }
-        }
-    }
-
-    fn on_event(&mut self, event: FlowEvent) {
+    async fn on_event(&mut self, event: FlowEvent) {
         match event {
             FlowEvent::Opened {
                 proto,
@@ -490,27 +655,64 @@ impl Agent {
                 *self.flows_opened.entry(technique.to_string()).or_default() += 1;
                 debug!(proto, outbound, %local, %remote, technique, "flow opened");
             }
-            FlowEvent::Refused { pid, remote, .. } => {
-                if self.refusals_logged < 20 {
-                    self.refusals_logged += 1;
-                    warn!(pid, %remote, "refused connect(): no member has virtual address {}", remote.ip());
-                } else {
-                    self.refusals_unlogged += 1;
-                }
+            FlowEvent::Refused {
+                pid,
+                remote,
+                reason,
+                ..
+            } => {
+                let why = match reason {
+                    Some(pvc_common::DropReason::PolicyOutbound) => {
+                        "the policy does not allow this flow"
+                    }
+                    _ => "no member has this virtual address",
+                };
+                self.log_refusal(format_args!(
+                    "refused connect() of pid {pid} to {remote}: {why}"
+                ));
             }
+            FlowEvent::InboundRefused {
+                claimed,
+                real,
+                local_port,
+                reason,
+            } => {
+                let why = match reason {
+                    Some(pvc_common::DropReason::PolicyInbound) => {
+                        "the policy does not allow it".to_string()
+                    }
+                    Some(pvc_common::DropReason::BadTag) => {
+                        "its tag's MAC is wrong (forged, or from an old session)".to_string()
+                    }
+                    _ => format!("{claimed} has no authenticated path from {real}"),
+                };
+                self.log_refusal(format_args!("refused a flow to port {local_port} claiming to be {claimed}, from {real}: {why}"));
+            }
+            FlowEvent::SynHeld { peer, packet } => self.on_held_syn(peer, packet).await,
+        }
+    }
+
+    fn log_refusal(&mut self, what: std::fmt::Arguments<'_>) {
+        if self.refusals_logged < 20 {
+            self.refusals_logged += 1;
+            warn!("{what}");
+        } else {
+            self.refusals_unlogged += 1;
         }
     }
 
     fn status(&self) -> Status {
         Status {
             instance: self.config.instance.clone(),
-            cluster: self.config.cluster.clone(),
+            cluster: self.trust.cluster.to_string(),
+            host_key: self.key.public.to_string(),
             name: self.config.name.clone(),
             virtual_ip: self.config.virtual_ip,
             uplink: self.uplink.name.clone(),
             real_ip: self.real_ip,
             advertised: self.advertised.clone(),
             broker: self.broker.clone(),
+            admitted: self.own.is_some(),
             peers: self
                 .peers
                 .values()
@@ -518,7 +720,18 @@ impl Agent {
                     name: p.member.name.clone(),
                     virtual_ip: p.member.virtual_ip,
                     addresses: p.member.addresses.clone(),
-                    path: p.path.map(|p| (p.real, p.technique.name().to_string())),
+                    groups: p.member.groups.clone(),
+                    authenticated: p.session.is_some(),
+                    path: p.session.as_ref().map(|s| {
+                        (
+                            s.session.peer_real,
+                            p.hint
+                                .map_or(Technique::Direct, |h| h.technique)
+                                .name()
+                                .to_string(),
+                        )
+                    }),
+                    session_age_secs: p.session.as_ref().map(|s| s.since.elapsed().as_secs()),
                 })
                 .collect(),
             flows: self.datapath.maps.flows(),
@@ -537,6 +750,8 @@ impl Agent {
                 .into_iter()
                 .map(|(name, ns, count)| (name, (ns, count)))
                 .collect(),
+            revocations_version: self.trust.revocations.version,
+            policy_version: self.trust.policy.version,
         }
     }
 
@@ -554,7 +769,7 @@ impl Agent {
         let pins = datapath.remove();
         let _ = std::fs::remove_file(config.control_socket());
         net.and(pins)?;
-        info!("agent stopped; virtual address, route and eBPF programs removed");
+        info!("agent stopped; virtual address, routes and eBPF programs removed");
         Ok(())
     }
 }

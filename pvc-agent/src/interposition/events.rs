@@ -5,7 +5,8 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 
 use aya::maps::{MapData, RingBuf};
 use pvc_common::{
-    DIRECTION_EGRESS, DropReason, EVENT_CONNECT_REFUSED, EVENT_FLOW_CREATED, Event, Technique,
+    DIRECTION_EGRESS, DropReason, EVENT_CONNECT_REFUSED, EVENT_FLOW_CREATED, EVENT_INBOUND_REFUSED,
+    EVENT_SYN_HELD, Event, SynEvent, Technique,
 };
 use tokio::io::{Interest, unix::AsyncFd};
 
@@ -30,11 +31,33 @@ pub enum FlowEvent {
         remote: SocketAddrV4,
         reason: Option<DropReason>,
     },
+    /// An inbound SYN was refused in the kernel. `claimed` is the virtual
+    /// address its tag named, `real` where it came from.
+    InboundRefused {
+        claimed: Ipv4Addr,
+        real: Ipv4Addr,
+        local_port: u16,
+        reason: Option<DropReason>,
+    },
+    /// A SYN to a member without an authenticated path, held for the agent.
+    SynHeld { peer: Ipv4Addr, packet: Vec<u8> },
 }
 
 impl FlowEvent {
     /// Decodes an event; `None` for bytes no known program writes.
     pub fn parse(bytes: &[u8]) -> Option<Self> {
+        if bytes.first() == Some(&EVENT_SYN_HELD) {
+            if bytes.len() < size_of::<SynEvent>() {
+                return None;
+            }
+            // SAFETY: SynEvent is plain old data and `bytes` holds at least one.
+            let e: SynEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+            let len = (e.len as usize).min(e.packet.len());
+            return Some(Self::SynHeld {
+                peer: Ipv4Addr::from(e.daddr),
+                packet: e.packet[..len].to_vec(),
+            });
+        }
         if bytes.len() < size_of::<Event>() {
             return None;
         }
@@ -53,6 +76,12 @@ impl FlowEvent {
                 pid: e.pid,
                 proto: e.proto,
                 remote: ep(e.daddr, e.dport),
+                reason: DropReason::ALL.get(e.reason as usize).copied(),
+            }),
+            EVENT_INBOUND_REFUSED => Some(Self::InboundRefused {
+                claimed: Ipv4Addr::from(e.saddr),
+                real: Ipv4Addr::from(e.real),
+                local_port: e.dport,
                 reason: DropReason::ALL.get(e.reason as usize).copied(),
             }),
             _ => None,
@@ -137,6 +166,30 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn held_syns_carry_their_packet() {
+        let mut e = SynEvent {
+            kind: EVENT_SYN_HELD,
+            _pad: 0,
+            len: 3,
+            daddr: [240, 0, 0, 2],
+            packet: [0; pvc_common::HELD_SYN_BYTES],
+        };
+        e.packet[..3].copy_from_slice(&[0x45, 1, 2]);
+        // SAFETY: SynEvent is repr(C) plain data.
+        let bytes = unsafe {
+            std::slice::from_raw_parts((&e as *const SynEvent).cast::<u8>(), size_of::<SynEvent>())
+        };
+        assert_eq!(
+            FlowEvent::parse(bytes),
+            Some(FlowEvent::SynHeld {
+                peer: Ipv4Addr::new(240, 0, 0, 2),
+                packet: vec![0x45, 1, 2]
+            })
+        );
+        assert_eq!(FlowEvent::parse(&bytes[..10]), None);
     }
 
     #[test]

@@ -105,6 +105,22 @@ impl Maps {
             .collect()
     }
 
+    /// Removes every flow with `peer`, both directions (revocation, expiry).
+    /// Returns the number of entries removed.
+    pub fn close_flows_with(&mut self, peer: Ipv4Addr) -> usize {
+        let doomed: Vec<FlowKey> = self
+            .masquerading
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, m)| Ipv4Addr::from(m.peer) == peer)
+            .map(|(k, _)| k)
+            .collect();
+        doomed
+            .iter()
+            .filter(|k| self.masquerading.remove(k).is_ok())
+            .count()
+    }
+
     /// Removes expired flows, both directions together (a flow is expired
     /// when either direction says so: a RST is seen by one side only).
     /// Returns the number of entries removed and the peers that still have flows.

@@ -1,24 +1,27 @@
 //! Typed access to the pinned maps.
 
+use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 
 use anyhow::{Context as _, anyhow};
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf, lpm_trie::Key},
 };
 use pvc_common::{
     COUNTER_EGRESS_BYTES, COUNTER_EGRESS_PACKETS, COUNTER_INGRESS_BYTES, COUNTER_INGRESS_PACKETS,
-    DropReason, FlowKey, Masquerade, PeerPath, Settings, Technique,
+    DropReason, FlowKey, Masquerade, PeerPath, PolicyKey, Settings,
 };
 use serde::{Deserialize, Serialize};
 
 use super::events::EventStream;
+use crate::security::policy::{Compiled, PolicyEntry};
 
 pub struct Maps {
     pub(super) masquerading: HashMap<MapData, FlowKey, Masquerade>,
     peers: HashMap<MapData, [u8; 4], PeerPath>,
     settings: Array<MapData, Settings>,
+    policy: LpmTrie<MapData, PolicyKey, u8>,
     drops: PerCpuArray<MapData, u64>,
     traffic: PerCpuArray<MapData, u64>,
 }
@@ -48,6 +51,7 @@ impl Maps {
             masquerading: take(ebpf, "masquerading")?,
             peers: take(ebpf, "peers")?,
             settings: take(ebpf, "settings")?,
+            policy: take(ebpf, "policy")?,
             drops: take(ebpf, "drops")?,
             traffic: take(ebpf, "traffic")?,
         };
@@ -55,29 +59,28 @@ impl Maps {
         Ok((maps, EventStream::new(events)?))
     }
 
-    /// Tells the programs who this host is; until then they let everything pass.
-    pub fn set_identity(&mut self, virtual_ip: Ipv4Addr, real: Ipv4Addr) -> anyhow::Result<()> {
+    /// Tells the programs who this host is, and which directions the policy
+    /// restricts; until then they let everything pass.
+    pub fn set_identity(
+        &mut self,
+        virtual_ip: Ipv4Addr,
+        real: Ipv4Addr,
+        policy: &Compiled,
+    ) -> anyhow::Result<()> {
         let s = Settings {
             virtual_addr: virtual_ip.octets(),
             real_addr: real.octets(),
             ready: 1,
+            policy_out: policy.restrict_out as u8,
+            policy_in: policy.restrict_in as u8,
+            _pad: 0,
         };
         self.settings
             .set(0, s, 0)
             .context("cannot write the settings map")
     }
 
-    pub fn set_peer(
-        &mut self,
-        virtual_ip: Ipv4Addr,
-        real: Ipv4Addr,
-        technique: Technique,
-    ) -> anyhow::Result<()> {
-        let path = PeerPath {
-            real: real.octets(),
-            technique: technique as u8,
-            _pad: [0; 3],
-        };
+    pub fn set_peer(&mut self, virtual_ip: Ipv4Addr, path: PeerPath) -> anyhow::Result<()> {
         self.peers
             .insert(virtual_ip.octets(), path, 0)
             .with_context(|| format!("cannot install the path to {virtual_ip}"))
@@ -97,6 +100,37 @@ impl Maps {
             .filter_map(Result::ok)
             .map(|(k, v)| (Ipv4Addr::from(k), v))
             .collect()
+    }
+
+    fn policy_key(e: &PolicyEntry) -> Key<PolicyKey> {
+        Key::new(
+            e.prefix_len,
+            PolicyKey {
+                direction: e.direction,
+                peer: e.peer.octets(),
+                port: e.port.to_be_bytes(),
+                _pad: 0,
+            },
+        )
+    }
+
+    /// Makes the kernel's policy map hold exactly `wanted`: adds before it
+    /// removes, so that no allowed flow is refused while it changes.
+    pub fn set_policy(
+        &mut self,
+        installed: &mut BTreeSet<PolicyEntry>,
+        wanted: &BTreeSet<PolicyEntry>,
+    ) -> anyhow::Result<()> {
+        for e in wanted.difference(installed) {
+            self.policy
+                .insert(&Self::policy_key(e), 1, 0)
+                .context("cannot write the policy map")?;
+        }
+        for e in installed.difference(wanted) {
+            let _ = self.policy.remove(&Self::policy_key(e));
+        }
+        *installed = wanted.clone();
+        Ok(())
     }
 
     /// Drop and refusal counts by reason, summed over CPUs.

@@ -9,6 +9,7 @@
 
 mod events;
 mod flows;
+pub mod inject;
 mod maps;
 mod pins;
 #[cfg(test)]

@@ -7,9 +7,17 @@ use aya::{
     programs::{SchedClassifier, TestRun as _, TestRunOptions},
 };
 use etherparse::{PacketBuilder, TcpOptionElement};
-use pvc_common::{DIRECTION_EGRESS, DIRECTION_INGRESS, DropReason, FlowKey, Masquerade, Technique};
+use pvc_common::{
+    DIRECTION_EGRESS, DIRECTION_INGRESS, DropReason, FlowKey, Masquerade, PEER_MEMBER, PEER_READY,
+    POLICY_INBOUND, POLICY_OUTBOUND, PeerPath, Technique, siphash24_16, tag_message,
+};
 
-use super::{EGRESS, INGRESS, OBJECT, events::EventStream, maps::Maps};
+use super::{
+    EGRESS, INGRESS, OBJECT,
+    events::{EventStream, FlowEvent},
+    maps::Maps,
+};
+use crate::security::policy::{Compiled, PolicyEntry};
 
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
@@ -24,7 +32,20 @@ const C_V: [u8; 4] = [240, 0, 0, 3];
 struct Host {
     ebpf: Ebpf,
     maps: Maps,
-    _events: EventStream,
+    events: EventStream,
+}
+
+/// The tag key the exchange between A and B would have given them.
+const KEY: [u8; 16] = *b"sixteen byte key";
+
+fn ready(real: [u8; 4]) -> PeerPath {
+    PeerPath {
+        real,
+        technique: Technique::Direct as u8,
+        state: PEER_READY,
+        _pad: [0; 2],
+        tag_key: KEY,
+    }
 }
 
 fn require_root() {
@@ -46,14 +67,10 @@ impl Host {
             p.load().expect("the verifier accepts the tc program");
         }
         let (mut maps, events) = Maps::take(&mut ebpf).unwrap();
-        maps.set_identity(A_V.into(), A_R.into()).unwrap();
-        maps.set_peer(B_V.into(), B_R.into(), Technique::Direct)
+        maps.set_identity(A_V.into(), A_R.into(), &Compiled::default())
             .unwrap();
-        Self {
-            ebpf,
-            maps,
-            _events: events,
-        }
+        maps.set_peer(B_V.into(), ready(B_R)).unwrap();
+        Self { ebpf, maps, events }
     }
 
     /// Runs a program on a frame; returns its verdict and the frame after it.
@@ -185,10 +202,16 @@ async fn outbound_syn_is_masqueraded_tagged_and_opens_both_directions() {
     let p = check(&out);
     assert_eq!((p.saddr, p.daddr), (A_R, B_R));
     assert_eq!(p.tcp_ports(), (40000, 80));
-    // The original 20 bytes of options, then the tag with our virtual address.
+    // The original 20 bytes of options, then the tag: our virtual address
+    // and the MAC of the SYN as it is on the wire, with the pair's key.
     let opts = p.tcp_options();
-    assert_eq!(opts.len(), 28);
-    assert_eq!(&opts[20..], &[253, 8, b'P', b'V', 240, 0, 0, 1]);
+    assert_eq!(opts.len(), 36);
+    assert_eq!(&opts[20..28], &[253, 16, b'P', b'V', 240, 0, 0, 1]);
+    let mac = siphash24_16(
+        &KEY,
+        &tag_message(A_R, B_R, 40000, 80, 1000u32.to_be_bytes()),
+    );
+    assert_eq!(&opts[28..], &mac.to_le_bytes());
 
     let egress = host
         .entry(&FlowKey::new(A_V, B_V, 40000, 80, 6, DIRECTION_EGRESS))
@@ -259,11 +282,11 @@ impl Host {
     /// The other end: host B, whose peer is A.
     fn new_as_b() -> Self {
         let mut h = Self::new();
-        h.maps.set_identity(B_V.into(), B_R.into()).unwrap();
-        h.maps.remove_peer(B_V.into()).unwrap();
         h.maps
-            .set_peer(A_V.into(), A_R.into(), Technique::Direct)
+            .set_identity(B_V.into(), B_R.into(), &Compiled::default())
             .unwrap();
+        h.maps.remove_peer(B_V.into()).unwrap();
+        h.maps.set_peer(A_V.into(), ready(A_R)).unwrap();
         h
     }
 }
@@ -531,4 +554,173 @@ async fn a_real_connection_reusing_the_ports_of_an_ended_flow_is_left_alone() {
     // Its packets are not masqueraded either.
     let data = tcp_frame(B_R, A_R, 50100, 22, false, b"ssh");
     assert_eq!(host.run(INGRESS, &data), (TC_ACT_OK, data));
+}
+
+#[tokio::test]
+async fn a_syn_to_a_member_without_an_authenticated_path_is_held_for_the_agent() {
+    let mut host = Host::new();
+    let member_only = PeerPath {
+        state: PEER_MEMBER,
+        tag_key: [0; 16],
+        ..ready(B_R)
+    };
+    host.maps.set_peer(B_V.into(), member_only).unwrap();
+    let syn = tcp_frame(A_V, B_V, 40100, 22, true, &[]);
+    let (verdict, _) = host.run(EGRESS, &syn);
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert_eq!(host.drops(DropReason::AwaitingPath), 1);
+    assert!(
+        host.entry(&FlowKey::new(A_V, B_V, 40100, 22, 6, DIRECTION_EGRESS))
+            .is_none(),
+        "nothing installed"
+    );
+    // The agent gets the SYN as the stack sent it, from its IP header on.
+    let batch = tokio::time::timeout(std::time::Duration::from_secs(2), host.events.next_batch())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        batch,
+        vec![FlowEvent::SynHeld {
+            peer: B_V.into(),
+            packet: syn[14..].to_vec()
+        }]
+    );
+    // Packets of a flow that has no entry are not masqueraded either.
+    let (verdict, _) = host.run(EGRESS, &tcp_frame(A_V, B_V, 40100, 22, false, b"x"));
+    assert_eq!(verdict, TC_ACT_SHOT);
+}
+
+#[tokio::test]
+async fn forged_or_replayed_tags_are_refused() {
+    let host = Host::new();
+    let b = Host::new_as_b();
+    let (_, tagged) = b.run(EGRESS, &tcp_frame(B_V, A_V, 50200, 22, true, &[]));
+    let tag_at = tagged.len() - 8;
+
+    // One bit of the MAC changed.
+    let mut forged = tagged.clone();
+    forged[tag_at] ^= 1;
+    assert_eq!(host.run(INGRESS, &forged).0, TC_ACT_SHOT);
+    assert_eq!(host.drops(DropReason::BadTag), 1);
+
+    // The same tag on another connection (other source port): a recorded
+    // SYN does not open flows it was not made for.
+    let mut replayed = tagged.clone();
+    replayed[14 + 20] = 0x01;
+    assert_eq!(host.run(INGRESS, &replayed).0, TC_ACT_SHOT);
+    assert_eq!(host.drops(DropReason::BadTag), 2);
+
+    // A member whose path is not authenticated cannot open flows, even
+    // with a well-formed tag.
+    let mut unauth = Host::new();
+    unauth
+        .maps
+        .set_peer(
+            B_V.into(),
+            PeerPath {
+                state: PEER_MEMBER,
+                ..ready(B_R)
+            },
+        )
+        .unwrap();
+    assert_eq!(unauth.run(INGRESS, &tagged).0, TC_ACT_SHOT);
+    assert_eq!(unauth.drops(DropReason::TagMismatch), 1);
+    // Another session's key: the MAC does not verify.
+    let mut other_key = Host::new();
+    other_key
+        .maps
+        .set_peer(
+            B_V.into(),
+            PeerPath {
+                tag_key: [9; 16],
+                ..ready(B_R)
+            },
+        )
+        .unwrap();
+    assert_eq!(other_key.run(INGRESS, &tagged).0, TC_ACT_SHOT);
+    assert_eq!(other_key.drops(DropReason::BadTag), 1);
+
+    // The genuine SYN passes, and the refusals were reported.
+    assert_eq!(host.run(INGRESS, &tagged).0, TC_ACT_OK);
+    let batch = tokio::time::timeout(std::time::Duration::from_secs(2), async {
+        let mut host = host;
+        host.events.next_batch().await
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(
+        batch.iter().any(|e| matches!(
+            e,
+            FlowEvent::InboundRefused {
+                reason: Some(DropReason::BadTag),
+                local_port: 22,
+                ..
+            }
+        )),
+        "{batch:?}"
+    );
+}
+
+#[tokio::test]
+async fn policy_is_enforced_on_syns_in_both_directions() {
+    let mut host = Host::new();
+    // Inbound from B: only port 22; outbound to B: only 8000-8003.
+    let entry = |direction, port, bits| PolicyEntry {
+        direction,
+        peer: B_V.into(),
+        port,
+        prefix_len: pvc_common::POLICY_FULL_PREFIX - 16 + bits,
+    };
+    let compiled = Compiled {
+        restrict_out: true,
+        restrict_in: true,
+        entries: [
+            entry(POLICY_INBOUND, 22, 16),
+            entry(POLICY_OUTBOUND, 8000, 14),
+        ]
+        .into_iter()
+        .collect(),
+    };
+    let mut installed = Default::default();
+    host.maps
+        .set_policy(&mut installed, &compiled.entries)
+        .unwrap();
+    host.maps
+        .set_identity(A_V.into(), A_R.into(), &compiled)
+        .unwrap();
+
+    assert_eq!(
+        host.run(EGRESS, &tcp_frame(A_V, B_V, 40300, 8003, true, &[]))
+            .0,
+        TC_ACT_OK
+    );
+    assert_eq!(
+        host.run(EGRESS, &tcp_frame(A_V, B_V, 40301, 8004, true, &[]))
+            .0,
+        TC_ACT_SHOT
+    );
+    assert_eq!(
+        host.run(EGRESS, &tcp_frame(A_V, B_V, 40302, 22, true, &[]))
+            .0,
+        TC_ACT_SHOT
+    );
+    assert_eq!(host.drops(DropReason::PolicyOutbound), 2);
+
+    let b = Host::new_as_b();
+    let (_, ssh) = b.run(EGRESS, &tcp_frame(B_V, A_V, 50300, 22, true, &[]));
+    let (_, web) = b.run(EGRESS, &tcp_frame(B_V, A_V, 50301, 80, true, &[]));
+    assert_eq!(host.run(INGRESS, &ssh).0, TC_ACT_OK);
+    assert_eq!(host.run(INGRESS, &web).0, TC_ACT_SHOT);
+    assert_eq!(host.drops(DropReason::PolicyInbound), 1);
+
+    // Removing the restriction lets everything through again.
+    host.maps
+        .set_policy(&mut installed, &Default::default())
+        .unwrap();
+    host.maps
+        .set_identity(A_V.into(), A_R.into(), &Compiled::default())
+        .unwrap();
+    assert_eq!(host.run(INGRESS, &web).0, TC_ACT_OK);
 }

@@ -1,0 +1,195 @@
+//! Putting held SYNs back into the stack (raw IPv4 socket): once the path to
+//! a member is authenticated the agent re-sends the very SYN the
+//! application's connect() emitted, so the connection completes without
+//! waiting for TCP's retransmit timer; when the path cannot be made, a RST
+//! "from the peer" makes that connect() fail at once.
+
+use std::{
+    io,
+    net::{Ipv4Addr, SocketAddrV4},
+};
+
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+
+pub struct Injector {
+    socket: Socket,
+}
+
+/// The fields of a held SYN the injector needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Syn {
+    pub saddr: Ipv4Addr,
+    pub daddr: Ipv4Addr,
+    pub sport: u16,
+    pub dport: u16,
+    pub seq: u32,
+}
+
+impl Syn {
+    /// Parses a held packet: an IPv4 header, then a TCP SYN.
+    pub fn parse(packet: &[u8]) -> Option<Self> {
+        let ihl = (*packet.first()? & 0x0f) as usize * 4;
+        if packet[0] >> 4 != 4 || ihl < 20 || packet.len() < ihl + 20 || packet[9] != 6 {
+            return None;
+        }
+        let tcp = &packet[ihl..];
+        if tcp[13] & 0x12 != 0x02 {
+            return None;
+        }
+        Some(Self {
+            saddr: Ipv4Addr::new(packet[12], packet[13], packet[14], packet[15]),
+            daddr: Ipv4Addr::new(packet[16], packet[17], packet[18], packet[19]),
+            sport: u16::from_be_bytes([tcp[0], tcp[1]]),
+            dport: u16::from_be_bytes([tcp[2], tcp[3]]),
+            seq: u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]),
+        })
+    }
+}
+
+fn sum16(data: &[u8]) -> u32 {
+    data.chunks(2)
+        .map(|c| u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32)
+        .sum()
+}
+
+/// The TCP checksum of `segment` (its checksum field counted as zero).
+fn tcp_checksum(saddr: Ipv4Addr, daddr: Ipv4Addr, segment: &[u8]) -> u16 {
+    let mut s = sum16(&saddr.octets()) + sum16(&daddr.octets()) + 6 + segment.len() as u32;
+    s += sum16(segment) - u16::from_be_bytes([segment[16], segment[17]]) as u32;
+    while s > 0xffff {
+        s = (s & 0xffff) + (s >> 16);
+    }
+    !(s as u16)
+}
+
+/// A held SYN ready to go out again: the stack offloaded its checksum (the
+/// captured one is only the pseudo-header's), so it is computed here.
+pub fn complete_syn(packet: &[u8]) -> Option<Vec<u8>> {
+    let syn = Syn::parse(packet)?;
+    let ihl = (packet[0] & 0x0f) as usize * 4;
+    let tot = (u16::from_be_bytes([packet[2], packet[3]]) as usize).min(packet.len());
+    let mut out = packet[..tot].to_vec();
+    let csum = tcp_checksum(syn.saddr, syn.daddr, &out[ihl..]);
+    out[ihl + 16..ihl + 18].copy_from_slice(&csum.to_be_bytes());
+    Some(out)
+}
+
+/// A RST|ACK from the SYN's destination to its source, answering it.
+pub fn refusal(syn: &Syn) -> Vec<u8> {
+    let mut p = vec![0u8; 40];
+    p[0] = 0x45;
+    p[2..4].copy_from_slice(&40u16.to_be_bytes());
+    p[6] = 0x40; // DF
+    p[8] = 64;
+    p[9] = 6;
+    p[12..16].copy_from_slice(&syn.daddr.octets());
+    p[16..20].copy_from_slice(&syn.saddr.octets());
+    let t = &mut p[20..];
+    t[0..2].copy_from_slice(&syn.dport.to_be_bytes());
+    t[2..4].copy_from_slice(&syn.sport.to_be_bytes());
+    t[8..12].copy_from_slice(&syn.seq.wrapping_add(1).to_be_bytes());
+    t[12] = 5 << 4;
+    t[13] = 0x14; // RST, ACK
+    let csum = tcp_checksum(syn.daddr, syn.saddr, &p[20..]);
+    p[36..38].copy_from_slice(&csum.to_be_bytes());
+    p
+}
+
+impl Injector {
+    pub fn new() -> io::Result<Self> {
+        // IPPROTO_RAW: the packets carry their own IPv4 header.
+        let socket = Socket::new(
+            Domain::IPV4,
+            Type::RAW,
+            Some(Protocol::from(libc::IPPROTO_RAW)),
+        )?;
+        Ok(Self { socket })
+    }
+
+    fn send(&self, packet: &[u8], to: Ipv4Addr) -> io::Result<()> {
+        self.socket
+            .send_to(packet, &SockAddr::from(SocketAddrV4::new(to, 0)))?;
+        Ok(())
+    }
+
+    /// Re-sends a held SYN; tc egress now masquerades and tags it.
+    pub fn resend(&self, packet: &[u8]) -> io::Result<()> {
+        let complete =
+            complete_syn(packet).ok_or_else(|| io::Error::other("not a held TCP SYN"))?;
+        let syn = Syn::parse(&complete).expect("parsed above");
+        self.send(&complete, syn.daddr)
+    }
+
+    /// Makes the connect() behind a held SYN fail with ECONNREFUSED.
+    pub fn refuse(&self, packet: &[u8]) -> io::Result<()> {
+        let syn = Syn::parse(packet).ok_or_else(|| io::Error::other("not a held TCP SYN"))?;
+        self.send(&refusal(&syn), syn.saddr)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn syn() -> Vec<u8> {
+        let mut p = Vec::new();
+        etherparse::PacketBuilder::ipv4([240, 0, 0, 1], [240, 0, 0, 2], 64)
+            .tcp(40000, 22, 0x01020304, 64240)
+            .syn()
+            .write(&mut p, &[])
+            .unwrap();
+        p
+    }
+
+    fn valid(p: &[u8]) -> bool {
+        let ihl = (p[0] & 0x0f) as usize * 4;
+        let s = Syn::parse(p).map(|s| (s.saddr, s.daddr)).unwrap_or((
+            Ipv4Addr::new(p[12], p[13], p[14], p[15]),
+            Ipv4Addr::new(p[16], p[17], p[18], p[19]),
+        ));
+        let seg = &p[ihl..];
+        u16::from_be_bytes([seg[16], seg[17]]) == tcp_checksum(s.0, s.1, seg)
+    }
+
+    #[test]
+    fn a_held_syn_gets_its_full_checksum_back() {
+        let mut held = syn();
+        // What the stack hands tc with offload on: a partial checksum.
+        held[20 + 16] = 0x12;
+        held[20 + 17] = 0x34;
+        let out = complete_syn(&held).unwrap();
+        assert!(valid(&out));
+        assert_eq!(out, syn(), "the original SYN, byte for byte");
+    }
+
+    #[test]
+    fn a_refusal_answers_the_syn() {
+        let s = Syn::parse(&syn()).unwrap();
+        assert_eq!(
+            s,
+            Syn {
+                saddr: Ipv4Addr::new(240, 0, 0, 1),
+                daddr: Ipv4Addr::new(240, 0, 0, 2),
+                sport: 40000,
+                dport: 22,
+                seq: 0x01020304
+            }
+        );
+        let rst = refusal(&s);
+        let back = etherparse::SlicedPacket::from_ip(&rst).unwrap();
+        match back.transport {
+            Some(etherparse::TransportSlice::Tcp(t)) => {
+                assert!(t.rst() && t.ack());
+                assert_eq!((t.source_port(), t.destination_port()), (22, 40000));
+                assert_eq!(t.acknowledgment_number(), 0x01020305);
+            }
+            other => panic!("{other:?}"),
+        }
+        let ihl = 20;
+        assert_eq!(
+            u16::from_be_bytes([rst[ihl + 16], rst[ihl + 17]]),
+            tcp_checksum(s.daddr, s.saddr, &rst[ihl..])
+        );
+        assert_eq!(Syn::parse(&rst), None, "a RST is not a SYN");
+    }
+}
