@@ -370,23 +370,26 @@ pub const EVENT_FLOW_CREATED: u8 = 1;
 pub const EVENT_CONNECT_REFUSED: u8 = 2;
 /// An inbound SYN refused by tc ingress (policy, bad or unknown tag).
 pub const EVENT_INBOUND_REFUSED: u8 = 3;
-/// A SYN held for the agent (`SynEvent`).
-pub const EVENT_SYN_HELD: u8 = 4;
+/// A packet held for the agent (`HeldPacket`).
+pub const EVENT_PACKET_HELD: u8 = 4;
 
-/// Bytes of a held SYN the agent gets: its IPv4 and TCP headers.
-pub const HELD_SYN_BYTES: usize = 120;
+/// Bytes of a held packet the agent gets: enough for a SYN's IPv4 and TCP
+/// headers with options, or a small ping.
+pub const HELD_BYTES: usize = 120;
 
-/// A SYN to a member without an authenticated path, as the local stack sent
-/// it (virtual addresses). The agent authenticates the peer and re-sends it.
+/// The first packet of a flow to a member without an authenticated path
+/// (a SYN, a ping), as the local stack sent it (virtual addresses). The
+/// agent authenticates the peer and, if it got the whole packet, re-sends it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct SynEvent {
+pub struct HeldPacket {
     pub kind: u8,
-    pub _pad: u8,
-    /// Bytes of `packet` that hold the SYN (from its IPv4 header on).
+    /// 1 when `packet` holds the whole IPv4 packet (it can be re-sent).
+    pub complete: u8,
+    /// Bytes of `packet` copied from the IPv4 header on.
     pub len: u16,
     pub daddr: [u8; 4],
-    pub packet: [u8; HELD_SYN_BYTES],
+    pub packet: [u8; HELD_BYTES],
 }
 
 /// A control-plane event (one per new flow or refusal, never per packet).
@@ -420,7 +423,7 @@ mod pod {
     unsafe impl aya::Pod for PeerPath {}
     unsafe impl aya::Pod for Settings {}
     unsafe impl aya::Pod for Event {}
-    unsafe impl aya::Pod for SynEvent {}
+    unsafe impl aya::Pod for HeldPacket {}
     unsafe impl aya::Pod for PolicyKey {}
 }
 
@@ -438,7 +441,7 @@ mod tests {
         assert_eq!(size_of::<PeerPath>(), 8 + 16);
         assert_eq!(size_of::<Settings>(), 12);
         assert_eq!(size_of::<PolicyKey>(), 8);
-        assert_eq!(size_of::<SynEvent>(), 8 + HELD_SYN_BYTES);
+        assert_eq!(size_of::<HeldPacket>(), 8 + HELD_BYTES);
         assert_eq!(size_of::<Event>(), 4 + 4 + 4 + 4 + 2 + 2 + 4 + 4);
     }
 

@@ -3,8 +3,8 @@
 
 use aya_ebpf::{helpers::bpf_skb_load_bytes, programs::TcContext};
 use pvc_common::{
-    DIRECTION_EGRESS, DropReason, EVENT_FLOW_CREATED, EVENT_SYN_HELD, Event, FlowKey,
-    HELD_SYN_BYTES, Masquerade, PeerPath, SynEvent, siphash24_16, tag_message,
+    DIRECTION_EGRESS, DropReason, EVENT_FLOW_CREATED, EVENT_PACKET_HELD, Event, FlowKey,
+    HELD_BYTES, HeldPacket, Masquerade, PeerPath, siphash24_16, tag_message,
 };
 
 use crate::{
@@ -128,20 +128,21 @@ pub fn tag_mac(
     .to_le_bytes()
 }
 
-/// Hands a SYN to the agent (which authenticates the peer, then re-sends
-/// it). A full ring buffer loses it: TCP retransmits the SYN.
+/// Hands a packet to the agent (which authenticates the peer, then re-sends
+/// it when it got all of it). A full ring buffer loses it: TCP retransmits
+/// the SYN, ping sends the next request.
 #[inline(always)]
 pub fn hold(ctx: &TcContext, ip: &Ipv4) {
-    let Some(mut entry) = EVENTS.reserve_untyped::<SynEvent>(0) else {
+    let Some(mut entry) = EVENTS.reserve_untyped::<HeldPacket>(0) else {
         return;
     };
     // Bounded on both sides in one value, so that the verifier sees a
-    // non-empty copy that fits the record (a SYN has at least 40 bytes).
-    let len = (ip.tot_len as u32).clamp(20, HELD_SYN_BYTES as u32);
+    // non-empty copy that fits the record.
+    let len = (ip.tot_len as u32).clamp(20, HELD_BYTES as u32);
     let ev = entry.as_mut_ptr();
     let copied = unsafe {
-        (*ev).kind = EVENT_SYN_HELD;
-        (*ev)._pad = 0;
+        (*ev).kind = EVENT_PACKET_HELD;
+        (*ev).complete = (ip.tot_len as usize <= HELD_BYTES) as u8;
         (*ev).len = len as u16;
         (*ev).daddr = ip.daddr;
         bpf_skb_load_bytes(

@@ -158,9 +158,12 @@ fn egress_icmp(ctx: &TcContext, ip: &Ipv4, s: &Settings) -> Result<i32, DropReas
     let m = match flow::touch(&key, 0) {
         Some(m) => m,
         None => {
-            let path = unsafe { PEERS.get(ip.daddr) }
-                .filter(|p| p.state == PEER_READY)
-                .ok_or(DropReason::UnknownPeer)?;
+            let path = unsafe { PEERS.get(ip.daddr) }.ok_or(DropReason::UnknownPeer)?;
+            if path.state != PEER_READY {
+                // Pinging a member first is also a reason to authenticate it.
+                flow::hold(ctx, ip);
+                return Err(DropReason::AwaitingPath);
+            }
             let m = flow::entry(s.real_addr, path.real, icmp.id, 0, ip.daddr, path);
             flow::open(&key, &m, false)?;
             m

@@ -94,7 +94,7 @@ impl Handshake {
     /// Decodes a relayed payload; trailing bytes are an error.
     pub fn decode(payload: &[u8]) -> Option<Self> {
         match postcard::take_from_bytes(payload) {
-            Ok((h, rest)) if rest.is_empty() => Some(h),
+            Ok((h, [])) => Some(h),
             _ => None,
         }
     }

@@ -101,6 +101,9 @@ pub struct Host {
     pub instance: String,
     pub config: PathBuf,
     pub socket: PathBuf,
+    pub key_file: PathBuf,
+    /// The host key's public half (what the master admits).
+    pub public_key: String,
     agent: Option<Child>,
 }
 
@@ -108,6 +111,9 @@ pub struct Lab {
     pub prefix: String,
     pub dir: PathBuf,
     pub hosts: Vec<Host>,
+    /// The cluster master's folder (key and registry) and public key.
+    pub master_dir: PathBuf,
+    pub master_key: String,
     cgroup_dir: PathBuf,
     lan_ns: String,
     broker_ns: String,
@@ -130,6 +136,8 @@ impl Lab {
             lan_ns: format!("{prefix}-lan"),
             broker_ns: format!("{prefix}-broker"),
             prefix,
+            master_dir: dir.join("master"),
+            master_key: String::new(),
             dir,
             hosts: Vec::new(),
             cgroup_dir,
@@ -201,6 +209,24 @@ impl Lab {
         self.add_ns(&broker)?;
         self.plug(&broker, "p-broker", BROKER_IP)?;
         fs::create_dir_all(&self.cgroup_dir)?;
+        // The cluster: its master key pair and registry, as an administrator makes them.
+        let init = Command::new(bin("pvc"))
+            .args(["master", "init", "--dir"])
+            .arg(&self.master_dir)
+            .output()?;
+        ensure!(
+            init.status.success(),
+            "pvc master init: {}",
+            String::from_utf8_lossy(&init.stderr)
+        );
+        self.master_key = String::from_utf8_lossy(&init.stdout)
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("master_key = \"")?
+                    .strip_suffix('"')
+                    .map(str::to_string)
+            })
+            .ok_or_else(|| anyhow!("pvc master init printed no master_key"))?;
         for i in 0..n {
             let name = ((b'a' + i as u8) as char).to_string();
             let netns = format!("{}-{name}", self.prefix);
@@ -210,6 +236,17 @@ impl Lab {
             let cgroup = self.cgroup_dir.join(&name);
             fs::create_dir_all(&cgroup)?;
             let instance = format!("{}-{name}", self.prefix);
+            let key_file = self.dir.join(format!("{name}.key"));
+            let keygen = Command::new(bin("pvc"))
+                .args(["keygen", "--key"])
+                .arg(&key_file)
+                .output()?;
+            ensure!(
+                keygen.status.success(),
+                "pvc keygen: {}",
+                String::from_utf8_lossy(&keygen.stderr)
+            );
+            let public_key = String::from_utf8_lossy(&keygen.stdout).trim().to_string();
             let host = Host {
                 virtual_ip: Ipv4Addr::new(240, 0, 0, i as u8 + 1),
                 config: self.dir.join(format!("{name}.toml")),
@@ -219,6 +256,8 @@ impl Lab {
                 cgroup,
                 real,
                 instance,
+                key_file,
+                public_key,
                 agent: None,
             };
             self.hosts.push(host);
@@ -233,7 +272,8 @@ impl Lab {
         let h = &self.hosts[i];
         let text = format!(
             r#"instance = "{instance}"
-cluster = "lab"
+master_key = "{master_key}"
+key_file = "{key_file}"
 name = "host-{name}"
 virtual_ip = "{vip}"
 brokers = ["{BROKER_IP}:{BROKER_PORT}"]
@@ -244,6 +284,8 @@ cgroup = "{cgroup}"
 max_flows = 4096
 {extra}"#,
             instance = h.instance,
+            master_key = self.master_key,
+            key_file = h.key_file.display(),
             name = h.name,
             vip = h.virtual_ip,
             dir = self.dir.display(),
@@ -351,8 +393,10 @@ max_flows = 4096
 
     pub fn start_broker(&mut self) -> anyhow::Result<()> {
         let mut p = Self::command_in(&self.broker_ns, None, bin("pvc-broker"))?;
+        // Its state file keeps what the master published across a restart.
         p.cmd
-            .args(["--listen", &format!("{BROKER_IP}:{BROKER_PORT}")]);
+            .args(["--listen", &format!("{BROKER_IP}:{BROKER_PORT}"), "--state"])
+            .arg(self.dir.join("broker.redb"));
         self.broker = Some(p.spawn_logged(&self.dir.join("broker.log"))?);
         // Ready when it accepts connections.
         let ns = self.broker_ns.clone();
@@ -407,10 +451,50 @@ max_flows = 4096
         Ok(())
     }
 
-    /// All agents, then waits until every one has a path to every other.
+    /// Runs `pvc master <args>` as the administrator, publishing to the
+    /// lab's broker (from the broker's namespace). Returns its output.
+    pub fn master(&self, args: &[&str]) -> anyhow::Result<String> {
+        let mut p = Self::command_in(&self.broker_ns, None, bin("pvc"))?;
+        p.cmd
+            .arg("master")
+            .args(args)
+            .arg("--dir")
+            .arg(&self.master_dir);
+        if matches!(
+            args.first(),
+            Some(&("admit" | "revoke" | "policy" | "publish"))
+        ) {
+            p.cmd
+                .args(["--broker", &format!("{BROKER_IP}:{BROKER_PORT}")]);
+        }
+        p.ok()
+    }
+
+    /// Admits host `name` with its own key, as `host-<name>` at its virtual address.
+    pub fn admit(&self, name: &str, extra: &[&str]) -> anyhow::Result<String> {
+        let h = self.host(name);
+        let (member, vip) = (format!("host-{}", h.name), h.virtual_ip.to_string());
+        let mut args = vec![
+            "admit",
+            "--name",
+            &member,
+            "--virtual-ip",
+            &vip,
+            "--host-key",
+            &h.public_key,
+        ];
+        args.extend_from_slice(extra);
+        self.master(&args)
+    }
+
+    /// The broker, every host admitted, every agent started; waits until
+    /// each knows every other member.
     pub fn start_all(&mut self) -> anyhow::Result<()> {
         self.start_broker()?;
         let names: Vec<String> = self.hosts.iter().map(|h| h.name.clone()).collect();
+        for n in &names {
+            self.admit(n, &[])?;
+        }
         for n in &names {
             self.start_agent(n)?;
         }
@@ -420,22 +504,28 @@ max_flows = 4096
         Ok(())
     }
 
-    /// Waits until host `name` has installed paths to `n` members.
+    /// Waits until host `name` knows exactly `n` verified members.
     pub fn wait_for_peers(&self, name: &str, n: usize) -> anyhow::Result<()> {
         let socket = self.host(name).socket.clone();
         wait_until(
             Duration::from_secs(20),
-            &format!("{name} to know {n} peers"),
+            &format!("{name} to know {n} members"),
             || {
                 let s = status_of(&socket).ok()?;
-                let ready = s["peers"]
-                    .as_array()?
-                    .iter()
-                    .filter(|p| !p["path"].is_null())
-                    .count();
-                (ready == n).then_some(())
+                (s["peers"].as_array()?.len() == n).then_some(())
             },
         )
+    }
+
+    /// Whether host `name` has an authenticated path to the member at `vip`.
+    pub fn authenticated(&self, name: &str, vip: Ipv4Addr) -> bool {
+        self.status(name).ok().and_then(|s| {
+            s["peers"]
+                .as_array()?
+                .iter()
+                .find(|p| p["virtual_ip"] == vip.to_string())
+                .map(|p| p["authenticated"] == true)
+        }) == Some(true)
     }
 
     pub fn status(&self, name: &str) -> anyhow::Result<Value> {

@@ -59,7 +59,7 @@ fn connecting_to_a_virtual_address_without_member_fails_at_once() {
     assert_eq!(status["drops"]["connect_no_member"], 1, "{status}");
     let log = lab.agent_log("a");
     assert!(
-        log.contains("refused connect(): no member has virtual address 240.0.0.99"),
+        log.contains("to 240.0.0.99:80: no member has this virtual address"),
         "{log}"
     );
 }

@@ -16,7 +16,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use pvc_common::{PEER_MEMBER, PeerPath as KernelPath, Technique};
+use pvc_common::{PEER_MEMBER, PEER_READY, PeerPath as KernelPath, Technique};
 use pvc_proto::{MemberInfo, SignedPolicy, SignedRecord, SignedRevocations, unix_now};
 use rtnetlink::Handle;
 use tokio::{
@@ -37,6 +37,7 @@ use crate::{
     control::{self, PeerStatus, Query, Request, Status},
     interposition::{self, Attachment, Datapath, FlowEvent, Timeouts, inject::Injector},
     security::{
+        challenge::Session,
         keys::KeyPair,
         membership::{Member, Trust},
         policy::{self, Compiled, LocalPolicy, PolicyEntry, Subject},
@@ -70,7 +71,7 @@ struct Agent {
     peers: BTreeMap<Ipv4Addr, Peer>,
     /// Paths found in the kernel at start (left by a previous agent): kept
     /// until the broker confirms the member or the grace period ends.
-    inherited: BTreeMap<Ipv4Addr, Instant>,
+    inherited: BTreeMap<Ipv4Addr, (Instant, KernelPath)>,
     /// Routes of members that left, kept while flows still use them.
     retained_routes: BTreeSet<Ipv4Addr>,
     broker: Option<String>,
@@ -216,8 +217,8 @@ impl Agent {
         // (it crashed, or was upgraded): established flows keep using them
         // until the broker says who is still a member.
         let now = Instant::now();
-        for (vip, _) in self.datapath.maps.peers() {
-            self.inherited.insert(vip, now);
+        for (vip, path) in self.datapath.maps.peers() {
+            self.inherited.insert(vip, (now, path));
         }
         self.retained_routes
             .extend(virtualization::peer_routes(&self.handle).await?);
@@ -442,7 +443,7 @@ impl Agent {
         if vip == self.config.virtual_ip {
             return;
         }
-        self.inherited.remove(&vip);
+        let inherited = self.inherited.remove(&vip).map(|(_, path)| path);
         let hint = connectivity::choose(&member, &self.uplink.networks);
         let changed = match self.peers.get_mut(&vip) {
             Some(p) => {
@@ -459,8 +460,28 @@ impl Agent {
                 record_changed || path_changed
             }
             None => {
-                self.peers.insert(vip, Peer::new(member.clone(), hint));
-                true
+                let mut peer = Peer::new(member.clone(), hint);
+                // The previous agent of this instance authenticated this
+                // member: its session (real address, tag key) is in the
+                // pinned map, and the member still uses it.
+                if let Some(path) = inherited.filter(|p| p.state == PEER_READY) {
+                    let real = Ipv4Addr::from(path.real);
+                    if let Ok((via, _)) = virtualization::next_hop(&self.handle, real).await {
+                        info!(name = member.name, %vip, %real, "took over the authenticated path of the previous agent");
+                        peer.adopt(
+                            Session {
+                                peer: vip,
+                                peer_real: real,
+                                local_real: self.real_ip,
+                                tag_key: path.tag_key,
+                            },
+                            via,
+                        );
+                    }
+                }
+                let adopted = peer.session.is_some();
+                self.peers.insert(vip, peer);
+                !adopted
             }
         };
         if changed {
@@ -616,7 +637,7 @@ impl Agent {
         let inherited: Vec<Ipv4Addr> = self
             .inherited
             .iter()
-            .filter(|(_, t)| t.elapsed() > ABSENCE_GRACE)
+            .filter(|(_, (t, _))| t.elapsed() > ABSENCE_GRACE)
             .map(|(vip, _)| *vip)
             .collect();
         for vip in inherited {
@@ -677,6 +698,12 @@ impl Agent {
                 local_port,
                 reason,
             } => {
+                if matches!(
+                    reason,
+                    Some(pvc_common::DropReason::TagMismatch | pvc_common::DropReason::BadTag)
+                ) {
+                    self.reauthenticate(claimed, real);
+                }
                 let why = match reason {
                     Some(pvc_common::DropReason::PolicyInbound) => {
                         "the policy does not allow it".to_string()
@@ -688,7 +715,7 @@ impl Agent {
                 };
                 self.log_refusal(format_args!("refused a flow to port {local_port} claiming to be {claimed}, from {real}: {why}"));
             }
-            FlowEvent::SynHeld { peer, packet } => self.on_held_syn(peer, packet).await,
+            FlowEvent::Held { peer, packet } => self.on_held_packet(peer, packet).await,
         }
     }
 

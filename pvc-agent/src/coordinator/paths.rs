@@ -25,7 +25,7 @@ use crate::{
     virtualization,
 };
 
-/// SYNs kept per peer while its path is being authenticated.
+/// Packets kept per peer while its path is being authenticated.
 const MAX_HELD: usize = 64;
 /// After a failed exchange, SYNs to that peer are refused at once for this long.
 const FAILURE_MEMORY: Duration = Duration::from_secs(2);
@@ -63,6 +63,8 @@ pub(super) struct Peer {
     pub exchange: Option<(Exchange, Instant)>,
     pub held: Vec<Vec<u8>>,
     pub failed_at: Option<Instant>,
+    /// When a refused tag last made us authenticate the path again.
+    pub reauthenticated_at: Option<Instant>,
 }
 
 impl Peer {
@@ -75,7 +77,17 @@ impl Peer {
             exchange: None,
             held: Vec::new(),
             failed_at: None,
+            reauthenticated_at: None,
         }
+    }
+
+    /// Takes a session proven by the previous agent of this instance.
+    pub fn adopt(&mut self, session: Session, via: Ipv4Addr) {
+        self.session = Some(Established {
+            session,
+            via,
+            since: Instant::now(),
+        });
     }
 
     /// Forgets the proof (a record or path changed): the next SYN starts a
@@ -108,29 +120,62 @@ impl Agent {
         }
     }
 
-    /// A SYN held by tc egress: authenticate its member, then re-send it.
-    pub(super) async fn on_held_syn(&mut self, peer: Ipv4Addr, packet: Vec<u8>) {
+    /// A packet held by tc egress (a SYN, a ping): authenticate its member,
+    /// then re-send it.
+    pub(super) async fn on_held_packet(&mut self, peer: Ipv4Addr, packet: Option<Vec<u8>>) {
         let Some(p) = self.peers.get_mut(&peer) else {
-            debug!(%peer, "held SYN for an unknown member: dropped");
+            debug!(%peer, "held packet for an unknown member: dropped");
             return;
         };
         if p.session.is_some() {
-            // The path came up between the SYN and this event.
-            if let Err(e) = self.injector.resend(&packet) {
-                warn!("cannot re-send a held SYN: {e}");
+            // The path came up between the packet and this event.
+            if let Some(packet) = packet
+                && let Err(e) = self.injector.resend(&packet)
+            {
+                warn!("cannot re-send a held packet: {e}");
             }
             return;
         }
         if p.failed_at.is_some_and(|t| t.elapsed() < FAILURE_MEMORY) {
-            let _ = self.injector.refuse(&packet);
+            if let Some(packet) = packet {
+                let _ = self.injector.refuse(&packet);
+            }
             return;
         }
-        if p.held.len() < MAX_HELD {
+        if let Some(packet) = packet
+            && p.held.len() < MAX_HELD
+        {
             p.held.push(packet);
         }
         if p.exchange.is_none() {
             self.initiate(peer);
         }
+    }
+
+    /// A member's SYN was refused for its tag: one of the two ends holds a
+    /// key the other does not (an agent restarted). A new exchange gives both
+    /// the same key; the member's retransmitted SYN then passes. Only for a
+    /// known member at the real address we know for it, and not more often
+    /// than failures are remembered.
+    pub(super) fn reauthenticate(&mut self, claimed: Ipv4Addr, real: Ipv4Addr) {
+        let Some(p) = self.peers.get_mut(&claimed) else {
+            return;
+        };
+        let expected = p
+            .session
+            .as_ref()
+            .map(|s| s.session.peer_real)
+            .or(p.hint.map(|h| h.real));
+        if expected != Some(real)
+            || p.exchange.is_some()
+            || p.reauthenticated_at
+                .is_some_and(|t| t.elapsed() < FAILURE_MEMORY)
+        {
+            return;
+        }
+        info!(name = p.member.name, %claimed, "the member's SYN carried a tag we cannot check: authenticating the path again");
+        p.reauthenticated_at = Some(Instant::now());
+        self.initiate(claimed);
     }
 
     fn initiate(&mut self, peer: Ipv4Addr) {
@@ -358,7 +403,7 @@ impl Agent {
         p.failed_at = None;
         for packet in std::mem::take(&mut p.held) {
             if let Err(e) = self.injector.resend(&packet) {
-                warn!("cannot re-send a held SYN: {e}");
+                warn!("cannot re-send a held packet: {e}");
             }
         }
         true

@@ -6,7 +6,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use aya::maps::{MapData, RingBuf};
 use pvc_common::{
     DIRECTION_EGRESS, DropReason, EVENT_CONNECT_REFUSED, EVENT_FLOW_CREATED, EVENT_INBOUND_REFUSED,
-    EVENT_SYN_HELD, Event, SynEvent, Technique,
+    EVENT_PACKET_HELD, Event, HeldPacket, Technique,
 };
 use tokio::io::{Interest, unix::AsyncFd};
 
@@ -39,23 +39,28 @@ pub enum FlowEvent {
         local_port: u16,
         reason: Option<DropReason>,
     },
-    /// A SYN to a member without an authenticated path, held for the agent.
-    SynHeld { peer: Ipv4Addr, packet: Vec<u8> },
+    /// The first packet to a member without an authenticated path, held for
+    /// the agent; `packet` is the whole IPv4 packet when it fit the record.
+    Held {
+        peer: Ipv4Addr,
+        packet: Option<Vec<u8>>,
+    },
 }
 
 impl FlowEvent {
     /// Decodes an event; `None` for bytes no known program writes.
     pub fn parse(bytes: &[u8]) -> Option<Self> {
-        if bytes.first() == Some(&EVENT_SYN_HELD) {
-            if bytes.len() < size_of::<SynEvent>() {
+        if bytes.first() == Some(&EVENT_PACKET_HELD) {
+            if bytes.len() < size_of::<HeldPacket>() {
                 return None;
             }
-            // SAFETY: SynEvent is plain old data and `bytes` holds at least one.
-            let e: SynEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+            // SAFETY: HeldPacket is plain old data and `bytes` holds at least one.
+            let e: HeldPacket = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
             let len = (e.len as usize).min(e.packet.len());
-            return Some(Self::SynHeld {
+            let packet = (e.complete == 1).then(|| e.packet[..len].to_vec());
+            return Some(Self::Held {
                 peer: Ipv4Addr::from(e.daddr),
-                packet: e.packet[..len].to_vec(),
+                packet,
             });
         }
         if bytes.len() < size_of::<Event>() {
@@ -170,23 +175,26 @@ mod tests {
 
     #[test]
     fn held_syns_carry_their_packet() {
-        let mut e = SynEvent {
-            kind: EVENT_SYN_HELD,
-            _pad: 0,
+        let mut e = HeldPacket {
+            kind: EVENT_PACKET_HELD,
+            complete: 1,
             len: 3,
             daddr: [240, 0, 0, 2],
-            packet: [0; pvc_common::HELD_SYN_BYTES],
+            packet: [0; pvc_common::HELD_BYTES],
         };
         e.packet[..3].copy_from_slice(&[0x45, 1, 2]);
-        // SAFETY: SynEvent is repr(C) plain data.
+        // SAFETY: HeldPacket is repr(C) plain data.
         let bytes = unsafe {
-            std::slice::from_raw_parts((&e as *const SynEvent).cast::<u8>(), size_of::<SynEvent>())
+            std::slice::from_raw_parts(
+                (&e as *const HeldPacket).cast::<u8>(),
+                size_of::<HeldPacket>(),
+            )
         };
         assert_eq!(
             FlowEvent::parse(bytes),
-            Some(FlowEvent::SynHeld {
+            Some(FlowEvent::Held {
                 peer: Ipv4Addr::new(240, 0, 0, 2),
-                packet: vec![0x45, 1, 2]
+                packet: Some(vec![0x45, 1, 2])
             })
         );
         assert_eq!(FlowEvent::parse(&bytes[..10]), None);

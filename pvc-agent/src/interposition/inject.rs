@@ -1,8 +1,8 @@
-//! Putting held SYNs back into the stack (raw IPv4 socket): once the path to
-//! a member is authenticated the agent re-sends the very SYN the
-//! application's connect() emitted, so the connection completes without
-//! waiting for TCP's retransmit timer; when the path cannot be made, a RST
-//! "from the peer" makes that connect() fail at once.
+//! Putting held packets back into the stack (raw IPv4 socket): once the
+//! path to a member is authenticated the agent re-sends the very SYN the
+//! application's connect() emitted (or the ping), so the connection
+//! completes without waiting for TCP's retransmit timer; when the path
+//! cannot be made, a RST "from the peer" makes that connect() fail at once.
 
 use std::{
     io,

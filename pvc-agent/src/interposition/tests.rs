@@ -581,9 +581,9 @@ async fn a_syn_to_a_member_without_an_authenticated_path_is_held_for_the_agent()
         .unwrap();
     assert_eq!(
         batch,
-        vec![FlowEvent::SynHeld {
+        vec![FlowEvent::Held {
             peer: B_V.into(),
-            packet: syn[14..].to_vec()
+            packet: Some(syn[14..].to_vec())
         }]
     );
     // Packets of a flow that has no entry are not masqueraded either.

@@ -493,7 +493,7 @@ mod tests {
         // another transcript.
         let mut moved = as_init(&init2).clone();
         moved.initiator_real = real(66);
-        let (rb3, reply3) = respond(&me(&b), &moved, &a.member, &[real(2)]).unwrap();
+        let (_, reply3) = respond(&me(&b), &moved, &a.member, &[real(2)]).unwrap();
         let (ia3, _) = initiate(&me(&a), &b.member, real(1), real(2)).unwrap();
         let mut r = as_reply(&reply3).clone();
         r.id = ia3.id;
@@ -501,7 +501,6 @@ mod tests {
             ia3.on_reply(&me(&a), &r).err(),
             Some(ChallengeError::BadSignature)
         );
-        drop(rb3);
     }
 
     #[test]
