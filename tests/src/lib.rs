@@ -392,25 +392,55 @@ max_flows = 4096
     }
 
     pub fn start_broker(&mut self) -> anyhow::Result<()> {
+        self.start_broker_on(BROKER_PORT)
+    }
+
+    fn start_broker_on(&mut self, port: u16) -> anyhow::Result<()> {
         let mut p = Self::command_in(&self.broker_ns, None, bin("pvc-broker"))?;
         // Its state file keeps what the master published across a restart.
         p.cmd
-            .args(["--listen", &format!("{BROKER_IP}:{BROKER_PORT}"), "--state"])
+            .args(["--listen", &format!("{BROKER_IP}:{port}"), "--state"])
             .arg(self.dir.join("broker.redb"));
         self.broker = Some(p.spawn_logged(&self.dir.join("broker.log"))?);
-        // Ready when it accepts connections.
-        let ns = self.broker_ns.clone();
-        wait_until(Duration::from_secs(10), "broker listening", || {
-            let out = Self::command_in(&ns, None, "ss")
-                .ok()?
-                .cmd
-                .args(["-Hltn"])
-                .output()
-                .ok()?;
-            String::from_utf8_lossy(&out.stdout)
-                .contains(&format!(":{BROKER_PORT}"))
-                .then_some(())
-        })
+        self.wait_port(&self.broker_ns.clone(), port)
+    }
+
+    /// Waits until something listens on TCP `port` in namespace `ns`.
+    fn wait_port(&self, ns: &str, port: u16) -> anyhow::Result<()> {
+        wait_until(
+            Duration::from_secs(10),
+            &format!("port {port} listening"),
+            || {
+                let out = Self::command_in(ns, None, "ss")
+                    .ok()?
+                    .cmd
+                    .args(["-Hltn"])
+                    .output()
+                    .ok()?;
+                String::from_utf8_lossy(&out.stdout)
+                    .contains(&format!(":{port} "))
+                    .then_some(())
+            },
+        )
+    }
+
+    /// A malicious broker (the `evil-broker` test double) where agents and
+    /// the master expect the broker, in front of a real one.
+    pub fn start_evil_broker(&mut self, mode: &[&str]) -> anyhow::Result<()> {
+        const UPSTREAM: u16 = BROKER_PORT + 1;
+        self.start_broker_on(UPSTREAM)?;
+        let mut p = Self::command_in(&self.broker_ns, None, bin("evil-broker"))?;
+        p.cmd
+            .args(["--listen", &format!("{BROKER_IP}:{BROKER_PORT}")])
+            .args(["--upstream", &format!("{BROKER_IP}:{UPSTREAM}")])
+            .args(mode);
+        let child = p.spawn_logged(&self.dir.join("evil-broker.log"))?;
+        self.children.push(child);
+        self.wait_port(&self.broker_ns.clone(), BROKER_PORT)
+    }
+
+    pub fn evil_broker_log(&self) -> String {
+        fs::read_to_string(self.dir.join("evil-broker.log")).unwrap_or_default()
     }
 
     pub fn kill_broker(&mut self) {
@@ -491,15 +521,33 @@ max_flows = 4096
     /// each knows every other member.
     pub fn start_all(&mut self) -> anyhow::Result<()> {
         self.start_broker()?;
+        self.admit_and_start_all()
+    }
+
+    /// Every host admitted, every agent started (the broker is up); waits
+    /// until each knows every other member.
+    pub fn admit_and_start_all(&mut self) -> anyhow::Result<()> {
+        self.admit_all()?;
+        self.start_agents()?;
+        let names: Vec<String> = self.hosts.iter().map(|h| h.name.clone()).collect();
+        for n in &names {
+            self.wait_for_peers(n, names.len() - 1)?;
+        }
+        Ok(())
+    }
+
+    pub fn admit_all(&mut self) -> anyhow::Result<()> {
         let names: Vec<String> = self.hosts.iter().map(|h| h.name.clone()).collect();
         for n in &names {
             self.admit(n, &[])?;
         }
+        Ok(())
+    }
+
+    pub fn start_agents(&mut self) -> anyhow::Result<()> {
+        let names: Vec<String> = self.hosts.iter().map(|h| h.name.clone()).collect();
         for n in &names {
             self.start_agent(n)?;
-        }
-        for n in &names {
-            self.wait_for_peers(n, names.len() - 1)?;
         }
         Ok(())
     }
