@@ -200,7 +200,6 @@ impl Lab {
     }
 
     fn build(&mut self, n: usize) -> anyhow::Result<()> {
-        assert!(n <= 26);
         let lan = self.lan_ns.clone();
         self.add_ns(&lan)?;
         sh(&["ip", "-n", &lan, "link", "add", "br0", "type", "bridge"])?;
@@ -227,44 +226,53 @@ impl Lab {
                     .map(str::to_string)
             })
             .ok_or_else(|| anyhow!("pvc master init printed no master_key"))?;
-        for i in 0..n {
-            let name = ((b'a' + i as u8) as char).to_string();
-            let netns = format!("{}-{name}", self.prefix);
-            self.add_ns(&netns)?;
-            let real = Ipv4Addr::new(198, 18, 0, i as u8 + 1);
-            self.plug(&netns, &format!("p-{name}"), real)?;
-            let cgroup = self.cgroup_dir.join(&name);
-            fs::create_dir_all(&cgroup)?;
-            let instance = format!("{}-{name}", self.prefix);
-            let key_file = self.dir.join(format!("{name}.key"));
-            let keygen = Command::new(bin("pvc"))
-                .args(["keygen", "--key"])
-                .arg(&key_file)
-                .output()?;
-            ensure!(
-                keygen.status.success(),
-                "pvc keygen: {}",
-                String::from_utf8_lossy(&keygen.stderr)
-            );
-            let public_key = String::from_utf8_lossy(&keygen.stdout).trim().to_string();
-            let host = Host {
-                virtual_ip: Ipv4Addr::new(240, 0, 0, i as u8 + 1),
-                config: self.dir.join(format!("{name}.toml")),
-                socket: self.dir.join(format!("{instance}.sock")),
-                name,
-                netns,
-                cgroup,
-                real,
-                instance,
-                key_file,
-                public_key,
-                agent: None,
-            };
-            self.hosts.push(host);
-            let i = self.hosts.len() - 1;
-            self.write_config(i, "")?;
+        for _ in 0..n {
+            self.add_host()?;
         }
         Ok(())
+    }
+
+    /// Adds a host to the LAN (the next letter): its namespace, cgroup,
+    /// key pair and configuration. It is not admitted and runs nothing yet.
+    pub fn add_host(&mut self) -> anyhow::Result<String> {
+        let i = self.hosts.len();
+        assert!(i < 26);
+        let name = ((b'a' + i as u8) as char).to_string();
+        let netns = format!("{}-{name}", self.prefix);
+        self.add_ns(&netns)?;
+        let real = Ipv4Addr::new(198, 18, 0, i as u8 + 1);
+        self.plug(&netns, &format!("p-{name}"), real)?;
+        let cgroup = self.cgroup_dir.join(&name);
+        fs::create_dir_all(&cgroup)?;
+        let instance = format!("{}-{name}", self.prefix);
+        let key_file = self.dir.join(format!("{name}.key"));
+        let keygen = Command::new(bin("pvc"))
+            .args(["keygen", "--key"])
+            .arg(&key_file)
+            .output()?;
+        ensure!(
+            keygen.status.success(),
+            "pvc keygen: {}",
+            String::from_utf8_lossy(&keygen.stderr)
+        );
+        let public_key = String::from_utf8_lossy(&keygen.stdout).trim().to_string();
+        let host = Host {
+            virtual_ip: Ipv4Addr::new(240, 0, 0, i as u8 + 1),
+            config: self.dir.join(format!("{name}.toml")),
+            socket: self.dir.join(format!("{instance}.sock")),
+            name,
+            netns,
+            cgroup,
+            real,
+            instance,
+            key_file,
+            public_key,
+            agent: None,
+        };
+        self.hosts.push(host);
+        let i = self.hosts.len() - 1;
+        self.write_config(i, "")?;
+        Ok(self.hosts[i].name.clone())
     }
 
     /// Writes host `i`'s agent configuration, with `extra` TOML appended.

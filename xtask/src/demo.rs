@@ -55,15 +55,28 @@ pub fn run() -> anyhow::Result<()> {
         );
     }
     println!("   broker: {BROKER_IP}:{BROKER_PORT} (pvc-broker)");
+    println!("\n   The administrator created the cluster and every host its key pair:");
+    println!(
+        "   $ pvc master init            -> master_key = \"{}\"",
+        lab.master_key
+    );
+    println!(
+        "   $ pvc keygen                 (on each host; the private key stays there, mode 0600)"
+    );
 
-    step("Starting the broker and one pvc-agent per host");
-    lab.start_all()?;
+    step("The broker starts; the master admits each host; one pvc-agent per host");
+    lab.start_broker()?;
+    lab.admit_and_start_all()?;
     println!(
-        "   every agent loaded its eBPF programs (cgroup connect4, tc ingress/egress on eth0),"
+        "   $ pvc master admit --name host-a --virtual-ip 240.0.0.1 --host-key <a's key> --broker ..."
     );
+    println!("   $ pvc master list");
+    show(&lab.master(&["list"])?);
     println!(
-        "   added its virtual address and a route for 240.0.0.0/4, and registered with the broker."
+        "\n   Every agent loaded its eBPF programs (cgroup connect4, tc ingress/egress on eth0),"
     );
+    println!("   added its virtual address, registered with its host key, and checked the other");
+    println!("   members' records against the master key. Paths are authenticated on first use.");
     println!("\n   $ pvc peers          (on host a)");
     show(&pvc(&lab, "a", &["peers"])?);
 
@@ -116,6 +129,17 @@ pub fn run() -> anyhow::Result<()> {
             _ => line.to_string(),
         };
         show(line.trim());
+    }
+    println!(
+        "\n   Before that SYN left, a and b proved their keys to each other through the broker"
+    );
+    println!("   (challenge-response); a held the SYN meanwhile and re-sent it:");
+    for line in lab
+        .agent_log("a")
+        .lines()
+        .filter(|l| l.contains("authenticated and installed"))
+    {
+        show(line.split("INFO ").last().unwrap_or(line));
     }
     let log = wait_until(Duration::from_secs(5), "server log", || {
         let text = std::fs::read_to_string(&server.log).ok()?;
@@ -172,6 +196,26 @@ pub fn run() -> anyhow::Result<()> {
     step("Connecting to 240.0.0.99, which no member holds (from host a)");
     let refused = probe::client(&lab, "a", "240.0.0.99".parse()?, 80)?;
     println!("   connect() failed at once: {}", refused["error"]);
+
+    step("An impostor: host d has a key pair, but the master never admitted it");
+    let d = lab.add_host()?;
+    lab.start_agent(&d)?;
+    let d_key = lab.host(&d).public_key.clone();
+    wait_until(Duration::from_secs(10), "d's refusal", || {
+        lab.agent_log(&d)
+            .contains(&format!("--host-key {d_key}"))
+            .then_some(())
+    })?;
+    for line in lab
+        .agent_log(&d)
+        .lines()
+        .filter(|l| l.contains("not admitted"))
+        .take(1)
+    {
+        show(line.split("ERROR ").last().unwrap_or(line));
+    }
+    let got = probe::client(&lab, &d, a, 9000)?;
+    println!("   connect() from d to {a}: {}", got["error"]);
 
     step("pvc status on host b");
     show(&pvc(&lab, "b", &["status"])?);

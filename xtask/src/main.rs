@@ -40,7 +40,11 @@ enum Cmd {
     },
 }
 
-const FUZZ_TARGETS: [&str; 3] = ["broker_reads_agent_frames", "agent_reads_broker_frames", "agent_reads_handshakes"];
+const FUZZ_TARGETS: [&str; 3] = [
+    "broker_reads_agent_frames",
+    "agent_reads_broker_frames",
+    "agent_reads_handshakes",
+];
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
