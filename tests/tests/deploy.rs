@@ -53,12 +53,29 @@ fn systemd_units_verify() {
 fn the_example_global_policy_is_valid() {
     let dir = std::env::temp_dir().join(format!("pvc-policy-example-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let init = Command::new(bin("pvc")).args(["master", "init", "--dir"]).arg(&dir).output().unwrap();
+    let init = Command::new(bin("pvc"))
+        .args(["master", "init", "--dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
     assert!(init.status.success());
     let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/global-policy.toml");
-    let out = Command::new(bin("pvc")).args(["master", "policy", "--dir"]).arg(&dir).arg("--file").arg(&file).output().unwrap();
+    let out = Command::new(bin("pvc"))
+        .args(["master", "policy", "--dir"])
+        .arg(&dir)
+        .arg("--file")
+        .arg(&file)
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("global policy version 1 with 2 rules"), "{stdout}");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("global policy version 1 with 2 rules"),
+        "{stdout}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -5,7 +5,9 @@
 
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
-use pvc_proto::{AgentCodec, BrokerCodec, BrokerMessage, PublicKey, handshake::Handshake, unix_now};
+use pvc_proto::{
+    AgentCodec, BrokerCodec, BrokerMessage, PublicKey, handshake::Handshake, unix_now,
+};
 use tokio_util::codec::{Decoder as _, Encoder as _};
 
 /// Some master key; the fuzzer cannot forge its signatures, but the
@@ -17,7 +19,13 @@ fuzz_target!(|data: &[u8]| {
     let mut codec = AgentCodec::default();
     while let Ok(Some(msg)) = codec.decode(&mut buf) {
         match &msg {
-            BrokerMessage::Welcome { you, members, revocations, policy, .. } => {
+            BrokerMessage::Welcome {
+                you,
+                members,
+                revocations,
+                policy,
+                ..
+            } => {
                 let _ = you.verify(&MASTER).map(|r| r.check(unix_now(), &[]));
                 for m in members {
                     let _ = m.record.verify(&MASTER);
@@ -33,7 +41,9 @@ fuzz_target!(|data: &[u8]| {
             _ => {}
         }
         let mut again = BytesMut::new();
-        BrokerCodec::default().encode(msg.clone(), &mut again).unwrap();
+        BrokerCodec::default()
+            .encode(msg.clone(), &mut again)
+            .unwrap();
         let back = AgentCodec::default().decode(&mut again).unwrap();
         assert_eq!(back, Some(msg));
     }

@@ -33,7 +33,9 @@ fuzz_target!(|data: &[u8]| {
             AgentMessage::Ping { .. } | AgentMessage::Leave => {}
         }
         let mut again = BytesMut::new();
-        AgentCodec::default().encode(msg.clone(), &mut again).unwrap();
+        AgentCodec::default()
+            .encode(msg.clone(), &mut again)
+            .unwrap();
         let back = BrokerCodec::default().decode(&mut again).unwrap();
         assert_eq!(back, Some(msg));
     }
