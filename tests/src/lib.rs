@@ -415,9 +415,10 @@ max_flows = 4096
 
     /// Waits until something listens on TCP `port` in namespace `ns`.
     fn wait_port(&self, ns: &str, port: u16) -> anyhow::Result<()> {
+        let suffix = format!(":{port}");
         wait_until(
             Duration::from_secs(10),
-            &format!("port {port} listening"),
+            &format!("{ns} listening on {port}"),
             || {
                 let out = Self::command_in(ns, None, "ss")
                     .ok()?
@@ -426,7 +427,12 @@ max_flows = 4096
                     .output()
                     .ok()?;
                 String::from_utf8_lossy(&out.stdout)
-                    .contains(&format!(":{port} "))
+                    .lines()
+                    .any(|l| {
+                        l.split_whitespace()
+                            .nth(3)
+                            .is_some_and(|a| a.ends_with(&suffix))
+                    })
                     .then_some(())
             },
         )
@@ -869,6 +875,60 @@ for _ in range({count}):
             .collect::<Result<_, _>>()?)
     }
 
+    /// socat echoing every connection on `port` of `host`, for as long as the lab lives.
+    pub fn echo_server(lab: &mut Lab, host: &str, port: u16) -> anyhow::Result<()> {
+        lab.spawn(
+            host,
+            "socat",
+            &[&format!("TCP-LISTEN:{port},fork,reuseaddr"), "EXEC:cat"],
+        )?;
+        lab.wait_listening(host, port)
+    }
+
+    /// A client on `host` exchanging a numbered line with an echo server at
+    /// `dst:port` every 50 ms for `seconds`, over one connection. Read the
+    /// outcome with `chatter_result`.
+    pub fn chatter(
+        lab: &mut Lab,
+        host: &str,
+        dst: Ipv4Addr,
+        port: u16,
+        seconds: u32,
+    ) -> anyhow::Result<Spawned> {
+        let script = format!(
+            r#"
+import socket, time, json
+s = socket.create_connection(("{dst}", {port}), timeout=5)
+n = 0
+end = time.time() + {seconds}
+try:
+    while time.time() < end:
+        msg = b"%d\n" % n
+        s.sendall(msg)
+        got = b""
+        while not got.endswith(b"\n"):
+            chunk = s.recv(100)
+            if not chunk:
+                raise OSError(0, "connection closed")
+            got += chunk
+        assert got == msg, (got, msg)
+        n += 1
+        time.sleep(0.05)
+    print(json.dumps({{"ok": True, "exchanges": n}}))
+except OSError as e:
+    print(json.dumps({{"ok": False, "exchanges": n, "errno": e.errno, "error": str(e)}}))
+"#
+        );
+        lab.spawn(host, "python3", &["-c", &script])
+    }
+
+    /// {"ok": true, "exchanges": n} if the connection lasted, else the error.
+    pub fn chatter_result(lab: &mut Lab, c: &Spawned) -> anyhow::Result<Value> {
+        let out = lab.wait(c, Duration::from_secs(60))?;
+        serde_json::from_str(out.lines().last().unwrap_or("{}"))
+            .with_context(|| format!("chatter said: {out}"))
+    }
+
     pub fn client(lab: &Lab, host: &str, dst: Ipv4Addr, port: u16) -> anyhow::Result<Value> {
         Ok(clients(lab, host, dst, port, 1)?.remove(0))
     }
@@ -877,27 +937,7 @@ for _ in range({count}):
 impl Lab {
     /// Waits until something on `host` listens on TCP `port`.
     pub fn wait_listening(&self, host: &str, port: u16) -> anyhow::Result<()> {
-        let netns = self.host(host).netns.clone();
-        wait_until(
-            Duration::from_secs(10),
-            &format!("{host} listening on {port}"),
-            || {
-                let out = Self::command_in(&netns, None, "ss")
-                    .ok()?
-                    .cmd
-                    .args(["-Hltn"])
-                    .output()
-                    .ok()?;
-                String::from_utf8_lossy(&out.stdout)
-                    .lines()
-                    .any(|l| {
-                        l.split_whitespace()
-                            .nth(3)
-                            .is_some_and(|a| a.ends_with(&format!(":{port}")))
-                    })
-                    .then_some(())
-            },
-        )
+        self.wait_port(&self.host(host).netns.clone(), port)
     }
 }
 

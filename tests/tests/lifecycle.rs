@@ -9,48 +9,16 @@ use serde_json::Value;
 const EHOSTUNREACH: i64 = 113;
 const ENETUNREACH: i64 = 101;
 
-/// An echo server (socat) on `server` and a client on `client` exchanging a
-/// line every 50 ms for `seconds` over one TCP connection.
+/// An echo server on `server` and a client on `client` exchanging a line
+/// every 50 ms for `seconds` over one TCP connection.
 fn chatter(lab: &mut Lab, client: &str, server: &str, port: u16, seconds: u32) -> Spawned {
-    lab.spawn(
-        server,
-        "socat",
-        &[&format!("TCP-LISTEN:{port},fork,reuseaddr"), "EXEC:cat"],
-    )
-    .unwrap();
-    lab.wait_listening(server, port).unwrap();
+    probe::echo_server(lab, server, port).unwrap();
     let dst = lab.host(server).virtual_ip;
-    let script = format!(
-        r#"
-import socket, time, json
-s = socket.create_connection(("{dst}", {port}), timeout=5)
-n = 0
-end = time.time() + {seconds}
-try:
-    while time.time() < end:
-        msg = b"%d\n" % n
-        s.sendall(msg)
-        got = b""
-        while not got.endswith(b"\n"):
-            chunk = s.recv(100)
-            if not chunk:
-                raise OSError(0, "connection closed")
-            got += chunk
-        assert got == msg, (got, msg)
-        n += 1
-        time.sleep(0.05)
-    print(json.dumps({{"ok": True, "exchanges": n}}))
-except OSError as e:
-    print(json.dumps({{"ok": False, "exchanges": n, "errno": e.errno, "error": str(e)}}))
-"#
-    );
-    lab.spawn(client, "python3", &["-c", &script]).unwrap()
+    probe::chatter(lab, client, dst, port, seconds).unwrap()
 }
 
 fn chatter_result(lab: &mut Lab, c: &Spawned) -> Value {
-    let out = lab.wait(c, Duration::from_secs(30)).unwrap();
-    serde_json::from_str(out.lines().last().unwrap_or("{}"))
-        .unwrap_or_else(|_| panic!("chatter said: {out}"))
+    probe::chatter_result(lab, c).unwrap()
 }
 
 fn connects(lab: &Lab, client: &str, server: &str, port: u16) -> Value {

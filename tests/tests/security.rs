@@ -313,15 +313,9 @@ outbound = [ { peers = ["host-b"], ports = ["*"] } ]
         ("c", [22, 8080, 8083, 8084]),
     ] {
         for port in ports {
-            lab.spawn(
-                h,
-                "socat",
-                &[&format!("TCP-LISTEN:{port},fork,reuseaddr"), "EXEC:cat"],
-            )
-            .unwrap();
+            probe::echo_server(&mut lab, h, port).unwrap();
         }
     }
-    lab.wait_listening("c", 8084).unwrap();
     let expect = |client: &str, server: &str, port: u16, want: &str| {
         let got = connects(&lab, client, server, port);
         let outcome = if got["reply"].is_string() {
@@ -359,48 +353,12 @@ fn a_revoked_member_is_refused_within_seconds_and_its_flows_are_cut() {
     require_tools(&["python3", "socat"]);
     let mut lab = Lab::lan(3).unwrap();
     lab.start_all().unwrap();
-    lab.spawn(
-        "c",
-        "socat",
-        &["TCP-LISTEN:7950,fork,reuseaddr", "EXEC:cat"],
-    )
-    .unwrap();
-    lab.spawn(
-        "b",
-        "socat",
-        &["TCP-LISTEN:7951,fork,reuseaddr", "EXEC:cat"],
-    )
-    .unwrap();
-    lab.wait_listening("c", 7950).unwrap();
-    lab.wait_listening("b", 7951).unwrap();
+    probe::echo_server(&mut lab, "c", 7950).unwrap();
+    probe::echo_server(&mut lab, "b", 7951).unwrap();
     assert_eq!(connects(&lab, "a", "c", 7950)["reply"], "hello");
     // A long-lived connection a -> c across the revocation.
     let c = lab.host("c").virtual_ip;
-    let chat = lab
-        .spawn(
-            "a",
-            "python3",
-            &[
-                "-c",
-                &format!(
-                    r#"
-import socket, time, json
-s = socket.create_connection(("{c}", 7950), timeout=3)
-n = 0
-try:
-    while n < 200:
-        s.sendall(b"x\n")
-        if s.recv(10) == b"": raise OSError(0, "closed")
-        n += 1
-        time.sleep(0.05)
-    print(json.dumps({{"ok": True, "n": n}}))
-except OSError as e:
-    print(json.dumps({{"ok": False, "n": n, "error": str(e)}}))
-"#
-                ),
-            ],
-        )
-        .unwrap();
+    let chat = probe::chatter(&mut lab, "a", c, 7950, 10).unwrap();
     std::thread::sleep(Duration::from_millis(500));
     lab.master(&["revoke", "--name", "host-c"]).unwrap();
     let started = std::time::Instant::now();
@@ -508,43 +466,11 @@ fn authenticated_paths_expire_and_are_proven_again_while_in_use() {
         .unwrap();
     }
     lab.start_all().unwrap();
-    lab.spawn(
-        "b",
-        "socat",
-        &["TCP-LISTEN:7970,fork,reuseaddr", "EXEC:cat"],
-    )
-    .unwrap();
-    lab.wait_listening("b", 7970).unwrap();
+    probe::echo_server(&mut lab, "b", 7970).unwrap();
     let b = lab.host("b").virtual_ip;
     // A connection in use across two lifetimes.
-    let chat = lab
-        .spawn(
-            "a",
-            "python3",
-            &[
-                "-c",
-                &format!(
-                    r#"
-import socket, time, json
-s = socket.create_connection(("{b}", 7970), timeout=3)
-n = 0
-end = time.time() + 22
-try:
-    while time.time() < end:
-        s.sendall(b"x\n")
-        if s.recv(10) == b"": raise OSError(0, "closed")
-        n += 1
-        time.sleep(0.1)
-    print(json.dumps({{"ok": True, "n": n}}))
-except OSError as e:
-    print(json.dumps({{"ok": False, "n": n, "error": str(e)}}))
-"#
-                ),
-            ],
-        )
-        .unwrap();
-    let out = lab.wait(&chat, Duration::from_secs(40)).unwrap();
-    let result: Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    let chat = probe::chatter(&mut lab, "a", b, 7970, 22).unwrap();
+    let result = probe::chatter_result(&mut lab, &chat).unwrap();
     assert_eq!(result["ok"], true, "{result}");
     let proofs = lab
         .agent_log("a")

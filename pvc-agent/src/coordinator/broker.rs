@@ -39,28 +39,11 @@ pub enum BrokerEvent {
         policy: Option<SignedPolicy>,
         members: Vec<MemberInfo>,
     },
-    Joined(MemberInfo),
-    /// A member's session ended; `clean` if it said it was leaving for good.
-    Left {
-        virtual_ip: Ipv4Addr,
-        clean: bool,
-    },
-    /// A payload another member relayed (a handshake message).
-    Relayed {
-        from: Ipv4Addr,
-        payload: Vec<u8>,
-    },
-    /// A relay could not reach `to`.
-    Undeliverable {
-        to: Ipv4Addr,
-    },
-    Revocations(SignedRevocations),
-    Policy(SignedPolicy),
+    /// What the broker said next: membership changes, relayed handshakes,
+    /// new lists (never Welcome, Pong or Error, which the session handles).
+    Message(BrokerMessage),
     /// The session ended; members stay as they were until the next snapshot.
-    Disconnected {
-        broker: String,
-        reason: String,
-    },
+    Disconnected { broker: String, reason: String },
 }
 
 /// A payload for another member.
@@ -212,15 +195,12 @@ async fn session(
             frame = framed.next() => {
                 last_heard = Instant::now();
                 let event = match frame {
-                    Some(Ok(BrokerMessage::Joined(m))) => BrokerEvent::Joined(m),
-                    Some(Ok(BrokerMessage::Left { virtual_ip, clean })) => BrokerEvent::Left { virtual_ip, clean },
-                    Some(Ok(BrokerMessage::Relayed { from, payload })) => BrokerEvent::Relayed { from, payload },
-                    Some(Ok(BrokerMessage::Undeliverable { to })) => BrokerEvent::Undeliverable { to },
-                    Some(Ok(BrokerMessage::Revocations(r))) => BrokerEvent::Revocations(r),
-                    Some(Ok(BrokerMessage::Policy(p))) => BrokerEvent::Policy(p),
                     Some(Ok(BrokerMessage::Pong { .. })) => continue,
                     Some(Ok(BrokerMessage::Error { code, message })) => bail!("broker closed the session ({code:?}): {message}"),
-                    Some(Ok(other)) => bail!("unexpected message: {other:?}"),
+                    Some(Ok(m @ (BrokerMessage::Welcome { .. } | BrokerMessage::Members { .. } | BrokerMessage::Published { .. }))) => {
+                        bail!("unexpected message: {m:?}")
+                    }
+                    Some(Ok(m)) => BrokerEvent::Message(m),
                     Some(Err(e)) => return Err(e).context("bad frame from broker"),
                     None => bail!("broker closed the connection"),
                 };

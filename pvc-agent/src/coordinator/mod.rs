@@ -17,7 +17,9 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use pvc_common::{PEER_MEMBER, PEER_READY, PeerPath as KernelPath, Technique};
-use pvc_proto::{MemberInfo, SignedPolicy, SignedRecord, SignedRevocations, unix_now};
+use pvc_proto::{
+    BrokerMessage, MemberInfo, SignedPolicy, SignedRecord, SignedRevocations, unix_now,
+};
 use rtnetlink::Handle;
 use tokio::{
     sync::mpsc,
@@ -350,37 +352,38 @@ impl Agent {
                     self.learn(m).await;
                 }
             }
-            BrokerEvent::Joined(m) => self.learn(&m).await,
-            BrokerEvent::Left {
-                virtual_ip,
-                clean: true,
-            } => {
-                info!(%virtual_ip, "member left");
-                self.forget(virtual_ip, false).await;
-            }
-            // Lost, not gone: an agent restarting or a member cut from the
-            // broker but not from us. Flows keep working for a grace period.
-            BrokerEvent::Left {
-                virtual_ip,
-                clean: false,
-            } => {
-                info!(%virtual_ip, "member lost its broker session; keeping its path for {ABSENCE_GRACE:?}");
-                if let Some(p) = self.peers.get_mut(&virtual_ip) {
-                    p.absent_since.get_or_insert_with(Instant::now);
+            BrokerEvent::Message(msg) => match msg {
+                BrokerMessage::Joined(m) => self.learn(&m).await,
+                BrokerMessage::Left {
+                    virtual_ip,
+                    clean: true,
+                } => {
+                    info!(%virtual_ip, "member left");
+                    self.forget(virtual_ip, false).await;
                 }
-            }
-            BrokerEvent::Relayed { from, payload } => self.on_relayed(from, &payload).await,
-            BrokerEvent::Undeliverable { to } => {
-                self.fail_exchange(
-                    to,
-                    "the broker cannot reach that member (it is not connected)",
-                )
-                .await;
-            }
-            BrokerEvent::Revocations(r) => self.take_revocations(&r).await,
-            BrokerEvent::Policy(p) => {
-                self.take_policy(&p);
-            }
+                // Lost, not gone: an agent restarting or a member cut from the
+                // broker but not from us. Flows keep working for a grace period.
+                BrokerMessage::Left {
+                    virtual_ip,
+                    clean: false,
+                } => {
+                    info!(%virtual_ip, "member lost its broker session; keeping its path for {ABSENCE_GRACE:?}");
+                    if let Some(p) = self.peers.get_mut(&virtual_ip) {
+                        p.absent_since.get_or_insert_with(Instant::now);
+                    }
+                }
+                BrokerMessage::Relayed { from, payload } => self.on_relayed(from, &payload).await,
+                BrokerMessage::Undeliverable { to } => {
+                    self.fail_exchange(
+                        to,
+                        "the broker cannot reach that member (it is not connected)",
+                    )
+                    .await;
+                }
+                BrokerMessage::Revocations(r) => self.take_revocations(&r).await,
+                BrokerMessage::Policy(p) => self.take_policy(&p),
+                other => debug!(?other, "ignoring a broker message"),
+            },
             BrokerEvent::Disconnected { .. } => self.broker = None,
         }
         Ok(())
@@ -417,15 +420,7 @@ impl Agent {
         if self.own.as_ref().is_none_or(|o| o.serial != r.serial) {
             info!(serial = r.serial, groups = ?r.groups, not_after = r.not_after, "this host's membership record verified");
         }
-        self.own = Some(Member {
-            name: r.name,
-            virtual_ip: r.virtual_ip,
-            key: r.host_key,
-            groups: r.groups,
-            serial: r.serial,
-            not_after: r.not_after,
-            addresses: self.advertised.clone(),
-        });
+        self.own = Some(Member::from_record(r, self.advertised.clone()));
         self.recompile_policy_or_warn();
         Ok(())
     }

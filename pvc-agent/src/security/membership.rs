@@ -25,7 +25,7 @@ pub struct Member {
 }
 
 impl Member {
-    fn from_record(r: MembershipRecord, addresses: Vec<Ipv4Addr>) -> Self {
+    pub fn from_record(r: MembershipRecord, addresses: Vec<Ipv4Addr>) -> Self {
         Self {
             name: r.name,
             virtual_ip: r.virtual_ip,
