@@ -163,10 +163,27 @@ impl Broker {
         }))
     }
 
-    /// Accepts agents until the listener fails.
+    /// Accepts agents. A failed accept (out of file descriptors, a
+    /// connection reset before it was accepted) costs that connection only:
+    /// the agents already connected must not lose their broker.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) -> std::io::Result<()> {
+        let mut warned = None::<Instant>;
         loop {
-            let (stream, peer) = listener.accept().await?;
+            let (stream, peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    if warned.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                        warn!(
+                            "cannot accept an agent: {e}; if this says too many open files, \
+                             raise the broker's file limit (LimitNOFILE=)"
+                        );
+                        warned = Some(Instant::now());
+                    }
+                    // EMFILE stays until a session ends: do not spin.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
             let broker = Arc::clone(&self);
             tokio::spawn(async move { broker.session(stream, peer).await });
         }

@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use broker::{Broker, Limits};
 use clap::Parser;
 use tokio::net::TcpListener;
-use tracing::info;
+use tracing::{info, warn};
 
 #[derive(Parser)]
 #[command(name = "pvc-broker", version, about = "PVC brokering service")]
@@ -41,6 +41,7 @@ async fn run() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args = Args::parse();
+    raise_file_limit();
     let listener = TcpListener::bind(args.listen).await.with_context(|| {
         format!(
             "cannot listen on {} (in use, or not an address of this host?)",
@@ -67,4 +68,27 @@ async fn shutdown() {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
+}
+
+/// One file descriptor per connected agent: take the whole hard limit, so
+/// that a broker started by hand serves as many agents as one under systemd.
+fn raise_file_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on a local struct.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0
+        || limit.rlim_cur >= limit.rlim_max
+    {
+        return;
+    }
+    let soft = limit.rlim_cur;
+    limit.rlim_cur = limit.rlim_max;
+    // SAFETY: as above.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+        warn!("cannot raise the open file limit: the broker serves at most about {soft} agents");
+        return;
+    }
+    info!(max_agents = limit.rlim_max, "open file limit raised");
 }
