@@ -98,7 +98,10 @@ pub struct Masquerade {
     /// OR of the TCP flags seen on this direction (FIN/RST tell the GC a
     /// flow is closing).
     pub tcp_flags: u8,
-    pub _pad: [u8; 6],
+    // Two scalars rather than `[u8; 6]`: zeroing an odd-sized array costs
+    // the eBPF programs a call to memset on every new flow.
+    pub _pad: u16,
+    pub _pad2: u32,
 }
 
 /// Connectivity technique that carries a peer path (paper §4.4).
@@ -276,12 +279,19 @@ impl DropReason {
     }
 }
 
-/// Indexes of the per-CPU traffic counters (masqueraded packets and bytes).
-pub const COUNTER_EGRESS_PACKETS: u32 = 0;
-pub const COUNTER_EGRESS_BYTES: u32 = 1;
-pub const COUNTER_INGRESS_PACKETS: u32 = 2;
-pub const COUNTER_INGRESS_BYTES: u32 = 3;
-pub const COUNTER_COUNT: u32 = 4;
+/// Masqueraded packets and bytes in one direction, per CPU. Both in one
+/// value: a packet's accounting touches one cache line, not two.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Traffic {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Indexes of the traffic counters.
+pub const TRAFFIC_EGRESS: u32 = 0;
+pub const TRAFFIC_INGRESS: u32 = 1;
+pub const TRAFFIC_DIRECTIONS: u32 = 2;
 
 /// The TCP option that marks the SYN of a PVC flow on the wire (RFC 6994
 /// shared experimental option, kind 253, with our experiment identifier):
@@ -425,6 +435,7 @@ mod pod {
     unsafe impl aya::Pod for Event {}
     unsafe impl aya::Pod for HeldPacket {}
     unsafe impl aya::Pod for PolicyKey {}
+    unsafe impl aya::Pod for Traffic {}
 }
 
 #[cfg(test)]

@@ -1,14 +1,14 @@
 //! Flow entries of the masquerading map: lookup with bookkeeping, and
 //! creation of both directions at once.
 
-use aya_ebpf::{helpers::bpf_skb_load_bytes, programs::TcContext};
+use aya_ebpf::{bindings::BPF_RB_FORCE_WAKEUP, helpers::bpf_skb_load_bytes, programs::TcContext};
 use pvc_common::{
     DIRECTION_EGRESS, DropReason, EVENT_FLOW_CREATED, EVENT_PACKET_HELD, Event, FlowKey,
     HELD_BYTES, HeldPacket, Masquerade, PeerPath, siphash24_16, tag_message,
 };
 
 use crate::{
-    maps::{EVENTS, MASQUERADING, emit, now_ns},
+    maps::{EVENTS, MASQUERADING, emit_quietly, now_ns},
     packet::{IP_OFF, Ipv4, Tcp},
 };
 
@@ -46,7 +46,8 @@ pub fn open(key: &FlowKey, to: &Masquerade, announce: bool) -> Result<(), DropRe
         peer: to.peer,
         technique: to.technique,
         tcp_flags: 0,
-        _pad: [0; 6],
+        _pad: 0,
+        _pad2: 0,
     };
     MASQUERADING
         .insert(&twin_key, &twin, 0)
@@ -62,7 +63,7 @@ pub fn open(key: &FlowKey, to: &Masquerade, announce: bool) -> Result<(), DropRe
         } else {
             &twin_key
         };
-        emit(&Event {
+        emit_quietly(&Event {
             kind: EVENT_FLOW_CREATED,
             proto: key.proto,
             direction: key.direction,
@@ -106,7 +107,8 @@ pub fn entry(
         peer,
         technique: path.technique,
         tcp_flags: 0,
-        _pad: [0; 6],
+        _pad: 0,
+        _pad2: 0,
     }
 }
 
@@ -153,7 +155,7 @@ pub fn hold(ctx: &TcContext, ip: &Ipv4) {
         ) == 0
     };
     if copied {
-        entry.submit(0);
+        entry.submit(BPF_RB_FORCE_WAKEUP as u64);
     } else {
         entry.discard(0);
     }

@@ -2,13 +2,14 @@
 //! shows field names. The agent pins them under `/sys/fs/bpf/pvc/<instance>/`.
 
 use aya_ebpf::{
+    bindings::{BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
     helpers::bpf_ktime_get_coarse_ns,
     macros::btf_map,
 };
 use pvc_common::{
-    COUNTER_COUNT, DROP_REASON_COUNT, DropReason, Event, FlowKey, Masquerade, POLICY_FULL_PREFIX,
-    POLICY_INBOUND, PeerPath, PolicyKey, Settings,
+    DROP_REASON_COUNT, DropReason, Event, FlowKey, Masquerade, POLICY_FULL_PREFIX, POLICY_INBOUND,
+    PeerPath, PolicyKey, Settings, TRAFFIC_DIRECTIONS, Traffic,
 };
 
 /// The masquerading map (paper §4.1.3's "masquerading rules"): one entry per
@@ -33,9 +34,9 @@ pub static POLICY: LpmTrie<PolicyKey, u8, 65536> = LpmTrie::new();
 #[btf_map(name = "drops")]
 pub static DROPS: PerCpuArray<u64, { DROP_REASON_COUNT as usize }> = PerCpuArray::new();
 
-/// Masqueraded packets and bytes (`COUNTER_*`).
+/// Masqueraded packets and bytes, by direction (`TRAFFIC_*`).
 #[btf_map(name = "traffic")]
-pub static TRAFFIC: PerCpuArray<u64, { COUNTER_COUNT as usize }> = PerCpuArray::new();
+pub static TRAFFIC: PerCpuArray<Traffic, { TRAFFIC_DIRECTIONS as usize }> = PerCpuArray::new();
 
 /// Control-plane events: new flows and refusals. Never per packet.
 #[btf_map(name = "events")]
@@ -55,9 +56,14 @@ pub fn count_drop(reason: DropReason) {
 }
 
 #[inline(always)]
-pub fn count_traffic(packets_index: u32, bytes: u32) {
-    add(&TRAFFIC, packets_index, 1);
-    add(&TRAFFIC, packets_index + 1, bytes as u64);
+pub fn count_traffic(direction: u32, bytes: u32) {
+    if let Some(t) = TRAFFIC.get_ptr_mut(direction) {
+        // Per-CPU slot: no other CPU writes it, plain adds are exact.
+        unsafe {
+            (*t).packets += 1;
+            (*t).bytes += bytes as u64;
+        }
+    }
 }
 
 #[inline(always)]
@@ -68,10 +74,21 @@ fn add<const N: usize>(map: &PerCpuArray<u64, N>, index: u32, n: u64) {
     }
 }
 
+/// Emits an event the agent acts on, waking it. Forced: the default wakes
+/// the reader only if it had read everything, and quiet events may be
+/// waiting unread.
 #[inline(always)]
 pub fn emit(event: &Event) {
     // A full ring buffer loses the event, never the packet or the connect().
-    let _ = EVENTS.output(event, 0);
+    let _ = EVENTS.output(event, BPF_RB_FORCE_WAKEUP as u64);
+}
+
+/// Emits an event the agent only counts, without waking it: a wakeup costs
+/// an interrupt (a VM exit in a guest), on the path of every SYN. The agent
+/// reads these when woken, on a timer, and before answering `pvc status`.
+#[inline(always)]
+pub fn emit_quietly(event: &Event) {
+    let _ = EVENTS.output(event, BPF_RB_NO_WAKEUP as u64);
 }
 
 #[inline(always)]

@@ -5,32 +5,44 @@
 //! veth/TSO as well as for fully checksummed ones), plain replaces for bytes
 //! inside the L4 header.
 
-use aya_ebpf::{
-    bindings::BPF_F_PSEUDO_HDR, helpers::bpf_csum_diff, helpers::bpf_skb_change_tail,
-    programs::TcContext,
-};
+use aya_ebpf::{bindings::BPF_F_PSEUDO_HDR, helpers::bpf_skb_change_tail, programs::TcContext};
 use pvc_common::{DropReason, IPPROTO_TCP, Masquerade, TAG_EXID, TAG_KIND, TAG_LEN};
 
-use crate::packet::{
-    ETH_HLEN, IP_ADDRS_OFF, IP_CSUM_OFF, IP_TOT_LEN_OFF, Ipv4, Quoted, TCP_CSUM, TCP_DOFF, Tcp,
-};
+use crate::packet::{ETH_HLEN, IP_CSUM_OFF, IP_TOT_LEN_OFF, Ipv4, Quoted, TCP_CSUM, TCP_DOFF, Tcp};
 
-/// One's-complement difference between two address pairs, for `*_csum_replace`.
+/// One's-complement sum with end-around carry, as the kernel's `csum_add`.
 #[inline(always)]
-fn addrs_diff(from: &[u8; 8], to: &[u8; 8]) -> Result<u64, DropReason> {
-    let mut from = [
-        u32::from_ne_bytes([from[0], from[1], from[2], from[3]]),
-        u32::from_ne_bytes([from[4], from[5], from[6], from[7]]),
-    ];
-    let mut to = [
-        u32::from_ne_bytes([to[0], to[1], to[2], to[3]]),
-        u32::from_ne_bytes([to[4], to[5], to[6], to[7]]),
-    ];
-    let diff = unsafe { bpf_csum_diff(from.as_mut_ptr(), 8, to.as_mut_ptr(), 8, 0) };
-    if diff < 0 {
-        return Err(DropReason::RewriteFailed);
-    }
-    Ok(diff as u64)
+fn csum_add(a: u32, b: u32) -> u32 {
+    let (sum, carry) = a.overflowing_add(b);
+    sum + carry as u32
+}
+
+/// The kernel's `csum_fold`: 32-bit partial sum to a 16-bit checksum.
+#[inline(always)]
+fn csum_fold(sum: u32) -> u16 {
+    let s = (sum & 0xffff) + (sum >> 16);
+    let s = (s & 0xffff) + (s >> 16);
+    !(s as u16)
+}
+
+/// One's-complement difference between two address pairs (what
+/// `bpf_csum_diff` returns), computed in place: every helper call costs a
+/// call and a return, and returns are expensive on CPUs that need
+/// return-stack mitigations.
+#[inline(always)]
+fn addrs_diff(from: &[u8; 8], to: &[u8; 8]) -> u32 {
+    let word = |b: &[u8; 8], i: usize| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    let mut d = csum_add(!word(from, 0), !word(from, 4));
+    d = csum_add(d, word(to, 0));
+    csum_add(d, word(to, 4))
+}
+
+/// The IPv4 header checksum after a change of `diff` (RFC 1624, as the
+/// kernel's `csum_replace_by_diff`).
+#[inline(always)]
+fn ip_check_after(check: [u8; 2], diff: u32) -> [u8; 2] {
+    let old = u16::from_ne_bytes(check) as u32;
+    csum_fold(csum_add(diff, !old)).to_ne_bytes()
 }
 
 #[inline(always)]
@@ -38,9 +50,25 @@ fn pair(a: [u8; 4], b: [u8; 4]) -> [u8; 8] {
     [a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3]]
 }
 
+/// The IPv4 checksum and both addresses, as they sit in the header: one
+/// store rewrites all three.
+#[inline(always)]
+fn check_and_addrs(check: [u8; 2], addrs: &[u8; 8]) -> [u8; 10] {
+    [
+        check[0], check[1], addrs[0], addrs[1], addrs[2], addrs[3], addrs[4], addrs[5], addrs[6],
+        addrs[7],
+    ]
+}
+
 /// Rewrites the IPv4 addresses (and the TCP ports when they differ) to the
 /// entry's tuple. ICMP echo keeps its identifier: ICMP has no pseudo-header,
 /// so only the IP checksum changes.
+///
+/// Two helper calls per packet: the TCP checksum goes through
+/// `l4_csum_replace`, which knows how the skb's checksum is kept
+/// (CHECKSUM_PARTIAL from TSO, or complete); the IP checksum, computed
+/// here, is stored with the addresses. Direct packet writes would cost more:
+/// the verifier would unclone every (cloned, TCP) skb first.
 #[inline(always)]
 pub fn masquerade(
     ctx: &TcContext,
@@ -53,13 +81,19 @@ pub fn masquerade(
     let to_addrs = pair(to.saddr, to.daddr);
     let err = |_| DropReason::RewriteFailed;
     if from_addrs != to_addrs {
-        let diff = addrs_diff(&from_addrs, &to_addrs)?;
-        ctx.l3_csum_replace(IP_CSUM_OFF, 0, diff, 0).map_err(err)?;
+        let diff = addrs_diff(&from_addrs, &to_addrs);
         if ip.proto == IPPROTO_TCP {
-            ctx.l4_csum_replace(ip.l4_off + TCP_CSUM, 0, diff, BPF_F_PSEUDO_HDR as u64)
-                .map_err(err)?;
+            ctx.l4_csum_replace(
+                ip.l4_off + TCP_CSUM,
+                0,
+                diff as u64,
+                BPF_F_PSEUDO_HDR as u64,
+            )
+            .map_err(err)?;
         }
-        ctx.store(IP_ADDRS_OFF, &to_addrs, 0).map_err(err)?;
+        let check = ip_check_after(ip.check, diff);
+        ctx.store(IP_CSUM_OFF, &check_and_addrs(check, &to_addrs), 0)
+            .map_err(err)?;
     }
     if ip.proto == IPPROTO_TCP && (sport != to.sport || dport != to.dport) {
         let from_ports = ports_word(sport, dport);
@@ -82,8 +116,8 @@ fn ports_word(sport: u16, dport: u16) -> u32 {
 /// TCP option of a SYN, so that the receiver can tell this flow from a real
 /// connection between the same two hosts, and knows who opened it.
 ///
-/// Must run before `masquerade` (it works on the unrewritten header; the
-/// address rewrite that follows does not care about lengths).
+/// Must run before `masquerade` (it works on the unrewritten header), which
+/// then takes the header as it returns it.
 #[inline(always)]
 pub fn append_tag(
     ctx: &TcContext,
@@ -91,7 +125,7 @@ pub fn append_tag(
     tcp: &Tcp,
     vsrc: [u8; 4],
     mac: [u8; 8],
-) -> Result<(), DropReason> {
+) -> Result<Ipv4, DropReason> {
     let tag_len = TAG_LEN as usize;
     if tcp.hlen + tag_len > 60 {
         return Err(DropReason::SynOptionsFull);
@@ -115,9 +149,12 @@ pub fn append_tag(
     // IP total length, and the TCP length in the pseudo-header.
     let old_tot = (ip.tot_len).to_be();
     let new_tot = (new_tot_len as u16).to_be();
-    ctx.l3_csum_replace(IP_CSUM_OFF, old_tot as u64, new_tot as u64, 2)
-        .map_err(err)?;
+    let check = ip_check_after(
+        ip.check,
+        csum_add(!(old_tot as u32) & 0xffff, new_tot as u32),
+    );
     ctx.store(IP_TOT_LEN_OFF, &new_tot, 0).map_err(err)?;
+    ctx.store(IP_CSUM_OFF, &check, 0).map_err(err)?;
     let old_len = (tcp_len as u16).to_be();
     let new_len = (new_tcp_len as u16).to_be();
     ctx.l4_csum_replace(
@@ -132,8 +169,6 @@ pub fn append_tag(
     let low_bits = tcp.doff_byte & 0x0f;
     let old_word = u16::from_ne_bytes([tcp.doff_byte, tcp.flags]);
     let new_word = u16::from_ne_bytes([(((new_tcp_len / 4) as u8) << 4) | low_bits, tcp.flags]);
-    ctx.l4_csum_replace(csum, old_word as u64, new_word as u64, 2)
-        .map_err(err)?;
     ctx.store(ip.l4_off + TCP_DOFF, &new_word, 0).map_err(err)?;
 
     // The tag itself: added to the checksum as four new 32-bit words.
@@ -155,12 +190,22 @@ pub fn append_tag(
         mac[6],
         mac[7],
     ];
+    // One checksum update for what changed inside the TCP header: the data
+    // offset word, and the tag as four new 32-bit words (not part of the
+    // pseudo-header, so a CHECKSUM_PARTIAL skb leaves them to the checksum
+    // offload, as it should).
+    let mut diff = csum_add(!(old_word as u32) & 0xffff, new_word as u32);
     for i in 0..4 {
         let w = u32::from_ne_bytes([tag[4 * i], tag[4 * i + 1], tag[4 * i + 2], tag[4 * i + 3]]);
-        ctx.l4_csum_replace(csum, 0, w as u64, 4).map_err(err)?;
+        diff = csum_add(diff, w);
     }
+    ctx.l4_csum_replace(csum, 0, diff as u64, 0).map_err(err)?;
     ctx.store(ip.l4_off + tcp.hlen, &tag, 0).map_err(err)?;
-    Ok(())
+    Ok(Ipv4 {
+        tot_len: new_tot_len as u16,
+        check,
+        ..*ip
+    })
 }
 
 /// Rewrites the packet quoted by an ICMP error (the one this host sent, as it
@@ -180,10 +225,8 @@ pub fn masquerade_quoted(
 ) -> Result<(), DropReason> {
     let from = pair(q.saddr, q.daddr);
     let to = pair(inner_saddr, inner_daddr);
-    let diff = addrs_diff(&from, &to)?;
-    let err = |_| DropReason::RewriteFailed;
-    ctx.l3_csum_replace(q.ip_off + 10, 0, diff, 0)
-        .map_err(err)?;
-    ctx.store(q.ip_off + 12, &to, 0).map_err(err)?;
+    let check = ip_check_after(q.check, addrs_diff(&from, &to));
+    ctx.store(q.ip_off + 10, &check_and_addrs(check, &to), 0)
+        .map_err(|_| DropReason::RewriteFailed)?;
     Ok(())
 }

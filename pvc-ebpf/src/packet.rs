@@ -15,7 +15,6 @@ pub const ARP_SENDER_IP_OFF: usize = ETH_HLEN + 14;
 pub const IP_OFF: usize = ETH_HLEN;
 pub const IP_TOT_LEN_OFF: usize = IP_OFF + 2;
 pub const IP_CSUM_OFF: usize = IP_OFF + 10;
-pub const IP_ADDRS_OFF: usize = IP_OFF + 12;
 
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_ACK: u8 = 0x10;
@@ -133,6 +132,8 @@ pub struct Ipv4 {
     pub l4_off: usize,
     pub ihl: usize,
     pub tot_len: u16,
+    /// The header checksum, as it is on the wire.
+    pub check: [u8; 2],
     /// A fragment (MF set or a non-zero offset): no L4 header to key on.
     pub fragment: bool,
 }
@@ -181,6 +182,7 @@ pub fn parse_ipv4(ctx: &TcContext) -> Parsed {
         l4_off: IP_OFF + ihl,
         ihl,
         tot_len: u16::from_be_bytes(ip.tot_len),
+        check: ip.check,
         fragment: frag & 0x3fff != 0,
     })
 }
@@ -260,6 +262,7 @@ pub struct Quoted {
     pub saddr: [u8; 4],
     pub daddr: [u8; 4],
     pub proto: u8,
+    pub check: [u8; 2],
     pub sport: u16,
     pub dport: u16,
 }
@@ -282,6 +285,7 @@ pub fn parse_quoted(ctx: &TcContext, ip: &Ipv4) -> Option<Quoted> {
         saddr: inner.saddr,
         daddr: inner.daddr,
         proto: inner.proto,
+        check: inner.check,
         sport: u16::from_be_bytes([ports[0], ports[1]]),
         dport: u16::from_be_bytes([ports[2], ports[3]]),
     })

@@ -13,8 +13,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use pvc_common::{
-    COUNTER_EGRESS_PACKETS, DIRECTION_EGRESS, DropReason, FlowKey, IPPROTO_ICMP, IPPROTO_TCP,
-    PEER_READY, POLICY_OUTBOUND, Settings, is_virtual,
+    DIRECTION_EGRESS, DropReason, FlowKey, IPPROTO_ICMP, IPPROTO_TCP, PEER_READY, POLICY_OUTBOUND,
+    Settings, TRAFFIC_EGRESS, is_virtual,
 };
 
 use crate::{
@@ -98,7 +98,7 @@ fn egress_tcp(ctx: &TcContext, ip: &Ipv4, s: &Settings) -> Result<i32, DropReaso
         IPPROTO_TCP,
         DIRECTION_EGRESS,
     );
-    let m = if tcp.is_syn() {
+    let (m, ip) = if tcp.is_syn() {
         let path = unsafe { PEERS.get(ip.daddr) }.ok_or(DropReason::UnknownPeer)?;
         if path.state != PEER_READY {
             // A member we have not authenticated yet: the agent does it,
@@ -117,10 +117,10 @@ fn egress_tcp(ctx: &TcContext, ip: &Ipv4, s: &Settings) -> Result<i32, DropReaso
         let fresh = MASQUERADING.get_ptr(&key).is_none();
         flow::open(&key, &m, fresh)?;
         let mac = flow::tag_mac(path, m.saddr, m.daddr, m.sport, m.dport, &tcp);
-        nat::append_tag(ctx, ip, &tcp, s.virtual_addr, mac)?;
-        m
+        // The tag changes the header's length and checksum.
+        (m, nat::append_tag(ctx, ip, &tcp, s.virtual_addr, mac)?)
     } else {
-        match flow::touch(&key, tcp.flags) {
+        let m = match flow::touch(&key, tcp.flags) {
             Some(m) => m,
             None => {
                 // An entry evicted or expired under a live flow: the peer's
@@ -132,10 +132,11 @@ fn egress_tcp(ctx: &TcContext, ip: &Ipv4, s: &Settings) -> Result<i32, DropReaso
                 flow::open(&key, &m, false)?;
                 m
             }
-        }
+        };
+        (m, *ip)
     };
-    nat::masquerade(ctx, ip, tcp.sport, tcp.dport, &m)?;
-    count_traffic(COUNTER_EGRESS_PACKETS, ctx.len());
+    nat::masquerade(ctx, &ip, tcp.sport, tcp.dport, &m)?;
+    count_traffic(TRAFFIC_EGRESS, ctx.len());
     Ok(TC_ACT_OK as i32)
 }
 
@@ -170,6 +171,6 @@ fn egress_icmp(ctx: &TcContext, ip: &Ipv4, s: &Settings) -> Result<i32, DropReas
         }
     };
     nat::masquerade(ctx, ip, icmp.id, 0, &m)?;
-    count_traffic(COUNTER_EGRESS_PACKETS, ctx.len());
+    count_traffic(TRAFFIC_EGRESS, ctx.len());
     Ok(TC_ACT_OK as i32)
 }

@@ -9,8 +9,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use pvc_common::{
-    COUNTER_INGRESS_PACKETS, DIRECTION_INGRESS, DropReason, EVENT_INBOUND_REFUSED, Event, FlowKey,
-    IPPROTO_ICMP, IPPROTO_TCP, PEER_READY, POLICY_INBOUND, Settings, is_virtual,
+    DIRECTION_INGRESS, DropReason, EVENT_INBOUND_REFUSED, Event, FlowKey, IPPROTO_ICMP,
+    IPPROTO_TCP, PEER_READY, POLICY_INBOUND, Settings, TRAFFIC_INGRESS, is_virtual,
 };
 
 use crate::{
@@ -130,7 +130,7 @@ fn ingress_tcp(ctx: &TcContext, ip: &Ipv4, s: &Settings) -> Result<i32, DropReas
         }
     };
     nat::masquerade(ctx, ip, tcp.sport, tcp.dport, &m)?;
-    count_traffic(COUNTER_INGRESS_PACKETS, ctx.len());
+    count_traffic(TRAFFIC_INGRESS, ctx.len());
     PASS
 }
 
@@ -155,7 +155,7 @@ fn ingress_icmp(ctx: &TcContext, ip: &Ipv4) -> Result<i32, DropReason> {
                 return PASS;
             };
             nat::masquerade(ctx, ip, 0, icmp.id, &m)?;
-            count_traffic(COUNTER_INGRESS_PACKETS, ctx.len());
+            count_traffic(TRAFFIC_INGRESS, ctx.len());
             PASS
         }
         ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED => ingress_icmp_error(ctx, ip),
@@ -202,6 +202,6 @@ fn ingress_icmp_error(ctx: &TcContext, ip: &Ipv4) -> Result<i32, DropReason> {
         ..m
     };
     nat::masquerade(ctx, ip, 0, 0, &outer)?;
-    count_traffic(COUNTER_INGRESS_PACKETS, ctx.len());
+    count_traffic(TRAFFIC_INGRESS, ctx.len());
     PASS
 }

@@ -55,6 +55,9 @@ const ABSENCE_GRACE: Duration = Duration::from_secs(20);
 const NEXT_HOP_REFRESH: Duration = Duration::from_secs(30);
 /// How often exchanges and sessions are checked for timeouts and expiry.
 const SECURITY_TICK: Duration = Duration::from_millis(500);
+/// How often events the kernel writes without waking the agent (new flows)
+/// are read; the ring holds thousands, so none is lost between reads.
+const QUIET_EVENTS_TICK: Duration = Duration::from_millis(250);
 
 struct Agent {
     config: Config,
@@ -258,6 +261,7 @@ impl Agent {
         let mut gc = interval(self.config.gc_interval());
         let mut refresh = interval(NEXT_HOP_REFRESH);
         let mut security = interval(SECURITY_TICK);
+        let mut quiet_events = interval(QUIET_EVENTS_TICK);
         let timeouts = Timeouts {
             idle: Duration::from_secs(self.config.flows.idle_timeout_secs),
             closed: Duration::from_secs(self.config.flows.closed_timeout_secs),
@@ -282,7 +286,16 @@ impl Agent {
                 },
                 Some((request, reply)) = query_rx.recv() => {
                     let Request::Status = request;
+                    // The status counts every flow opened so far.
+                    for e in events.drain() {
+                        self.on_event(e).await;
+                    }
                     let _ = reply.send(self.status());
+                }
+                _ = quiet_events.tick() => {
+                    for e in events.drain() {
+                        self.on_event(e).await;
+                    }
                 }
                 _ = gc.tick() => {
                     let (removed, active) = self.datapath.maps.collect_garbage(&timeouts);

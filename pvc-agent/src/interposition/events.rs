@@ -1,5 +1,6 @@
-//! Control-plane events from the kernel (new flows, refused connects),
-//! read from the ring buffer without polling.
+//! Control-plane events from the kernel (new flows, refused connects,
+//! held packets), read from the ring buffer: woken for those the agent acts
+//! on, on a timer for those it only counts.
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
@@ -103,23 +104,34 @@ impl EventStream {
         Ok(Self { ring })
     }
 
-    /// Waits for events and returns all that are ready.
+    /// Waits until the kernel wakes the agent for an event, and returns
+    /// every event in the ring then.
     pub async fn next_batch(&mut self) -> std::io::Result<Vec<FlowEvent>> {
         loop {
             let mut guard = self.ring.readable_mut().await?;
-            let ring = guard.get_inner_mut();
-            let mut batch = Vec::new();
-            while let Some(item) = ring.next() {
-                if let Some(e) = FlowEvent::parse(&item) {
-                    batch.push(e);
-                }
-            }
+            let batch = read_all(guard.get_inner_mut());
             guard.clear_ready();
             if !batch.is_empty() {
                 return Ok(batch);
             }
         }
     }
+
+    /// The events in the ring now, without waiting: those the kernel writes
+    /// without waking the agent (new flows) are read this way.
+    pub fn drain(&mut self) -> Vec<FlowEvent> {
+        read_all(self.ring.get_mut())
+    }
+}
+
+fn read_all(ring: &mut RingBuf<MapData>) -> Vec<FlowEvent> {
+    let mut batch = Vec::new();
+    while let Some(item) = ring.next() {
+        if let Some(e) = FlowEvent::parse(&item) {
+            batch.push(e);
+        }
+    }
+    batch
 }
 
 #[cfg(test)]

@@ -9,8 +9,8 @@ use aya::{
     maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf, lpm_trie::Key},
 };
 use pvc_common::{
-    COUNTER_EGRESS_BYTES, COUNTER_EGRESS_PACKETS, COUNTER_INGRESS_BYTES, COUNTER_INGRESS_PACKETS,
-    DropReason, FlowKey, Masquerade, PeerPath, PolicyKey, Settings,
+    DropReason, FlowKey, Masquerade, PeerPath, PolicyKey, Settings, TRAFFIC_EGRESS,
+    TRAFFIC_INGRESS, Traffic,
 };
 use serde::{Deserialize, Serialize};
 
@@ -23,7 +23,7 @@ pub struct Maps {
     settings: Array<MapData, Settings>,
     policy: LpmTrie<MapData, PolicyKey, u8>,
     drops: PerCpuArray<MapData, u64>,
-    traffic: PerCpuArray<MapData, u64>,
+    traffic: PerCpuArray<MapData, Traffic>,
 }
 
 /// Masqueraded traffic since the maps were created.
@@ -142,11 +142,23 @@ impl Maps {
     }
 
     pub fn counters(&self) -> Counters {
+        let sum = |direction: u32| {
+            self.traffic
+                .get(&direction, 0)
+                .map(|per_cpu| {
+                    per_cpu.iter().fold(Traffic::default(), |a, t| Traffic {
+                        packets: a.packets + t.packets,
+                        bytes: a.bytes + t.bytes,
+                    })
+                })
+                .unwrap_or_default()
+        };
+        let (egress, ingress) = (sum(TRAFFIC_EGRESS), sum(TRAFFIC_INGRESS));
         Counters {
-            egress_packets: self.sum(&self.traffic, COUNTER_EGRESS_PACKETS),
-            egress_bytes: self.sum(&self.traffic, COUNTER_EGRESS_BYTES),
-            ingress_packets: self.sum(&self.traffic, COUNTER_INGRESS_PACKETS),
-            ingress_bytes: self.sum(&self.traffic, COUNTER_INGRESS_BYTES),
+            egress_packets: egress.packets,
+            egress_bytes: egress.bytes,
+            ingress_packets: ingress.packets,
+            ingress_bytes: ingress.bytes,
         }
     }
 
