@@ -1,8 +1,9 @@
 #!/bin/sh
 # Installs what PVC needs on a Debian 12 machine, idempotently: the Debian
 # Rust compiler that has a prebuilt `core` for the BPF target, LLVM 22 and
-# bpf-linker (to link the eBPF object), bpftool, the programs the tests and
-# the demo run, and cargo-fuzz. Safe to run again: it only adds what is missing.
+# bpf-linker (to link the eBPF object), bpftool, the programs the tests, the
+# demo and the benchmark run (NetPIPE, iperf3, a font for the plots), and
+# cargo-fuzz. Safe to run again: it only adds what is missing.
 set -eu
 
 SUDO=""
@@ -10,7 +11,7 @@ if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 
 PACKAGES="rustc-web libstd-rust-web-dev-bpf llvm-22-dev libbpf-dev bpftool
   iproute2 iputils-ping ethtool tcpdump iperf3 socat netcat-openbsd curl python3 systemd
-  ca-certificates"
+  netpipe-tcp fonts-dejavu-core ca-certificates"
 
 missing=""
 for p in $PACKAGES; do

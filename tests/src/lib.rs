@@ -23,6 +23,8 @@ use std::{
 use anyhow::{Context as _, anyhow, bail, ensure};
 use serde_json::Value;
 
+pub mod bench;
+
 pub const BROKER_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 254);
 pub const BROKER_PORT: u16 = 7100;
 
@@ -159,43 +161,28 @@ impl Lab {
 
     /// A veth from the LAN bridge to `ns` (as eth0) with `addr`/24.
     fn plug(&self, ns: &str, port: &str, addr: Ipv4Addr) -> anyhow::Result<()> {
+        self.plug_into("br0", ns, port, "eth0", addr)
+    }
+
+    /// A veth from `bridge` (in the LAN namespace) to `ns`, named `dev`
+    /// there, with `addr`/24.
+    fn plug_into(
+        &self,
+        bridge: &str,
+        ns: &str,
+        port: &str,
+        dev: &str,
+        addr: Ipv4Addr,
+    ) -> anyhow::Result<()> {
+        let lan = self.lan_ns.as_str();
         sh(&[
-            "ip",
-            "link",
-            "add",
-            port,
-            "netns",
-            &self.lan_ns,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
+            "ip", "link", "add", port, "netns", lan, "type", "veth", "peer", "name", dev, "netns",
             ns,
         ])?;
-        sh(&[
-            "ip",
-            "-n",
-            &self.lan_ns,
-            "link",
-            "set",
-            port,
-            "master",
-            "br0",
-            "up",
-        ])?;
-        sh(&[
-            "ip",
-            "-n",
-            ns,
-            "addr",
-            "add",
-            &format!("{addr}/24"),
-            "dev",
-            "eth0",
-        ])?;
-        sh(&["ip", "-n", ns, "link", "set", "eth0", "up"])?;
+        sh(&["ip", "-n", lan, "link", "set", port, "master", bridge, "up"])?;
+        let cidr = format!("{addr}/24");
+        sh(&["ip", "-n", ns, "addr", "add", &cidr, "dev", dev])?;
+        sh(&["ip", "-n", ns, "link", "set", dev, "up"])?;
         Ok(())
     }
 
@@ -375,7 +362,28 @@ max_flows = 4096
 
     /// Starts a long-running program on a host; it is killed with the lab.
     pub fn spawn(&mut self, name: &str, program: &str, args: &[&str]) -> anyhow::Result<Spawned> {
-        let mut p = self.app(name, program);
+        let p = self.app(name, program);
+        self.spawn_prepared(p, name, program, args)
+    }
+
+    /// Like `spawn`, but outside the host's cgroup: PVC does not see its sockets.
+    pub fn spawn_outside(
+        &mut self,
+        name: &str,
+        program: &str,
+        args: &[&str],
+    ) -> anyhow::Result<Spawned> {
+        let p = self.ns(&self.host(name).netns, program);
+        self.spawn_prepared(p, name, program, args)
+    }
+
+    fn spawn_prepared(
+        &mut self,
+        mut p: Prepared,
+        name: &str,
+        program: &str,
+        args: &[&str],
+    ) -> anyhow::Result<Spawned> {
         p.cmd.args(args).stdin(Stdio::null());
         let log = self.dir.join(format!(
             "{name}-{}-{}.log",
@@ -451,6 +459,53 @@ max_flows = 4096
         let child = p.spawn_logged(&self.dir.join("evil-broker.log"))?;
         self.children.push(child);
         self.wait_port(&self.broker_ns.clone(), BROKER_PORT)
+    }
+
+    /// Another broker in the broker's namespace, on `port`, with its own
+    /// state; killed with the lab. Returns its process id.
+    pub fn start_extra_broker(&mut self, port: u16) -> anyhow::Result<u32> {
+        let mut p = Self::command_in(&self.broker_ns, None, bin("pvc-broker"))?;
+        p.cmd
+            .args(["--listen", &format!("{BROKER_IP}:{port}"), "--state"])
+            .arg(self.dir.join(format!("broker-{port}.redb")));
+        let child = p.spawn_logged(&self.dir.join(format!("broker-{port}.log")))?;
+        let pid = child.id();
+        self.children.push(child);
+        self.wait_port(&self.broker_ns.clone(), port)?;
+        Ok(pid)
+    }
+
+    /// A command in the broker's namespace (where the lab's brokers run).
+    pub fn in_broker_netns(&self, program: impl AsRef<std::ffi::OsStr>) -> Prepared {
+        Self::command_in(&self.broker_ns, None, program).expect("prepare command")
+    }
+
+    pub fn broker_pid(&self) -> Option<u32> {
+        self.broker.as_ref().map(Child::id)
+    }
+
+    /// A second LAN beside the first, with no PVC on it: each host gets
+    /// `eth1` at 198.19.0.<i+1>/24 on bridge `br1`. The same hosts, the
+    /// same kind of link, for measuring the bare network against PVC.
+    pub fn add_bare_lan(&mut self) -> anyhow::Result<()> {
+        let lan = self.lan_ns.clone();
+        sh(&["ip", "-n", &lan, "link", "add", "br1", "type", "bridge"])?;
+        sh(&["ip", "-n", &lan, "link", "set", "br1", "up"])?;
+        for i in 0..self.hosts.len() {
+            let h = &self.hosts[i];
+            let port = format!("q-{}", h.name);
+            self.plug_into("br1", &h.netns, &port, "eth1", Self::bare_ip_of(i))?;
+        }
+        Ok(())
+    }
+
+    fn bare_ip_of(i: usize) -> Ipv4Addr {
+        Ipv4Addr::new(198, 19, 0, i as u8 + 1)
+    }
+
+    /// Host `name`'s address on the bare LAN (`add_bare_lan`).
+    pub fn bare_ip(&self, name: &str) -> Ipv4Addr {
+        Self::bare_ip_of(self.index(name))
     }
 
     pub fn evil_broker_log(&self) -> String {
@@ -981,6 +1036,32 @@ impl Capture {
         unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
         let _ = self.child.wait();
         fs::read_to_string(&self.out).unwrap_or_default()
+    }
+}
+
+/// A process's CPU time and memory at one moment.
+#[derive(Clone, Copy, Debug)]
+pub struct Usage {
+    pub cpu: Duration,
+    pub rss_kib: u64,
+    pub peak_rss_kib: u64,
+}
+
+impl Usage {
+    pub fn of(pid: u32) -> Usage {
+        let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+                .unwrap_or(0)
+        };
+        Usage {
+            cpu: cpu_time(pid),
+            rss_kib: field("VmRSS:"),
+            peak_rss_kib: field("VmHWM:"),
+        }
     }
 }
 

@@ -3,6 +3,7 @@
 //! - `demo`: a 3-host virtual cluster in network namespaces, narrated.
 //! - `test`: formatting, lints, the whole test suite and a short fuzz run —
 //!   what CI runs.
+//! - `bench`: PVC against the bare network, written to `results/`.
 //! - `fuzz`: the wire-protocol fuzz targets, longer.
 
 mod demo;
@@ -14,6 +15,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
+use pvc_tests::bench::Options;
 
 #[derive(Parser)]
 #[command(name = "cargo xtask")]
@@ -32,6 +34,16 @@ enum Cmd {
         /// Seconds per fuzz target.
         #[arg(long, default_value_t = 15)]
         fuzz_seconds: u32,
+    },
+    /// Measure PVC against the bare network (bandwidth, latency, connection
+    /// setup, eBPF cost per packet, agent and broker load); writes a report
+    /// and figures to `--out`. Not part of the tests: the numbers are noisy.
+    Bench {
+        /// A short run of every part (about a minute) instead of the full one.
+        #[arg(long)]
+        quick: bool,
+        #[arg(long, default_value = "results")]
+        out: PathBuf,
     },
     /// Run the fuzz targets (cargo-fuzz, nightly) on the committed corpus.
     Fuzz {
@@ -108,6 +120,24 @@ fn main() -> anyhow::Result<()> {
             run("tests", &mut cargo(&["test", "--no-fail-fast"]))?;
             fuzz(fuzz_seconds)?;
             eprintln!("\nall checks passed");
+            Ok(())
+        }
+        Cmd::Bench { quick, out } => {
+            // Release binaries: the broker's and the tools' own speed count here.
+            run("build (release)", &mut cargo(&["build", "--release"]))?;
+            let target = std::env::var_os("CARGO_TARGET_DIR")
+                .map_or_else(|| root().join("target"), PathBuf::from);
+            // SAFETY: single-threaded here; the lab reads it to find the binaries.
+            unsafe { std::env::set_var("PVC_BIN_DIR", target.join("release")) };
+            let opts = if quick {
+                Options::smoke()
+            } else {
+                Options::full()
+            };
+            let out = root().join(out);
+            let report = pvc_tests::bench::run(&opts, &out)?;
+            println!("{}", pvc_tests::bench::markdown(&report));
+            eprintln!("report and figures in {}", out.display());
             Ok(())
         }
         Cmd::Fuzz { seconds } => fuzz(seconds),
