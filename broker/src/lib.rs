@@ -59,6 +59,16 @@ impl Default for Limits {
     }
 }
 
+/// A session's write buffer keeps the capacity of the largest frame it sent
+/// (a welcome with a whole cluster's records): give it back once sent, so
+/// that a broker's memory follows its number of agents, not their history.
+fn release_large_buffer(framed: &mut Framed<TcpStream, BrokerCodec>) {
+    const KEEP: usize = 16 * 1024;
+    if framed.write_buffer().capacity() > KEEP && framed.write_buffer().is_empty() {
+        *framed.write_buffer_mut() = tokio_util::bytes::BytesMut::new();
+    }
+}
+
 /// What the broker holds for one cluster.
 pub(crate) struct Cluster {
     pub(crate) master_key: PublicKey,
@@ -197,7 +207,9 @@ impl Broker {
 
     async fn session(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
         let _ = stream.set_nodelay(true);
-        let mut framed = Framed::new(stream, BrokerCodec::default());
+        // Most frames are small (pings, relays); the buffer grows for the
+        // rare large one. 10,000 sessions x 8 KiB default would be 80 MiB.
+        let mut framed = Framed::with_capacity(stream, BrokerCodec::default(), 1024);
         let registration = match timeout(self.limits.register_timeout, framed.next()).await {
             Ok(Some(Ok(AgentMessage::Register(r)))) => r,
             Ok(Some(Ok(AgentMessage::Publish(p)))) => {
@@ -284,6 +296,7 @@ impl Broker {
                 return ("write failed", false);
             }
         }
+        release_large_buffer(framed);
 
         let mut deadline = Instant::now() + self.limits.idle_timeout;
         loop {
@@ -325,6 +338,7 @@ impl Broker {
                         if framed.send(msg).await.is_err() {
                             return ("write failed", false);
                         }
+                        release_large_buffer(framed);
                     }
                     None => return ("agent too slow", false),
                 },
