@@ -842,6 +842,9 @@ struct Target {
     miss: String,
 }
 
+/// NetPIPE messages from this size on are bandwidth-bound.
+const NETPIPE_LARGE: u64 = 64 * 1024;
+
 fn targets(r: &Report) -> Vec<Target> {
     let mut t = Vec::new();
     let worst_iperf = r
@@ -851,11 +854,26 @@ fn targets(r: &Report) -> Vec<Target> {
         .fold(f64::INFINITY, f64::min);
     let peak = |f: fn(&Curve) -> f64| r.netpipe.iter().map(f).fold(0.0, f64::max);
     let np_ratio = peak(|c| c.pvc_mbps) / peak(|c| c.bare_mbps);
-    let worst = worst_iperf.min(np_ratio);
+    // One peak is one noisy point: the bandwidth-bound sizes, all together,
+    // say more.
+    let large = median(
+        &r.netpipe
+            .iter()
+            .filter(|c| c.bytes >= NETPIPE_LARGE)
+            .map(|c| c.pvc_mbps / c.bare_mbps)
+            .collect::<Vec<_>>(),
+    );
+    // NaN (no message that large, in a short run) leaves `min` unchanged.
+    let worst = worst_iperf.min(np_ratio).min(large);
+    let large_text = if large.is_nan() {
+        String::new()
+    } else {
+        format!(", messages >= 64 KiB {:.1}% (median)", large * 100.0)
+    };
     t.push(Target {
         name: "throughput >= 99% of bare",
         measured: format!(
-            "iperf3 {}; NetPIPE peak {:.1}%",
+            "iperf3 {}; NetPIPE peak {:.1}%{large_text}",
             r.iperf
                 .iter()
                 .map(|(d, x)| format!("{d} {:.1}%", x.ratio * 100.0))
@@ -962,6 +980,9 @@ pub fn markdown(r: &Report) -> String {
         m,
         "\n## NetPIPE (NPtcp), bandwidth and one-way latency by message size\n\n\
          ![bandwidth](bandwidth.png) ![latency](latency.png)\n\n\
+         NPtcp sets its own socket buffers (16 KiB send, 128 KiB receive, doubled by Linux), \
+         so large messages are window-bound: every packet's cost on the path, PVC's programs \
+         included, shows in their bandwidth, unlike iperf3's autotuned buffers.\n\n\
          | bytes | bare Mbit/s | PVC Mbit/s | PVC/bare | bare µs | PVC µs | PVC/bare |\n|---|---|---|---|---|---|---|"
     );
     for c in &r.netpipe {
@@ -997,16 +1018,22 @@ pub fn markdown(r: &Report) -> String {
     }
     let _ = writeln!(
         m,
-        "\n## eBPF programs (kernel run-time statistics, both hosts)\n\n| phase | program | runs | ns per run |\n|---|---|---|---|"
+        "\n## eBPF programs (kernel run-time statistics, both hosts)\n\n| phase | program | runs | ns per run | above the empty program |\n|---|---|---|---|---|"
     );
     for (phase, progs) in &r.programs {
         for (name, c) in progs {
-            let _ = writeln!(m, "| {phase} | {name} | {} | {:.0} |", c.runs, c.ns_per_run);
+            let _ = writeln!(
+                m,
+                "| {phase} | {name} | {} | {:.0} | {:.0} |",
+                c.runs,
+                c.ns_per_run,
+                c.ns_per_run - r.empty_program.ns_per_run
+            );
         }
     }
     let _ = writeln!(
         m,
-        "| iperf3, bare path | an empty program (the floor: dispatch, statistics, cold caches) | {} | {:.0} |",
+        "| iperf3, bare path | an empty program (the floor: dispatch, statistics, cold caches) | {} | {:.0} | 0 |",
         r.empty_program.runs, r.empty_program.ns_per_run
     );
     let _ = writeln!(
