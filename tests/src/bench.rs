@@ -46,7 +46,7 @@ pub struct Options {
 }
 
 impl Options {
-    /// The benchmark of record (about 15 minutes on 2 cores).
+    /// The benchmark of record (about 10 minutes on 2 cores, build included).
     pub fn full() -> Options {
         Options {
             reps: 3,
