@@ -45,7 +45,8 @@ enum Cmd {
         #[arg(long, default_value = "results")]
         out: PathBuf,
     },
-    /// Run the fuzz targets (cargo-fuzz, nightly) on the committed corpus.
+    /// Run the fuzz targets (cargo-fuzz, nightly) on the committed corpus,
+    /// adding what they find to it.
     Fuzz {
         #[arg(long, default_value_t = 60)]
         seconds: u32,
@@ -83,13 +84,27 @@ fn cargo(args: &[&str]) -> Command {
     c
 }
 
-fn fuzz(seconds: u32) -> anyhow::Result<()> {
+/// Runs every fuzz target for `seconds`. libFuzzer writes the inputs it
+/// finds into its first corpus folder: the committed corpus when asked to
+/// grow it (`cargo xtask fuzz`), else a scratch folder under `target/`, so
+/// that a test run leaves the working tree as it was.
+fn fuzz(seconds: u32, grow_corpus: bool) -> anyhow::Result<()> {
     let dir = root().join("pvc-proto/fuzz");
     for target in FUZZ_TARGETS {
         let what = format!("fuzz {target} for {seconds} s");
         eprintln!("\n==> {what}");
+        let committed = dir.join("corpus").join(target);
+        let mut corpora = vec![committed.clone()];
+        if !grow_corpus {
+            let scratch = root().join("target/fuzz-corpus").join(target);
+            std::fs::create_dir_all(&scratch)
+                .with_context(|| format!("cannot create {}", scratch.display()))?;
+            corpora.insert(0, scratch);
+        }
         let status = Command::new("cargo")
-            .args(["+nightly", "fuzz", "run", target, "--"])
+            .args(["+nightly", "fuzz", "run", target])
+            .args(&corpora)
+            .arg("--")
             .arg(format!("-max_total_time={seconds}"))
             .current_dir(&dir)
             .status()
@@ -118,7 +133,7 @@ fn main() -> anyhow::Result<()> {
             // The lab starts the real binaries: build them before the tests.
             run("build", &mut cargo(&["build"]))?;
             run("tests", &mut cargo(&["test", "--no-fail-fast"]))?;
-            fuzz(fuzz_seconds)?;
+            fuzz(fuzz_seconds, false)?;
             eprintln!("\nall checks passed");
             Ok(())
         }
@@ -140,6 +155,6 @@ fn main() -> anyhow::Result<()> {
             eprintln!("report and figures in {}", out.display());
             Ok(())
         }
-        Cmd::Fuzz { seconds } => fuzz(seconds),
+        Cmd::Fuzz { seconds } => fuzz(seconds, true),
     }
 }
