@@ -31,6 +31,10 @@ fn a_short_benchmark_run_measures_everything_it_reports() {
     assert_eq!(r.connect_pvc_us.samples, connects);
     assert_eq!(r.first_connect_bare_us.samples, opts.first_connects);
     assert_eq!(r.first_connect_pvc_us.samples, opts.first_connects);
+    let round_trips = opts.reps * opts.round_trips;
+    assert_eq!(r.round_trip_bare_us.samples, round_trips);
+    assert_eq!(r.round_trip_pvc_us.samples, round_trips);
+    assert!(r.round_trip_bare_us.median > 0.0 && r.round_trip_pvc_us.median > 0.0);
     // First connections to a PVC peer include authentication: never faster
     // than to an authenticated one.
     assert!(
@@ -39,7 +43,7 @@ fn a_short_benchmark_run_measures_everything_it_reports() {
     );
 
     // Every program ran in the phases it serves, and the kernel timed it.
-    for phase in ["netpipe", "iperf3", "connect"] {
+    for phase in ["netpipe", "iperf3", "connect", "round trip"] {
         let progs = &r.programs[phase];
         for prog in ["pvc_egress", "pvc_ingress"] {
             let c = &progs[prog];
@@ -75,6 +79,7 @@ fn a_short_benchmark_run_measures_everything_it_reports() {
         "## Bulk throughput",
         "## NetPIPE",
         "## Connection setup",
+        "## Round trip",
         "## eBPF programs",
         "## Broker under load",
     ] {

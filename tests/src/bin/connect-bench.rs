@@ -1,9 +1,12 @@
-//! Connection setup timing for the benchmark: `serve PORT` accepts and
-//! closes connections (backlog 4096, so that no SYN waits for a full
-//! queue); `connect ADDR PORT COUNT` times COUNT sequential connect()s and
-//! prints their durations in microseconds, as JSON.
+//! Connection setup and round-trip timing for the benchmark: `serve PORT`
+//! accepts and closes connections (backlog 4096, so that no SYN waits for a
+//! full queue); `connect ADDR PORT COUNT` times COUNT sequential connect()s;
+//! `echo PORT` echoes every byte back; `rtt ADDR PORT COUNT` times COUNT
+//! one-byte round trips over one connection. Durations are printed in
+//! microseconds, as JSON.
 
 use std::{
+    io::{Read as _, Write as _},
     net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream},
     time::Instant,
 };
@@ -11,15 +14,49 @@ use std::{
 use anyhow::{Context as _, bail};
 use socket2::{Domain, Socket, Type};
 
-fn serve(port: u16) -> anyhow::Result<()> {
+fn listen(port: u16) -> anyhow::Result<TcpListener> {
     let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
     socket.bind(&SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port).into())?;
     socket.listen(4096)?;
-    let listener: TcpListener = socket.into();
-    for stream in listener.incoming() {
+    Ok(socket.into())
+}
+
+fn serve(port: u16) -> anyhow::Result<()> {
+    for stream in listen(port)?.incoming() {
         drop(stream?);
     }
+    Ok(())
+}
+
+/// One connection at a time: the benchmark's round trips are sequential.
+fn echo(port: u16) -> anyhow::Result<()> {
+    for stream in listen(port)?.incoming() {
+        let mut s = stream?;
+        s.set_nodelay(true)?;
+        let mut buf = [0u8; 1];
+        while let Ok(1) = s.read(&mut buf) {
+            if s.write_all(&buf).is_err() {
+                break;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn rtt(addr: Ipv4Addr, port: u16, count: usize) -> anyhow::Result<()> {
+    let mut s =
+        TcpStream::connect((addr, port)).with_context(|| format!("connect to {addr}:{port}"))?;
+    s.set_nodelay(true)?;
+    let mut us = Vec::with_capacity(count);
+    let mut buf = [0u8; 1];
+    for _ in 0..count {
+        let t = Instant::now();
+        s.write_all(b"x")?;
+        s.read_exact(&mut buf).context("the echo server closed")?;
+        us.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    println!("{}", serde_json::json!({ "us": us }));
     Ok(())
 }
 
@@ -41,11 +78,19 @@ fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
         Some("serve") => serve(args.get(2).context("port")?.parse()?),
-        Some("connect") => connect(
-            args.get(2).context("address")?.parse()?,
-            args.get(3).context("port")?.parse()?,
-            args.get(4).context("count")?.parse()?,
+        Some("echo") => echo(args.get(2).context("port")?.parse()?),
+        Some(mode @ ("connect" | "rtt")) => {
+            let addr = args.get(2).context("address")?.parse()?;
+            let port = args.get(3).context("port")?.parse()?;
+            let count = args.get(4).context("count")?.parse()?;
+            if mode == "connect" {
+                connect(addr, port, count)
+            } else {
+                rtt(addr, port, count)
+            }
+        }
+        _ => bail!(
+            "usage: connect-bench serve PORT | connect ADDR PORT COUNT | echo PORT | rtt ADDR PORT COUNT"
         ),
-        _ => bail!("usage: connect-bench serve PORT | connect ADDR PORT COUNT"),
     }
 }
