@@ -51,7 +51,8 @@ fn a_short_benchmark_run_measures_everything_it_reports() {
         }
     }
     assert!(
-        r.programs["connect"]["pvc_connect4"].runs >= (opts.reps * opts.connects) as u64,
+        // One PVC run of the phase, timed by the kernel's statistics.
+        r.programs["connect"]["pvc_connect4"].runs >= opts.connects as u64,
         "{:?}",
         r.programs["connect"]
     );
