@@ -308,6 +308,24 @@ impl Bench<'_> {
         Ok(bps / 1e9)
     }
 
+    /// `sample` on both paths, interleaved, `reps` times; pooled per path.
+    fn spreads(
+        &mut self,
+        mut sample: impl FnMut(&mut Self, Route) -> anyhow::Result<Vec<f64>>,
+    ) -> anyhow::Result<(Spread, Spread)> {
+        let (mut bare, mut pvc) = (Vec::new(), Vec::new());
+        for rep in 0..self.opts.reps {
+            for route in Route::interleaved(rep) {
+                let values = sample(self, route)?;
+                match route {
+                    Route::Bare => bare.extend(values),
+                    Route::Pvc => pvc.extend(values),
+                }
+            }
+        }
+        Ok((Spread::of(&bare), Spread::of(&pvc)))
+    }
+
     /// Times `count` sequential connect()s from a to b's server at `port`.
     fn connects(&self, route: Route, port: u16, count: usize) -> anyhow::Result<Vec<f64>> {
         self.timed("connect", route, port, count)
@@ -568,16 +586,14 @@ pub fn run(opts: &Options, out: &Path) -> anyhow::Result<Report> {
         "connect",
         &mut programs,
         |b| {
-            let (mut bare, mut pvc) = (Vec::new(), Vec::new());
-            for rep in 0..b.opts.reps {
-                for route in Route::interleaved(rep) {
-                    match route {
-                        Route::Bare => bare.extend(b.connects(route, bare_srv, b.opts.connects)?),
-                        Route::Pvc => pvc.extend(b.connects(route, pvc_srv, b.opts.connects)?),
-                    }
-                }
-            }
-            Ok((Spread::of(&bare), Spread::of(&pvc)))
+            b.spreads(|b, route| {
+                let port = if route == Route::Pvc {
+                    pvc_srv
+                } else {
+                    bare_srv
+                };
+                b.connects(route, port, b.opts.connects)
+            })
         },
         |b| b.connects(Route::Pvc, pvc_srv, b.opts.connects).map(drop),
     )?;
@@ -586,20 +602,14 @@ pub fn run(opts: &Options, out: &Path) -> anyhow::Result<Report> {
         "round trip",
         &mut programs,
         |b| {
-            let (mut bare, mut pvc) = (Vec::new(), Vec::new());
-            for rep in 0..b.opts.reps {
-                for route in Route::interleaved(rep) {
-                    match route {
-                        Route::Bare => {
-                            bare.extend(b.round_trips(route, bare_echo, b.opts.round_trips)?)
-                        }
-                        Route::Pvc => {
-                            pvc.extend(b.round_trips(route, pvc_echo, b.opts.round_trips)?)
-                        }
-                    }
-                }
-            }
-            Ok((Spread::of(&bare), Spread::of(&pvc)))
+            b.spreads(|b, route| {
+                let port = if route == Route::Pvc {
+                    pvc_echo
+                } else {
+                    bare_echo
+                };
+                b.round_trips(route, port, b.opts.round_trips)
+            })
         },
         |b| {
             b.round_trips(Route::Pvc, pvc_echo, b.opts.round_trips)

@@ -15,7 +15,10 @@ use std::{
     os::{fd::AsRawFd as _, unix::process::CommandExt as _},
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
-    sync::atomic::{AtomicU32, Ordering},
+    sync::{
+        Mutex,
+        atomic::{AtomicU32, Ordering},
+    },
     thread::sleep,
     time::{Duration, Instant},
 };
@@ -29,6 +32,66 @@ pub const BROKER_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 254);
 pub const BROKER_PORT: u16 = 7100;
 
 static LABS: AtomicU32 = AtomicU32::new(0);
+
+const BPFFS: &str = "/sys/fs/bpf";
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+/// Labs alive in this process, and whether the first of them mounted bpffs.
+static BPFFS_USERS: Mutex<(usize, bool)> = Mutex::new((0, false));
+
+/// A lab's use of bpffs at /sys/fs/bpf. An agent mounts it when the host has
+/// none and leaves it mounted (as a host wants); a lab must leave the host
+/// as it found it, so the first lab mounts it and the last one unmounts it.
+struct BpffsUse;
+
+impl BpffsUse {
+    fn take() -> anyhow::Result<BpffsUse> {
+        let mut users = BPFFS_USERS.lock().unwrap_or_else(|e| e.into_inner());
+        if users.0 == 0 && !is_bpffs() {
+            let path = std::ffi::CString::new(BPFFS)?;
+            // SAFETY: valid C strings; no mount data.
+            let rc = unsafe {
+                libc::mount(
+                    c"bpf".as_ptr(),
+                    path.as_ptr(),
+                    c"bpf".as_ptr(),
+                    0,
+                    std::ptr::null(),
+                )
+            };
+            ensure!(
+                rc == 0,
+                "cannot mount bpffs at {BPFFS}: {}",
+                std::io::Error::last_os_error()
+            );
+            users.1 = true;
+        }
+        users.0 += 1;
+        Ok(BpffsUse)
+    }
+}
+
+impl Drop for BpffsUse {
+    fn drop(&mut self) {
+        let mut users = BPFFS_USERS.lock().unwrap_or_else(|e| e.into_inner());
+        users.0 -= 1;
+        if users.0 == 0 && users.1 {
+            if let Ok(path) = std::ffi::CString::new(BPFFS) {
+                // SAFETY: a valid C string. Detached: a straggling reader
+                // must not keep the mount.
+                unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
+            }
+            users.1 = false;
+        }
+    }
+}
+
+fn is_bpffs() -> bool {
+    let path = std::ffi::CString::new(BPFFS).expect("no NUL");
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid C string and a properly sized buffer.
+    unsafe { libc::statfs(path.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC }
+}
 
 /// Where the workspace's binaries are: `PVC_BIN_DIR`, else the target folder
 /// of the running executable (target/<profile>/).
@@ -122,6 +185,8 @@ pub struct Lab {
     broker: Option<Child>,
     children: Vec<Child>,
     namespaces: Vec<String>,
+    /// Dropped after `Lab::drop` has stopped the agents and removed pins.
+    _bpffs: BpffsUse,
 }
 
 impl Lab {
@@ -131,6 +196,7 @@ impl Lab {
         require_tools(&["ip", "nsenter"]);
         let id = LABS.fetch_add(1, Ordering::Relaxed);
         let prefix = format!("pvct{}x{id}", std::process::id());
+        let bpffs = BpffsUse::take()?;
         let dir = std::env::temp_dir().join(&prefix);
         fs::create_dir_all(&dir)?;
         let cgroup_dir = cgroup2_root().join(&prefix);
@@ -146,6 +212,7 @@ impl Lab {
             broker: None,
             children: Vec::new(),
             namespaces: Vec::new(),
+            _bpffs: bpffs,
         };
         // From here on, Drop cleans up whatever was made.
         lab.build(n)?;
