@@ -358,16 +358,10 @@ impl Broker {
         tx: mpsc::Sender<BrokerMessage>,
     ) -> Result<Welcome, (ErrorCode, String)> {
         let mut state = self.state.lock().unwrap();
-        let cluster = state.clusters.get_mut(&r.cluster).ok_or_else(|| {
-            (
-                ErrorCode::UnknownCluster,
-                format!(
-                    "this broker holds nothing for cluster {}: the master must publish to it \
-                     (`pvc master publish`)",
-                    r.cluster
-                ),
-            )
-        })?;
+        if !state.clusters.contains_key(&r.cluster) {
+            return Err(unknown_cluster(&state, &r.cluster));
+        }
+        let cluster = state.clusters.get_mut(&r.cluster).expect("checked");
         let (record, signed) = cluster
             .admission(&r.host_key)
             .map_err(|e| (ErrorCode::NotAdmitted, e))?
@@ -580,6 +574,41 @@ impl Broker {
         }
         Ok((id, count))
     }
+}
+
+/// Why a registration names a cluster this broker does not hold: nothing
+/// published here yet, or (when it serves others) most likely an agent
+/// configured with another cluster's master key. Cluster ids are hashes of
+/// public keys: naming them gives nothing away.
+fn unknown_cluster(state: &State, cluster: &ClusterId) -> (ErrorCode, String) {
+    if state.clusters.is_empty() {
+        return (
+            ErrorCode::UnknownCluster,
+            format!(
+                "this broker holds nothing for cluster {cluster} (nothing published here yet): \
+                 the master must publish to it (`pvc master publish`)"
+            ),
+        );
+    }
+    const SHOWN: usize = 4;
+    let mut served: Vec<String> = state.clusters.keys().map(|c| c.to_string()).collect();
+    served.sort();
+    let more = served.len().saturating_sub(SHOWN);
+    served.truncate(SHOWN);
+    let more = if more > 0 {
+        format!(" and {more} more")
+    } else {
+        String::new()
+    };
+    (
+        ErrorCode::ForeignCluster,
+        format!(
+            "this broker serves cluster(s) {}{more}, not cluster {cluster}: the agent's master_key \
+             is another cluster's (compare it with `pvc master show`), or this cluster's master \
+             has not published here yet (`pvc master publish`)",
+            served.join(", ")
+        ),
+    )
 }
 
 struct Welcome {

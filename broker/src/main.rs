@@ -42,18 +42,20 @@ async fn run() -> anyhow::Result<()> {
         .init();
     let args = Args::parse();
     raise_file_limit();
+    // Everything is opened before the broker says it is ready: a state file
+    // it cannot use ends it here, with nothing announced.
+    let name = args.name.clone().unwrap_or_else(|| args.listen.to_string());
+    let broker = match &args.state {
+        Some(path) => Broker::with_store(name.clone(), Limits::default(), path)?,
+        None => Broker::new(name.clone(), Limits::default()),
+    };
     let listener = TcpListener::bind(args.listen).await.with_context(|| {
         format!(
             "cannot listen on {} (in use, or not an address of this host?)",
             args.listen
         )
     })?;
-    let name = args.name.clone().unwrap_or_else(|| args.listen.to_string());
     info!(listen = %args.listen, name, "broker ready");
-    let broker = match &args.state {
-        Some(path) => Broker::with_store(name, Limits::default(), path)?,
-        None => Broker::new(name, Limits::default()),
-    };
     tokio::select! {
         r = broker.serve(listener) => r.context("accepting agents failed")?,
         _ = shutdown() => info!("broker stopping"),

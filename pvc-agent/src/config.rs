@@ -245,7 +245,7 @@ mod tests {
     use super::*;
 
     const MINIMAL: &str = r#"
-master_key = "fXNndFJ9Kwcl0+3BqHlDK1v5RVrxGzDFLXzp9xPCKYk="
+master_key = "OcyHo6wxs9UAk/Rdzkr/CW9qbbdikxmsaYgBcEGcMKs="
 name = "alpha"
 virtual_ip = "240.0.0.1"
 brokers = ["198.18.0.254"]
@@ -278,7 +278,7 @@ uplink = "eth0"
         let err = format!("{:#}", c.validate().unwrap_err());
         assert!(err.contains("10.0.0.1"), "{err}");
 
-        let bad_key = MINIMAL.replace("fXNnd", "!!");
+        let bad_key = MINIMAL.replace("OcyHo", "!!");
         let err = toml::from_str::<Config>(&bad_key).unwrap_err().to_string();
         assert!(err.contains("base64"), "{err}");
 

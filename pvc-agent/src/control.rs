@@ -25,8 +25,16 @@ pub enum Request {
     Status,
 }
 
+/// `Status::state` of an agent waiting for a broker to confirm its
+/// membership: nothing is attached to the host yet.
+pub const STATE_WAITING: &str = "waiting for admission";
+/// `Status::state` of an agent whose data path is attached.
+pub const STATE_RUNNING: &str = "running";
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Status {
+    /// `STATE_WAITING` or `STATE_RUNNING`.
+    pub state: String,
     pub instance: String,
     /// The cluster id (derived from the master key).
     pub cluster: String,
@@ -44,6 +52,13 @@ pub struct Status {
     pub policy_version: u64,
     pub peers: Vec<PeerStatus>,
     pub flows: Vec<FlowEntry>,
+    /// Entries the masquerading map can hold (two per flow; `flows` lists
+    /// those in use). New flows are refused when it is full.
+    pub flow_capacity: u32,
+    /// What the agent did with packets the kernel handed it: held SYNs
+    /// re-sent or refused once their path was decided, held SYNs dropped
+    /// because too many waited, refused SYNs answered with a RST.
+    pub agent_counters: BTreeMap<String, u64>,
     /// Flows opened since the agent started, by technique.
     pub flows_opened: BTreeMap<String, u64>,
     pub drops: BTreeMap<String, u64>,

@@ -230,9 +230,18 @@ pub enum DropReason {
     PolicyOutbound = 15,
     /// An inbound flow the policy does not allow (its SYN is dropped).
     PolicyInbound = 16,
+    /// A new flow whose real 4-tuple on the wire is in use by another live
+    /// connection between the same two hosts (a PVC flow and a connection
+    /// between real addresses that picked the same ports): the new one is
+    /// refused, the established one keeps working.
+    FlowCollision = 17,
+    /// A SYN whose real 4-tuple is still used by a connection in its last
+    /// packets (its FIN is out): dropped, TCP retransmits it once that
+    /// connection has ended.
+    TupleClosing = 18,
 }
 
-pub const DROP_REASON_COUNT: u32 = 17;
+pub const DROP_REASON_COUNT: u32 = 19;
 
 impl DropReason {
     pub const ALL: [DropReason; DROP_REASON_COUNT as usize] = [
@@ -253,6 +262,8 @@ impl DropReason {
         Self::BadTag,
         Self::PolicyOutbound,
         Self::PolicyInbound,
+        Self::FlowCollision,
+        Self::TupleClosing,
     ];
 
     /// Stable name used in logs, metrics labels and the CLI.
@@ -275,6 +286,8 @@ impl DropReason {
             Self::BadTag => "bad_tag",
             Self::PolicyOutbound => "policy_outbound",
             Self::PolicyInbound => "policy_inbound",
+            Self::FlowCollision => "flow_collision",
+            Self::TupleClosing => "tuple_closing",
         }
     }
 }
@@ -382,14 +395,20 @@ pub const EVENT_CONNECT_REFUSED: u8 = 2;
 pub const EVENT_INBOUND_REFUSED: u8 = 3;
 /// A packet held for the agent (`HeldPacket`).
 pub const EVENT_PACKET_HELD: u8 = 4;
+/// A connection request refused by tc (`HeldPacket` with its reason): the
+/// agent answers it with a RST, so that connect() fails at once with
+/// ECONNREFUSED instead of retransmitting into a drop.
+pub const EVENT_PACKET_REFUSED: u8 = 5;
 
 /// Bytes of a held packet the agent gets: enough for a SYN's IPv4 and TCP
 /// headers with options, or a small ping.
 pub const HELD_BYTES: usize = 120;
 
-/// The first packet of a flow to a member without an authenticated path
-/// (a SYN, a ping), as the local stack sent it (virtual addresses). The
-/// agent authenticates the peer and, if it got the whole packet, re-sends it.
+/// A packet handed to the agent: the first packet of a flow to a member
+/// without an authenticated path (`EVENT_PACKET_HELD`: a SYN or a ping, as
+/// the local stack sent it, with virtual addresses; the agent authenticates
+/// the peer and, if it got the whole packet, re-sends it), or a SYN tc
+/// refused (`EVENT_PACKET_REFUSED`: the agent answers it with a RST).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HeldPacket {
@@ -399,6 +418,9 @@ pub struct HeldPacket {
     /// Bytes of `packet` copied from the IPv4 header on.
     pub len: u16,
     pub daddr: [u8; 4],
+    /// The `DropReason` the packet was held or refused for.
+    pub reason: u32,
+    pub _pad: u32,
     pub packet: [u8; HELD_BYTES],
 }
 
@@ -452,7 +474,7 @@ mod tests {
         assert_eq!(size_of::<PeerPath>(), 8 + 16);
         assert_eq!(size_of::<Settings>(), 12);
         assert_eq!(size_of::<PolicyKey>(), 8);
-        assert_eq!(size_of::<HeldPacket>(), 8 + HELD_BYTES);
+        assert_eq!(size_of::<HeldPacket>(), 16 + HELD_BYTES);
         assert_eq!(size_of::<Event>(), 4 + 4 + 4 + 4 + 2 + 2 + 4 + 4);
     }
 

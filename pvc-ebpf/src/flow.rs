@@ -3,13 +3,14 @@
 
 use aya_ebpf::{bindings::BPF_RB_FORCE_WAKEUP, helpers::bpf_skb_load_bytes, programs::TcContext};
 use pvc_common::{
-    DIRECTION_EGRESS, DropReason, EVENT_FLOW_CREATED, EVENT_PACKET_HELD, Event, FlowKey,
-    HELD_BYTES, HeldPacket, Masquerade, PeerPath, siphash24_16, tag_message,
+    DIRECTION_EGRESS, DropReason, EVENT_FLOW_CREATED, EVENT_PACKET_HELD, EVENT_PACKET_REFUSED,
+    Event, FlowKey, HELD_BYTES, HeldPacket, Masquerade, PeerPath, siphash24_16, tag_message,
 };
 
 use crate::{
     maps::{EVENTS, MASQUERADING, emit_quietly, now_ns},
     packet::{IP_OFF, Ipv4, Tcp},
+    sockets::Use,
 };
 
 /// Looks up a flow and records that a packet (with these TCP flags) used it.
@@ -52,9 +53,11 @@ pub fn open(key: &FlowKey, to: &Masquerade, announce: bool) -> Result<(), DropRe
     MASQUERADING
         .insert(&twin_key, &twin, 0)
         .map_err(|_| DropReason::FlowTableFull)?;
-    MASQUERADING
-        .insert(key, to, 0)
-        .map_err(|_| DropReason::FlowTableFull)?;
+    if MASQUERADING.insert(key, to, 0).is_err() {
+        // Half a flow would only hold a slot: give it back.
+        let _ = MASQUERADING.remove(&twin_key);
+        return Err(DropReason::FlowTableFull);
+    }
     if announce {
         // Report the flow by its virtual tuple, local side first: that is
         // the egress key, whichever side opened the flow.
@@ -130,11 +133,38 @@ pub fn tag_mac(
     .to_le_bytes()
 }
 
-/// Hands a packet to the agent (which authenticates the peer, then re-sends
-/// it when it got all of it). A full ring buffer loses it: TCP retransmits
-/// the SYN, ping sends the next request.
+/// Hands a packet to the agent, which authenticates the peer and then
+/// re-sends it when it got all of it. A full ring buffer loses it: TCP
+/// retransmits the SYN, ping sends the next request.
 #[inline(always)]
 pub fn hold(ctx: &TcContext, ip: &Ipv4) {
+    to_agent(ctx, ip, EVENT_PACKET_HELD, DropReason::AwaitingPath);
+}
+
+/// Drops a connection request the data path cannot carry and has the agent
+/// answer it with a RST, so that the connect() behind it fails at once with
+/// ECONNREFUSED instead of retransmitting into the same refusal. Returns the
+/// reason, for the caller to count.
+#[inline(always)]
+pub fn refuse(ctx: &TcContext, ip: &Ipv4, reason: DropReason) -> DropReason {
+    to_agent(ctx, ip, EVENT_PACKET_REFUSED, reason);
+    reason
+}
+
+/// Whether this host's SYN may take a 4-tuple on the wire that `used`
+/// describes: a live connection keeps it (the SYN is refused with a RST); a
+/// closing one is waited for (the SYN is dropped and TCP retransmits it).
+#[inline(always)]
+pub fn may_take(ctx: &TcContext, ip: &Ipv4, used: Use) -> Result<(), DropReason> {
+    match used {
+        Use::Free => Ok(()),
+        Use::Closing => Err(DropReason::TupleClosing),
+        Use::Live => Err(refuse(ctx, ip, DropReason::FlowCollision)),
+    }
+}
+
+#[inline(always)]
+fn to_agent(ctx: &TcContext, ip: &Ipv4, kind: u8, reason: DropReason) {
     let Some(mut entry) = EVENTS.reserve_untyped::<HeldPacket>(0) else {
         return;
     };
@@ -142,11 +172,15 @@ pub fn hold(ctx: &TcContext, ip: &Ipv4) {
     // non-empty copy that fits the record.
     let len = (ip.tot_len as u32).clamp(20, HELD_BYTES as u32);
     let ev = entry.as_mut_ptr();
+    // SAFETY: `ev` points to a reserved, writable ring-buffer record of
+    // HeldPacket's size, and the copy is bounded by `packet`'s length.
     let copied = unsafe {
-        (*ev).kind = EVENT_PACKET_HELD;
+        (*ev).kind = kind;
         (*ev).complete = (ip.tot_len as usize <= HELD_BYTES) as u8;
         (*ev).len = len as u16;
         (*ev).daddr = ip.daddr;
+        (*ev).reason = reason as u32;
+        (*ev)._pad = 0;
         bpf_skb_load_bytes(
             ctx.skb.skb as *const _,
             IP_OFF as u32,

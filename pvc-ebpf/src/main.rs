@@ -15,6 +15,7 @@ mod maps;
 mod nat;
 mod packet;
 mod sock_addr;
+mod sockets;
 mod tc_egress;
 mod tc_ingress;
 

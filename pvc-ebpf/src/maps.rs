@@ -3,7 +3,7 @@
 
 use aya_ebpf::{
     bindings::{BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
-    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
+    btf_maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf, lpm_trie::Key},
     helpers::bpf_ktime_get_coarse_ns,
     macros::btf_map,
 };
@@ -14,8 +14,13 @@ use pvc_common::{
 
 /// The masquerading map (paper §4.1.3's "masquerading rules"): one entry per
 /// flow and direction. The agent may resize it at load time (`max_flows`).
+///
+/// A plain hash, not an LRU: an LRU map makes room for a new flow by
+/// evicting the entries of an established one, which then breaks without a
+/// trace. Here a full map refuses the new flow (counted, answered with a
+/// RST) and only the agent removes entries, once their flow has ended.
 #[btf_map(name = "masquerading")]
-pub static MASQUERADING: LruHashMap<FlowKey, Masquerade, 65536> = LruHashMap::new();
+pub static MASQUERADING: HashMap<FlowKey, Masquerade, 65536> = HashMap::new();
 
 /// Members this host has a path to, by virtual address.
 #[btf_map(name = "peers")]
@@ -40,7 +45,7 @@ pub static TRAFFIC: PerCpuArray<Traffic, { TRAFFIC_DIRECTIONS as usize }> = PerC
 
 /// Control-plane events: new flows and refusals. Never per packet.
 #[btf_map(name = "events")]
-pub static EVENTS: RingBuf<Event, { 256 * 1024 }> = RingBuf::new();
+pub static EVENTS: RingBuf<Event, { 512 * 1024 }> = RingBuf::new();
 
 #[inline(always)]
 pub fn settings() -> Option<Settings> {

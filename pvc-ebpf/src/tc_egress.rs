@@ -13,8 +13,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use pvc_common::{
-    DIRECTION_EGRESS, DropReason, FlowKey, IPPROTO_ICMP, IPPROTO_TCP, PEER_READY, POLICY_OUTBOUND,
-    Settings, TRAFFIC_EGRESS, is_virtual,
+    DIRECTION_EGRESS, DIRECTION_INGRESS, DropReason, FlowKey, IPPROTO_ICMP, IPPROTO_TCP,
+    PEER_READY, POLICY_OUTBOUND, Settings, TRAFFIC_EGRESS, is_virtual,
 };
 
 use crate::{
@@ -25,6 +25,7 @@ use crate::{
         ARP_REQUEST, ARP_SENDER_IP_OFF, ICMP_ECHO, Ipv4, Parsed, parse_arp, parse_icmp, parse_ipv4,
         parse_tcp,
     },
+    sockets::{self, Use},
 };
 
 #[classifier]
@@ -48,6 +49,9 @@ fn egress(ctx: &TcContext) -> Result<i32, DropReason> {
     if !is_virtual(ip.daddr) {
         if is_virtual(ip.saddr) {
             return Err(DropReason::VirtualSourceToRealDestination);
+        }
+        if ip.proto == IPPROTO_TCP && !ip.fragment {
+            return egress_real_tcp(ctx, &ip);
         }
         // Real traffic: the fast path for everything that is not PVC's.
         return Ok(TC_ACT_OK as i32);
@@ -87,6 +91,38 @@ fn egress_arp(ctx: &TcContext) -> Result<i32, DropReason> {
     Ok(TC_ACT_OK as i32)
 }
 
+/// A connection between real addresses. Its SYN may reuse the wire tuple
+/// of a PVC flow that ended (the kernel picks ports per destination, and
+/// PVC's destinations are virtual): that flow's leftover entry would turn
+/// the SYN/ACK into a packet for the virtual socket. The SYN retires it. If
+/// the PVC flow still runs, the new connection is refused instead (or waits
+/// for a closing one): an established flow is never broken by a new one.
+#[inline(always)]
+fn egress_real_tcp(ctx: &TcContext, ip: &Ipv4) -> Result<i32, DropReason> {
+    let Some(tcp) = parse_tcp(ctx, ip) else {
+        return Ok(TC_ACT_OK as i32);
+    };
+    if !tcp.is_syn() {
+        return Ok(TC_ACT_OK as i32);
+    }
+    let reply = FlowKey::new(
+        ip.daddr,
+        ip.saddr,
+        tcp.dport,
+        tcp.sport,
+        IPPROTO_TCP,
+        DIRECTION_INGRESS,
+    );
+    let Some(m) = (unsafe { MASQUERADING.get(&reply) }) else {
+        return Ok(TC_ACT_OK as i32);
+    };
+    // The PVC flow's socket, by its virtual tuple (the entry's rewrite).
+    let pvc = sockets::tcp_use(ctx, m.daddr, m.dport, m.saddr, m.sport);
+    flow::may_take(ctx, ip, pvc)?;
+    flow::close(&reply);
+    Ok(TC_ACT_OK as i32)
+}
+
 #[inline(always)]
 fn egress_tcp(ctx: &TcContext, ip: &Ipv4, s: &Settings) -> Result<i32, DropReason> {
     let tcp = parse_tcp(ctx, ip).ok_or(DropReason::Malformed)?;
@@ -114,8 +150,11 @@ fn egress_tcp(ctx: &TcContext, ip: &Ipv4, s: &Settings) -> Result<i32, DropReaso
         // A connection request always gets fresh entries in both directions:
         // whatever an earlier flow with this tuple left is replaced.
         let m = flow::entry(s.real_addr, path.real, tcp.sport, tcp.dport, ip.daddr, path);
+        // A connection between the real addresses may use this tuple.
+        let real = sockets::tcp_use(ctx, m.saddr, m.sport, m.daddr, m.dport);
+        flow::may_take(ctx, ip, real)?;
         let fresh = MASQUERADING.get_ptr(&key).is_none();
-        flow::open(&key, &m, fresh)?;
+        flow::open(&key, &m, fresh).map_err(|r| flow::refuse(ctx, ip, r))?;
         let mac = flow::tag_mac(path, m.saddr, m.daddr, m.sport, m.dport, &tcp);
         // The tag changes the header's length and checksum.
         (m, nat::append_tag(ctx, ip, &tcp, s.virtual_addr, mac)?)
@@ -129,6 +168,11 @@ fn egress_tcp(ctx: &TcContext, ip: &Ipv4, s: &Settings) -> Result<i32, DropReaso
                     .filter(|p| p.state == PEER_READY)
                     .ok_or(DropReason::UnknownPeer)?;
                 let m = flow::entry(s.real_addr, path.real, tcp.sport, tcp.dport, ip.daddr, path);
+                // Not over a connection between the real addresses that
+                // took the tuple meanwhile: its packets would become ours.
+                if sockets::tcp_use(ctx, m.saddr, m.sport, m.daddr, m.dport) != Use::Free {
+                    return Err(DropReason::FlowCollision);
+                }
                 flow::open(&key, &m, false)?;
                 m
             }

@@ -21,6 +21,7 @@ use crate::{
         ICMP_DEST_UNREACH, ICMP_ECHO_REPLY, ICMP_TIME_EXCEEDED, Ipv4, Parsed, parse_icmp,
         parse_ipv4, parse_quoted, parse_tcp, read_tag,
     },
+    sockets::{self, Use},
 };
 
 #[classifier]
@@ -80,8 +81,7 @@ fn ingress_tcp(ctx: &TcContext, ip: &Ipv4, s: &Settings) -> Result<i32, DropReas
         // connection between real addresses, even if an earlier PVC flow
         // used the same ports.
         let Some(tag) = read_tag(ctx, ip, &tcp) else {
-            flow::close(&key);
-            return PASS;
+            return untagged_syn(ctx, &key);
         };
         let refuse = |reason: DropReason| {
             emit(&Event {
@@ -112,6 +112,14 @@ fn ingress_tcp(ctx: &TcContext, ip: &Ipv4, s: &Settings) -> Result<i32, DropReas
         if !allowed(s, POLICY_INBOUND, tag.vsrc, tcp.dport) {
             return refuse(DropReason::PolicyInbound);
         }
+        // A connection between the real addresses may use this tuple: a
+        // live one keeps it, a closing one is waited for (the client's TCP
+        // retransmits).
+        match sockets::tcp_use(ctx, ip.daddr, tcp.dport, ip.saddr, tcp.sport) {
+            Use::Free => {}
+            Use::Closing => return Err(DropReason::TupleClosing),
+            Use::Live => return refuse(DropReason::FlowCollision),
+        }
         let m = flow::entry(
             tag.vsrc,
             s.virtual_addr,
@@ -121,7 +129,9 @@ fn ingress_tcp(ctx: &TcContext, ip: &Ipv4, s: &Settings) -> Result<i32, DropReas
             path,
         );
         let fresh = MASQUERADING.get_ptr(&key).is_none();
-        flow::open(&key, &m, fresh)?;
+        // A full map: the agent answers with a RST on the wire, which the
+        // client's ingress turns into ECONNREFUSED for its connect().
+        flow::open(&key, &m, fresh).map_err(|r| flow::refuse(ctx, ip, r))?;
         m
     } else {
         match flow::touch(&key, tcp.flags) {
@@ -132,6 +142,26 @@ fn ingress_tcp(ctx: &TcContext, ip: &Ipv4, s: &Settings) -> Result<i32, DropReas
     nat::masquerade(ctx, ip, tcp.sport, tcp.dport, &m)?;
     count_traffic(TRAFFIC_INGRESS, ctx.len());
     PASS
+}
+
+/// An untagged SYN: a connection between real addresses. An entry left by an
+/// ended PVC flow on the same tuple is retired; while that PVC flow still
+/// runs, the SYN is dropped rather than let the new connection take its
+/// packets (the sender's own egress refuses it first when it runs PVC).
+#[inline(always)]
+fn untagged_syn(ctx: &TcContext, key: &FlowKey) -> Result<i32, DropReason> {
+    let Some(m) = (unsafe { MASQUERADING.get(key) }) else {
+        return PASS;
+    };
+    match sockets::tcp_use(ctx, m.daddr, m.dport, m.saddr, m.sport) {
+        Use::Free => {
+            flow::close(key);
+            PASS
+        }
+        // The sender's TCP retransmits; by then the flow may have ended.
+        Use::Closing => Err(DropReason::TupleClosing),
+        Use::Live => Err(DropReason::FlowCollision),
+    }
 }
 
 #[inline(always)]

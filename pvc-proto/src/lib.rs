@@ -168,6 +168,9 @@ pub enum ErrorCode {
     TooSlow,
     /// A relay to a member that is not connected, or too large.
     CannotRelay,
+    /// The broker serves other clusters, not the one the agent names: the
+    /// agent's master key is probably another cluster's.
+    ForeignCluster,
 }
 
 #[derive(Debug, thiserror::Error)]

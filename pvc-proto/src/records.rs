@@ -70,7 +70,25 @@ impl FromStr for PublicKey {
         let k: [u8; 32] = bytes.try_into().map_err(|b: Vec<u8>| {
             format!("an Ed25519 public key has 32 bytes, this one {}", b.len())
         })?;
-        Ok(Self(k))
+        let key = Self(k);
+        if !key.is_valid_point() {
+            return Err(format!(
+                "{s:?} is not a usable Ed25519 public key (not a point of the curve, or a weak key \
+                 of small order such as all zeros): copy the key `pvc key` prints on the host"
+            ));
+        }
+        Ok(key)
+    }
+}
+
+impl PublicKey {
+    /// Whether the key is a point of the curve of large prime order: an
+    /// all-zero or small-order key would be "valid" for forged signatures
+    /// under lax verifiers and names no host.
+    pub fn is_valid_point(&self) -> bool {
+        curve25519_dalek::edwards::CompressedEdwardsY(self.0)
+            .decompress()
+            .is_some_and(|p| !p.is_small_order() && p.is_torsion_free())
     }
 }
 
@@ -508,6 +526,15 @@ mod tests {
         let k = PublicKey::of(&keypair());
         assert_eq!(k.to_string().parse::<PublicKey>(), Ok(k));
         assert!("AAAA".parse::<PublicKey>().is_err());
+        // 32 bytes, but not a key any host holds: all zeros (a point of
+        // order 4), and a y with no point on the curve.
+        let zeros = B64.encode([0u8; 32]);
+        let err = zeros.parse::<PublicKey>().unwrap_err();
+        assert!(err.contains("not a usable Ed25519 public key"), "{err}");
+        let mut off_curve = [0u8; 32];
+        off_curve[0] = 2;
+        assert!(!PublicKey(off_curve).is_valid_point());
+        assert!(B64.encode(off_curve).parse::<PublicKey>().is_err());
         assert_eq!(ClusterId([0xab; 16]).to_string(), "ab".repeat(16));
         assert_ne!(ClusterId::of(&k), ClusterId::of(&PublicKey::of(&keypair())));
     }

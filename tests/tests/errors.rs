@@ -79,3 +79,83 @@ fn bad_configurations_are_refused_with_a_clear_message_and_leave_nothing() {
     // And the same host then starts fine.
     lab.start_agent("a").unwrap();
 }
+
+#[test]
+fn an_agent_configured_for_another_cluster_is_refused_and_attaches_nothing() {
+    let mut lab = Lab::lan(2).unwrap();
+    lab.start_broker().unwrap();
+    lab.admit("b", &[]).unwrap();
+    // Another cluster's master, as an operator might copy by mistake.
+    let other = lab.dir.join("other-master");
+    let init = std::process::Command::new(bin("pvc"))
+        .args(["master", "init", "--dir"])
+        .arg(&other)
+        .output()
+        .unwrap();
+    let other_key = String::from_utf8_lossy(&init.stdout)
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("master_key = \"")?
+                .strip_suffix('"')
+                .map(str::to_string)
+        })
+        .unwrap();
+    let good = std::fs::read_to_string(&lab.host("a").config).unwrap();
+    fails_with(
+        &lab,
+        &good.replace(&lab.master_key, &other_key),
+        "wrong cluster: no broker serves cluster",
+    );
+    let a = lab.host("a");
+    let addrs = lab
+        .ns(&a.netns, "ip")
+        .args(["-4", "addr", "show", "dev", "lo"])
+        .ok()
+        .unwrap();
+    assert!(!addrs.contains("240."), "address left behind: {addrs}");
+    assert!(!a.socket.exists(), "control socket left behind");
+}
+
+#[test]
+fn an_all_zero_host_key_is_not_admitted() {
+    let mut lab = Lab::lan(1).unwrap();
+    lab.start_broker().unwrap();
+    let zeros = "A".repeat(43) + "=";
+    let err = lab
+        .master(&[
+            "admit",
+            "--name",
+            "zero",
+            "--virtual-ip",
+            "240.0.0.9",
+            "--host-key",
+            &zeros,
+        ])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("not a usable Ed25519 public key"), "{err}");
+    let list = lab.master(&["list"]).unwrap();
+    assert!(!list.contains("zero"), "{list}");
+}
+
+#[test]
+fn a_broker_with_an_unusable_state_file_exits_before_saying_it_is_ready() {
+    let lab = Lab::lan(1).unwrap();
+    // A folder where the state file should be.
+    let state = lab.dir.join("state-is-a-folder");
+    std::fs::create_dir_all(&state).unwrap();
+    let out = lab
+        .in_broker_netns(bin("pvc-broker"))
+        .args(["--listen", "198.18.0.254:7999", "--state"])
+        .args([&state])
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(said.contains("cannot open broker state"), "{said}");
+    assert!(!said.contains("broker ready"), "{said}");
+}

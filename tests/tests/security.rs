@@ -10,6 +10,7 @@ use serde_json::Value;
 const EPERM: i64 = 1;
 const ECONNREFUSED: i64 = 111;
 const EHOSTUNREACH: i64 = 113;
+const ENETUNREACH: i64 = 101;
 
 fn connects(lab: &Lab, client: &str, server: &str, port: u16) -> Value {
     probe::client(lab, client, lab.host(server).virtual_ip, port).unwrap()
@@ -68,8 +69,10 @@ fn a_host_with_a_key_but_no_admission_cannot_reach_members_nor_be_reached() {
     .unwrap();
     let c = lab.status("c").unwrap();
     assert_eq!(c["admitted"], false, "{c}");
+    assert_eq!(c["state"], "waiting for admission", "{c}");
     assert_eq!(c["peers"].as_array().unwrap().len(), 0, "{c}");
-    assert_eq!(connects(&lab, "c", "a", 22)["errno"], EHOSTUNREACH);
+    // Nothing of PVC is attached on c: the virtual network is not routed.
+    assert_eq!(connects(&lab, "c", "a", 22)["errno"], ENETUNREACH);
     assert_eq!(connects(&lab, "a", "c", 22)["errno"], EHOSTUNREACH);
 
     // Members work with each other.

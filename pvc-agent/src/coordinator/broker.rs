@@ -43,7 +43,20 @@ pub enum BrokerEvent {
     /// new lists (never Welcome, Pong or Error, which the session handles).
     Message(BrokerMessage),
     /// The session ended; members stay as they were until the next snapshot.
-    Disconnected { broker: String, reason: String },
+    /// `refusal` is the broker's error code when it refused this agent.
+    Disconnected {
+        broker: String,
+        reason: String,
+        refusal: Option<ErrorCode>,
+    },
+}
+
+/// A broker refused the session, with its reason.
+#[derive(Debug, thiserror::Error)]
+#[error("broker refused the registration ({code:?}): {message}")]
+pub struct Refused {
+    pub code: ErrorCode,
+    pub message: String,
 }
 
 /// A payload for another member.
@@ -73,9 +86,12 @@ pub async fn run(
     let mut backoff = Duration::from_millis(250);
     for broker in brokers.iter().cycle() {
         let started = Instant::now();
-        let reason = match session(broker, &me, &events, &mut relays, &stop).await {
+        let (reason, refusal) = match session(broker, &me, &events, &mut relays, &stop).await {
             Ok(()) => return, // leaving, or the coordinator is gone
-            Err(e) => format!("{e:#}"),
+            Err(e) => (
+                format!("{e:#}"),
+                e.downcast_ref::<Refused>().map(|r| r.code),
+            ),
         };
         warn!(
             broker,
@@ -85,6 +101,7 @@ pub async fn run(
             .send(BrokerEvent::Disconnected {
                 broker: broker.clone(),
                 reason,
+                refusal,
             })
             .await
             .is_err()
@@ -110,7 +127,11 @@ fn refused(code: ErrorCode, message: &str, me: &Identity) -> anyhow::Error {
             me.key.public
         );
     }
-    anyhow!("broker refused the registration ({code:?}): {message}")
+    Refused {
+        code,
+        message: message.to_string(),
+    }
+    .into()
 }
 
 async fn session(

@@ -5,6 +5,7 @@
 //! kernel, and undoes everything on a clean stop.
 
 pub mod broker;
+mod claim;
 mod paths;
 
 use std::{
@@ -18,7 +19,8 @@ use std::{
 use anyhow::{Context as _, bail};
 use pvc_common::{PEER_MEMBER, PEER_READY, PeerPath as KernelPath, Technique};
 use pvc_proto::{
-    BrokerMessage, MemberInfo, SignedPolicy, SignedRecord, SignedRevocations, unix_now,
+    BrokerMessage, ErrorCode, MemberInfo, MembershipRecord, SignedPolicy, SignedRecord,
+    SignedRevocations, unix_now,
 };
 use rtnetlink::Handle;
 use tokio::{
@@ -37,7 +39,10 @@ use crate::{
     config::Config,
     connectivity,
     control::{self, PeerStatus, Query, Request, Status},
-    interposition::{self, Attachment, Datapath, FlowEvent, Timeouts, inject::Injector},
+    interposition::{
+        self, Attachment, Datapath, FlowEvent, Timeouts,
+        inject::{Injector, Syn},
+    },
     security::{
         challenge::Session,
         keys::KeyPair,
@@ -85,6 +90,8 @@ struct Agent {
     /// Peers with flows in the masquerading map, as of the last GC pass.
     active: BTreeSet<Ipv4Addr>,
     flows_opened: BTreeMap<String, u64>,
+    /// What the agent did with packets the kernel handed it (`pvc status`).
+    counters: BTreeMap<&'static str, u64>,
     refusals_logged: u32,
     refusals_unlogged: u64,
 }
@@ -109,102 +116,363 @@ fn check_cgroup(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs the agent until SIGINT/SIGTERM, then removes everything it set up.
-pub async fn run(config: Config) -> anyhow::Result<()> {
-    let cgroup = config
-        .interposition
-        .cgroup
-        .clone()
-        .unwrap_or_else(default_cgroup);
-    check_cgroup(&cgroup)?;
-    let key = Arc::new(KeyPair::load_or_create(&config.key_file)?);
-    let local_policy = config.policy.parse()?;
-    let handle = virtualization::connect()?;
-    let uplink = virtualization::uplink(&handle, &config.interposition.uplink).await?;
-    let real_ip = uplink
-        .networks
-        .first()
-        .map(|n| n.address)
-        .with_context(|| {
-            format!(
-                "uplink {} has no IPv4 address: configure one first",
-                uplink.name
-            )
-        })?;
-    let advertised = if config.advertise.is_empty() {
-        uplink.networks.iter().map(|n| n.address).collect()
-    } else {
-        config.advertise.clone()
-    };
-    pvc_proto::validate_addresses(&advertised).context("cannot register with these addresses")?;
-    let injector = Injector::new().context("cannot open a raw socket (needs CAP_NET_RAW)")?;
+/// What an agent learns about its host before it touches anything of it.
+struct HostSetup {
+    cgroup: PathBuf,
+    key: Arc<KeyPair>,
+    local_policy: LocalPolicy,
+    handle: Handle,
+    uplink: Uplink,
+    real_ip: Ipv4Addr,
+    advertised: Vec<Ipv4Addr>,
+    injector: Injector,
+}
 
-    interposition::ensure_bpffs(&config.interposition.bpffs)?;
+impl HostSetup {
+    /// Checks the configuration against the host; changes nothing but the
+    /// host key (created on the first start) and bpffs (mounted if absent).
+    async fn prepare(config: &Config) -> anyhow::Result<Self> {
+        let cgroup = config
+            .interposition
+            .cgroup
+            .clone()
+            .unwrap_or_else(default_cgroup);
+        check_cgroup(&cgroup)?;
+        let key = Arc::new(KeyPair::load_or_create(&config.key_file)?);
+        let local_policy = config.policy.parse()?;
+        let handle = virtualization::connect()?;
+        let uplink = virtualization::uplink(&handle, &config.interposition.uplink).await?;
+        let real_ip = uplink
+            .networks
+            .first()
+            .map(|n| n.address)
+            .with_context(|| {
+                format!(
+                    "uplink {} has no IPv4 address: configure one first",
+                    uplink.name
+                )
+            })?;
+        let advertised = if config.advertise.is_empty() {
+            uplink.networks.iter().map(|n| n.address).collect()
+        } else {
+            config.advertise.clone()
+        };
+        pvc_proto::validate_addresses(&advertised)
+            .context("cannot register with these addresses")?;
+        let injector = Injector::new().context("cannot open a raw socket (needs CAP_NET_RAW)")?;
+        interposition::ensure_bpffs(&config.interposition.bpffs)?;
+        Ok(Self {
+            cgroup,
+            key,
+            local_policy,
+            handle,
+            uplink,
+            real_ip,
+            advertised,
+            injector,
+        })
+    }
+}
+
+/// The agent's channels to its tasks: the broker sessions, the control
+/// socket, and the signals that stop it.
+struct Tasks {
+    broker_rx: mpsc::Receiver<BrokerEvent>,
+    relays: mpsc::Sender<Relay>,
+    brokers: JoinHandle<()>,
+    leave: CancellationToken,
+    query_rx: mpsc::Receiver<Query>,
+    control: JoinHandle<anyhow::Result<()>>,
+    term: tokio::signal::unix::Signal,
+}
+
+impl Tasks {
+    fn start(config: &Config, identity: Identity) -> anyhow::Result<Self> {
+        let (event_tx, broker_rx) = mpsc::channel(256);
+        let (relays, relay_rx) = mpsc::channel(256);
+        let leave = CancellationToken::new();
+        let brokers = tokio::spawn(broker::run(
+            config.broker_addresses(),
+            identity,
+            event_tx,
+            relay_rx,
+            leave.clone(),
+        ));
+        let (query_tx, query_rx) = mpsc::channel::<Query>(16);
+        let control = tokio::spawn(control::serve(config.control_socket(), query_tx));
+        let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        Ok(Self {
+            broker_rx,
+            relays,
+            brokers,
+            leave,
+            query_rx,
+            control,
+            term,
+        })
+    }
+
+    /// Tells the broker this member leaves (members may forget it at once,
+    /// rather than wait for it), then ends the tasks.
+    async fn stop(mut self) {
+        self.leave.cancel();
+        if tokio::time::timeout(Duration::from_secs(2), &mut self.brokers)
+            .await
+            .is_err()
+        {
+            self.brokers.abort();
+        }
+        self.control.abort();
+    }
+}
+
+/// What ended the wait for a broker's word on this host's membership.
+enum Admission {
+    /// A broker vouched for this host: its welcome, to be acted on.
+    Admitted(BrokerEvent),
+    /// SIGINT or SIGTERM.
+    Stopped,
+}
+
+/// Runs the agent until SIGINT/SIGTERM, then removes everything it set up.
+///
+/// The instance is claimed before anything else. A fresh agent attaches its
+/// data path only once a broker has handed over this host's record and it
+/// checks against the master key: an agent that cannot join its cluster
+/// (not admitted, another cluster's key) leaves the host as it was. An agent
+/// that finds its predecessor's pins (a crash, an upgrade) takes them over at
+/// once, so established flows never wait for a broker.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let _claim = claim::Claim::take(&config)?;
+    let host = HostSetup::prepare(&config).await?;
+    let trust = Trust::new(config.master_key);
+    let identity = Identity {
+        cluster: trust.cluster,
+        key: Arc::clone(&host.key),
+        addresses: host.advertised.clone(),
+        software: format!("pvc-agent {}", env!("CARGO_PKG_VERSION")),
+    };
+    let mut tasks = Tasks::start(&config, identity)?;
+    let welcome = if interposition::has_pins(&config.pin_dir()) {
+        info!(pins = %config.pin_dir().display(), "taking over the data path a previous agent left");
+        None
+    } else {
+        match wait_for_admission(&config, &host, &trust, &mut tasks).await {
+            Ok(Admission::Admitted(welcome)) => Some(welcome),
+            Ok(Admission::Stopped) => {
+                tasks.stop().await;
+                let _ = std::fs::remove_file(config.control_socket());
+                return Ok(());
+            }
+            Err(e) => {
+                tasks.stop().await;
+                let _ = std::fs::remove_file(config.control_socket());
+                return Err(e);
+            }
+        }
+    };
+
     let attachment = Attachment {
         pin_dir: config.pin_dir(),
-        uplink: uplink.name.clone(),
-        uplink_index: uplink.index,
-        cgroup: cgroup.clone(),
+        uplink: host.uplink.name.clone(),
+        uplink_index: host.uplink.index,
+        cgroup: host.cgroup.clone(),
         max_flows: config.interposition.max_flows,
     };
     let mut datapath = match Datapath::start(&attachment) {
         Ok(d) => d,
         Err(e) => {
             let _ = interposition::remove_instance(&attachment.pin_dir);
+            tasks.stop().await;
+            let _ = std::fs::remove_file(config.control_socket());
             return Err(e);
         }
     };
     let events = datapath.take_events().expect("events are taken once");
-    let (relays, relay_rx) = mpsc::channel(256);
-    let trust = Trust::new(config.master_key);
+    let cgroup = host.cgroup.clone();
     let mut agent = Agent {
         config,
-        handle,
-        uplink,
-        real_ip,
-        advertised,
+        handle: host.handle,
+        uplink: host.uplink,
+        real_ip: host.real_ip,
+        advertised: host.advertised,
         datapath,
-        key,
+        key: host.key,
         trust,
         own: None,
-        local_policy,
+        local_policy: host.local_policy,
         compiled: Compiled::default(),
         installed_policy: BTreeSet::new(),
         peers: BTreeMap::new(),
         inherited: BTreeMap::new(),
         retained_routes: BTreeSet::new(),
         broker: None,
-        relays,
-        injector,
+        relays: tasks.relays.clone(),
+        injector: host.injector,
         active: BTreeSet::new(),
         flows_opened: BTreeMap::new(),
+        counters: BTreeMap::new(),
         refusals_logged: 0,
         refusals_unlogged: 0,
     };
-    let result = match agent.configure().await {
-        Ok(()) => {
-            info!(
-                name = agent.config.name,
-                virtual_ip = %agent.config.virtual_ip,
-                real_ip = %agent.real_ip,
-                uplink = agent.uplink.name,
-                cluster = %agent.trust.cluster,
-                host_key = %agent.key.public,
-                cgroup = %cgroup.display(),
-                pins = %agent.datapath.pin_dir().display(),
-                "agent ready"
-            );
-            agent.serve(events, relay_rx).await
+    let mut result = agent.configure().await;
+    if result.is_ok() {
+        info!(
+            name = agent.config.name,
+            virtual_ip = %agent.config.virtual_ip,
+            real_ip = %agent.real_ip,
+            uplink = agent.uplink.name,
+            cluster = %agent.trust.cluster,
+            host_key = %agent.key.public,
+            cgroup = %cgroup.display(),
+            pins = %agent.datapath.pin_dir().display(),
+            "agent ready"
+        );
+        if let Some(welcome) = welcome {
+            result = agent.on_broker(welcome).await;
         }
-        Err(e) => Err(e),
-    };
+    }
+    if result.is_ok() {
+        result = agent.serve(events, &mut tasks).await;
+    }
+    tasks.stop().await;
     let teardown = agent.teardown().await;
     result.and(teardown)
 }
 
+/// Waits until a broker hands over this host's record and it checks, while
+/// answering `pvc status` and signals. Fails when the record names another
+/// host or address than the configuration, and when every broker serves
+/// other clusters only (the master key is another cluster's).
+async fn wait_for_admission(
+    config: &Config,
+    host: &HostSetup,
+    trust: &Trust,
+    tasks: &mut Tasks,
+) -> anyhow::Result<Admission> {
+    info!(
+        name = config.name,
+        cluster = %trust.cluster,
+        host_key = %host.key.public,
+        "waiting for a broker to confirm this host's membership before attaching the data path"
+    );
+    let brokers: BTreeSet<String> = config.broker_addresses().into_iter().collect();
+    let mut foreign = BTreeMap::new();
+    loop {
+        tokio::select! {
+            Some(event) = tasks.broker_rx.recv() => match event {
+                BrokerEvent::Connected { ref you, .. } => {
+                    if verify_own_record(trust, &host.key, config, you)?.is_some() {
+                        return Ok(Admission::Admitted(event));
+                    }
+                }
+                BrokerEvent::Disconnected { broker, reason, refusal } => {
+                    if refusal == Some(ErrorCode::ForeignCluster) {
+                        foreign.insert(broker, reason);
+                    } else {
+                        foreign.remove(&broker);
+                    }
+                    if foreign.len() == brokers.len() {
+                        let said: Vec<String> = foreign
+                            .iter()
+                            .map(|(b, r)| format!("{b}: {r}"))
+                            .collect();
+                        bail!(
+                            "wrong cluster: no broker serves cluster {} (the cluster of master_key \
+                             in this agent's configuration), and every broker serves other clusters. \
+                             master_key is probably another cluster's key: compare it with \
+                             `pvc master show` on the cluster's master; if it is right, the master \
+                             has not published to these brokers yet (`pvc master publish`). \
+                             Nothing was attached. The brokers said: {}",
+                            trust.cluster,
+                            said.join("; ")
+                        );
+                    }
+                }
+                BrokerEvent::Message(_) => {}
+            },
+            Some((request, reply)) = tasks.query_rx.recv() => {
+                let Request::Status = request;
+                let _ = reply.send(waiting_status(config, host, trust));
+            }
+            r = &mut tasks.control => return Err(match r {
+                Ok(Err(e)) => e,
+                _ => anyhow::anyhow!("control socket stopped"),
+            }),
+            _ = tokio::signal::ctrl_c() => { info!("SIGINT: stopping"); return Ok(Admission::Stopped) }
+            _ = tasks.term.recv() => { info!("SIGTERM: stopping"); return Ok(Admission::Stopped) }
+        }
+    }
+}
+
+/// The broker hands this host its own record: it must be the master's,
+/// for this host key, with the name and address configured here. `None`
+/// when this broker's word cannot be believed (logged); an error when the
+/// master admitted this host under another name or address.
+fn verify_own_record(
+    trust: &Trust,
+    key: &KeyPair,
+    config: &Config,
+    you: &SignedRecord,
+) -> anyhow::Result<Option<MembershipRecord>> {
+    let r = match trust.record(you, unix_now()) {
+        Ok(r) => r,
+        Err(e) => {
+            error!(
+                "the broker gave this host a record that does not check ({e}); ignoring this broker's word for it"
+            );
+            return Ok(None);
+        }
+    };
+    if r.host_key != key.public {
+        error!(
+            "the broker gave this host another host's record ({}); ignoring it",
+            r.name
+        );
+        return Ok(None);
+    }
+    if r.name != config.name || r.virtual_ip != config.virtual_ip {
+        bail!(
+            "the master admitted this host as {} ({}), but the configuration says {} ({}): fix name and virtual_ip",
+            r.name,
+            r.virtual_ip,
+            config.name,
+            config.virtual_ip
+        );
+    }
+    Ok(Some(r))
+}
+
+fn waiting_status(config: &Config, host: &HostSetup, trust: &Trust) -> Status {
+    Status {
+        state: control::STATE_WAITING.into(),
+        instance: config.instance.clone(),
+        cluster: trust.cluster.to_string(),
+        host_key: host.key.public.to_string(),
+        name: config.name.clone(),
+        virtual_ip: config.virtual_ip,
+        uplink: host.uplink.name.clone(),
+        real_ip: host.real_ip,
+        advertised: host.advertised.clone(),
+        broker: None,
+        admitted: false,
+        revocations_version: trust.revocations.version,
+        policy_version: trust.policy.version,
+        peers: Vec::new(),
+        flows: Vec::new(),
+        flow_capacity: config.interposition.max_flows.saturating_mul(2),
+        flows_opened: BTreeMap::new(),
+        agent_counters: BTreeMap::new(),
+        drops: BTreeMap::new(),
+        traffic: Default::default(),
+        programs: BTreeMap::new(),
+    }
+}
+
 /// Removes what an instance set up, without running it (after a crash, or
-/// to clean a host by hand).
+/// to clean a host by hand). Refuses while an agent runs the instance.
 pub async fn cleanup(config: &Config) -> anyhow::Result<()> {
+    let _claim = claim::Claim::take(config)?;
     let handle = virtualization::connect()?;
     let uplink = virtualization::uplink(&handle, &config.interposition.uplink)
         .await
@@ -239,25 +507,8 @@ impl Agent {
     async fn serve(
         &mut self,
         mut events: interposition::EventStream,
-        relay_rx: mpsc::Receiver<Relay>,
+        tasks: &mut Tasks,
     ) -> anyhow::Result<()> {
-        let (event_tx, mut broker_rx) = mpsc::channel(256);
-        let leave = CancellationToken::new();
-        let identity = Identity {
-            cluster: self.trust.cluster,
-            key: Arc::clone(&self.key),
-            addresses: self.advertised.clone(),
-            software: format!("pvc-agent {}", env!("CARGO_PKG_VERSION")),
-        };
-        let mut brokers: JoinHandle<()> = tokio::spawn(broker::run(
-            self.config.broker_addresses(),
-            identity,
-            event_tx,
-            relay_rx,
-            leave.clone(),
-        ));
-        let (query_tx, mut query_rx) = mpsc::channel::<Query>(16);
-        let mut control = tokio::spawn(control::serve(self.config.control_socket(), query_tx));
         let mut gc = interval(self.config.gc_interval());
         let mut refresh = interval(NEXT_HOP_REFRESH);
         let mut security = interval(SECURITY_TICK);
@@ -267,24 +518,16 @@ impl Agent {
             closed: Duration::from_secs(self.config.flows.closed_timeout_secs),
             icmp: Duration::from_secs(self.config.flows.icmp_timeout_secs),
         };
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
 
-        let result = loop {
+        loop {
             tokio::select! {
-                Some(event) = broker_rx.recv() => {
-                    if let Err(e) = self.on_broker(event).await {
-                        break Err(e);
+                Some(event) = tasks.broker_rx.recv() => self.on_broker(event).await?,
+                batch = events.next_batch() => {
+                    for e in batch.context("cannot read kernel events")? {
+                        self.on_event(e).await;
                     }
                 }
-                batch = events.next_batch() => match batch {
-                    Ok(batch) => {
-                        for e in batch {
-                            self.on_event(e).await;
-                        }
-                    }
-                    Err(e) => break Err(e).context("cannot read kernel events"),
-                },
-                Some((request, reply)) = query_rx.recv() => {
+                Some((request, reply)) = tasks.query_rx.recv() => {
                     let Request::Status = request;
                     // The status counts every flow opened so far.
                     for e in events.drain() {
@@ -303,6 +546,7 @@ impl Agent {
                         debug!(removed, "expired flow entries removed");
                     }
                     self.active = active;
+                    self.warn_if_flow_table_fills();
                     self.expire_members().await;
                     if self.refusals_unlogged > 0 {
                         warn!("{} more refusals not logged one by one", self.refusals_unlogged);
@@ -312,24 +556,14 @@ impl Agent {
                 }
                 _ = security.tick() => self.check_exchanges_and_sessions().await,
                 _ = refresh.tick() => self.refresh_next_hops().await,
-                r = &mut control => break match r {
+                r = &mut tasks.control => return match r {
                     Ok(Err(e)) => Err(e),
                     _ => Err(anyhow::anyhow!("control socket stopped")),
                 },
-                _ = tokio::signal::ctrl_c() => { info!("SIGINT: stopping"); break Ok(()) }
-                _ = term.recv() => { info!("SIGTERM: stopping"); break Ok(()) }
+                _ = tokio::signal::ctrl_c() => { info!("SIGINT: stopping"); return Ok(()) }
+                _ = tasks.term.recv() => { info!("SIGTERM: stopping"); return Ok(()) }
             }
-        };
-        // Members may forget this one at once, rather than wait for it.
-        leave.cancel();
-        if tokio::time::timeout(Duration::from_secs(2), &mut brokers)
-            .await
-            .is_err()
-        {
-            brokers.abort();
         }
-        control.abort();
-        result
     }
 
     async fn on_broker(&mut self, event: BrokerEvent) -> anyhow::Result<()> {
@@ -402,34 +636,11 @@ impl Agent {
         Ok(())
     }
 
-    /// The broker hands this host its own record: it must be the master's,
-    /// for this host key, with the name and address configured here.
+    /// The broker hands this host its own record (see `verify_own_record`).
     fn check_own_record(&mut self, you: &SignedRecord) -> anyhow::Result<()> {
-        let r = match self.trust.record(you, unix_now()) {
-            Ok(r) => r,
-            Err(e) => {
-                error!(
-                    "the broker gave this host a record that does not check ({e}); ignoring this broker's word for it"
-                );
-                return Ok(());
-            }
-        };
-        if r.host_key != self.key.public {
-            error!(
-                "the broker gave this host another host's record ({}); ignoring it",
-                r.name
-            );
+        let Some(r) = verify_own_record(&self.trust, &self.key, &self.config, you)? else {
             return Ok(());
-        }
-        if r.name != self.config.name || r.virtual_ip != self.config.virtual_ip {
-            bail!(
-                "the master admitted this host as {} ({}), but the configuration says {} ({}): fix name and virtual_ip",
-                r.name,
-                r.virtual_ip,
-                self.config.name,
-                self.config.virtual_ip
-            );
-        }
+        };
         if self.own.as_ref().is_none_or(|o| o.serial != r.serial) {
             info!(serial = r.serial, groups = ?r.groups, not_after = r.not_after, "this host's membership record verified");
         }
@@ -724,6 +935,61 @@ impl Agent {
                 self.log_refusal(format_args!("refused a flow to port {local_port} claiming to be {claimed}, from {real}: {why}"));
             }
             FlowEvent::Held { peer, packet } => self.on_held_packet(peer, packet).await,
+            FlowEvent::PacketRefused { reason, packet } => self.on_refused_packet(reason, packet),
+        }
+    }
+
+    /// A SYN tc refused: answered with a RST (the connect() behind it
+    /// fails at once), and explained.
+    fn on_refused_packet(
+        &mut self,
+        reason: Option<pvc_common::DropReason>,
+        packet: Option<Vec<u8>>,
+    ) {
+        let Some(packet) = packet else { return };
+        let Some(syn) = Syn::parse(&packet) else {
+            return;
+        };
+        match self.injector.refuse(&packet) {
+            Ok(()) => self.count("refused_syns_answered"),
+            Err(e) => warn!("cannot answer a refused SYN: {e}"),
+        }
+        let flow = format!("{}:{} -> {}:{}", syn.saddr, syn.sport, syn.daddr, syn.dport);
+        match reason {
+            Some(pvc_common::DropReason::FlowTableFull) => {
+                let max_flows = self.config.interposition.max_flows;
+                self.log_refusal(format_args!(
+                    "refused the new flow {flow}: the masquerading map is full ({max_flows} flows); \
+                     established flows are kept. Raise interposition.max_flows"
+                ))
+            }
+            _ => self.log_refusal(format_args!(
+                "refused the new connection {flow}: another live connection between the same two \
+                 hosts uses its real ports on the wire (a PVC flow and a connection between real \
+                 addresses picked the same ports); the established one is kept, a retry picks \
+                 other ports"
+            )),
+        }
+    }
+
+    pub(super) fn count(&mut self, what: &'static str) {
+        *self.counters.entry(what).or_default() += 1;
+    }
+
+    /// Warns while the masquerading map is nearly full: at capacity, new
+    /// flows are refused.
+    fn warn_if_flow_table_fills(&self) {
+        let capacity = self.datapath.maps.capacity as usize;
+        let used = self.datapath.maps.flow_entries();
+        if used * 10 >= capacity * 9 {
+            warn!(
+                used,
+                capacity,
+                "the masquerading map is {}% full; new flows are refused when it is full: raise \
+                 interposition.max_flows (now {})",
+                used * 100 / capacity.max(1),
+                self.config.interposition.max_flows
+            );
         }
     }
 
@@ -738,6 +1004,7 @@ impl Agent {
 
     fn status(&self) -> Status {
         Status {
+            state: control::STATE_RUNNING.into(),
             instance: self.config.instance.clone(),
             cluster: self.trust.cluster.to_string(),
             host_key: self.key.public.to_string(),
@@ -770,7 +1037,13 @@ impl Agent {
                 })
                 .collect(),
             flows: self.datapath.maps.flows(),
+            flow_capacity: self.datapath.maps.capacity,
             flows_opened: self.flows_opened.clone(),
+            agent_counters: self
+                .counters
+                .iter()
+                .map(|(k, v)| (k.to_string(), *v))
+                .collect(),
             drops: self
                 .datapath
                 .maps

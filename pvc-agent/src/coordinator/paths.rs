@@ -25,8 +25,11 @@ use crate::{
     virtualization,
 };
 
-/// Packets kept per peer while its path is being authenticated.
-const MAX_HELD: usize = 64;
+/// Packets kept per peer while its path is being authenticated: a burst of
+/// connects to a new member (a job starting on every node) completes as one
+/// when its SYNs are all re-sent, not after TCP's 1 s retransmit. At most
+/// 120 bytes each.
+const MAX_HELD: usize = 2048;
 /// After a failed exchange, SYNs to that peer are refused at once for this long.
 const FAILURE_MEMORY: Duration = Duration::from_secs(2);
 /// A session with flows is proven again this long before it expires.
@@ -129,25 +132,28 @@ impl Agent {
         };
         if p.session.is_some() {
             // The path came up between the packet and this event.
-            if let Some(packet) = packet
-                && let Err(e) = self.injector.resend(&packet)
-            {
-                warn!("cannot re-send a held packet: {e}");
+            if let Some(packet) = packet {
+                self.resend(&packet);
             }
             return;
         }
         if p.failed_at.is_some_and(|t| t.elapsed() < FAILURE_MEMORY) {
             if let Some(packet) = packet {
                 let _ = self.injector.refuse(&packet);
+                self.count("held_refused");
             }
             return;
         }
-        if let Some(packet) = packet
-            && p.held.len() < MAX_HELD
-        {
-            p.held.push(packet);
+        let start = p.exchange.is_none();
+        if let Some(packet) = packet {
+            if p.held.len() < MAX_HELD {
+                p.held.push(packet);
+            } else {
+                // TCP retransmits it after a second.
+                self.count("held_overflow");
+            }
         }
-        if p.exchange.is_none() {
+        if start {
             self.initiate(peer);
         }
     }
@@ -402,11 +408,16 @@ impl Agent {
         });
         p.failed_at = None;
         for packet in std::mem::take(&mut p.held) {
-            if let Err(e) = self.injector.resend(&packet) {
-                warn!("cannot re-send a held packet: {e}");
-            }
+            self.resend(&packet);
         }
         true
+    }
+
+    fn resend(&mut self, packet: &[u8]) {
+        match self.injector.resend(packet) {
+            Ok(()) => self.count("held_resent"),
+            Err(e) => warn!("cannot re-send a held packet: {e}"),
+        }
     }
 
     /// An exchange failed: the SYNs that waited for it are refused at once
@@ -430,6 +441,7 @@ impl Agent {
                 debug!(src = %syn.saddr, port = syn.sport, "refusing a held SYN");
             }
             let _ = self.injector.refuse(&packet);
+            self.count("held_refused");
         }
     }
 

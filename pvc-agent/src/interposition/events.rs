@@ -7,7 +7,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use aya::maps::{MapData, RingBuf};
 use pvc_common::{
     DIRECTION_EGRESS, DropReason, EVENT_CONNECT_REFUSED, EVENT_FLOW_CREATED, EVENT_INBOUND_REFUSED,
-    EVENT_PACKET_HELD, Event, HeldPacket, Technique,
+    EVENT_PACKET_HELD, EVENT_PACKET_REFUSED, Event, HeldPacket, Technique,
 };
 use tokio::io::{Interest, unix::AsyncFd};
 
@@ -46,12 +46,18 @@ pub enum FlowEvent {
         peer: Ipv4Addr,
         packet: Option<Vec<u8>>,
     },
+    /// A SYN tc refused (the flow table is full, or its wire tuple is in
+    /// use): the agent answers it with a RST.
+    PacketRefused {
+        reason: Option<DropReason>,
+        packet: Option<Vec<u8>>,
+    },
 }
 
 impl FlowEvent {
     /// Decodes an event; `None` for bytes no known program writes.
     pub fn parse(bytes: &[u8]) -> Option<Self> {
-        if bytes.first() == Some(&EVENT_PACKET_HELD) {
+        if let Some(&kind @ (EVENT_PACKET_HELD | EVENT_PACKET_REFUSED)) = bytes.first() {
             if bytes.len() < size_of::<HeldPacket>() {
                 return None;
             }
@@ -59,9 +65,16 @@ impl FlowEvent {
             let e: HeldPacket = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
             let len = (e.len as usize).min(e.packet.len());
             let packet = (e.complete == 1).then(|| e.packet[..len].to_vec());
-            return Some(Self::Held {
-                peer: Ipv4Addr::from(e.daddr),
-                packet,
+            return Some(if kind == EVENT_PACKET_HELD {
+                Self::Held {
+                    peer: Ipv4Addr::from(e.daddr),
+                    packet,
+                }
+            } else {
+                Self::PacketRefused {
+                    reason: DropReason::ALL.get(e.reason as usize).copied(),
+                    packet,
+                }
             });
         }
         if bytes.len() < size_of::<Event>() {
@@ -192,6 +205,8 @@ mod tests {
             complete: 1,
             len: 3,
             daddr: [240, 0, 0, 2],
+            reason: DropReason::AwaitingPath as u32,
+            _pad: 0,
             packet: [0; pvc_common::HELD_BYTES],
         };
         e.packet[..3].copy_from_slice(&[0x45, 1, 2]);
@@ -210,6 +225,23 @@ mod tests {
             })
         );
         assert_eq!(FlowEvent::parse(&bytes[..10]), None);
+
+        e.kind = EVENT_PACKET_REFUSED;
+        e.reason = DropReason::FlowTableFull as u32;
+        // SAFETY: as above.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(
+                (&e as *const HeldPacket).cast::<u8>(),
+                size_of::<HeldPacket>(),
+            )
+        };
+        assert_eq!(
+            FlowEvent::parse(bytes),
+            Some(FlowEvent::PacketRefused {
+                reason: Some(DropReason::FlowTableFull),
+                packet: Some(vec![0x45, 1, 2])
+            })
+        );
     }
 
     #[test]

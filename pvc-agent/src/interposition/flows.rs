@@ -105,6 +105,11 @@ impl Maps {
             .collect()
     }
 
+    /// Entries in the masquerading map now (two per flow).
+    pub fn flow_entries(&self) -> usize {
+        self.masquerading.keys().filter(Result::is_ok).count()
+    }
+
     /// Removes every flow with `peer`, both directions (revocation, expiry).
     /// Returns the number of entries removed.
     pub fn close_flows_with(&mut self, peer: Ipv4Addr) -> usize {

@@ -24,6 +24,8 @@ pub struct Maps {
     policy: LpmTrie<MapData, PolicyKey, u8>,
     drops: PerCpuArray<MapData, u64>,
     traffic: PerCpuArray<MapData, Traffic>,
+    /// Entries the masquerading map holds at most (two per flow).
+    pub capacity: u32,
 }
 
 /// Masqueraded traffic since the maps were created.
@@ -46,7 +48,7 @@ where
 }
 
 impl Maps {
-    pub(super) fn take(ebpf: &mut Ebpf) -> anyhow::Result<(Self, EventStream)> {
+    pub(super) fn take(ebpf: &mut Ebpf, capacity: u32) -> anyhow::Result<(Self, EventStream)> {
         let maps = Self {
             masquerading: take(ebpf, "masquerading")?,
             peers: take(ebpf, "peers")?,
@@ -54,6 +56,7 @@ impl Maps {
             policy: take(ebpf, "policy")?,
             drops: take(ebpf, "drops")?,
             traffic: take(ebpf, "traffic")?,
+            capacity,
         };
         let events: RingBuf<MapData> = take(ebpf, "events")?;
         Ok((maps, EventStream::new(events)?))

@@ -94,7 +94,7 @@ impl Datapath {
         if reused {
             info!(pins = %a.pin_dir.display(), "reusing pinned maps: established flows are kept");
         }
-        let (maps, events) = Maps::take(&mut ebpf)?;
+        let (maps, events) = Maps::take(&mut ebpf, a.max_flows.saturating_mul(2))?;
         let mut datapath = Self {
             pin_dir: a.pin_dir.clone(),
             ebpf,
@@ -208,6 +208,12 @@ impl Datapath {
         drop((events, maps, ebpf));
         remove_instance(&pin_dir)
     }
+}
+
+/// Whether a previous agent of this instance left its data path pinned (it
+/// crashed, or is being replaced by a new version).
+pub fn has_pins(pin_dir: &Path) -> bool {
+    pin_dir.join("links").exists() || MAP_NAMES.iter().any(|m| pin_dir.join(m).exists())
 }
 
 fn load(a: &Attachment) -> anyhow::Result<Ebpf> {

@@ -1,0 +1,71 @@
+//! This host's own TCP sockets, seen from tc. A PVC flow and a connection
+//! between real addresses can pick the same ports: on the wire they would
+//! share one 4-tuple, and the newer one would take the older one's packets.
+//! Before a SYN opens or retires a flow, the programs ask the kernel whether
+//! a socket still uses that tuple.
+
+use core::mem::size_of;
+
+use aya_ebpf::{
+    bindings::{
+        BPF_F_CURRENT_NETNS, BPF_TCP_CLOSE, BPF_TCP_CLOSING, BPF_TCP_FIN_WAIT1, BPF_TCP_FIN_WAIT2,
+        BPF_TCP_LAST_ACK, BPF_TCP_LISTEN, BPF_TCP_TIME_WAIT, bpf_sock_tuple,
+        bpf_sock_tuple__bindgen_ty_1, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1,
+    },
+    helpers::{bpf_sk_release, bpf_skc_lookup_tcp},
+    programs::TcContext,
+};
+
+/// What uses a 4-tuple on this host.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Use {
+    /// Nothing, or a connection that has ended (TIME_WAIT, closed).
+    Free,
+    /// A connection whose close is under way on this side (its FIN is out):
+    /// it still exchanges its last packets, and will be gone soon.
+    Closing,
+    /// A connection in use.
+    Live,
+}
+
+/// How a TCP connection of this host between `local:lport` and
+/// `remote:rport` uses that tuple. A listener is not a connection.
+#[inline(always)]
+pub fn tcp_use(ctx: &TcContext, local: [u8; 4], lport: u16, remote: [u8; 4], rport: u16) -> Use {
+    // The lookup names the tuple as a packet arriving at the socket would.
+    let mut tuple = bpf_sock_tuple {
+        __bindgen_anon_1: bpf_sock_tuple__bindgen_ty_1 {
+            ipv4: bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 {
+                saddr: u32::from_ne_bytes(remote),
+                daddr: u32::from_ne_bytes(local),
+                sport: rport.to_be(),
+                dport: lport.to_be(),
+            },
+        },
+    };
+    // SAFETY: the context is this program's skb and the tuple lives on the
+    // stack for the call; the size names its IPv4 part only.
+    let sk = unsafe {
+        bpf_skc_lookup_tcp(
+            ctx.skb.skb as *mut _,
+            &mut tuple,
+            size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>() as u32,
+            BPF_F_CURRENT_NETNS as u64,
+            0,
+        )
+    };
+    if sk.is_null() {
+        return Use::Free;
+    }
+    // SAFETY: a non-null socket from the lookup, released exactly once below;
+    // `state` is readable on every socket kind the lookup returns.
+    let state = unsafe { (*sk).state };
+    unsafe { bpf_sk_release(sk as *mut _) };
+    match state {
+        // An orphaned FIN_WAIT2 also reads as TIME_WAIT (the kernel keeps it
+        // as a time-wait socket): its application is done with it.
+        BPF_TCP_LISTEN | BPF_TCP_TIME_WAIT | BPF_TCP_CLOSE => Use::Free,
+        BPF_TCP_FIN_WAIT1 | BPF_TCP_FIN_WAIT2 | BPF_TCP_CLOSING | BPF_TCP_LAST_ACK => Use::Closing,
+        _ => Use::Live,
+    }
+}
