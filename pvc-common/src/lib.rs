@@ -152,6 +152,30 @@ pub struct PeerPath {
     pub tag_key: [u8; 16],
 }
 
+impl PeerPath {
+    /// A verified member without an authenticated path yet.
+    pub const fn member(real: [u8; 4], technique: u8) -> Self {
+        Self {
+            real,
+            technique,
+            state: PEER_MEMBER,
+            _pad: [0; 2],
+            tag_key: [0; 16],
+        }
+    }
+
+    /// A path both agents authenticated, with the key of its SYN tags.
+    pub const fn ready(real: [u8; 4], technique: u8, tag_key: [u8; 16]) -> Self {
+        Self {
+            real,
+            technique,
+            state: PEER_READY,
+            _pad: [0; 2],
+            tag_key,
+        }
+    }
+}
+
 /// Single entry of the settings array: who this host is.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -187,110 +211,104 @@ pub struct PolicyKey {
 /// Prefix length of a full (direction, member, port) key.
 pub const POLICY_FULL_PREFIX: u32 = 8 + 32 + 16;
 
-/// Indexes of the per-CPU drop/refusal counters. Every packet the data path
-/// drops and every connect() it refuses is counted under exactly one reason.
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DropReason {
+/// Defines `DropReason` from one table: each reason's index, its stable
+/// name (logs, metrics labels, the CLI) and what it means for an operator,
+/// side by side.
+macro_rules! drop_reasons {
+    ($($(#[$doc:meta])* $variant:ident = $index:literal, $name:literal, $explain:literal;)*) => {
+        /// Indexes of the per-CPU drop/refusal counters. Every packet the data
+        /// path drops and every connect() it refuses is counted under exactly
+        /// one reason.
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum DropReason {
+            $($(#[$doc])* $variant = $index,)*
+        }
+
+        impl DropReason {
+            pub const ALL: [DropReason; DROP_REASON_COUNT as usize] = [$(Self::$variant,)*];
+
+            /// Stable name used in logs, metrics labels and the CLI.
+            pub fn name(self) -> &'static str {
+                match self {
+                    $(Self::$variant => $name,)*
+                }
+            }
+
+            /// What the drop means, for a log line or an operator.
+            pub fn explain(self) -> &'static str {
+                match self {
+                    $(Self::$variant => $explain,)*
+                }
+            }
+        }
+    };
+}
+
+drop_reasons! {
     /// A packet to a virtual address that no member holds.
-    UnknownPeer = 0,
+    UnknownPeer = 0, "unknown_peer", "no member has this virtual address";
     /// A protocol the data path does not masquerade yet (UDP, ...).
-    UnsupportedProtocol = 1,
+    UnsupportedProtocol = 1, "unsupported_protocol",
+        "PVC carries TCP and ping only (UDP is not masqueraded yet)";
     /// A packet on the wire with a virtual source or destination (spoofed or leaked).
-    VirtualAddressOnWire = 2,
+    VirtualAddressOnWire = 2, "virtual_address_on_wire",
+        "a virtual address on the wire (spoofed, or leaked by a host without PVC)";
     /// A packet from a virtual source to a real destination.
-    VirtualSourceToRealDestination = 3,
+    VirtualSourceToRealDestination = 3, "virtual_source_to_real_destination",
+        "a packet from the virtual address to a real one (bound to the virtual address?)";
     /// A packet with a virtual source that is not this host's virtual address.
-    ForeignVirtualSource = 4,
+    ForeignVirtualSource = 4, "foreign_virtual_source",
+        "a virtual source address that is not this host's";
     /// A SYN held until the path to its member is authenticated: copied to
     /// the agent, which re-sends it once the path exists.
-    AwaitingPath = 5,
+    AwaitingPath = 5, "awaiting_path",
+        "held while the agents authenticate the path (re-sent then)";
     /// A SYN whose TCP options leave no room for the PVC flow tag.
-    SynOptionsFull = 6,
+    SynOptionsFull = 6, "syn_options_full", "the SYN's TCP options leave no room for PVC's tag";
     /// Truncated or malformed headers on a virtual flow.
-    Malformed = 7,
+    Malformed = 7, "malformed", "truncated or malformed headers";
     /// A tagged SYN naming a member that has no authenticated path from
     /// this real address.
-    TagMismatch = 8,
+    TagMismatch = 8, "tag_mismatch",
+        "the member it names has no authenticated path from that real address";
     /// An IP fragment of a virtual flow (cannot be masqueraded without its L4 header).
-    Fragment = 9,
+    Fragment = 9, "fragment", "an IP fragment of a virtual flow (not masqueraded)";
     /// A kernel helper failed while rewriting a packet.
-    RewriteFailed = 10,
+    RewriteFailed = 10, "rewrite_failed", "a kernel helper failed to rewrite the packet";
     /// The masquerading map is full and could not take a new flow.
-    FlowTableFull = 11,
+    FlowTableFull = 11, "flow_table_full",
+        "the masquerading map is full (raise interposition.max_flows)";
     /// connect() to a virtual address that no member holds (refused with EHOSTUNREACH).
-    ConnectNoMember = 12,
+    ConnectNoMember = 12, "connect_no_member", "no member has this virtual address";
     /// A SYN carrying data (TCP Fast Open) on a virtual flow; the client's
     /// stack retransmits a plain SYN.
-    SynWithPayload = 13,
+    SynWithPayload = 13, "syn_with_payload",
+        "a SYN carrying data (TCP Fast Open); a plain SYN follows";
     /// A tagged SYN whose MAC does not verify: forged, altered or from an
     /// old session.
-    BadTag = 14,
+    BadTag = 14, "bad_tag", "its tag's MAC is wrong (forged, or from an old session)";
     /// An outbound flow the policy does not allow (connect() fails with EPERM).
-    PolicyOutbound = 15,
+    PolicyOutbound = 15, "policy_outbound", "the policy does not allow this flow";
     /// An inbound flow the policy does not allow (its SYN is dropped).
-    PolicyInbound = 16,
+    PolicyInbound = 16, "policy_inbound", "the policy does not allow it";
     /// A new flow whose real 4-tuple on the wire is in use by another live
     /// connection between the same two hosts (a PVC flow and a connection
     /// between real addresses that picked the same ports): the new one is
     /// refused, the established one keeps working.
-    FlowCollision = 17,
+    FlowCollision = 17, "flow_collision",
+        "its real 4-tuple is in use by another live connection between the two hosts";
     /// A SYN whose real 4-tuple is still used by a connection in its last
     /// packets (its FIN is out): dropped, TCP retransmits it once that
     /// connection has ended.
-    TupleClosing = 18,
+    TupleClosing = 18, "tuple_closing",
+        "its real 4-tuple is still used by a closing connection (TCP retries it)";
+    /// A packet to a member before the agent told the programs who this
+    /// host is (starting up): dropped, TCP retransmits.
+    AgentNotReady = 19, "agent_not_ready", "the agent has not finished setting up the data path";
 }
 
-pub const DROP_REASON_COUNT: u32 = 19;
-
-impl DropReason {
-    pub const ALL: [DropReason; DROP_REASON_COUNT as usize] = [
-        Self::UnknownPeer,
-        Self::UnsupportedProtocol,
-        Self::VirtualAddressOnWire,
-        Self::VirtualSourceToRealDestination,
-        Self::ForeignVirtualSource,
-        Self::AwaitingPath,
-        Self::SynOptionsFull,
-        Self::Malformed,
-        Self::TagMismatch,
-        Self::Fragment,
-        Self::RewriteFailed,
-        Self::FlowTableFull,
-        Self::ConnectNoMember,
-        Self::SynWithPayload,
-        Self::BadTag,
-        Self::PolicyOutbound,
-        Self::PolicyInbound,
-        Self::FlowCollision,
-        Self::TupleClosing,
-    ];
-
-    /// Stable name used in logs, metrics labels and the CLI.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::UnknownPeer => "unknown_peer",
-            Self::UnsupportedProtocol => "unsupported_protocol",
-            Self::VirtualAddressOnWire => "virtual_address_on_wire",
-            Self::VirtualSourceToRealDestination => "virtual_source_to_real_destination",
-            Self::ForeignVirtualSource => "foreign_virtual_source",
-            Self::AwaitingPath => "awaiting_path",
-            Self::SynOptionsFull => "syn_options_full",
-            Self::Malformed => "malformed",
-            Self::TagMismatch => "tag_mismatch",
-            Self::Fragment => "fragment",
-            Self::RewriteFailed => "rewrite_failed",
-            Self::FlowTableFull => "flow_table_full",
-            Self::ConnectNoMember => "connect_no_member",
-            Self::SynWithPayload => "syn_with_payload",
-            Self::BadTag => "bad_tag",
-            Self::PolicyOutbound => "policy_outbound",
-            Self::PolicyInbound => "policy_inbound",
-            Self::FlowCollision => "flow_collision",
-            Self::TupleClosing => "tuple_closing",
-        }
-    }
-}
+pub const DROP_REASON_COUNT: u32 = 20;
 
 /// Masqueraded packets and bytes in one direction, per CPU. Both in one
 /// value: a packet's accounting touches one cache line, not two.

@@ -4,6 +4,8 @@
 
 use std::net::Ipv4Addr;
 
+use pvc_common::is_virtual;
+
 use ring::signature::Ed25519KeyPair;
 
 use crate::{
@@ -48,12 +50,11 @@ pub fn valid_name(s: &str) -> bool {
 }
 
 pub fn valid_virtual_address(a: Ipv4Addr) -> bool {
-    let o = a.octets();
-    o[0] & 0xf0 == 0xf0 && a != Ipv4Addr::new(240, 0, 0, 0) && a != Ipv4Addr::BROADCAST
+    is_virtual(a.octets()) && a != Ipv4Addr::new(240, 0, 0, 0) && a != Ipv4Addr::BROADCAST
 }
 
 fn valid_real_address(a: Ipv4Addr) -> bool {
-    !(a.octets()[0] & 0xf0 == 0xf0
+    !(is_virtual(a.octets())
         || a.is_loopback()
         || a.is_multicast()
         || a.is_broadcast()

@@ -7,155 +7,57 @@
 //! installed the path the SYN is re-sent, so the application's connect()
 //! completes as soon as the path exists. Later flows need no agent at all.
 
-use std::{net::Ipv4Addr, time::Duration};
+use std::{net::Ipv4Addr, time::Instant};
 
-use pvc_common::{PEER_READY, PeerPath as KernelPath, Technique};
 use pvc_proto::handshake::Handshake;
-use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use super::{Agent, broker::Relay};
-use crate::{
-    connectivity::Path,
-    interposition::inject::Syn,
-    security::{
-        challenge::{self, Confirmed, Initiator, Me, Responder, Session},
-        membership::Member,
-    },
-    virtualization,
-};
+use super::core::{Core, Effect, Established, Exchange, FAILURE_MEMORY, MAX_HELD, RENEW_AHEAD};
+use crate::security::challenge::{self, Session};
 
-/// Packets kept per peer while its path is being authenticated: a burst of
-/// connects to a new member (a job starting on every node) completes as one
-/// when its SYNs are all re-sent, not after TCP's 1 s retransmit. At most
-/// 120 bytes each.
-const MAX_HELD: usize = 2048;
-/// After a failed exchange, SYNs to that peer are refused at once for this long.
-const FAILURE_MEMORY: Duration = Duration::from_secs(2);
-/// A session with flows is proven again this long before it expires.
-const RENEW_AHEAD: Duration = Duration::from_secs(60);
-
-pub(super) enum Exchange {
-    Initiating(Initiator),
-    Confirming(Confirmed, pvc_proto::handshake::ExchangeId),
-    Responding(Responder),
-}
-
-impl Exchange {
-    fn id(&self) -> pvc_proto::handshake::ExchangeId {
-        match self {
-            Self::Initiating(i) => i.id,
-            Self::Confirming(_, id) => *id,
-            Self::Responding(r) => r.id,
-        }
-    }
-}
-
-pub(super) struct Established {
-    pub session: Session,
-    pub via: Ipv4Addr,
-    pub since: Instant,
-}
-
-pub(super) struct Peer {
-    pub member: Member,
-    /// The path connectivity proposes (confirmed by the exchange).
-    pub hint: Option<Path>,
-    pub absent_since: Option<Instant>,
-    pub session: Option<Established>,
-    pub exchange: Option<(Exchange, Instant)>,
-    pub held: Vec<Vec<u8>>,
-    pub failed_at: Option<Instant>,
-    /// When a refused tag last made us authenticate the path again.
-    pub reauthenticated_at: Option<Instant>,
-}
-
-impl Peer {
-    pub fn new(member: Member, hint: Option<Path>) -> Self {
-        Self {
-            member,
-            hint,
-            absent_since: None,
-            session: None,
-            exchange: None,
-            held: Vec::new(),
-            failed_at: None,
-            reauthenticated_at: None,
-        }
-    }
-
-    /// Takes a session proven by the previous agent of this instance.
-    pub fn adopt(&mut self, session: Session, via: Ipv4Addr) {
-        self.session = Some(Established {
-            session,
-            via,
-            since: Instant::now(),
-        });
-    }
-
-    /// Forgets the proof (a record or path changed): the next SYN starts a
-    /// new exchange. Established flows keep their entries.
-    pub fn end_session(&mut self) {
-        self.session = None;
-        self.exchange = None;
-    }
-}
-
-impl Agent {
-    fn me(&self) -> Me<'_> {
-        Me {
-            key: &self.key,
-            cluster: self.trust.cluster,
-            virtual_ip: self.config.virtual_ip,
-        }
-    }
-
-    fn send(&self, to: Ipv4Addr, h: &Handshake) {
-        if self
-            .relays
-            .try_send(Relay {
-                to,
-                payload: h.encode(),
-            })
-            .is_err()
-        {
-            warn!(%to, "cannot queue a handshake message for the broker");
-        }
-    }
-
-    /// A packet held by tc egress (a SYN, a ping): authenticate its member,
-    /// then re-send it.
-    pub(super) async fn on_held_packet(&mut self, peer: Ipv4Addr, packet: Option<Vec<u8>>) {
+impl Core {
+    /// A packet held by tc egress (a SYN, a ping) for a member without an
+    /// authenticated path: authenticate it, then re-send the packet.
+    pub fn held(&mut self, peer: Ipv4Addr, packet: Option<Vec<u8>>, now: Instant) -> Vec<Effect> {
+        let mut out = Vec::new();
         let Some(p) = self.peers.get_mut(&peer) else {
             debug!(%peer, "held packet for an unknown member: dropped");
-            return;
+            return out;
         };
         if p.session.is_some() {
             // The path came up between the packet and this event.
             if let Some(packet) = packet {
-                self.resend(&packet);
+                out.push(Effect::Resend(packet));
+                self.count("held_resent");
             }
-            return;
+            return out;
         }
-        if p.failed_at.is_some_and(|t| t.elapsed() < FAILURE_MEMORY) {
+        if p.failed_at
+            .is_some_and(|t| now.saturating_duration_since(t) < FAILURE_MEMORY)
+        {
             if let Some(packet) = packet {
-                let _ = self.injector.refuse(&packet);
+                out.push(Effect::Refuse(packet));
                 self.count("held_refused");
             }
-            return;
+            return out;
         }
         let start = p.exchange.is_none();
+        let mut overflow = false;
         if let Some(packet) = packet {
             if p.held.len() < MAX_HELD {
                 p.held.push(packet);
             } else {
                 // TCP retransmits it after a second.
-                self.count("held_overflow");
+                overflow = true;
             }
         }
-        if start {
-            self.initiate(peer);
+        if overflow {
+            self.count("held_overflow");
         }
+        if start {
+            self.initiate(peer, now, &mut out);
+        }
+        out
     }
 
     /// A member's SYN was refused for its tag: one of the two ends holds a
@@ -163,9 +65,10 @@ impl Agent {
     /// the same key; the member's retransmitted SYN then passes. Only for a
     /// known member at the real address we know for it, and not more often
     /// than failures are remembered.
-    pub(super) fn reauthenticate(&mut self, claimed: Ipv4Addr, real: Ipv4Addr) {
+    pub fn tag_refused(&mut self, claimed: Ipv4Addr, real: Ipv4Addr, now: Instant) -> Vec<Effect> {
+        let mut out = Vec::new();
         let Some(p) = self.peers.get_mut(&claimed) else {
-            return;
+            return out;
         };
         let expected = p
             .session
@@ -175,17 +78,18 @@ impl Agent {
         if expected != Some(real)
             || p.exchange.is_some()
             || p.reauthenticated_at
-                .is_some_and(|t| t.elapsed() < FAILURE_MEMORY)
+                .is_some_and(|t| now.saturating_duration_since(t) < FAILURE_MEMORY)
         {
-            return;
+            return out;
         }
         info!(name = p.member.name, %claimed, "the member's SYN carried a tag we cannot check: authenticating the path again");
-        p.reauthenticated_at = Some(Instant::now());
-        self.initiate(claimed);
+        p.reauthenticated_at = Some(now);
+        self.initiate(claimed, now, &mut out);
+        out
     }
 
-    fn initiate(&mut self, peer: Ipv4Addr) {
-        let local_real = self.real_ip;
+    fn initiate(&mut self, peer: Ipv4Addr, now: Instant, out: &mut Vec<Effect>) {
+        let local_real = self.me.real_ip;
         let Some(p) = self.peers.get(&peer) else {
             return;
         };
@@ -196,10 +100,9 @@ impl Agent {
         match challenge::initiate(&self.me(), &p.member, local_real, hint.real) {
             Ok((initiator, init)) => {
                 debug!(name = p.member.name, %peer, "authenticating the path to the member");
-                self.send(peer, &init);
-                if let Some(p) = self.peers.get_mut(&peer) {
-                    p.exchange = Some((Exchange::Initiating(initiator), Instant::now()));
-                }
+                let id = initiator.id;
+                Self::send(peer, init, out);
+                self.set_exchange(peer, Some((id, Exchange::Initiating(initiator))), now);
             }
             Err(e) => warn!(%peer, "cannot start an exchange: {e}"),
         }
@@ -207,262 +110,222 @@ impl Agent {
 
     /// A handshake message relayed by the broker. Its claims are checked
     /// against the master-signed record of the member it says it is from.
-    pub(super) async fn on_relayed(&mut self, from: Ipv4Addr, payload: &[u8]) {
+    pub fn relayed(&mut self, from: Ipv4Addr, payload: &[u8], now: Instant) -> Vec<Effect> {
+        let mut out = Vec::new();
         let Some(msg) = Handshake::decode(payload) else {
             warn!(%from, "ignoring a relayed message that does not decode");
-            return;
+            return out;
         };
         match msg {
-            Handshake::Init(init) => {
-                let claimed = init.initiator;
-                let Some(p) = self.peers.get(&claimed) else {
-                    warn!(%claimed, "refusing an exchange from an address no verified member holds");
-                    self.send(
-                        from,
-                        &Handshake::Refused {
-                            id: init.id,
-                            reason: "you are not a member I know".into(),
-                        },
-                    );
-                    return;
-                };
-                if let Some((Exchange::Initiating(_) | Exchange::Confirming(..), _)) = &p.exchange
-                    && self.config.virtual_ip < claimed
-                {
-                    // Both started at once: the lower address initiates.
-                    return;
-                }
-                let mut ours = self.advertised.clone();
-                ours.push(self.real_ip);
-                match challenge::respond(&self.me(), &init, &p.member, &ours) {
-                    Ok((responder, reply)) => {
-                        self.send(claimed, &reply);
-                        if let Some(p) = self.peers.get_mut(&claimed) {
-                            p.exchange = Some((Exchange::Responding(responder), Instant::now()));
-                        }
-                    }
-                    Err(e) => {
-                        warn!(name = p.member.name, %claimed, "refusing an exchange: {e}");
-                        self.send(
-                            claimed,
-                            &Handshake::Refused {
-                                id: init.id,
-                                reason: e.to_string(),
-                            },
-                        );
-                    }
-                }
-            }
+            Handshake::Init(init) => self.on_init(init, now, &mut out),
             Handshake::Reply(reply) => {
-                let Some(peer) = self.exchange_with(reply.id) else {
-                    return;
-                };
-                let Some((Exchange::Initiating(initiator), _)) =
-                    self.peers.get_mut(&peer).and_then(|p| p.exchange.take())
+                let Some((peer, Exchange::Initiating(initiator))) = self.take_exchange(&reply.id)
                 else {
-                    return;
+                    return out;
                 };
                 match initiator.on_reply(&self.me(), &reply) {
                     Ok((confirmed, confirm)) => {
-                        self.send(peer, &confirm);
-                        if let Some(p) = self.peers.get_mut(&peer) {
-                            p.exchange =
-                                Some((Exchange::Confirming(confirmed, reply.id), Instant::now()));
-                        }
+                        Self::send(peer, confirm, &mut out);
+                        self.set_exchange(
+                            peer,
+                            Some((reply.id, Exchange::Confirming(confirmed))),
+                            now,
+                        );
                     }
                     Err(e) => {
-                        self.send(
+                        let reason = e.to_string();
+                        Self::send(
                             peer,
-                            &Handshake::Refused {
+                            Handshake::Refused {
                                 id: reply.id,
-                                reason: e.to_string(),
+                                reason: reason.clone(),
                             },
+                            &mut out,
                         );
-                        self.fail_exchange(peer, &e.to_string()).await;
+                        self.fail(peer, &reason, now, &mut out);
                     }
                 }
             }
             Handshake::Confirm(confirm) => {
-                let Some(peer) = self.exchange_with(confirm.id) else {
-                    return;
-                };
-                let Some((Exchange::Responding(responder), _)) =
-                    self.peers.get_mut(&peer).and_then(|p| p.exchange.take())
+                let Some((peer, Exchange::Responding(responder))) = self.take_exchange(&confirm.id)
                 else {
-                    return;
+                    return out;
                 };
                 match responder.on_confirm(&confirm) {
-                    Ok((session, done)) => {
-                        // Installed before Done goes out: the initiator's
-                        // first SYN can never arrive before our path.
-                        if self.install(session).await {
-                            self.send(peer, &done);
-                        }
-                    }
+                    // Installed before Done goes out: the initiator's first
+                    // SYN can never arrive before our path.
+                    Ok((session, done)) => self.install(session, Some(done), &mut out),
                     Err(e) => {
-                        self.send(
+                        let reason = e.to_string();
+                        Self::send(
                             peer,
-                            &Handshake::Refused {
+                            Handshake::Refused {
                                 id: confirm.id,
-                                reason: e.to_string(),
+                                reason: reason.clone(),
                             },
+                            &mut out,
                         );
-                        self.fail_exchange(peer, &e.to_string()).await;
+                        self.fail(peer, &reason, now, &mut out);
                     }
                 }
             }
             Handshake::Done(done) => {
-                let Some(peer) = self.exchange_with(done.id) else {
-                    return;
-                };
-                let Some((Exchange::Confirming(confirmed, _), _)) =
-                    self.peers.get_mut(&peer).and_then(|p| p.exchange.take())
+                let Some((peer, Exchange::Confirming(confirmed))) = self.take_exchange(&done.id)
                 else {
-                    return;
+                    return out;
                 };
                 match confirmed.on_done(&done) {
-                    Ok(session) => {
-                        self.install(session).await;
-                    }
-                    Err(e) => self.fail_exchange(peer, &e.to_string()).await,
+                    Ok(session) => self.install(session, None, &mut out),
+                    Err(e) => self.fail(peer, &e.to_string(), now, &mut out),
                 }
             }
             Handshake::Refused { id, reason } => {
-                if let Some(peer) = self.exchange_with(id) {
-                    self.fail_exchange(peer, &format!("the peer refused: {reason}"))
-                        .await;
+                if let Some((peer, _)) = self.take_exchange(&id) {
+                    self.fail(peer, &format!("the peer refused: {reason}"), now, &mut out);
                 }
             }
         }
+        out
     }
 
-    /// The peer an exchange in progress is with.
-    fn exchange_with(&self, id: pvc_proto::handshake::ExchangeId) -> Option<Ipv4Addr> {
-        self.peers
-            .iter()
-            .find(|(_, p)| p.exchange.as_ref().is_some_and(|(e, _)| e.id() == id))
-            .map(|(vip, _)| *vip)
-    }
-
-    /// Installs an authenticated path: the route via the real next hop,
-    /// then the kernel entry with the session's tag key; then re-sends the
-    /// SYNs that waited for it.
-    async fn install(&mut self, session: Session) -> bool {
-        let vip = session.peer;
-        let technique = self
-            .peers
-            .get(&vip)
-            .and_then(|p| p.hint)
-            .map_or(Technique::Direct, |h| h.technique);
-        let via = match virtualization::next_hop(&self.handle, session.peer_real).await {
-            Ok((via, oif)) if oif == self.uplink.index => via,
-            Ok(_) => {
-                self.fail_exchange(
-                    vip,
-                    &format!(
-                        "{} is routed through another interface than the uplink",
-                        session.peer_real
-                    ),
-                )
-                .await;
-                return false;
+    fn on_init(&mut self, init: pvc_proto::handshake::Init, now: Instant, out: &mut Vec<Effect>) {
+        let claimed = init.initiator;
+        let Some(p) = self.peers.get(&claimed) else {
+            warn!(%claimed, "refusing an exchange from an address no verified member holds");
+            Self::send(
+                claimed,
+                Handshake::Refused {
+                    id: init.id,
+                    reason: "you are not a member I know".into(),
+                },
+                out,
+            );
+            return;
+        };
+        if let Some((_, Exchange::Initiating(_) | Exchange::Confirming(_), _)) = &p.exchange
+            && self.me.virtual_ip < claimed
+        {
+            // Glare: both started at once. The lower address initiates; the
+            // other side answers ours and drops its own.
+            return;
+        }
+        let mut ours = self.me.advertised.clone();
+        ours.push(self.me.real_ip);
+        match challenge::respond(&self.me(), &init, &p.member, &ours) {
+            Ok((responder, reply)) => {
+                Self::send(claimed, reply, out);
+                self.set_exchange(
+                    claimed,
+                    Some((init.id, Exchange::Responding(responder))),
+                    now,
+                );
             }
             Err(e) => {
-                self.fail_exchange(vip, &format!("{e:#}")).await;
-                return false;
+                warn!(name = p.member.name, %claimed, "refusing an exchange: {e}");
+                Self::send(
+                    claimed,
+                    Handshake::Refused {
+                        id: init.id,
+                        reason: e.to_string(),
+                    },
+                    out,
+                );
             }
-        };
-        if let Err(e) = virtualization::set_peer_route(
-            &self.handle,
-            vip,
-            via,
-            self.uplink.index,
-            self.config.virtual_ip,
-        )
-        .await
-        {
-            self.fail_exchange(vip, &format!("{e:#}")).await;
-            return false;
         }
-        self.retained_routes.remove(&vip);
-        let path = KernelPath {
-            real: session.peer_real.octets(),
-            technique: technique as u8,
-            state: PEER_READY,
-            _pad: [0; 2],
-            tag_key: session.tag_key,
-        };
-        if let Err(e) = self.datapath.maps.set_peer(vip, path) {
-            self.fail_exchange(vip, &format!("{e:#}")).await;
-            return false;
-        }
-        let Some(p) = self.peers.get_mut(&vip) else {
-            return false;
-        };
-        info!(name = p.member.name, virtual_ip = %vip, real = %session.peer_real, %via,
-              technique = technique.name(), "path to member authenticated and installed");
-        p.session = Some(Established {
-            session,
-            via,
-            since: Instant::now(),
-        });
-        p.failed_at = None;
-        for packet in std::mem::take(&mut p.held) {
-            self.resend(&packet);
-        }
-        true
     }
 
-    fn resend(&mut self, packet: &[u8]) {
-        match self.injector.resend(packet) {
-            Ok(()) => self.count("held_resent"),
-            Err(e) => warn!("cannot re-send a held packet: {e}"),
+    /// The broker could not deliver to `to`: its exchange fails.
+    pub fn undeliverable(&mut self, to: Ipv4Addr, now: Instant) -> Vec<Effect> {
+        let mut out = Vec::new();
+        self.fail(
+            to,
+            "the broker cannot reach that member (it is not connected)",
+            now,
+            &mut out,
+        );
+        out
+    }
+
+    fn install(&mut self, session: Session, then: Option<Handshake>, out: &mut Vec<Effect>) {
+        let technique = self
+            .peers
+            .get(&session.peer)
+            .map(|p| p.technique())
+            .unwrap_or(pvc_common::Technique::Direct);
+        out.push(Effect::Install {
+            session,
+            technique,
+            then,
+        });
+    }
+
+    /// The agent installed the path `session` proved: the packets that
+    /// waited for it go out again.
+    pub fn installed(&mut self, session: Session, now: Instant) -> Vec<Effect> {
+        let mut out = Vec::new();
+        let vip = session.peer;
+        self.routed.insert(vip);
+        let Some(p) = self.peers.get_mut(&vip) else {
+            return out;
+        };
+        info!(name = p.member.name, virtual_ip = %vip, real = %session.peer_real,
+              technique = p.technique().name(), "path to member authenticated and installed");
+        p.session = Some(Established {
+            session,
+            since: now,
+        });
+        p.failed_at = None;
+        let held = std::mem::take(&mut p.held);
+        for packet in held {
+            self.count("held_resent");
+            out.push(Effect::Resend(packet));
         }
+        out
+    }
+
+    /// The agent could not install a path (no route to its real address...).
+    pub fn install_failed(&mut self, vip: Ipv4Addr, why: &str, now: Instant) -> Vec<Effect> {
+        let mut out = Vec::new();
+        self.fail(vip, why, now, &mut out);
+        out
     }
 
     /// An exchange failed: the SYNs that waited for it are refused at once
     /// (their connect() fails with ECONNREFUSED), and so are new ones for a
     /// moment.
-    pub(super) async fn fail_exchange(&mut self, peer: Ipv4Addr, why: &str) {
-        let Some(mut p) = self.peers.remove(&peer) else {
+    fn fail(&mut self, peer: Ipv4Addr, why: &str, now: Instant, out: &mut Vec<Effect>) {
+        let Some(p) = self.peers.get_mut(&peer) else {
             return;
         };
-        if p.exchange.take().is_some() || !p.held.is_empty() {
-            warn!(name = p.member.name, %peer, "could not authenticate the path to the member: {why}");
-            p.failed_at = Some(Instant::now());
-            self.refuse_held(&mut p).await;
+        let had_exchange = p.exchange.is_some();
+        if let Some((id, _, _)) = p.exchange.take() {
+            self.exchanges.remove(&id);
         }
-        self.peers.insert(peer, p);
-    }
-
-    pub(super) async fn refuse_held(&mut self, p: &mut Peer) {
-        for packet in std::mem::take(&mut p.held) {
-            if let Some(syn) = Syn::parse(&packet) {
-                debug!(src = %syn.saddr, port = syn.sport, "refusing a held SYN");
-            }
-            let _ = self.injector.refuse(&packet);
-            self.count("held_refused");
+        if had_exchange || !p.held.is_empty() {
+            warn!(name = p.member.name, %peer, "could not authenticate the path to the member: {why}");
+            p.failed_at = Some(now);
+            Self::refuse_held(&mut p.held, &mut self.counters, out);
         }
     }
 
     /// Times out exchanges; proves again sessions that are about to expire
     /// while flows use them, and lets idle ones lapse.
-    pub(super) async fn check_exchanges_and_sessions(&mut self) {
-        let timeout = Duration::from_millis(self.config.security.handshake_timeout_ms);
-        let lifetime = Duration::from_secs(self.config.security.session_lifetime_secs);
+    pub fn check_sessions(&mut self, now: Instant) -> Vec<Effect> {
+        let mut out = Vec::new();
+        let timeout = self.limits.handshake_timeout;
+        let lifetime = self.limits.session_lifetime;
         let stale: Vec<Ipv4Addr> = self
             .peers
             .iter()
             .filter(|(_, p)| {
                 p.exchange
                     .as_ref()
-                    .is_some_and(|(_, t)| t.elapsed() > timeout)
+                    .is_some_and(|(_, _, t)| now.saturating_duration_since(*t) > timeout)
             })
             .map(|(vip, _)| *vip)
             .collect();
         for vip in stale {
-            self.fail_exchange(vip, &format!("no answer within {timeout:?}"))
-                .await;
+            self.fail(vip, &format!("no answer within {timeout:?}"), now, &mut out);
         }
         let mut renew = Vec::new();
         let mut lapse = Vec::new();
@@ -470,7 +333,7 @@ impl Agent {
             let Some(s) = &p.session else {
                 continue;
             };
-            let age = s.since.elapsed();
+            let age = now.saturating_duration_since(s.since);
             if self.active.contains(vip)
                 && age + RENEW_AHEAD.min(lifetime / 2) > lifetime
                 && p.exchange.is_none()
@@ -481,49 +344,15 @@ impl Agent {
             }
         }
         for vip in renew {
-            self.initiate(vip);
+            self.initiate(vip, now, &mut out);
         }
         for vip in lapse {
             if let Some(p) = self.peers.get_mut(&vip) {
                 debug!(name = p.member.name, "authenticated path expired");
                 p.session = None;
             }
-            self.publish_member(vip);
+            self.publish_member(vip, &mut out);
         }
-    }
-
-    /// Follows changes of the host's routing (a new gateway, a moved LAN).
-    pub(super) async fn refresh_next_hops(&mut self) {
-        let current: Vec<(Ipv4Addr, Ipv4Addr, Ipv4Addr)> = self
-            .peers
-            .iter()
-            .filter_map(|(vip, p)| {
-                p.session
-                    .as_ref()
-                    .map(|s| (*vip, s.session.peer_real, s.via))
-            })
-            .collect();
-        for (vip, real, via) in current {
-            match virtualization::next_hop(&self.handle, real).await {
-                Ok((now, oif)) if now != via && oif == self.uplink.index => {
-                    info!(%vip, "next hop changed ({via} -> {now})");
-                    if virtualization::set_peer_route(
-                        &self.handle,
-                        vip,
-                        now,
-                        self.uplink.index,
-                        self.config.virtual_ip,
-                    )
-                    .await
-                    .is_ok()
-                        && let Some(s) = self.peers.get_mut(&vip).and_then(|p| p.session.as_mut())
-                    {
-                        s.via = now;
-                    }
-                }
-                Ok(_) => {}
-                Err(e) => warn!(%vip, "cannot check the route to {real}: {e:#}"),
-            }
-        }
+        out
     }
 }

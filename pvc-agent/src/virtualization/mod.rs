@@ -209,7 +209,7 @@ pub async fn peer_routes(handle: &Handle) -> anyhow::Result<Vec<Ipv4Addr>> {
         }
         for attr in &r.attributes {
             if let RouteAttribute::Destination(RouteAddress::Inet(d)) = attr
-                && d.octets()[0] & 0xf0 == 0xf0
+                && pvc_common::is_virtual(d.octets())
             {
                 peers.push(*d);
             }

@@ -1,0 +1,453 @@
+//! The agent: carries out what the core decides (kernel entries, routes,
+//! packets, broker messages) and feeds it what happens (broker messages,
+//! kernel events, time).
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use pvc_common::{DropReason, PeerPath as KernelPath};
+use pvc_proto::{BrokerMessage, unix_now};
+use rtnetlink::Handle;
+use tokio::{sync::mpsc, time::interval};
+use tracing::{debug, info, warn};
+
+use super::{
+    broker::{BrokerEvent, Relay},
+    core::{Core, Effect},
+    lifecycle::{Tasks, verify_own_record},
+    members::Welcome,
+};
+use crate::{
+    config::Config,
+    control::Request,
+    interposition::{
+        self, Datapath, FlowEvent, Timeouts,
+        inject::{Injector, Syn},
+    },
+    security::policy::PolicyEntry,
+    virtualization::{self, Uplink},
+};
+
+/// How often next hops are checked against the host's routing table.
+const NEXT_HOP_REFRESH: Duration = Duration::from_secs(30);
+/// How often exchanges and sessions are checked for timeouts and expiry.
+const SECURITY_TICK: Duration = Duration::from_millis(500);
+/// How often events the kernel writes without waking the agent (new flows)
+/// are read; the ring holds thousands, so none is lost between reads.
+const QUIET_EVENTS_TICK: Duration = Duration::from_millis(250);
+/// Refusals logged one by one per GC pass; the rest are counted.
+const REFUSALS_LOGGED: u32 = 20;
+
+pub(super) struct Agent {
+    pub config: Config,
+    pub core: Core,
+    pub handle: Handle,
+    pub uplink: Uplink,
+    pub datapath: Datapath,
+    pub relays: mpsc::Sender<Relay>,
+    pub injector: Injector,
+    /// The next hop each member's route uses now.
+    pub vias: BTreeMap<Ipv4Addr, Ipv4Addr>,
+    pub installed_policy: BTreeSet<PolicyEntry>,
+    pub flows_opened: BTreeMap<String, u64>,
+    /// What the agent did with refused SYNs (`pvc status`).
+    pub counters: BTreeMap<&'static str, u64>,
+    pub refusals_logged: u32,
+    pub refusals_unlogged: u64,
+}
+
+impl Agent {
+    /// Carries out effects, in order; outcomes that the core must know
+    /// (an installed or failed path) may bring more.
+    pub async fn apply(&mut self, effects: Vec<Effect>) {
+        let mut queue: std::collections::VecDeque<Effect> = effects.into();
+        while let Some(effect) = queue.pop_front() {
+            queue.extend(self.apply_one(effect).await);
+        }
+    }
+
+    async fn apply_one(&mut self, effect: Effect) -> Vec<Effect> {
+        match effect {
+            Effect::SetPeer(vip, path) => {
+                if let Err(e) = self.datapath.maps.set_peer(vip, path) {
+                    warn!("{e:#}");
+                }
+            }
+            Effect::RemovePeer(vip) => {
+                if let Err(e) = self.datapath.maps.remove_peer(vip) {
+                    warn!("{e:#}");
+                }
+            }
+            Effect::Install {
+                session,
+                technique,
+                then,
+            } => {
+                let vip = session.peer;
+                let result = async {
+                    self.route(vip, session.peer_real).await?;
+                    let path = KernelPath::ready(
+                        session.peer_real.octets(),
+                        technique as u8,
+                        session.tag_key,
+                    );
+                    self.datapath.maps.set_peer(vip, path)
+                }
+                .await;
+                return match result {
+                    Ok(()) => {
+                        if let Some(message) = then {
+                            self.send(vip, &message);
+                        }
+                        self.core.installed(session, Instant::now())
+                    }
+                    Err(e) => self
+                        .core
+                        .install_failed(vip, &format!("{e:#}"), Instant::now()),
+                };
+            }
+            Effect::Route { vip, real } => {
+                if let Err(e) = self.route(vip, real).await {
+                    warn!(%vip, "cannot route to the member: {e:#}");
+                }
+            }
+            Effect::RemoveRoute(vip) => {
+                self.vias.remove(&vip);
+                if let Err(e) = virtualization::remove_peer_route(&self.handle, vip).await {
+                    warn!("{e:#}");
+                }
+            }
+            Effect::Resend(packet) => {
+                if let Err(e) = self.injector.resend(&packet) {
+                    warn!("cannot re-send a held packet: {e}");
+                }
+            }
+            Effect::Refuse(packet) => {
+                if let Some(syn) = Syn::parse(&packet) {
+                    debug!(src = %syn.saddr, port = syn.sport, "refusing a held SYN");
+                }
+                let _ = self.injector.refuse(&packet);
+            }
+            Effect::Send { to, message } => self.send(to, &message),
+            Effect::CloseFlows(vip) => {
+                let n = self.datapath.maps.close_flows_with(vip);
+                if n > 0 {
+                    info!(%vip, entries = n, "cut the member's established flows");
+                }
+            }
+            Effect::Policy(compiled) => {
+                // Entries first, then the switch that makes the kernel consult them.
+                let result = self
+                    .datapath
+                    .maps
+                    .set_policy(&mut self.installed_policy, &compiled.entries)
+                    .and_then(|()| {
+                        self.datapath.maps.set_identity(
+                            self.config.virtual_ip,
+                            self.core.identity().real_ip,
+                            &compiled,
+                        )
+                    });
+                if let Err(e) = result {
+                    warn!("cannot update the policy in the kernel: {e:#}");
+                }
+            }
+        }
+        Vec::new()
+    }
+
+    /// Routes `vip` via the next hop of `real`, which must be on the uplink.
+    async fn route(&mut self, vip: Ipv4Addr, real: Ipv4Addr) -> anyhow::Result<()> {
+        let (via, oif) = virtualization::next_hop(&self.handle, real).await?;
+        if oif != self.uplink.index {
+            anyhow::bail!("{real} is routed through another interface than the uplink");
+        }
+        virtualization::set_peer_route(
+            &self.handle,
+            vip,
+            via,
+            self.uplink.index,
+            self.config.virtual_ip,
+        )
+        .await?;
+        self.vias.insert(vip, via);
+        Ok(())
+    }
+
+    fn send(&self, to: Ipv4Addr, message: &pvc_proto::handshake::Handshake) {
+        if self
+            .relays
+            .try_send(Relay {
+                to,
+                payload: message.encode(),
+            })
+            .is_err()
+        {
+            warn!(%to, "cannot queue a handshake message for the broker");
+        }
+    }
+
+    pub async fn on_broker(&mut self, event: BrokerEvent) -> anyhow::Result<()> {
+        let now = Instant::now();
+        let effects = match event {
+            BrokerEvent::Connected {
+                broker,
+                you,
+                revocations,
+                policy,
+                members,
+            } => {
+                let own = verify_own_record(
+                    &self.core.trust,
+                    &self.core.identity().key,
+                    &self.config,
+                    &you,
+                )?;
+                let welcome = Welcome {
+                    broker,
+                    own,
+                    revocations: revocations.as_ref(),
+                    policy: policy.as_ref(),
+                    members: &members,
+                };
+                self.core.welcome(welcome, now, unix_now())
+            }
+            BrokerEvent::Message(msg) => match msg {
+                BrokerMessage::Joined(m) => self.core.joined(&m, now, unix_now()),
+                BrokerMessage::Left { virtual_ip, clean } => self.core.left(virtual_ip, clean, now),
+                BrokerMessage::Relayed { from, payload } => self.core.relayed(from, &payload, now),
+                BrokerMessage::Undeliverable { to } => self.core.undeliverable(to, now),
+                BrokerMessage::Revocations(r) => self.core.revocations(&r),
+                BrokerMessage::Policy(p) => self.core.global_policy(&p),
+                other => {
+                    debug!(?other, "ignoring a broker message");
+                    Vec::new()
+                }
+            },
+            BrokerEvent::Disconnected { .. } => {
+                self.core.disconnected();
+                Vec::new()
+            }
+        };
+        self.apply(effects).await;
+        Ok(())
+    }
+
+    pub async fn on_event(&mut self, event: FlowEvent) {
+        let now = Instant::now();
+        match event {
+            FlowEvent::Opened {
+                proto,
+                outbound,
+                local,
+                remote,
+                technique,
+            } => {
+                let technique = technique.map_or("unknown", |t| t.name());
+                *self.flows_opened.entry(technique.to_string()).or_default() += 1;
+                debug!(proto, outbound, %local, %remote, technique, "flow opened");
+            }
+            FlowEvent::Refused {
+                pid,
+                remote,
+                reason,
+                ..
+            } => {
+                let why = reason.map_or("refused", DropReason::explain);
+                self.log_refusal(format_args!(
+                    "refused connect() of pid {pid} to {remote}: {why}"
+                ));
+            }
+            FlowEvent::InboundRefused {
+                claimed,
+                real,
+                local_port,
+                reason,
+            } => {
+                if matches!(reason, Some(DropReason::TagMismatch | DropReason::BadTag)) {
+                    let effects = self.core.tag_refused(claimed, real, now);
+                    self.apply(effects).await;
+                }
+                let why = match reason {
+                    Some(DropReason::TagMismatch) | None => {
+                        format!("{claimed} has no authenticated path from {real}")
+                    }
+                    Some(r) => r.explain().to_string(),
+                };
+                self.log_refusal(format_args!("refused a flow to port {local_port} claiming to be {claimed}, from {real}: {why}"));
+            }
+            FlowEvent::Held { peer, packet } => {
+                let effects = self.core.held(peer, packet, now);
+                self.apply(effects).await;
+            }
+            FlowEvent::PacketRefused { reason, packet } => self.on_refused_packet(reason, packet),
+        }
+    }
+
+    /// A SYN tc refused: answered with a RST (the connect() behind it
+    /// fails at once), and explained.
+    fn on_refused_packet(&mut self, reason: Option<DropReason>, packet: Option<Vec<u8>>) {
+        let Some(packet) = packet else { return };
+        let Some(syn) = Syn::parse(&packet) else {
+            return;
+        };
+        match self.injector.refuse(&packet) {
+            Ok(()) => *self.counters.entry("refused_syns_answered").or_default() += 1,
+            Err(e) => warn!("cannot answer a refused SYN: {e}"),
+        }
+        let flow = format!("{}:{} -> {}:{}", syn.saddr, syn.sport, syn.daddr, syn.dport);
+        match reason {
+            Some(DropReason::FlowTableFull) => {
+                let max_flows = self.config.interposition.max_flows;
+                self.log_refusal(format_args!(
+                    "refused the new flow {flow}: the masquerading map is full ({max_flows} flows); \
+                     established flows are kept. Raise interposition.max_flows"
+                ))
+            }
+            _ => self.log_refusal(format_args!(
+                "refused the new connection {flow}: another live connection between the same two \
+                 hosts uses its real ports on the wire (a PVC flow and a connection between real \
+                 addresses picked the same ports); the established one is kept, a retry picks \
+                 other ports"
+            )),
+        }
+    }
+
+    fn log_refusal(&mut self, what: std::fmt::Arguments<'_>) {
+        if self.refusals_logged < REFUSALS_LOGGED {
+            self.refusals_logged += 1;
+            warn!("{what}");
+        } else {
+            self.refusals_unlogged += 1;
+        }
+    }
+
+    /// Warns while the masquerading map is nearly full: at capacity, new
+    /// flows are refused.
+    fn warn_if_flow_table_fills(&self) {
+        let capacity = self.datapath.maps.capacity as usize;
+        let used = self.datapath.maps.flow_entries();
+        if used * 10 >= capacity * 9 {
+            warn!(
+                used,
+                capacity,
+                "the masquerading map is {}% full; new flows are refused when it is full: raise \
+                 interposition.max_flows (now {})",
+                used * 100 / capacity.max(1),
+                self.config.interposition.max_flows
+            );
+        }
+    }
+
+    /// Follows changes of the host's routing (a new gateway, a moved LAN).
+    async fn refresh_next_hops(&mut self) {
+        for (vip, real) in self.core.sessions() {
+            match virtualization::next_hop(&self.handle, real).await {
+                Ok((now, oif)) if self.vias.get(&vip) != Some(&now) && oif == self.uplink.index => {
+                    info!(%vip, "next hop of {real} is now {now}");
+                    if let Err(e) = self.route(vip, real).await {
+                        warn!(%vip, "cannot update the route: {e:#}");
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => warn!(%vip, "cannot check the route to {real}: {e:#}"),
+            }
+        }
+    }
+
+    /// The GC pass: ended flows out of the map, expired members out of the
+    /// core, the refusal log's budget renewed.
+    async fn collect_garbage(&mut self, timeouts: &Timeouts) {
+        let (removed, active) = self.datapath.maps.collect_garbage(timeouts);
+        if removed > 0 {
+            debug!(removed, "expired flow entries removed");
+        }
+        self.core.set_active(active);
+        self.warn_if_flow_table_fills();
+        let effects = self.core.expire(Instant::now(), unix_now());
+        self.apply(effects).await;
+        if self.refusals_unlogged > 0 {
+            warn!(
+                "{} more refusals not logged one by one",
+                self.refusals_unlogged
+            );
+        }
+        self.refusals_logged = 0;
+        self.refusals_unlogged = 0;
+    }
+
+    /// Runs until SIGINT/SIGTERM or a fatal error.
+    pub async fn serve(
+        &mut self,
+        mut events: interposition::EventStream,
+        tasks: &mut Tasks,
+    ) -> anyhow::Result<()> {
+        let mut gc = interval(self.config.gc_interval());
+        let mut refresh = interval(NEXT_HOP_REFRESH);
+        let mut security = interval(SECURITY_TICK);
+        let mut quiet_events = interval(QUIET_EVENTS_TICK);
+        let timeouts = Timeouts {
+            idle: Duration::from_secs(self.config.flows.idle_timeout_secs),
+            closed: Duration::from_secs(self.config.flows.closed_timeout_secs),
+            icmp: Duration::from_secs(self.config.flows.icmp_timeout_secs),
+        };
+
+        loop {
+            tokio::select! {
+                Some(event) = tasks.broker_rx.recv() => self.on_broker(event).await?,
+                batch = events.next_batch() => {
+                    for e in batch.context("cannot read kernel events")? {
+                        self.on_event(e).await;
+                    }
+                }
+                Some((request, reply)) = tasks.query_rx.recv() => {
+                    let Request::Status = request;
+                    // The status counts every flow opened so far.
+                    for e in events.drain() {
+                        self.on_event(e).await;
+                    }
+                    let _ = reply.send(self.status());
+                }
+                _ = quiet_events.tick() => {
+                    for e in events.drain() {
+                        self.on_event(e).await;
+                    }
+                }
+                _ = gc.tick() => self.collect_garbage(&timeouts).await,
+                _ = security.tick() => {
+                    let effects = self.core.check_sessions(Instant::now());
+                    self.apply(effects).await;
+                }
+                _ = refresh.tick() => self.refresh_next_hops().await,
+                r = &mut tasks.control => return match r {
+                    Ok(Err(e)) => Err(e),
+                    _ => Err(anyhow::anyhow!("control socket stopped")),
+                },
+                _ = tokio::signal::ctrl_c() => { info!("SIGINT: stopping"); return Ok(()) }
+                _ = tasks.term.recv() => { info!("SIGTERM: stopping"); return Ok(()) }
+            }
+        }
+    }
+
+    /// Undoes everything, in reverse order: host configuration (so nothing
+    /// is routed to 240/4 any more), then the data path and the socket.
+    pub async fn teardown(self) -> anyhow::Result<()> {
+        let Agent {
+            config,
+            handle,
+            uplink,
+            datapath,
+            ..
+        } = self;
+        let net = virtualization::deconfigure(&handle, Some(uplink.index), config.virtual_ip).await;
+        let pins = datapath.remove();
+        let _ = std::fs::remove_file(config.control_socket());
+        net.and(pins)?;
+        info!("agent stopped; virtual address, routes and eBPF programs removed");
+        Ok(())
+    }
+}

@@ -1,0 +1,407 @@
+//! The coordinator's state as a pure core: what this agent knows of the
+//! cluster (members, their paths, exchanges in progress, held packets,
+//! routes kept for flows) and the rules that change it. Every method takes
+//! an event and the time, and returns the effects the agent must carry out
+//! (`Effect`): kernel entries, routes, packets to re-send or refuse,
+//! messages for the broker. No I/O happens here, so every rule can be
+//! tested without root, namespaces or a broker (see `tests`).
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::Ipv4Addr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use pvc_common::{PeerPath as KernelPath, Technique};
+use pvc_proto::handshake::{ExchangeId, Handshake};
+use tracing::warn;
+
+use crate::{
+    connectivity,
+    security::{
+        challenge::{Confirmed, Initiator, Me, Responder, Session},
+        keys::KeyPair,
+        membership::{Member, Trust},
+        policy::{self, Compiled, LocalPolicy, Subject},
+    },
+    virtualization::LocalNet,
+};
+
+/// Time limits of the coordinator's rules.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// How long an exchange may take before the flows waiting for it are refused.
+    pub handshake_timeout: Duration,
+    /// An authenticated path is proven again after this long.
+    pub session_lifetime: Duration,
+    /// How long a member whose broker session was lost (or who is missing
+    /// from a new broker's list) keeps its path: a crashed agent restarts,
+    /// and after a broker failover the new list fills as agents register.
+    pub absence_grace: Duration,
+}
+
+impl Limits {
+    pub fn new(handshake_timeout: Duration, session_lifetime: Duration) -> Self {
+        Self {
+            handshake_timeout,
+            session_lifetime,
+            absence_grace: Duration::from_secs(20),
+        }
+    }
+}
+
+/// After a failed exchange, SYNs to that peer are refused at once for this long.
+pub const FAILURE_MEMORY: Duration = Duration::from_secs(2);
+/// A session with flows is proven again this long before it expires.
+pub const RENEW_AHEAD: Duration = Duration::from_secs(60);
+/// Packets kept per peer while its path is being authenticated: a burst of
+/// connects to a new member (a job starting on every node) completes as one
+/// when its SYNs are all re-sent, not after TCP's 1 s retransmit. At most
+/// 120 bytes each.
+pub const MAX_HELD: usize = 2048;
+
+/// What the agent must do for the core.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    /// Writes a member's entry in the kernel's peer map.
+    SetPeer(Ipv4Addr, KernelPath),
+    /// Removes it: new flows to the member are refused at once.
+    RemovePeer(Ipv4Addr),
+    /// Installs an authenticated path: the route to the member via the next
+    /// hop of its real address, then its kernel entry; then sends `then`
+    /// (the responder's Done: the initiator's first SYN can never arrive
+    /// before our path). The agent reports the outcome with
+    /// `Core::installed` or `Core::install_failed`.
+    Install {
+        session: Session,
+        technique: Technique,
+        then: Option<Handshake>,
+    },
+    /// Makes sure the member's route goes via the next hop of `real` (a path
+    /// taken over from the previous agent).
+    Route { vip: Ipv4Addr, real: Ipv4Addr },
+    /// Removes the route of a member no flow uses any more.
+    RemoveRoute(Ipv4Addr),
+    /// Puts a held packet back on its way (its path now exists).
+    Resend(Vec<u8>),
+    /// Answers a held SYN with a RST: its connect() fails with ECONNREFUSED.
+    Refuse(Vec<u8>),
+    /// A handshake message for a member, through the broker.
+    Send { to: Ipv4Addr, message: Handshake },
+    /// Removes every flow entry with the member (revocation, expiry).
+    CloseFlows(Ipv4Addr),
+    /// The compiled policy changed: the kernel's policy map and settings.
+    Policy(Compiled),
+}
+
+pub(super) enum Exchange {
+    Initiating(Initiator),
+    Confirming(Confirmed),
+    Responding(Responder),
+}
+
+pub(super) struct Established {
+    pub session: Session,
+    pub since: Instant,
+}
+
+pub(super) struct Peer {
+    pub member: Member,
+    /// The path connectivity proposes (confirmed by the exchange).
+    pub hint: Option<connectivity::Path>,
+    pub absent_since: Option<Instant>,
+    pub session: Option<Established>,
+    pub exchange: Option<(ExchangeId, Exchange, Instant)>,
+    pub held: Vec<Vec<u8>>,
+    pub failed_at: Option<Instant>,
+    /// When a refused tag last made us authenticate the path again.
+    pub reauthenticated_at: Option<Instant>,
+}
+
+impl Peer {
+    pub fn new(member: Member, hint: Option<connectivity::Path>) -> Self {
+        Self {
+            member,
+            hint,
+            absent_since: None,
+            session: None,
+            exchange: None,
+            held: Vec::new(),
+            failed_at: None,
+            reauthenticated_at: None,
+        }
+    }
+
+    /// The technique its path uses (or will use).
+    pub fn technique(&self) -> Technique {
+        self.hint.map_or(Technique::Direct, |h| h.technique)
+    }
+}
+
+/// Who this agent is.
+pub struct Identity {
+    pub name: String,
+    pub virtual_ip: Ipv4Addr,
+    pub key: Arc<KeyPair>,
+    /// The uplink's address (source of masqueraded packets).
+    pub real_ip: Ipv4Addr,
+    /// Real addresses registered with the broker.
+    pub advertised: Vec<Ipv4Addr>,
+    /// The uplink's networks (a member on one of them is a LAN neighbour).
+    pub networks: Vec<LocalNet>,
+}
+
+/// The coordinator's state.
+pub struct Core {
+    pub(super) me: Identity,
+    pub(super) limits: Limits,
+    pub trust: Trust,
+    /// This host's own record, once a broker handed it over and it verified.
+    pub own: Option<Member>,
+    pub(super) local_policy: LocalPolicy,
+    pub(super) compiled: Option<Compiled>,
+    pub(super) peers: BTreeMap<Ipv4Addr, Peer>,
+    /// Exchanges in progress, by id: a message finds its peer in one lookup.
+    pub(super) exchanges: HashMap<ExchangeId, Ipv4Addr>,
+    /// Paths found in the kernel at start (left by a previous agent): kept
+    /// until the broker confirms the member or the grace period ends.
+    pub(super) inherited: BTreeMap<Ipv4Addr, (Instant, KernelPath)>,
+    /// Members with a route: those with a path, and those gone whose flows
+    /// still use theirs.
+    pub(super) routed: BTreeSet<Ipv4Addr>,
+    /// Peers with flows in the masquerading map, as of the last GC pass.
+    pub(super) active: BTreeSet<Ipv4Addr>,
+    /// The broker this agent is registered with.
+    pub broker: Option<String>,
+    /// What the core did with held packets, for `pvc status`.
+    pub(super) counters: BTreeMap<&'static str, u64>,
+}
+
+impl Core {
+    pub fn new(me: Identity, limits: Limits, trust: Trust, local_policy: LocalPolicy) -> Self {
+        Self {
+            me,
+            limits,
+            trust,
+            own: None,
+            local_policy,
+            compiled: None,
+            peers: BTreeMap::new(),
+            exchanges: HashMap::new(),
+            inherited: BTreeMap::new(),
+            routed: BTreeSet::new(),
+            active: BTreeSet::new(),
+            broker: None,
+            counters: BTreeMap::new(),
+        }
+    }
+
+    pub fn identity(&self) -> &Identity {
+        &self.me
+    }
+
+    /// What a previous agent of this instance left in the kernel: its peer
+    /// entries and its member routes. Established flows keep using them
+    /// until the broker says who is still a member.
+    pub fn inherit(
+        &mut self,
+        paths: Vec<(Ipv4Addr, KernelPath)>,
+        routes: Vec<Ipv4Addr>,
+        now: Instant,
+    ) {
+        for (vip, path) in paths {
+            self.inherited.insert(vip, (now, path));
+        }
+        self.routed.extend(routes);
+    }
+
+    /// Peers with flows in the masquerading map (from the agent's GC pass).
+    pub fn set_active(&mut self, active: BTreeSet<Ipv4Addr>) {
+        self.active = active;
+    }
+
+    pub(super) fn count(&mut self, what: &'static str) {
+        *self.counters.entry(what).or_default() += 1;
+    }
+
+    pub fn counters(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        self.counters.iter().map(|(k, v)| (*k, *v))
+    }
+
+    pub(super) fn me(&self) -> Me<'_> {
+        Me {
+            key: &self.me.key,
+            cluster: self.trust.cluster,
+            virtual_ip: self.me.virtual_ip,
+        }
+    }
+
+    /// Compiles local and global policy for every known member; an effect
+    /// only when the result changed.
+    pub(super) fn recompile_policy(&mut self, out: &mut Vec<Effect>) {
+        let members: Vec<Member> = self.peers.values().map(|p| p.member.clone()).collect();
+        let groups = self
+            .own
+            .as_ref()
+            .map(|o| o.groups.clone())
+            .unwrap_or_default();
+        let me = Subject {
+            name: &self.me.name,
+            groups: &groups,
+        };
+        let compiled = policy::compile(&self.local_policy, &self.trust.policy, &me, &members);
+        if self.compiled.as_ref() != Some(&compiled) {
+            self.compiled = Some(compiled.clone());
+            out.push(Effect::Policy(compiled));
+        }
+    }
+
+    /// The policy as compiled now (the agent installs it at start).
+    pub fn policy(&mut self) -> Vec<Effect> {
+        let mut out = Vec::new();
+        self.recompile_policy(&mut out);
+        out
+    }
+
+    /// Members with an authenticated path: (virtual, real) address.
+    pub fn sessions(&self) -> Vec<(Ipv4Addr, Ipv4Addr)> {
+        self.peers
+            .iter()
+            .filter_map(|(vip, p)| p.session.as_ref().map(|s| (*vip, s.session.peer_real)))
+            .collect()
+    }
+
+    /// Tells the kernel about a member without an authenticated path: its
+    /// connects are allowed, their SYNs held for the agent.
+    pub(super) fn publish_member(&self, vip: Ipv4Addr, out: &mut Vec<Effect>) {
+        let Some(p) = self.peers.get(&vip) else {
+            return;
+        };
+        if p.session.is_some() {
+            return;
+        }
+        let real = p.hint.map_or(Ipv4Addr::UNSPECIFIED, |h| h.real);
+        out.push(Effect::SetPeer(
+            vip,
+            KernelPath::member(real.octets(), p.technique() as u8),
+        ));
+    }
+
+    /// Sets (or clears) a peer's exchange, keeping the index by id.
+    pub(super) fn set_exchange(
+        &mut self,
+        vip: Ipv4Addr,
+        exchange: Option<(ExchangeId, Exchange)>,
+        now: Instant,
+    ) {
+        let Some(p) = self.peers.get_mut(&vip) else {
+            return;
+        };
+        if let Some((old, _, _)) = p.exchange.take() {
+            self.exchanges.remove(&old);
+        }
+        if let Some((id, e)) = exchange {
+            self.exchanges.insert(id, vip);
+            p.exchange = Some((id, e, now));
+        }
+    }
+
+    /// Takes the exchange `id` out of its peer, if it is in progress.
+    pub(super) fn take_exchange(&mut self, id: &ExchangeId) -> Option<(Ipv4Addr, Exchange)> {
+        let vip = self.exchanges.remove(id)?;
+        let p = self.peers.get_mut(&vip)?;
+        match p.exchange.take() {
+            Some((eid, e, _)) if eid == *id => Some((vip, e)),
+            other => {
+                p.exchange = other;
+                None
+            }
+        }
+    }
+
+    pub(super) fn send(to: Ipv4Addr, message: Handshake, out: &mut Vec<Effect>) {
+        out.push(Effect::Send { to, message });
+    }
+
+    /// Refuses every packet waiting for `p`'s path.
+    pub(super) fn refuse_held(
+        held: &mut Vec<Vec<u8>>,
+        counters: &mut BTreeMap<&'static str, u64>,
+        out: &mut Vec<Effect>,
+    ) {
+        for packet in held.drain(..) {
+            *counters.entry("held_refused").or_default() += 1;
+            out.push(Effect::Refuse(packet));
+        }
+    }
+
+    /// A member left, was revoked or expired: new flows to it are refused at
+    /// once. With `cut`, its established flows end too; otherwise its route
+    /// stays while they last (a broker outage must not cut them).
+    pub(super) fn forget(&mut self, vip: Ipv4Addr, cut: bool, out: &mut Vec<Effect>) {
+        if let Some(mut p) = self.peers.remove(&vip) {
+            if let Some((id, _, _)) = p.exchange.take() {
+                self.exchanges.remove(&id);
+            }
+            Self::refuse_held(&mut p.held, &mut self.counters, out);
+        }
+        out.push(Effect::RemovePeer(vip));
+        if cut {
+            out.push(Effect::CloseFlows(vip));
+        }
+        self.recompile_policy(out);
+    }
+
+    /// Ends grace periods, expired records, and routes no flow uses any more.
+    pub fn expire(&mut self, now: Instant, unix_now: u64) -> Vec<Effect> {
+        let mut out = Vec::new();
+        let grace = self.limits.absence_grace;
+        let gone: Vec<(Ipv4Addr, bool)> = self
+            .peers
+            .iter()
+            .filter_map(|(vip, p)| {
+                if p.member.not_after < unix_now {
+                    warn!(name = p.member.name, %vip, "member's record expired");
+                    Some((*vip, true))
+                } else if p
+                    .absent_since
+                    .is_some_and(|t| now.saturating_duration_since(t) > grace)
+                {
+                    tracing::info!(name = p.member.name, %vip, "member no longer listed by the broker");
+                    Some((*vip, false))
+                } else {
+                    None
+                }
+            })
+            .collect();
+        for (vip, cut) in gone {
+            self.forget(vip, cut, &mut out);
+        }
+        let inherited: Vec<Ipv4Addr> = self
+            .inherited
+            .iter()
+            .filter(|(_, (t, _))| now.saturating_duration_since(*t) > grace)
+            .map(|(vip, _)| *vip)
+            .collect();
+        for vip in inherited {
+            self.inherited.remove(&vip);
+            self.forget(vip, false, &mut out);
+        }
+        let unused: Vec<Ipv4Addr> = self
+            .routed
+            .iter()
+            .filter(|vip| {
+                !self.active.contains(vip)
+                    && self.peers.get(vip).is_none_or(|p| p.session.is_none())
+                    && !self.inherited.contains_key(vip)
+            })
+            .copied()
+            .collect();
+        for vip in unused {
+            self.routed.remove(&vip);
+            out.push(Effect::RemoveRoute(vip));
+        }
+        out
+    }
+}

@@ -1,0 +1,210 @@
+//! Membership, as the core sees it: what the broker relays is believed only
+//! if the master signed it (`Trust`); members come, go, lose their broker
+//! session for a while, are revoked or expire.
+
+use std::{collections::BTreeSet, net::Ipv4Addr, time::Instant};
+
+use pvc_common::PEER_READY;
+use pvc_proto::{MemberInfo, MembershipRecord, SignedPolicy, SignedRevocations};
+use tracing::{error, info, warn};
+
+use super::core::{Core, Effect, Established, Peer};
+use crate::{
+    connectivity,
+    security::{challenge::Session, membership::Member},
+};
+
+/// What a broker's welcome brings.
+pub struct Welcome<'a> {
+    pub broker: String,
+    /// This host's own record, if it verified (`verify_own_record`).
+    pub own: Option<MembershipRecord>,
+    pub revocations: Option<&'a SignedRevocations>,
+    pub policy: Option<&'a SignedPolicy>,
+    pub members: &'a [MemberInfo],
+}
+
+impl Core {
+    /// A broker session is up: this host's own record (checked by the
+    /// caller), the master's current lists, and every member present.
+    /// Members missing from the list start their grace period.
+    pub fn welcome(&mut self, w: Welcome<'_>, now: Instant, unix_now: u64) -> Vec<Effect> {
+        let mut out = Vec::new();
+        if let Some(r) = w.revocations {
+            out.extend(self.revocations(r));
+        }
+        if let Some(p) = w.policy {
+            out.extend(self.global_policy(p));
+        }
+        if let Some(own) = w.own {
+            self.own_record(own, &mut out);
+        }
+        self.broker = Some(w.broker);
+        let present: BTreeSet<Ipv4Addr> = w
+            .members
+            .iter()
+            .filter_map(|m| self.trust.member(m, unix_now).ok())
+            .map(|m| m.virtual_ip)
+            .collect();
+        for (vip, peer) in self.peers.iter_mut() {
+            if !present.contains(vip) {
+                peer.absent_since.get_or_insert(now);
+            }
+        }
+        for m in w.members {
+            out.extend(self.joined(m, now, unix_now));
+        }
+        out
+    }
+
+    /// This host's own record, verified (`verify_own_record`).
+    fn own_record(&mut self, r: MembershipRecord, out: &mut Vec<Effect>) {
+        if self.own.as_ref().is_none_or(|o| o.serial != r.serial) {
+            info!(serial = r.serial, groups = ?r.groups, not_after = r.not_after, "this host's membership record verified");
+        }
+        self.own = Some(Member::from_record(r, self.me.advertised.clone()));
+        self.recompile_policy(out);
+    }
+
+    /// The broker session ended: members stay as they are until the next
+    /// broker's list.
+    pub fn disconnected(&mut self) {
+        self.broker = None;
+    }
+
+    /// A member the broker relays (at registration, or in a list).
+    pub fn joined(&mut self, info: &MemberInfo, now: Instant, unix_now: u64) -> Vec<Effect> {
+        let mut out = Vec::new();
+        let member = match self.trust.member(info, unix_now) {
+            Ok(m) => m,
+            Err(e) => {
+                warn!("ignoring a member the broker relayed: {e}");
+                return out;
+            }
+        };
+        let vip = member.virtual_ip;
+        if vip == self.me.virtual_ip {
+            return out;
+        }
+        let inherited = self.inherited.remove(&vip).map(|(_, path)| path);
+        let hint = connectivity::choose(&member, &self.me.networks);
+        let changed = match self.peers.get_mut(&vip) {
+            Some(p) => {
+                p.absent_since = None;
+                let record_changed = p.member.key != member.key || p.member.serial != member.serial;
+                let path_changed = p.hint != hint;
+                p.member = member.clone();
+                p.hint = hint;
+                if record_changed || path_changed {
+                    // Proven for another key or path: prove it again.
+                    info!(name = member.name, %vip, "member's record or path changed; its path will be authenticated again");
+                    p.session = None;
+                    if let Some((id, _, _)) = p.exchange.take() {
+                        self.exchanges.remove(&id);
+                    }
+                }
+                record_changed || path_changed
+            }
+            None => {
+                let mut peer = Peer::new(member.clone(), hint);
+                // The previous agent of this instance authenticated this
+                // member: its session (real address, tag key) is in the
+                // pinned map, and the member still uses it.
+                if let Some(path) = inherited.filter(|p| p.state == PEER_READY) {
+                    let real = Ipv4Addr::from(path.real);
+                    info!(name = member.name, %vip, %real, "took over the authenticated path of the previous agent");
+                    peer.session = Some(Established {
+                        session: Session {
+                            peer: vip,
+                            peer_real: real,
+                            local_real: self.me.real_ip,
+                            tag_key: path.tag_key,
+                        },
+                        since: now,
+                    });
+                    self.routed.insert(vip);
+                    out.push(Effect::Route { vip, real });
+                }
+                let adopted = peer.session.is_some();
+                self.peers.insert(vip, peer);
+                !adopted
+            }
+        };
+        if changed {
+            self.publish_member(vip, &mut out);
+            self.recompile_policy(&mut out);
+        }
+        out
+    }
+
+    /// A member's broker session ended. `clean`: it said it leaves, and is
+    /// forgotten at once; otherwise (a crash, a cut from the broker but not
+    /// from us) its flows keep working for the grace period.
+    pub fn left(&mut self, vip: Ipv4Addr, clean: bool, now: Instant) -> Vec<Effect> {
+        let mut out = Vec::new();
+        if clean {
+            info!(%vip, "member left");
+            self.forget(vip, false, &mut out);
+        } else if let Some(p) = self.peers.get_mut(&vip) {
+            info!(%vip, "member lost its broker session; keeping its path for {:?}", self.limits.absence_grace);
+            p.absent_since.get_or_insert(now);
+        }
+        out
+    }
+
+    /// A newer revocation list: revoked members are forgotten and their
+    /// established flows cut.
+    pub fn revocations(&mut self, signed: &SignedRevocations) -> Vec<Effect> {
+        let mut out = Vec::new();
+        match self.trust.update_revocations(signed) {
+            Ok(true) => {
+                let list = &self.trust.revocations;
+                info!(
+                    version = list.version,
+                    revoked = list.serials.len(),
+                    "revocation list updated"
+                );
+                if self
+                    .own
+                    .as_ref()
+                    .is_some_and(|o| self.trust.is_revoked(o.serial))
+                {
+                    error!(
+                        "the master revoked this host's own membership: no member will accept it any more"
+                    );
+                }
+                let revoked: Vec<(Ipv4Addr, String)> = self
+                    .peers
+                    .values()
+                    .filter(|p| self.trust.is_revoked(p.member.serial))
+                    .map(|p| (p.member.virtual_ip, p.member.name.clone()))
+                    .collect();
+                for (vip, name) in revoked {
+                    warn!(name, %vip, "member revoked by the master: refusing its flows and cutting established ones");
+                    self.forget(vip, true, &mut out);
+                }
+            }
+            Ok(false) => {}
+            Err(e) => warn!("ignoring a revocation list the broker relayed: {e}"),
+        }
+        out
+    }
+
+    /// A newer global policy.
+    pub fn global_policy(&mut self, signed: &SignedPolicy) -> Vec<Effect> {
+        let mut out = Vec::new();
+        match self.trust.update_policy(signed) {
+            Ok(true) => {
+                info!(
+                    version = self.trust.policy.version,
+                    rules = self.trust.policy.rules.len(),
+                    "global policy updated"
+                );
+                self.recompile_policy(&mut out);
+            }
+            Ok(false) => {}
+            Err(e) => warn!("ignoring a global policy the broker relayed: {e}"),
+        }
+        out
+    }
+}
