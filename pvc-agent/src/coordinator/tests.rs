@@ -1,1 +1,509 @@
+//! The coordinator's rules, tested on the pure core: two (or three) cores
+//! with real keys and master-signed records talk through a simulated broker;
+//! effects are checked, installs succeed unless a test says otherwise.
 
+use std::{
+    collections::BTreeSet,
+    net::Ipv4Addr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use pvc_common::{PEER_MEMBER, PeerPath};
+use pvc_proto::{
+    MemberInfo, MembershipRecord, Revocations, Signed, SignedRecord, handshake::Handshake, unix_now,
+};
+
+use super::core::{Core, Effect, FAILURE_MEMORY, Identity, Limits, RENEW_AHEAD};
+use super::members::Welcome;
+use crate::{
+    security::{keys::KeyPair, membership::Trust, policy::LocalPolicy},
+    virtualization::LocalNet,
+};
+
+const LIFETIME: Duration = Duration::from_secs(600);
+const HANDSHAKE: Duration = Duration::from_secs(5);
+
+struct Host {
+    key: Arc<KeyPair>,
+    vip: Ipv4Addr,
+    real: Ipv4Addr,
+    record: SignedRecord,
+}
+
+/// A master and its admitted hosts a, b, c (240.0.0.1.. on 198.18.0.1..).
+struct Cluster {
+    master: KeyPair,
+    hosts: Vec<Host>,
+}
+
+impl Cluster {
+    fn new(n: u8) -> Self {
+        let master = KeyPair::generate().unwrap();
+        let cluster = Trust::new(master.public).cluster;
+        let hosts = (1..=n)
+            .map(|i| {
+                let key = Arc::new(KeyPair::generate().unwrap());
+                let vip = Ipv4Addr::new(240, 0, 0, i);
+                let record = MembershipRecord {
+                    cluster,
+                    serial: i as u64,
+                    name: format!("host-{i}"),
+                    virtual_ip: vip,
+                    host_key: key.public,
+                    groups: vec![],
+                    not_before: 0,
+                    not_after: unix_now() + 3600,
+                };
+                Host {
+                    record: Signed::sign(&record, &master.pair),
+                    key,
+                    vip,
+                    real: Ipv4Addr::new(198, 18, 0, i),
+                }
+            })
+            .collect();
+        Self { master, hosts }
+    }
+
+    fn info(&self, i: usize) -> MemberInfo {
+        MemberInfo {
+            record: self.hosts[i].record.clone(),
+            addresses: vec![self.hosts[i].real],
+        }
+    }
+
+    /// Host `i`'s core, welcomed by a broker listing the other hosts.
+    fn core(&self, i: usize, now: Instant) -> Core {
+        let h = &self.hosts[i];
+        let mut core = Core::new(
+            Identity {
+                name: format!("host-{}", i + 1),
+                virtual_ip: h.vip,
+                key: h.key.clone(),
+                real_ip: h.real,
+                advertised: vec![h.real],
+                networks: vec![LocalNet {
+                    address: h.real,
+                    prefix: 24,
+                }],
+            },
+            Limits::new(HANDSHAKE, LIFETIME),
+            Trust::new(self.master.public),
+            LocalPolicy::default(),
+        );
+        let others: Vec<MemberInfo> = (0..self.hosts.len())
+            .filter(|j| *j != i)
+            .map(|j| self.info(j))
+            .collect();
+        let own = Trust::new(self.master.public)
+            .record(&h.record, unix_now())
+            .unwrap();
+        core.welcome(
+            Welcome {
+                broker: "broker".into(),
+                own: Some(own),
+                revocations: None,
+                policy: None,
+                members: &others,
+            },
+            now,
+            unix_now(),
+        );
+        core
+    }
+}
+
+fn syn(n: u8) -> Vec<u8> {
+    vec![0x45, 0, 0, 40, n]
+}
+
+fn sends(effects: &[Effect]) -> Vec<(Ipv4Addr, Handshake)> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Send { to, message } => Some((*to, message.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn resent(effects: &[Effect]) -> Vec<Vec<u8>> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Resend(p) => Some(p.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn refused(effects: &[Effect]) -> Vec<Vec<u8>> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Refuse(p) => Some(p.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn kernel_entry(effects: &[Effect], vip: Ipv4Addr) -> Option<PeerPath> {
+    effects.iter().rev().find_map(|e| match e {
+        Effect::SetPeer(v, p) if *v == vip => Some(*p),
+        _ => None,
+    })
+}
+
+/// Cores talking through a broker that delivers everything; installs
+/// succeed. Returns every effect each core produced, by core.
+fn run(
+    cores: &mut [&mut Core],
+    first: Vec<(usize, Vec<Effect>)>,
+    now: Instant,
+) -> Vec<Vec<Effect>> {
+    let mut log: Vec<Vec<Effect>> = vec![Vec::new(); cores.len()];
+    let mut queue: std::collections::VecDeque<(usize, Effect)> = first
+        .into_iter()
+        .flat_map(|(i, es)| es.into_iter().map(move |e| (i, e)))
+        .collect();
+    let index = |cores: &[&mut Core], vip: Ipv4Addr| {
+        cores
+            .iter()
+            .position(|c| c.identity().virtual_ip == vip)
+            .expect("a core for every address")
+    };
+    while let Some((i, effect)) = queue.pop_front() {
+        log[i].push(effect.clone());
+        match effect {
+            Effect::Send { to, message } => {
+                let from = cores[i].identity().virtual_ip;
+                let j = index(cores, to);
+                for e in cores[j].relayed(from, &message.encode(), now) {
+                    queue.push_back((j, e));
+                }
+            }
+            Effect::Install { session, then, .. } => {
+                if let Some(message) = then {
+                    queue.push_back((
+                        i,
+                        Effect::Send {
+                            to: session.peer,
+                            message,
+                        },
+                    ));
+                }
+                for e in cores[i].installed(session, now) {
+                    queue.push_back((i, e));
+                }
+            }
+            _ => {}
+        }
+    }
+    log
+}
+
+fn installs(effects: &[Effect]) -> Vec<crate::security::challenge::Session> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Install { session, .. } => Some(session.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_held_syn_starts_an_exchange_and_goes_out_once_both_installed_the_path() {
+    let c = Cluster::new(2);
+    let t = Instant::now();
+    let (mut a, mut b) = (c.core(0, t), c.core(1, t));
+    let first = a.held(c.hosts[1].vip, Some(syn(1)), t);
+    assert!(matches!(sends(&first)[..], [(to, Handshake::Init(_))] if to == c.hosts[1].vip));
+    let log = run(&mut [&mut a, &mut b], vec![(0, first)], t);
+    // The responder installs before its Done goes out; the initiator installs
+    // on Done, then re-sends the SYN. Both hold the same tag key.
+    let (sa, sb) = (installs(&log[0]), installs(&log[1]));
+    assert_eq!((sa.len(), sb.len()), (1, 1));
+    assert_eq!(sa[0].tag_key, sb[0].tag_key);
+    assert_eq!(sa[0].peer_real, c.hosts[1].real);
+    assert_eq!(resent(&log[0]), vec![syn(1)]);
+    // Later packets to b need no exchange.
+    let again = a.held(c.hosts[1].vip, Some(syn(2)), t);
+    assert_eq!(resent(&again), vec![syn(2)]);
+    assert!(sends(&again).is_empty());
+}
+
+#[test]
+fn glare_the_lower_address_initiates_and_both_sides_get_their_syns_out() {
+    let c = Cluster::new(2);
+    let t = Instant::now();
+    let (mut a, mut b) = (c.core(0, t), c.core(1, t));
+    let from_a = a.held(c.hosts[1].vip, Some(syn(1)), t);
+    let from_b = b.held(c.hosts[0].vip, Some(syn(2)), t);
+    // Both Inits cross: a (240.0.0.1, lower) ignores b's, b answers a's.
+    let log = run(&mut [&mut a, &mut b], vec![(0, from_a), (1, from_b)], t);
+    let replies_by_a = sends(&log[0])
+        .into_iter()
+        .filter(|(_, m)| matches!(m, Handshake::Reply(_)))
+        .count();
+    assert_eq!(replies_by_a, 0, "the lower address does not respond");
+    assert_eq!(installs(&log[0]).len(), 1);
+    assert_eq!(installs(&log[1]).len(), 1);
+    assert_eq!(resent(&log[0]), vec![syn(1)]);
+    assert_eq!(resent(&log[1]), vec![syn(2)]);
+}
+
+#[test]
+fn a_refused_exchange_refuses_the_held_syns_and_new_ones_for_a_moment() {
+    let c = Cluster::new(2);
+    let t = Instant::now();
+    let mut a = c.core(0, t);
+    let b = c.hosts[1].vip;
+    let init = sends(&a.held(b, Some(syn(1)), t)).remove(0).1;
+    assert!(
+        a.held(b, Some(syn(2)), t).is_empty(),
+        "held, no second exchange"
+    );
+    let refusal = Handshake::Refused {
+        id: init.id(),
+        reason: "no".into(),
+    };
+    let out = a.relayed(b, &refusal.encode(), t);
+    assert_eq!(refused(&out), vec![syn(1), syn(2)]);
+    // Within the failure memory: refused at once, no exchange.
+    let soon = a.held(b, Some(syn(3)), t + FAILURE_MEMORY / 2);
+    assert_eq!(refused(&soon), vec![syn(3)]);
+    assert!(sends(&soon).is_empty());
+    // After it: a new exchange.
+    let later = a.held(b, Some(syn(4)), t + FAILURE_MEMORY * 2);
+    assert!(matches!(sends(&later)[..], [(_, Handshake::Init(_))]));
+}
+
+#[test]
+fn an_exchange_without_answer_times_out_and_refuses_what_waited() {
+    let c = Cluster::new(2);
+    let t = Instant::now();
+    let mut a = c.core(0, t);
+    a.held(c.hosts[1].vip, Some(syn(1)), t);
+    assert!(refused(&a.check_sessions(t + HANDSHAKE / 2)).is_empty());
+    assert_eq!(
+        refused(&a.check_sessions(t + HANDSHAKE + Duration::from_secs(1))),
+        vec![syn(1)]
+    );
+}
+
+#[test]
+fn an_undeliverable_exchange_fails_at_once() {
+    let c = Cluster::new(2);
+    let t = Instant::now();
+    let mut a = c.core(0, t);
+    a.held(c.hosts[1].vip, Some(syn(1)), t);
+    assert_eq!(refused(&a.undeliverable(c.hosts[1].vip, t)), vec![syn(1)]);
+}
+
+#[test]
+fn a_failed_install_refuses_what_waited() {
+    let c = Cluster::new(2);
+    let t = Instant::now();
+    let mut a = c.core(0, t);
+    a.held(c.hosts[1].vip, Some(syn(1)), t);
+    assert_eq!(
+        refused(&a.install_failed(c.hosts[1].vip, "no route", t)),
+        vec![syn(1)]
+    );
+}
+
+/// a and b with an authenticated path, established at `t`.
+fn paired(c: &Cluster, t: Instant) -> (Core, Core) {
+    let (mut a, mut b) = (c.core(0, t), c.core(1, t));
+    let first = a.held(c.hosts[1].vip, Some(syn(1)), t);
+    run(&mut [&mut a, &mut b], vec![(0, first)], t);
+    (a, b)
+}
+
+#[test]
+fn a_session_in_use_is_proven_again_before_it_expires_and_an_idle_one_lapses() {
+    let c = Cluster::new(2);
+    let t = Instant::now();
+    let vb = c.hosts[1].vip;
+    let (mut a, _) = paired(&c, t);
+    let before_renewal = t + LIFETIME - RENEW_AHEAD - Duration::from_secs(1);
+    let in_window = t + LIFETIME - RENEW_AHEAD + Duration::from_secs(1);
+
+    a.set_active(BTreeSet::from([vb]));
+    assert!(sends(&a.check_sessions(before_renewal)).is_empty());
+    let renewal = a.check_sessions(in_window);
+    assert!(matches!(sends(&renewal)[..], [(to, Handshake::Init(_))] if to == vb));
+    // While it is proven again, flows go on: held packets are re-sent.
+    assert_eq!(resent(&a.held(vb, Some(syn(9)), in_window)), vec![syn(9)]);
+
+    let (mut idle, _) = paired(&c, t);
+    idle.set_active(BTreeSet::new());
+    assert!(sends(&idle.check_sessions(in_window)).is_empty());
+    let lapsed = idle.check_sessions(t + LIFETIME + Duration::from_secs(1));
+    let entry = kernel_entry(&lapsed, vb).expect("the kernel entry goes back to member");
+    assert_eq!(entry.state, PEER_MEMBER);
+}
+
+#[test]
+fn a_path_left_by_the_previous_agent_is_taken_over_and_dropped_if_never_confirmed() {
+    let c = Cluster::new(3);
+    let t = Instant::now();
+    let (vb, vc) = (c.hosts[1].vip, c.hosts[2].vip);
+    let mut a = Core::new(
+        Identity {
+            name: "host-1".into(),
+            virtual_ip: c.hosts[0].vip,
+            key: c.hosts[0].key.clone(),
+            real_ip: c.hosts[0].real,
+            advertised: vec![c.hosts[0].real],
+            networks: vec![],
+        },
+        Limits::new(HANDSHAKE, LIFETIME),
+        Trust::new(c.master.public),
+        LocalPolicy::default(),
+    );
+    let ready = |real: Ipv4Addr| PeerPath::ready(real.octets(), 1, [7; 16]);
+    a.inherit(
+        vec![(vb, ready(c.hosts[1].real)), (vc, ready(c.hosts[2].real))],
+        vec![vb, vc],
+        t,
+    );
+    // The broker confirms b: its session is adopted, no exchange needed.
+    let out = a.joined(&c.info(1), t, unix_now());
+    assert!(kernel_entry(&out, vb).is_none(), "the READY entry stays");
+    assert!(out.contains(&Effect::Route {
+        vip: vb,
+        real: c.hosts[1].real
+    }));
+    assert_eq!(resent(&a.held(vb, Some(syn(1)), t)), vec![syn(1)]);
+    assert_eq!(a.sessions(), vec![(vb, c.hosts[1].real)]);
+    // c is never confirmed: after the grace period its entry goes, and its
+    // route once no flow uses it.
+    let grace = Limits::new(HANDSHAKE, LIFETIME).absence_grace;
+    assert!(a.expire(t + grace / 2, unix_now()).is_empty());
+    a.set_active(BTreeSet::from([vc]));
+    let out = a.expire(t + grace + Duration::from_secs(1), unix_now());
+    assert!(out.contains(&Effect::RemovePeer(vc)));
+    assert!(
+        !out.contains(&Effect::RemoveRoute(vc)),
+        "flows still use it"
+    );
+    a.set_active(BTreeSet::new());
+    let out = a.expire(t + grace * 2, unix_now());
+    assert!(out.contains(&Effect::RemoveRoute(vc)));
+    assert!(!out.contains(&Effect::RemoveRoute(vb)));
+}
+
+#[test]
+fn a_lost_member_keeps_its_path_for_the_grace_period_and_a_leaving_one_goes_at_once() {
+    let c = Cluster::new(3);
+    let t = Instant::now();
+    let (vb, vc) = (c.hosts[1].vip, c.hosts[2].vip);
+    let (mut a, _) = paired(&c, t);
+    let grace = Limits::new(HANDSHAKE, LIFETIME).absence_grace;
+    assert!(a.left(vb, false, t).is_empty());
+    assert!(a.expire(t + grace / 2, unix_now()).is_empty());
+    // Back before the grace period ends: nothing changes.
+    a.joined(&c.info(1), t + grace / 2, unix_now());
+    assert!(a.expire(t + grace * 2, unix_now()).is_empty());
+    a.left(vb, false, t + grace * 2);
+    let out = a.expire(t + grace * 4, unix_now());
+    assert!(out.contains(&Effect::RemovePeer(vb)));
+    assert!(
+        !out.contains(&Effect::CloseFlows(vb)),
+        "a lost member's flows are not cut"
+    );
+
+    let out = a.left(vc, true, t);
+    assert!(out.contains(&Effect::RemovePeer(vc)));
+}
+
+#[test]
+fn a_revoked_member_is_forgotten_and_its_flows_are_cut() {
+    let c = Cluster::new(2);
+    let t = Instant::now();
+    let vb = c.hosts[1].vip;
+    let (mut a, _) = paired(&c, t);
+    let list = Revocations {
+        cluster: a.trust.cluster,
+        version: 1,
+        issued_at: unix_now(),
+        serials: vec![2],
+    };
+    let out = a.revocations(&Signed::sign(&list, &c.master.pair));
+    assert!(out.contains(&Effect::RemovePeer(vb)));
+    assert!(out.contains(&Effect::CloseFlows(vb)));
+    assert!(a.sessions().is_empty());
+    // A broker that relays the revoked record again is not believed.
+    assert!(a.joined(&c.info(1), t, unix_now()).is_empty());
+}
+
+#[test]
+fn a_changed_record_is_authenticated_again() {
+    let c = Cluster::new(2);
+    let t = Instant::now();
+    let vb = c.hosts[1].vip;
+    let (mut a, _) = paired(&c, t);
+    let mut moved = c.info(1);
+    moved.addresses = vec![Ipv4Addr::new(198, 18, 0, 99)];
+    let out = a.joined(&moved, t, unix_now());
+    let entry = kernel_entry(&out, vb).unwrap();
+    assert_eq!((entry.state, entry.real), (PEER_MEMBER, [198, 18, 0, 99]));
+    assert!(a.sessions().is_empty());
+    assert!(matches!(
+        sends(&a.held(vb, Some(syn(1)), t))[..],
+        [(_, Handshake::Init(_))]
+    ));
+}
+
+#[test]
+fn messages_of_unknown_exchanges_and_strangers_change_nothing() {
+    let c = Cluster::new(2);
+    let t = Instant::now();
+    let (mut a, mut b) = (c.core(0, t), c.core(1, t));
+    let init = sends(&a.held(c.hosts[1].vip, Some(syn(1)), t)).remove(0).1;
+    let reply = sends(&b.relayed(c.hosts[0].vip, &init.encode(), t))
+        .remove(0)
+        .1;
+    // The reply, as if from a third address: the exchange is found by its
+    // id, so it proceeds; a garbled payload is ignored.
+    assert!(a.relayed(c.hosts[1].vip, b"garbage", t).is_empty());
+    // An exchange claiming to come from an address no member holds.
+    let stranger = Ipv4Addr::new(240, 0, 0, 77);
+    let Handshake::Init(mut from_stranger) = init.clone() else {
+        unreachable!()
+    };
+    from_stranger.initiator = stranger;
+    let out = b.relayed(stranger, &Handshake::Init(from_stranger).encode(), t);
+    assert!(matches!(sends(&out)[..], [(to, Handshake::Refused { .. })] if to == stranger));
+    assert!(installs(&out).is_empty());
+    let Handshake::Reply(mut forged) = reply.clone() else {
+        unreachable!()
+    };
+    forged.id = [9; 16];
+    assert!(
+        a.relayed(c.hosts[1].vip, &Handshake::Reply(forged).encode(), t)
+            .is_empty()
+    );
+    // The real reply still completes the exchange.
+    let out = a.relayed(c.hosts[1].vip, &reply.encode(), t);
+    assert!(matches!(sends(&out)[..], [(_, Handshake::Confirm(_))]));
+}
+
+#[test]
+fn a_burst_of_held_packets_is_kept_up_to_the_limit() {
+    let c = Cluster::new(2);
+    let t = Instant::now();
+    let (mut a, mut b) = (c.core(0, t), c.core(1, t));
+    let vb = c.hosts[1].vip;
+    let mut first = a.held(vb, Some(syn(0)), t);
+    for i in 1..super::core::MAX_HELD + 10 {
+        first.extend(a.held(vb, Some(vec![0x45, (i >> 8) as u8, i as u8]), t));
+    }
+    let overflow = a.counters().find(|(k, _)| *k == "held_overflow").unwrap().1;
+    assert_eq!(overflow, 10);
+    let log = run(&mut [&mut a, &mut b], vec![(0, first)], t);
+    assert_eq!(resent(&log[0]).len(), super::core::MAX_HELD);
+}

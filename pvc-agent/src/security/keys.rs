@@ -32,6 +32,14 @@ impl KeyPair {
         })
     }
 
+    /// A new key pair that lives in memory only (a master's key in tests,
+    /// a throwaway identity).
+    pub fn generate() -> anyhow::Result<Self> {
+        let doc = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new())
+            .map_err(|_| anyhow::anyhow!("the system random generator failed"))?;
+        Self::from_pkcs8(doc.as_ref(), Path::new("(memory)"))
+    }
+
     /// Creates a key pair and writes it to `path` (mode 0600); refuses to
     /// overwrite an existing key.
     pub fn create(path: &Path) -> anyhow::Result<Self> {
