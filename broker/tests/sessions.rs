@@ -29,6 +29,9 @@ struct Master {
     key: Ed25519KeyPair,
     public: PublicKey,
     cluster: ClusterId,
+    /// One validity for every record it signs: the same record signs the
+    /// same, whenever the test asks for it.
+    not_after: u64,
 }
 
 impl Master {
@@ -39,6 +42,7 @@ impl Master {
             cluster: ClusterId::of(&public),
             key,
             public,
+            not_after: unix_now() + 3600,
         }
     }
 
@@ -51,7 +55,7 @@ impl Master {
             host_key: PublicKey::of(host),
             groups: vec![],
             not_before: 0,
-            not_after: unix_now() + 3600,
+            not_after: self.not_after,
         };
         SignedRecord::sign(&r, &self.key)
     }

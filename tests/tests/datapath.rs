@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use pvc_tests::{Lab, cpu_time, require_tools};
+use pvc_lab::{Lab, cpu_time, require_tools};
 use serde_json::Value;
 
 const GIB: u64 = 1 << 30;
@@ -226,8 +226,8 @@ fn bpftool_shows_the_masquerading_map_with_field_names() {
     let mut lab = Lab::lan(2).unwrap();
     lab.start_all().unwrap();
     let b = lab.host("b").virtual_ip;
-    pvc_tests::probe::server(&mut lab, "b", "0.0.0.0", 7100, 1).unwrap();
-    pvc_tests::probe::client(&lab, "a", b, 7100).unwrap();
+    pvc_lab::probe::server(&mut lab, "b", "0.0.0.0", 7100, 1).unwrap();
+    pvc_lab::probe::client(&lab, "a", b, 7100).unwrap();
     let pin = format!("/sys/fs/bpf/pvc/{}/masquerading", lab.host("a").instance);
     let out = std::process::Command::new("bpftool")
         .args(["-j", "map", "dump", "pinned", &pin])

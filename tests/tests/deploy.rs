@@ -2,7 +2,7 @@
 
 use std::{fs, path::Path, process::Command};
 
-use pvc_tests::{bin, require_tools};
+use pvc_lab::{bin, require_tools};
 
 /// `systemd-analyze verify` on each unit, with ExecStart pointed at the
 /// binaries just built (the units name /usr/local/bin, where users put them).

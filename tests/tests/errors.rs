@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use pvc_tests::{Lab, bin};
+use pvc_lab::{Lab, bin};
 
 /// Starts the agent of host a with `extra` appended to (or `replace`d in) its
 /// configuration and expects it to fail with `message`.

@@ -4,7 +4,7 @@
 
 use std::{path::Path, time::Duration};
 
-use pvc_tests::{Lab, bin, probe, require_tools, wait_until};
+use pvc_lab::{Lab, bin, probe, require_tools, wait_until};
 use serde_json::Value;
 
 const ECONNREFUSED: i64 = 111;

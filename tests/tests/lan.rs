@@ -3,7 +3,7 @@
 
 use std::net::Ipv4Addr;
 
-use pvc_tests::{Lab, probe, require_tools};
+use pvc_lab::{Lab, probe, require_tools};
 
 const EHOSTUNREACH: i64 = 113;
 
@@ -26,7 +26,7 @@ fn two_hosts_see_each_others_virtual_addresses_in_both_directions() {
             client_ip.to_string(),
             "client's getsockname()"
         );
-        let seen = pvc_tests::wait_until(std::time::Duration::from_secs(5), "server log", || {
+        let seen = pvc_lab::wait_until(std::time::Duration::from_secs(5), "server log", || {
             probe::accepted(&log).pop()
         })
         .unwrap();
@@ -38,7 +38,7 @@ fn two_hosts_see_each_others_virtual_addresses_in_both_directions() {
     let log = probe::server(&mut lab, "b", &b.to_string(), 7001, 1).unwrap();
     let got = probe::client(&lab, "a", b, 7001).unwrap();
     assert_eq!(got["reply"], "echo:hello", "{got}");
-    let seen = pvc_tests::wait_until(std::time::Duration::from_secs(5), "server log", || {
+    let seen = pvc_lab::wait_until(std::time::Duration::from_secs(5), "server log", || {
         probe::accepted(&log).pop()
     })
     .unwrap();
@@ -193,7 +193,7 @@ fn many_short_connections_all_succeed() {
         failed.len(),
         failed[0]
     );
-    let seen = pvc_tests::wait_until(
+    let seen = pvc_lab::wait_until(
         std::time::Duration::from_secs(10),
         "server to log all",
         || {

@@ -3,7 +3,7 @@
 
 use std::{path::Path, time::Duration};
 
-use pvc_tests::{BROKER_IP, BROKER_PORT, Lab, Spawned, probe, require_tools, wait_until};
+use pvc_lab::{BROKER_IP, BROKER_PORT, Lab, Spawned, probe, require_tools, wait_until};
 use serde_json::Value;
 
 const EHOSTUNREACH: i64 = 113;

@@ -4,7 +4,7 @@
 
 use std::{net::Ipv4Addr, time::Duration};
 
-use pvc_tests::{Lab, probe, require_tools, wait_until};
+use pvc_lab::{Lab, probe, require_tools, wait_until};
 use serde_json::Value;
 
 const EPERM: i64 = 1;

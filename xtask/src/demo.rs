@@ -10,7 +10,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use pvc_tests::{BROKER_IP, BROKER_PORT, Lab, bin, probe, wait_until};
+use pvc_lab::{BROKER_IP, BROKER_PORT, Lab, bin, probe, wait_until};
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
@@ -44,7 +44,7 @@ pub fn run() -> anyhow::Result<()> {
     unsafe {
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
     }
-    pvc_tests::require_tools(&["python3", "curl", "socat", "iperf3", "tcpdump"]);
+    pvc_lab::require_tools(&["python3", "curl", "socat", "iperf3", "tcpdump"]);
 
     step("A LAN of three hosts, each in its own network namespace and cgroup");
     let mut lab = Lab::lan(3)?;

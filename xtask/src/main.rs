@@ -6,6 +6,7 @@
 //! - `bench`: PVC against the bare network, written to `results/`.
 //! - `fuzz`: the wire-protocol fuzz targets, longer.
 
+mod bench;
 mod demo;
 
 use std::{
@@ -14,8 +15,8 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
+use bench::Options;
 use clap::{Parser, Subcommand};
-use pvc_tests::bench::Options;
 
 #[derive(Parser)]
 #[command(name = "cargo xtask")]
@@ -64,6 +65,13 @@ fn root() -> PathBuf {
         .parent()
         .unwrap()
         .to_path_buf()
+}
+
+/// pvc-agent's unit tests that load programs into the kernel.
+const ROOT_TESTS: &str = "pvc-agent/root-tests";
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from)
 }
 
 fn run(what: &str, cmd: &mut Command) -> anyhow::Result<()> {
@@ -128,11 +136,37 @@ fn main() -> anyhow::Result<()> {
             run("format", &mut cargo(&["fmt", "--all", "--check"]))?;
             run(
                 "lints",
-                &mut cargo(&["clippy", "--all-targets", "--", "-D", "warnings"]),
+                &mut cargo(&[
+                    "clippy",
+                    "--all-targets",
+                    "--features",
+                    ROOT_TESTS,
+                    "--",
+                    "-D",
+                    "warnings",
+                ]),
+            )?;
+            run(
+                "lints (xtask)",
+                &mut cargo(&[
+                    "clippy",
+                    "-p",
+                    "xtask",
+                    "--all-targets",
+                    "--",
+                    "-D",
+                    "warnings",
+                ]),
             )?;
             // The lab starts the real binaries: build them before the tests.
             run("build", &mut cargo(&["build"]))?;
-            run("tests", &mut cargo(&["test", "--no-fail-fast"]))?;
+            run(
+                "tests (with the ones that need root)",
+                &mut cargo(&["test", "--no-fail-fast", "--features", ROOT_TESTS]),
+            )?;
+            run("xtask's own tests", &mut cargo(&["test", "-p", "xtask"]))?;
+            eprintln!("\n==> a short benchmark run");
+            bench::smoke::run_and_check(&target_dir().join("debug/bench-smoke"))?;
             fuzz(fuzz_seconds, false)?;
             eprintln!("\nall checks passed");
             Ok(())
@@ -140,18 +174,16 @@ fn main() -> anyhow::Result<()> {
         Cmd::Bench { quick, out } => {
             // Release binaries: the broker's and the tools' own speed count here.
             run("build (release)", &mut cargo(&["build", "--release"]))?;
-            let target = std::env::var_os("CARGO_TARGET_DIR")
-                .map_or_else(|| root().join("target"), PathBuf::from);
             // SAFETY: single-threaded here; the lab reads it to find the binaries.
-            unsafe { std::env::set_var("PVC_BIN_DIR", target.join("release")) };
+            unsafe { std::env::set_var("PVC_BIN_DIR", target_dir().join("release")) };
             let opts = if quick {
                 Options::smoke()
             } else {
                 Options::full()
             };
             let out = root().join(out);
-            let report = pvc_tests::bench::run(&opts, &out)?;
-            println!("{}", pvc_tests::bench::markdown(&report));
+            let report = bench::run(&opts, &out)?;
+            println!("{}", bench::markdown(&report));
             eprintln!("report and figures in {}", out.display());
             Ok(())
         }

@@ -12,8 +12,9 @@ mod flows;
 pub mod inject;
 mod maps;
 mod pins;
-#[cfg(test)]
-mod tests;
+// They load programs into the kernel: root only, run by `cargo xtask test`.
+#[cfg(all(test, feature = "root-tests"))]
+mod root_tests;
 
 use std::{
     fs,

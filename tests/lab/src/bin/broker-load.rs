@@ -16,11 +16,11 @@ use std::{
 use anyhow::{Context as _, bail};
 use clap::Parser;
 use futures::{SinkExt as _, StreamExt as _};
+use pvc_lab::Usage;
 use pvc_proto::{
     AgentCodec, AgentMessage, BrokerMessage, ClusterId, MembershipRecord, PublicKey, Publication,
     Registration, SignedRecord, unix_now,
 };
-use pvc_tests::Usage;
 use ring::{rand::SystemRandom, signature::Ed25519KeyPair};
 use tokio::{net::TcpStream, sync::Semaphore};
 use tokio_util::codec::Framed;

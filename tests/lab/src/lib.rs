@@ -26,8 +26,6 @@ use std::{
 use anyhow::{Context as _, anyhow, bail, ensure};
 use serde_json::Value;
 
-pub mod bench;
-
 pub const BROKER_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 254);
 pub const BROKER_PORT: u16 = 7100;
 

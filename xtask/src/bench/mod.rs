@@ -1,0 +1,25 @@
+//! The benchmark (paper §5, Figures 4 and 5): the bare network against
+//! PVC, in the same run, on the same two hosts.
+//!
+//! Each host has two links to the same kind of bridge: `eth0` carries PVC
+//! (its uplink, with the tc programs) and `eth1` carries nothing of PVC.
+//! The bare path is real addresses over `eth1` from outside the hosts'
+//! cgroups; the PVC path is virtual addresses from inside them. Every
+//! measurement alternates the two paths (bare first on even repetitions,
+//! PVC first on odd ones) so that machine noise hits both, and the report
+//! gives medians and PVC/bare ratios.
+
+//!
+//! `measure` runs the lab and the measurements, `report` turns them into
+//! medians, ratios, targets and the markdown report, `plot` draws the
+//! figures; `floor` loads the empty tc program that measures what any
+//! program costs on this machine.
+
+mod floor;
+mod measure;
+mod plot;
+mod report;
+pub mod smoke;
+
+pub use measure::{Options, run};
+pub use report::markdown;

@@ -1,0 +1,125 @@
+//! A short run of the benchmark in `cargo xtask test`, so that it cannot
+//! rot. It checks that every measurement was made and is plausible, not how
+//! fast anything was: these machines are too noisy for timing assertions.
+
+use std::{fs, path::Path};
+
+use anyhow::{Context as _, ensure};
+
+use super::{Options, report::Report, run};
+
+pub fn run_and_check(out: &Path) -> anyhow::Result<()> {
+    let opts = Options::smoke();
+    let r = run(&opts, out)?;
+    check(&r, &opts, out).with_context(|| format!("benchmark smoke run in {}", out.display()))?;
+    fs::remove_dir_all(out)?;
+    Ok(())
+}
+
+fn check(r: &Report, opts: &Options, out: &Path) -> anyhow::Result<()> {
+    let last = r.netpipe.last().context("no NetPIPE points")?;
+    ensure!(
+        last.bytes == u64::from(opts.netpipe_upper) + 3,
+        "NetPIPE stopped at {} bytes",
+        last.bytes
+    );
+    for c in &r.netpipe {
+        for v in [c.bare_mbps, c.pvc_mbps, c.bare_usec, c.pvc_usec] {
+            ensure!(v.is_finite() && v > 0.0, "implausible NetPIPE point {c:?}");
+        }
+    }
+    ensure!(
+        r.iperf.len() == 2,
+        "iperf3 in both directions: {:?}",
+        r.iperf
+    );
+    for (dir, t) in &r.iperf {
+        ensure!(t.bare_gbps > 0.1 && t.pvc_gbps > 0.1, "iperf3 {dir}: {t:?}");
+    }
+    let connects = opts.reps * opts.connects;
+    let round_trips = opts.reps * opts.round_trips;
+    for (what, samples, want) in [
+        ("connect bare", r.connect_bare_us.samples, connects),
+        ("connect PVC", r.connect_pvc_us.samples, connects),
+        (
+            "first connect bare",
+            r.first_connect_bare_us.samples,
+            opts.first_connects,
+        ),
+        (
+            "first connect PVC",
+            r.first_connect_pvc_us.samples,
+            opts.first_connects,
+        ),
+        ("round trip bare", r.round_trip_bare_us.samples, round_trips),
+        ("round trip PVC", r.round_trip_pvc_us.samples, round_trips),
+    ] {
+        ensure!(samples == want, "{what}: {samples} samples, not {want}");
+    }
+    ensure!(r.round_trip_bare_us.median > 0.0 && r.round_trip_pvc_us.median > 0.0);
+    // First connections to a PVC peer include authentication: never faster
+    // than to an authenticated one.
+    ensure!(
+        r.first_connect_pvc_us.median > r.connect_pvc_us.median,
+        "first connections {:?}, later ones {:?}",
+        r.first_connect_pvc_us,
+        r.connect_pvc_us
+    );
+    // Every program ran in the phases it serves, and the kernel timed it.
+    for phase in ["netpipe", "iperf3", "connect", "round trip"] {
+        let progs = r.programs.get(phase).context(phase)?;
+        for prog in ["pvc_egress", "pvc_ingress"] {
+            let c = progs.get(prog).context(prog)?;
+            ensure!(c.runs > 0 && c.ns_per_run > 0.0, "{phase}/{prog}: {c:?}");
+        }
+    }
+    let connect4 = &r.programs["connect"]["pvc_connect4"];
+    ensure!(connect4.runs >= opts.connects as u64, "{connect4:?}");
+    ensure!(
+        r.empty_program.runs > 0 && r.empty_program.ns_per_run > 0.0,
+        "{:?}",
+        r.empty_program
+    );
+    ensure!(r.pvc_bytes > 0);
+    ensure!(r.agents.len() == 2, "{:?}", r.agents);
+    ensure!(r.agents.values().all(|a| a.rss_kib > 0), "{:?}", r.agents);
+
+    let load = &r.broker_load;
+    ensure!(load["registered"] == opts.load_agents as u64, "{load}");
+    ensure!(load["errors"] == 0, "{load}");
+    ensure!(
+        load["received_per_sec"].as_f64().unwrap_or(0.0) > 0.0,
+        "{load}"
+    );
+    ensure!(
+        load["broker_rss_loaded_kib"].as_u64().unwrap_or(0) > 0,
+        "{load}"
+    );
+
+    let md = fs::read_to_string(out.join("bench.md"))?;
+    for section in [
+        "## Targets",
+        "## Bulk throughput",
+        "## NetPIPE",
+        "## Connection setup",
+        "## Round trip",
+        "## eBPF programs",
+        "## Broker under load",
+    ] {
+        ensure!(md.contains(section), "bench.md lacks {section}:\n{md}");
+    }
+    for png in ["bandwidth.png", "latency.png"] {
+        let bytes = fs::read(out.join(png))?;
+        ensure!(
+            bytes.starts_with(b"\x89PNG") && bytes.len() > 10_000,
+            "{png} is not a drawn figure"
+        );
+    }
+    let json: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(out.join("bench.json"))?)?;
+    ensure!(
+        json["raw_netpipe"]["pvc"].as_array().map(Vec::len) == Some(opts.reps),
+        "raw NetPIPE runs missing from bench.json"
+    );
+    Ok(())
+}
