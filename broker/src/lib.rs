@@ -26,7 +26,7 @@ use futures::{SinkExt as _, StreamExt as _};
 use pvc_proto::{
     AgentMessage, BrokerCodec, BrokerMessage, ClusterId, ErrorCode, GlobalPolicy, MAX_RELAY,
     MemberInfo, MembershipRecord, PublicKey, Publication, Registration, Revocations, SignedPolicy,
-    SignedRecord, SignedRevocations, member_chunks, unix_now,
+    SignedRecord, SignedRevocations, member_chunks, supersedes, unix_now,
 };
 use tokio::{
     net::{TcpListener, TcpStream},
@@ -43,7 +43,8 @@ pub use store::Store;
 pub struct Limits {
     /// Time an agent has to send `Register` (or a master `Publish`) after connecting.
     pub register_timeout: Duration,
-    /// A session that sends nothing (agents ping every 10 s) for this long is closed.
+    /// A session that sends nothing (agents ping every `PING_INTERVAL`)
+    /// for this long is closed.
     pub idle_timeout: Duration,
     /// Messages queued for one agent before it counts as too slow and is dropped.
     pub queue: usize,
@@ -53,7 +54,7 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             register_timeout: Duration::from_secs(10),
-            idle_timeout: Duration::from_secs(35),
+            idle_timeout: pvc_proto::AGENT_IDLE_TIMEOUT,
             queue: 4096,
         }
     }
@@ -526,19 +527,12 @@ impl Broker {
             .entry(id)
             .or_insert_with(|| Cluster::new(p.master_key));
         for (r, s) in records {
-            let newer = cluster
-                .records
-                .get(&r.host_key)
-                .is_none_or(|(old, _)| r.serial >= old.serial);
-            if newer {
+            if supersedes(&r, cluster.records.get(&r.host_key).map(|(old, _)| old)) {
                 cluster.records.insert(r.host_key, (r, s));
             }
         }
         if let Some((r, s)) = revocations
-            && cluster
-                .revocations
-                .as_ref()
-                .is_none_or(|(old, _)| r.version > old.version)
+            && supersedes(&r, cluster.revocations.as_ref().map(|(old, _)| old))
         {
             cluster.revocations = Some((r, s.clone()));
             cluster.broadcast(&BrokerMessage::Revocations(s), None);
@@ -558,10 +552,7 @@ impl Broker {
             }
         }
         if let Some((g, s)) = policy
-            && cluster
-                .policy
-                .as_ref()
-                .is_none_or(|(old, _)| g.version > old.version)
+            && supersedes(&g, cluster.policy.as_ref().map(|(old, _)| old))
         {
             cluster.policy = Some((g, s.clone()));
             cluster.broadcast(&BrokerMessage::Policy(s), None);

@@ -78,7 +78,7 @@ fn default_handshake_timeout() -> u64 {
     5000
 }
 fn default_key_file() -> PathBuf {
-    "/var/lib/pvc/host.key".into()
+    crate::security::keys::DEFAULT_KEY_FILE.into()
 }
 
 fn public_key<'de, D: Deserializer<'de>>(d: D) -> Result<PublicKey, D::Error> {

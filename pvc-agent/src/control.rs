@@ -46,6 +46,12 @@ pub struct Status {
     pub advertised: Vec<Ipv4Addr>,
     /// The broker this agent is registered with, if any.
     pub broker: Option<String>,
+    /// The last refusal a broker answered (its code and message), if the
+    /// last session attempt was refused.
+    pub broker_refusal: Option<String>,
+    /// Whether this agent took over the data path a previous agent of the
+    /// instance left pinned (a crash, an upgrade).
+    pub takeover: bool,
     /// Whether a broker handed over this host's record and it verified.
     pub admitted: bool,
     pub revocations_version: u64,

@@ -3,6 +3,7 @@
 //! virtualization (addresses, routes), security (keys, membership,
 //! challenge-response, policy) and connectivity (techniques).
 
+pub mod broker_client;
 pub mod config;
 pub mod connectivity;
 pub mod control;

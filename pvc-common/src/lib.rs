@@ -15,6 +15,29 @@ pub fn is_virtual(addr: [u8; 4]) -> bool {
     addr[0] & 0xf0 == VIRTUAL_NET_FIRST_OCTET
 }
 
+/// The maps the programs share with the agent, by the names the eBPF
+/// object gives them (`#[btf_map(name = ...)]` in pvc-ebpf must match; a
+/// test parses the object). Every one is pinned under
+/// `/sys/fs/bpf/pvc/<instance>/` and taken over by a restarted agent.
+pub mod maps {
+    pub const MASQUERADING: &str = "masquerading";
+    pub const PEERS: &str = "peers";
+    pub const SETTINGS: &str = "settings";
+    pub const POLICY: &str = "policy";
+    pub const DROPS: &str = "drops";
+    pub const TRAFFIC: &str = "traffic";
+    pub const EVENTS: &str = "events";
+    pub const ALL: [&str; 7] = [
+        MASQUERADING,
+        PEERS,
+        SETTINGS,
+        POLICY,
+        DROPS,
+        TRAFFIC,
+        EVENTS,
+    ];
+}
+
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 

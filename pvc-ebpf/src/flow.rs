@@ -20,6 +20,10 @@ pub fn touch(key: &FlowKey, tcp_flags: u8) -> Option<Masquerade> {
     let now = now_ns();
     // Entries are shared between CPUs: write only when something changes,
     // so that a bulk transfer does not bounce the cache line on every packet.
+    // SAFETY: `p` points to a live value of the map (the lookup succeeded
+    // and the program runs under RCU); concurrent writers only store the
+    // same kind of value (a time, OR-ed flags), so a race loses an update,
+    // never memory safety.
     unsafe {
         if now.wrapping_sub((*p).last_seen_ns) > 1_000_000_000 {
             (*p).last_seen_ns = now;
@@ -85,6 +89,7 @@ pub fn open(key: &FlowKey, to: &Masquerade, announce: bool) -> Result<(), DropRe
 #[inline(always)]
 pub fn close(key: &FlowKey) {
     if let Some(m) = MASQUERADING.get_ptr(key) {
+        // SAFETY: a value the lookup just returned, read under RCU.
         let twin = key.twin(unsafe { &*m });
         let _ = MASQUERADING.remove(&twin);
         let _ = MASQUERADING.remove(key);

@@ -2,7 +2,7 @@
 //! shows field names. The agent pins them under `/sys/fs/bpf/pvc/<instance>/`.
 
 use aya_ebpf::{
-    bindings::{BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    bindings::{BPF_F_NO_PREALLOC, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     btf_maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf, lpm_trie::Key},
     helpers::bpf_ktime_get_coarse_ns,
     macros::btf_map,
@@ -23,8 +23,15 @@ use pvc_common::{
 pub static MASQUERADING: HashMap<FlowKey, Masquerade, 65536> = HashMap::new();
 
 /// Members this host has a path to, by virtual address.
+///
+/// Not preallocated: the agent replaces entries (a new session, another
+/// path), and in a preallocated hash the replaced element goes straight back
+/// to the free list, where the next update may overwrite it while a program
+/// still reads it. Here it is freed after an RCU grace period, so a program
+/// that copied the value out (`peer`) holds one consistent version.
 #[btf_map(name = "peers")]
-pub static PEERS: HashMap<[u8; 4], PeerPath, 16384> = HashMap::new();
+pub static PEERS: HashMap<[u8; 4], PeerPath, 16384, { BPF_F_NO_PREALLOC as usize }> =
+    HashMap::new();
 
 #[btf_map(name = "settings")]
 pub static SETTINGS: Array<Settings, 1> = Array::new();
@@ -47,6 +54,17 @@ pub static TRAFFIC: PerCpuArray<Traffic, { TRAFFIC_DIRECTIONS as usize }> = PerC
 #[btf_map(name = "events")]
 pub static EVENTS: RingBuf<Event, { 512 * 1024 }> = RingBuf::new();
 
+/// What this host knows of the member at `vip`, copied out of the map in
+/// one read: the fields a packet uses (real address, state, tag key) then
+/// come from the same version of the entry, whatever the agent writes
+/// meanwhile.
+#[inline(always)]
+pub fn peer(vip: [u8; 4]) -> Option<PeerPath> {
+    // SAFETY: the reference lives only for the copy, under RCU; entries are
+    // freed after a grace period (BPF_F_NO_PREALLOC), never reused under us.
+    unsafe { PEERS.get(vip) }.copied()
+}
+
 #[inline(always)]
 pub fn settings() -> Option<Settings> {
     match SETTINGS.get(0) {
@@ -63,7 +81,8 @@ pub fn count_drop(reason: DropReason) {
 #[inline(always)]
 pub fn count_traffic(direction: u32, bytes: u32) {
     if let Some(t) = TRAFFIC.get_ptr_mut(direction) {
-        // Per-CPU slot: no other CPU writes it, plain adds are exact.
+        // SAFETY: a per-CPU slot of the map: no other CPU writes it, and
+        // the program is not preempted while it runs, so plain adds are exact.
         unsafe {
             (*t).packets += 1;
             (*t).bytes += bytes as u64;
@@ -74,7 +93,7 @@ pub fn count_traffic(direction: u32, bytes: u32) {
 #[inline(always)]
 fn add<const N: usize>(map: &PerCpuArray<u64, N>, index: u32, n: u64) {
     if let Some(p) = map.get_ptr_mut(index) {
-        // Per-CPU slot: no other CPU writes it, a plain add is exact.
+        // SAFETY: as in `count_traffic`, a per-CPU slot only this run writes.
         unsafe { *p += n };
     }
 }
@@ -98,6 +117,7 @@ pub fn emit_quietly(event: &Event) {
 
 #[inline(always)]
 pub fn now_ns() -> u64 {
+    // SAFETY: a helper without arguments.
     unsafe { bpf_ktime_get_coarse_ns() }
 }
 

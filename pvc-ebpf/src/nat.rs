@@ -8,7 +8,15 @@
 use aya_ebpf::{bindings::BPF_F_PSEUDO_HDR, helpers::bpf_skb_change_tail, programs::TcContext};
 use pvc_common::{DropReason, IPPROTO_TCP, Masquerade, TAG_EXID, TAG_KIND, TAG_LEN};
 
-use crate::packet::{ETH_HLEN, IP_CSUM_OFF, IP_TOT_LEN_OFF, Ipv4, Quoted, TCP_CSUM, TCP_DOFF, Tcp};
+use crate::packet::{
+    ETH_HLEN, IP_CSUM_OFF, IP_TOT_LEN_OFF, Ipv4, Quoted, TCP_CSUM, TCP_DOFF, TCP_MAX_HLEN, Tcp,
+};
+
+/// `l4_csum_replace`'s flags carry the size of the field that changed (the
+/// low bits, BPF_F_HDR_FIELD_MASK): 2 for a 16-bit value, 4 for 32 bits; 0
+/// when `to` is a precomputed difference rather than a new value.
+const CSUM_FIELD_16: u64 = 2;
+const CSUM_FIELD_32: u64 = 4;
 
 /// One's-complement sum with end-around carry, as the kernel's `csum_add`.
 #[inline(always)]
@@ -98,8 +106,13 @@ pub fn masquerade(
     if ip.proto == IPPROTO_TCP && (sport != to.sport || dport != to.dport) {
         let from_ports = ports_word(sport, dport);
         let to_ports = ports_word(to.sport, to.dport);
-        ctx.l4_csum_replace(ip.l4_off + TCP_CSUM, from_ports as u64, to_ports as u64, 4)
-            .map_err(err)?;
+        ctx.l4_csum_replace(
+            ip.l4_off + TCP_CSUM,
+            from_ports as u64,
+            to_ports as u64,
+            CSUM_FIELD_32,
+        )
+        .map_err(err)?;
         ctx.store(ip.l4_off, &to_ports, 0).map_err(err)?;
     }
     Ok(())
@@ -127,7 +140,7 @@ pub fn append_tag(
     mac: [u8; 8],
 ) -> Result<Ipv4, DropReason> {
     let tag_len = TAG_LEN as usize;
-    if tcp.hlen + tag_len > 60 {
+    if tcp.hlen + tag_len > TCP_MAX_HLEN {
         return Err(DropReason::SynOptionsFull);
     }
     let tcp_len = (ip.tot_len as usize).saturating_sub(ip.ihl);
@@ -139,6 +152,8 @@ pub fn append_tag(
     let new_tcp_len = tcp.hlen + tag_len;
     let new_tot_len = ip.ihl + new_tcp_len;
     let err = |_| DropReason::RewriteFailed;
+    // SAFETY: grows this program's skb; every pointer into the packet is
+    // taken again after it (the rest of this function uses helpers only).
     if unsafe { bpf_skb_change_tail(ctx.skb.skb as *mut _, (ETH_HLEN + new_tot_len) as u32, 0) }
         != 0
     {
@@ -161,7 +176,7 @@ pub fn append_tag(
         csum,
         old_len as u64,
         new_len as u64,
-        BPF_F_PSEUDO_HDR as u64 | 2,
+        BPF_F_PSEUDO_HDR as u64 | CSUM_FIELD_16,
     )
     .map_err(err)?;
 

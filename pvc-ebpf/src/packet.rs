@@ -13,6 +13,18 @@ pub const ARP_REQUEST: u16 = 1;
 /// Offset of the sender protocol address in an Ethernet/IPv4 ARP frame.
 pub const ARP_SENDER_IP_OFF: usize = ETH_HLEN + 14;
 pub const IP_OFF: usize = ETH_HLEN;
+/// An IPv4 header without options.
+pub const IPV4_MIN_HLEN: usize = 20;
+/// `ver_ihl` of an IPv4 header without options.
+pub const IPV4_VER_IHL_PLAIN: u8 = 0x45;
+/// The fragment offset and "more fragments" bits of `frag_off`.
+pub const IP_FRAGMENT_MASK: u16 = 0x3fff;
+/// A TCP header without options.
+pub const TCP_MIN_HLEN: usize = 20;
+/// The largest TCP header (data offset 15 words).
+pub const TCP_MAX_HLEN: usize = 60;
+/// The largest IPv4 header (IHL 15 words).
+pub const IPV4_MAX_HLEN: usize = 60;
 pub const IP_TOT_LEN_OFF: usize = IP_OFF + 2;
 pub const IP_CSUM_OFF: usize = IP_OFF + 10;
 
@@ -94,10 +106,14 @@ pub struct Arp {
 
 #[inline(always)]
 pub fn parse_arp(ctx: &TcContext) -> Option<Arp> {
+    // SAFETY (every `&*ptr_at` below): `ptr_at` checked that the header
+    // lies within [data, data_end), and headers are read before any helper
+    // could move the packet.
     let eth = unsafe { &*ptr_at::<EthHdr>(ctx, 0)? };
     if eth.proto != ETH_P_ARP {
         return None;
     }
+    // SAFETY: bounds checked by `ptr_at`.
     let arp = unsafe { &*ptr_at::<ArpHdr>(ctx, ETH_HLEN)? };
     if arp.ptype != ETH_P_IP || arp.plen != 4 || arp.hlen != 6 {
         return None;
@@ -110,7 +126,7 @@ pub fn parse_arp(ctx: &TcContext) -> Option<Arp> {
 
 /// Bytes of headers the programs need linear: Ethernet, a full IPv4 header,
 /// and an ICMP error's inner IPv4 header and first L4 bytes (the largest case).
-const MAX_HEADERS: u32 = (ETH_HLEN + 60 + ICMP_HLEN + 60 + 8) as u32;
+const MAX_HEADERS: u32 = (ETH_HLEN + IPV4_MAX_HLEN + ICMP_HLEN + IPV4_MAX_HLEN + 8) as u32;
 
 #[inline(always)]
 pub fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Option<*const T> {
@@ -151,6 +167,7 @@ pub fn parse_ipv4(ctx: &TcContext) -> Parsed {
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
         return Parsed::NotIpv4;
     };
+    // SAFETY: bounds checked by `ptr_at`.
     if unsafe { (*eth).proto } != ETH_P_IP {
         return Parsed::NotIpv4;
     }
@@ -169,9 +186,10 @@ pub fn parse_ipv4(ctx: &TcContext) -> Parsed {
             }
         }
     };
+    // SAFETY: bounds checked by `ptr_at` after the last pull.
     let ip = unsafe { &*ip };
     let ihl = ((ip.ver_ihl & 0x0f) as usize) * 4;
-    if ip.ver_ihl >> 4 != 4 || ihl < 20 {
+    if ip.ver_ihl >> 4 != 4 || ihl < IPV4_MIN_HLEN {
         return Parsed::Malformed;
     }
     let frag = u16::from_be_bytes(ip.frag_off);
@@ -183,7 +201,7 @@ pub fn parse_ipv4(ctx: &TcContext) -> Parsed {
         ihl,
         tot_len: u16::from_be_bytes(ip.tot_len),
         check: ip.check,
-        fragment: frag & 0x3fff != 0,
+        fragment: frag & IP_FRAGMENT_MASK != 0,
     })
 }
 
@@ -211,7 +229,7 @@ impl Tcp {
 #[inline(always)]
 pub fn parse_tcp(ctx: &TcContext, ip: &Ipv4) -> Option<Tcp> {
     let off = ip.l4_off;
-    if off > IP_OFF + 60 {
+    if off > IP_OFF + IPV4_MAX_HLEN {
         return None;
     }
     let tcp = ptr_at::<TcpHdr>(ctx, off).or_else(|| {
@@ -219,9 +237,10 @@ pub fn parse_tcp(ctx: &TcContext, ip: &Ipv4) -> Option<Tcp> {
         ctx.pull_data(want).ok()?;
         ptr_at::<TcpHdr>(ctx, off)
     })?;
+    // SAFETY: bounds checked by `ptr_at` after the last pull.
     let tcp = unsafe { &*tcp };
     let hlen = ((tcp.doff >> 4) as usize) * 4;
-    if hlen < 20 {
+    if hlen < TCP_MIN_HLEN {
         return None;
     }
     Some(Tcp {
@@ -243,9 +262,10 @@ pub struct Icmp {
 #[inline(always)]
 pub fn parse_icmp(ctx: &TcContext, ip: &Ipv4) -> Option<Icmp> {
     let off = ip.l4_off;
-    if off > IP_OFF + 60 {
+    if off > IP_OFF + IPV4_MAX_HLEN {
         return None;
     }
+    // SAFETY: bounds checked by `ptr_at`.
     let icmp = unsafe { &*ptr_at::<IcmpHdr>(ctx, off)? };
     Some(Icmp {
         kind: icmp.kind,
@@ -270,16 +290,18 @@ pub struct Quoted {
 #[inline(always)]
 pub fn parse_quoted(ctx: &TcContext, ip: &Ipv4) -> Option<Quoted> {
     let off = ip.l4_off + ICMP_HLEN;
-    if off > IP_OFF + 60 + ICMP_HLEN {
+    if off > IP_OFF + IPV4_MAX_HLEN + ICMP_HLEN {
         return None;
     }
+    // SAFETY: bounds checked by `ptr_at`.
     let inner = unsafe { &*ptr_at::<Ipv4Hdr>(ctx, off)? };
-    if inner.ver_ihl != 0x45 {
+    if inner.ver_ihl != IPV4_VER_IHL_PLAIN {
         // Quoted headers with IP options are not masqueraded: rare, and the
         // kernel then simply finds no socket for the error.
         return None;
     }
-    let ports = unsafe { &*ptr_at::<[u8; 4]>(ctx, off + 20)? };
+    // SAFETY: bounds checked by `ptr_at`.
+    let ports = unsafe { &*ptr_at::<[u8; 4]>(ctx, off + IPV4_MIN_HLEN)? };
     Some(Quoted {
         ip_off: off,
         saddr: inner.saddr,
@@ -302,7 +324,10 @@ pub struct Tag {
 #[inline(always)]
 pub fn read_tag(ctx: &TcContext, ip: &Ipv4, tcp: &Tcp) -> Option<Tag> {
     use pvc_common::{TAG_EXID, TAG_KIND, TAG_LEN};
-    if tcp.hlen < 20 + TAG_LEN as usize || tcp.hlen > 60 || ip.l4_off > IP_OFF + 60 {
+    if tcp.hlen < TCP_MIN_HLEN + TAG_LEN as usize
+        || tcp.hlen > TCP_MAX_HLEN
+        || ip.l4_off > IP_OFF + IPV4_MAX_HLEN
+    {
         return None;
     }
     let off = ip.l4_off + tcp.hlen - TAG_LEN as usize;

@@ -10,7 +10,7 @@ use pvc_common::{
     DropReason, EVENT_CONNECT_REFUSED, Event, IPPROTO_TCP, POLICY_OUTBOUND, is_virtual,
 };
 
-use crate::maps::{PEERS, allowed, count_drop, emit, settings};
+use crate::maps::{allowed, count_drop, emit, peer, settings};
 
 const EPERM: i32 = 1;
 const EHOSTUNREACH: i32 = 113;
@@ -21,6 +21,7 @@ const EHOSTUNREACH: i32 = 113;
 /// application would wait for TCP's timeouts.
 #[cgroup_sock_addr(connect4)]
 pub fn pvc_connect4(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the context's bpf_sock_addr, valid for the whole run.
     let sa = unsafe { &*ctx.sock_addr };
     let daddr = sa.user_ip4.to_ne_bytes();
     if !is_virtual(daddr) {
@@ -33,7 +34,7 @@ pub fn pvc_connect4(ctx: SockAddrContext) -> i32 {
         return 1;
     }
     let dport = u16::from_be(sa.user_port as u16);
-    let (reason, errno) = if unsafe { PEERS.get(daddr) }.is_none() {
+    let (reason, errno) = if peer(daddr).is_none() {
         (DropReason::ConnectNoMember, EHOSTUNREACH)
     } else if sa.protocol == IPPROTO_TCP as u32 && !allowed(&s, POLICY_OUTBOUND, daddr, dport) {
         (DropReason::PolicyOutbound, EPERM)
@@ -51,6 +52,7 @@ pub fn pvc_connect4(ctx: SockAddrContext) -> i32 {
         pid: (bpf_get_current_pid_tgid() >> 32) as u32,
         ..Default::default()
     });
+    // SAFETY: sets the errno connect() returns when the hook rejects.
     unsafe { bpf_set_retval(-errno) };
     0
 }

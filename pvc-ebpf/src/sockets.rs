@@ -60,6 +60,7 @@ pub fn tcp_use(ctx: &TcContext, local: [u8; 4], lport: u16, remote: [u8; 4], rpo
     // SAFETY: a non-null socket from the lookup, released exactly once below;
     // `state` is readable on every socket kind the lookup returns.
     let state = unsafe { (*sk).state };
+    // SAFETY: releases the reference the lookup took, once.
     unsafe { bpf_sk_release(sk as *mut _) };
     match state {
         // An orphaned FIN_WAIT2 also reads as TIME_WAIT (the kernel keeps it

@@ -19,7 +19,7 @@ use pvc_common::{
 
 use crate::{
     flow,
-    maps::{MASQUERADING, PEERS, allowed, count_drop, count_traffic, settings},
+    maps::{MASQUERADING, allowed, count_drop, count_traffic, peer, settings},
     nat,
     packet::{
         ARP_REQUEST, ARP_SENDER_IP_OFF, ICMP_ECHO, Ipv4, Parsed, parse_arp, parse_icmp, parse_ipv4,
@@ -56,7 +56,7 @@ fn egress(ctx: &TcContext) -> Result<i32, DropReason> {
         // Real traffic: the fast path for everything that is not PVC's.
         return Ok(TC_ACT_OK as i32);
     }
-    let s = settings().ok_or(DropReason::UnknownPeer)?;
+    let s = settings().ok_or(DropReason::AgentNotReady)?;
     if ip.saddr != s.virtual_addr {
         return Err(DropReason::ForeignVirtualSource);
     }
@@ -113,7 +113,8 @@ fn egress_real_tcp(ctx: &TcContext, ip: &Ipv4) -> Result<i32, DropReason> {
         IPPROTO_TCP,
         DIRECTION_INGRESS,
     );
-    let Some(m) = (unsafe { MASQUERADING.get(&reply) }) else {
+    // SAFETY: a copy of the value, read under RCU.
+    let Some(m) = (unsafe { MASQUERADING.get(&reply) }).copied() else {
         return Ok(TC_ACT_OK as i32);
     };
     // The PVC flow's socket, by its virtual tuple (the entry's rewrite).
@@ -135,7 +136,7 @@ fn egress_tcp(ctx: &TcContext, ip: &Ipv4, s: &Settings) -> Result<i32, DropReaso
         DIRECTION_EGRESS,
     );
     let (m, ip) = if tcp.is_syn() {
-        let path = unsafe { PEERS.get(ip.daddr) }.ok_or(DropReason::UnknownPeer)?;
+        let path = peer(ip.daddr).ok_or(DropReason::UnknownPeer)?;
         if path.state != PEER_READY {
             // A member we have not authenticated yet: the agent does it,
             // then re-sends this very SYN, so connect() does not wait for
@@ -149,13 +150,20 @@ fn egress_tcp(ctx: &TcContext, ip: &Ipv4, s: &Settings) -> Result<i32, DropReaso
         }
         // A connection request always gets fresh entries in both directions:
         // whatever an earlier flow with this tuple left is replaced.
-        let m = flow::entry(s.real_addr, path.real, tcp.sport, tcp.dport, ip.daddr, path);
+        let m = flow::entry(
+            s.real_addr,
+            path.real,
+            tcp.sport,
+            tcp.dport,
+            ip.daddr,
+            &path,
+        );
         // A connection between the real addresses may use this tuple.
         let real = sockets::tcp_use(ctx, m.saddr, m.sport, m.daddr, m.dport);
         flow::may_take(ctx, ip, real)?;
         let fresh = MASQUERADING.get_ptr(&key).is_none();
         flow::open(&key, &m, fresh).map_err(|r| flow::refuse(ctx, ip, r))?;
-        let mac = flow::tag_mac(path, m.saddr, m.daddr, m.sport, m.dport, &tcp);
+        let mac = flow::tag_mac(&path, m.saddr, m.daddr, m.sport, m.dport, &tcp);
         // The tag changes the header's length and checksum.
         (m, nat::append_tag(ctx, ip, &tcp, s.virtual_addr, mac)?)
     } else {
@@ -164,10 +172,17 @@ fn egress_tcp(ctx: &TcContext, ip: &Ipv4, s: &Settings) -> Result<i32, DropReaso
             None => {
                 // An entry evicted or expired under a live flow: the peer's
                 // path says how to reach it, the kernel needs no agent.
-                let path = unsafe { PEERS.get(ip.daddr) }
+                let path = peer(ip.daddr)
                     .filter(|p| p.state == PEER_READY)
                     .ok_or(DropReason::UnknownPeer)?;
-                let m = flow::entry(s.real_addr, path.real, tcp.sport, tcp.dport, ip.daddr, path);
+                let m = flow::entry(
+                    s.real_addr,
+                    path.real,
+                    tcp.sport,
+                    tcp.dport,
+                    ip.daddr,
+                    &path,
+                );
                 // Not over a connection between the real addresses that
                 // took the tuple meanwhile: its packets would become ours.
                 if sockets::tcp_use(ctx, m.saddr, m.sport, m.daddr, m.dport) != Use::Free {
@@ -203,13 +218,13 @@ fn egress_icmp(ctx: &TcContext, ip: &Ipv4, s: &Settings) -> Result<i32, DropReas
     let m = match flow::touch(&key, 0) {
         Some(m) => m,
         None => {
-            let path = unsafe { PEERS.get(ip.daddr) }.ok_or(DropReason::UnknownPeer)?;
+            let path = peer(ip.daddr).ok_or(DropReason::UnknownPeer)?;
             if path.state != PEER_READY {
                 // Pinging a member first is also a reason to authenticate it.
                 flow::hold(ctx, ip);
                 return Err(DropReason::AwaitingPath);
             }
-            let m = flow::entry(s.real_addr, path.real, icmp.id, 0, ip.daddr, path);
+            let m = flow::entry(s.real_addr, path.real, icmp.id, 0, ip.daddr, &path);
             flow::open(&key, &m, false)?;
             m
         }

@@ -15,7 +15,7 @@ use pvc_common::{
 
 use crate::{
     flow,
-    maps::{MASQUERADING, PEERS, allowed, count_drop, count_traffic, emit, settings},
+    maps::{MASQUERADING, allowed, count_drop, count_traffic, emit, peer, settings},
     nat,
     packet::{
         ICMP_DEST_UNREACH, ICMP_ECHO_REPLY, ICMP_TIME_EXCEEDED, Ipv4, Parsed, parse_icmp,
@@ -100,13 +100,13 @@ fn ingress_tcp(ctx: &TcContext, ip: &Ipv4, s: &Settings) -> Result<i32, DropReas
         };
         // The member must have an authenticated path from this real
         // address, and the SYN must carry that path's MAC.
-        let Some(path) = (unsafe { PEERS.get(tag.vsrc) }) else {
+        let Some(path) = peer(tag.vsrc) else {
             return refuse(DropReason::TagMismatch);
         };
         if path.state != PEER_READY || path.real != ip.saddr {
             return refuse(DropReason::TagMismatch);
         }
-        if flow::tag_mac(path, ip.saddr, ip.daddr, tcp.sport, tcp.dport, &tcp) != tag.mac {
+        if flow::tag_mac(&path, ip.saddr, ip.daddr, tcp.sport, tcp.dport, &tcp) != tag.mac {
             return refuse(DropReason::BadTag);
         }
         if !allowed(s, POLICY_INBOUND, tag.vsrc, tcp.dport) {
@@ -126,7 +126,7 @@ fn ingress_tcp(ctx: &TcContext, ip: &Ipv4, s: &Settings) -> Result<i32, DropReas
             tcp.sport,
             tcp.dport,
             tag.vsrc,
-            path,
+            &path,
         );
         let fresh = MASQUERADING.get_ptr(&key).is_none();
         // A full map: the agent answers with a RST on the wire, which the
@@ -150,7 +150,8 @@ fn ingress_tcp(ctx: &TcContext, ip: &Ipv4, s: &Settings) -> Result<i32, DropReas
 /// packets (the sender's own egress refuses it first when it runs PVC).
 #[inline(always)]
 fn untagged_syn(ctx: &TcContext, key: &FlowKey) -> Result<i32, DropReason> {
-    let Some(m) = (unsafe { MASQUERADING.get(key) }) else {
+    // SAFETY: a copy of the value, read under RCU.
+    let Some(m) = (unsafe { MASQUERADING.get(key) }).copied() else {
         return PASS;
     };
     match sockets::tcp_use(ctx, m.daddr, m.dport, m.saddr, m.sport) {

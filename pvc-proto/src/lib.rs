@@ -12,7 +12,7 @@
 //! (`records`), and what agents say to each other through them is signed
 //! end to end (`handshake`).
 
-use std::{marker::PhantomData, net::Ipv4Addr};
+use std::{marker::PhantomData, net::Ipv4Addr, time::Duration};
 
 use bytes::{Buf, BufMut, BytesMut};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
@@ -24,7 +24,8 @@ mod registration;
 
 pub use records::{
     ClusterId, GlobalPolicy, MembershipRecord, PolicyRule, PortRange, PublicKey, RecordError,
-    Revocations, Selector, Signed, SignedPolicy, SignedRecord, SignedRevocations, unix_now,
+    Revocations, Selector, Signed, SignedPolicy, SignedRecord, SignedRevocations, Versioned,
+    supersedes, unix_now,
 };
 pub use registration::{
     InvalidRegistration, valid_name, valid_virtual_address, validate_addresses,
@@ -32,7 +33,7 @@ pub use registration::{
 
 pub const MAGIC: [u8; 3] = *b"PVC";
 /// Bumped on any incompatible change of the messages below.
-pub const VERSION: u8 = 2;
+pub const VERSION: u8 = 3;
 pub const HEADER_LEN: usize = 8;
 /// Largest body either end accepts. Longer member lists are sent in several
 /// frames (`member_chunks`).
@@ -41,6 +42,17 @@ pub const MAX_BODY: usize = 64 * 1024;
 pub const MAX_RELAY: usize = 4096;
 /// Default TCP port of a broker.
 pub const DEFAULT_BROKER_PORT: u16 = 7100;
+
+const PING_MS: u64 = 1000;
+/// An agent pings each broker this often; the broker answers `Pong`.
+pub const PING_INTERVAL: Duration = Duration::from_millis(PING_MS);
+/// An agent gives a broker up after this long without a frame from it
+/// (three pings unanswered): a broker whose host is gone, or whose link is
+/// cut, is noticed within seconds even if its socket never closes.
+pub const BROKER_SILENCE_LIMIT: Duration = Duration::from_millis(3 * PING_MS);
+/// A broker closes a session it has heard nothing on for this long (ten
+/// pings missed).
+pub const AGENT_IDLE_TIMEOUT: Duration = Duration::from_millis(10 * PING_MS);
 
 /// What an agent (or the master) tells a broker.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -164,10 +176,6 @@ pub enum ErrorCode {
     Replaced,
     /// Nothing received for too long.
     Timeout,
-    /// The agent does not read fast enough.
-    TooSlow,
-    /// A relay to a member that is not connected, or too large.
-    CannotRelay,
     /// The broker serves other clusters, not the one the agent names: the
     /// agent's master key is probably another cluster's.
     ForeignCluster,

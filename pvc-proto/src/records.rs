@@ -159,6 +159,37 @@ pub struct GlobalPolicy {
     pub rules: Vec<PolicyRule>,
 }
 
+/// The master's documents that replace older ones of their kind: a
+/// revocation list or a global policy by its version, a host's record by
+/// its serial.
+pub trait Versioned {
+    fn version(&self) -> u64;
+}
+
+impl Versioned for Revocations {
+    fn version(&self) -> u64 {
+        self.version
+    }
+}
+
+impl Versioned for GlobalPolicy {
+    fn version(&self) -> u64 {
+        self.version
+    }
+}
+
+impl Versioned for MembershipRecord {
+    fn version(&self) -> u64 {
+        self.serial
+    }
+}
+
+/// Whether `candidate` replaces `current`: only a newer document does, so a
+/// broker replaying an old one rolls nothing back.
+pub fn supersedes<T: Versioned>(candidate: &T, current: Option<&T>) -> bool {
+    current.is_none_or(|c| candidate.version() > c.version())
+}
+
 /// Members matching `from` may open flows to members matching `to`, on `ports`.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct PolicyRule {

@@ -117,7 +117,10 @@ fn a_member_whose_key_was_replaced_cannot_authenticate() {
     std::fs::remove_file(&key).unwrap();
     lab.start_agent("b").unwrap();
     wait_until(Duration::from_secs(10), "b to be refused", || {
-        lab.agent_log("b").contains("not admitted").then_some(())
+        lab.status("b").ok()?["broker_refusal"]
+            .as_str()?
+            .contains("NotAdmitted")
+            .then_some(())
     })
     .unwrap();
     wait_until(Duration::from_secs(10), "a to forget b", || {

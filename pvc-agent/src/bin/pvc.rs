@@ -8,7 +8,7 @@ use clap::{Args as ClapArgs, Parser, Subcommand};
 use pvc_agent::{
     control::{self, Request, Status},
     security::{
-        keys::KeyPair,
+        keys::{self, KeyPair},
         master::{self, Master, PolicyFile},
     },
 };
@@ -44,12 +44,12 @@ enum Command {
     Flows(AgentSocket),
     /// Creates this host's key pair (mode 0600) and prints its public key.
     Keygen {
-        #[arg(long, default_value = "/var/lib/pvc/host.key")]
+        #[arg(long, default_value = keys::DEFAULT_KEY_FILE)]
         key: PathBuf,
     },
     /// Prints the public key of a host key pair (what `pvc master admit` takes).
     Key {
-        #[arg(long, default_value = "/var/lib/pvc/host.key")]
+        #[arg(long, default_value = keys::DEFAULT_KEY_FILE)]
         key: PathBuf,
     },
     /// The cluster's master: admission, revocation, global policy.

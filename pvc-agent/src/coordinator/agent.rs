@@ -58,6 +58,8 @@ pub(super) struct Agent {
     pub counters: BTreeMap<&'static str, u64>,
     pub refusals_logged: u32,
     pub refusals_unlogged: u64,
+    /// The last refusal a broker answered, for `pvc status`.
+    pub broker_refusal: Option<String>,
 }
 
 impl Agent {
@@ -201,6 +203,7 @@ impl Agent {
                 policy,
                 members,
             } => {
+                self.broker_refusal = None;
                 let own = verify_own_record(
                     &self.core.trust,
                     &self.core.identity().key,
@@ -228,7 +231,12 @@ impl Agent {
                     Vec::new()
                 }
             },
-            BrokerEvent::Disconnected { .. } => {
+            BrokerEvent::Disconnected {
+                reason, refusal, ..
+            } => {
+                if refusal.is_some() {
+                    self.broker_refusal = Some(reason);
+                }
                 self.core.disconnected();
                 Vec::new()
             }

@@ -8,23 +8,22 @@ use std::{net::Ipv4Addr, sync::Arc, time::Duration};
 use anyhow::{Context as _, anyhow, bail};
 use futures::{SinkExt as _, StreamExt as _};
 use pvc_proto::{
-    AgentCodec, AgentMessage, BrokerMessage, ClusterId, ErrorCode, MemberInfo, Registration,
-    SignedPolicy, SignedRecord, SignedRevocations,
+    AgentMessage, BROKER_SILENCE_LIMIT, BrokerMessage, ClusterId, ErrorCode, MemberInfo,
+    PING_INTERVAL, Registration, SignedPolicy, SignedRecord, SignedRevocations,
 };
 use tokio::{
-    net::TcpStream,
     sync::mpsc,
     time::{Instant, interval, timeout},
 };
-use tokio_util::{codec::Framed, sync::CancellationToken};
+use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::security::keys::KeyPair;
+use crate::{
+    broker_client::{self, Refused},
+    security::keys::KeyPair,
+};
 
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
-pub const PING_INTERVAL: Duration = Duration::from_secs(10);
-const SILENCE_LIMIT: Duration = Duration::from_secs(30);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
 /// What the session reports to the coordinator.
@@ -49,14 +48,6 @@ pub enum BrokerEvent {
         reason: String,
         refusal: Option<ErrorCode>,
     },
-}
-
-/// A broker refused the session, with its reason.
-#[derive(Debug, thiserror::Error)]
-#[error("broker refused the registration ({code:?}): {message}")]
-pub struct Refused {
-    pub code: ErrorCode,
-    pub message: String,
 }
 
 /// A payload for another member.
@@ -108,7 +99,7 @@ pub async fn run(
         {
             return;
         }
-        if started.elapsed() > SILENCE_LIMIT {
+        if started.elapsed() > BROKER_SILENCE_LIMIT {
             backoff = Duration::from_millis(250);
         }
         tokio::select! {
@@ -141,12 +132,7 @@ async fn session(
     relays: &mut mpsc::Receiver<Relay>,
     stop: &CancellationToken,
 ) -> anyhow::Result<()> {
-    let stream = timeout(CONNECT_TIMEOUT, TcpStream::connect(broker))
-        .await
-        .map_err(|_| anyhow!("no answer within {CONNECT_TIMEOUT:?}"))?
-        .with_context(|| format!("cannot connect to broker {broker}"))?;
-    stream.set_nodelay(true)?;
-    let mut framed = Framed::new(stream, AgentCodec::default());
+    let mut framed = broker_client::connect(broker, None).await?;
     let registration = Registration::new(
         me.cluster,
         &me.key.pair,
@@ -238,7 +224,7 @@ async fn session(
                 return Ok(());
             }
             _ = ping.tick() => {
-                if last_heard.elapsed() > SILENCE_LIMIT {
+                if last_heard.elapsed() > BROKER_SILENCE_LIMIT {
                     bail!("broker silent for {:?}", last_heard.elapsed());
                 }
                 nonce += 1;

@@ -255,8 +255,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         counters: BTreeMap::new(),
         refusals_logged: 0,
         refusals_unlogged: 0,
+        broker_refusal: None,
     };
-    let mut result = configure(&mut agent).await;
+    let mut result = configure(&mut agent, welcome.is_none()).await;
     if result.is_ok() {
         let me = agent.core.identity();
         info!(
@@ -282,11 +283,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     result.and(teardown)
 }
 
-/// Takes over what a previous agent of this instance left (its paths and
-/// member routes: established flows keep using them until the broker says
-/// who is still a member), installs the policy, and puts the virtual
-/// address and routes on the host.
-async fn configure(agent: &mut Agent) -> anyhow::Result<()> {
+/// Takes over what a previous agent of this instance left (its paths,
+/// member routes and policy: established flows keep using them, and the
+/// policy holds, until the broker says who is still a member), installs the
+/// policy on a fresh data path, and puts the virtual address and routes on
+/// the host.
+async fn configure(agent: &mut Agent, takeover: bool) -> anyhow::Result<()> {
     let paths = agent.datapath.maps.peers();
     let routes = virtualization::peer_routes(&agent.handle).await?;
     if !paths.is_empty() {
@@ -296,8 +298,14 @@ async fn configure(agent: &mut Agent) -> anyhow::Result<()> {
         );
     }
     agent.core.inherit(paths, routes, Instant::now());
-    let policy = agent.core.policy();
-    agent.apply(policy).await;
+    agent.installed_policy = agent.datapath.maps.policy_entries();
+    if !takeover || !agent.datapath.maps.settings_ready() {
+        // Without the members' records (names, groups) the policy compiles
+        // to nothing but its restrictions: a previous agent's policy, which
+        // knew them, stays until the broker's list arrives.
+        let policy = agent.core.policy();
+        agent.apply(policy).await;
+    }
     virtualization::configure(&agent.handle, &agent.uplink, agent.config.virtual_ip).await
 }
 
@@ -319,6 +327,7 @@ async fn wait_for_admission(
     );
     let brokers: BTreeSet<String> = config.broker_addresses().into_iter().collect();
     let mut foreign = BTreeMap::new();
+    let mut last_refusal = None;
     loop {
         tokio::select! {
             Some(event) = tasks.broker_rx.recv() => match event {
@@ -328,6 +337,9 @@ async fn wait_for_admission(
                     }
                 }
                 BrokerEvent::Disconnected { broker, reason, refusal } => {
+                    if refusal.is_some() {
+                        last_refusal = Some(reason.clone());
+                    }
                     if refusal == Some(ErrorCode::ForeignCluster) {
                         foreign.insert(broker, reason);
                     } else {
@@ -354,7 +366,9 @@ async fn wait_for_admission(
             },
             Some((request, reply)) = tasks.query_rx.recv() => {
                 let Request::Status = request;
-                let _ = reply.send(waiting_status(config, host, trust));
+                let mut status = waiting_status(config, host, trust);
+                status.broker_refusal = last_refusal.clone();
+                let _ = reply.send(status);
             }
             r = &mut tasks.control => return Err(match r {
                 Ok(Err(e)) => e,

@@ -33,6 +33,8 @@ pub(super) fn base(
         real_ip,
         advertised: advertised.to_vec(),
         broker: None,
+        broker_refusal: None,
+        takeover: false,
         admitted: false,
         revocations_version: trust.revocations.version,
         policy_version: trust.policy.version,
@@ -61,6 +63,8 @@ impl Agent {
             &me.advertised,
         );
         s.broker = core.broker.clone();
+        s.broker_refusal = self.broker_refusal.clone();
+        s.takeover = self.datapath.reused;
         s.admitted = core.own.is_some();
         s.peers = core
             .peers

@@ -14,6 +14,8 @@ use pvc_common::{
 };
 use serde::{Deserialize, Serialize};
 
+use pvc_common::maps as names;
+
 use super::events::EventStream;
 use crate::security::policy::{Compiled, PolicyEntry};
 
@@ -50,15 +52,15 @@ where
 impl Maps {
     pub(super) fn take(ebpf: &mut Ebpf, capacity: u32) -> anyhow::Result<(Self, EventStream)> {
         let maps = Self {
-            masquerading: take(ebpf, "masquerading")?,
-            peers: take(ebpf, "peers")?,
-            settings: take(ebpf, "settings")?,
-            policy: take(ebpf, "policy")?,
-            drops: take(ebpf, "drops")?,
-            traffic: take(ebpf, "traffic")?,
+            masquerading: take(ebpf, names::MASQUERADING)?,
+            peers: take(ebpf, names::PEERS)?,
+            settings: take(ebpf, names::SETTINGS)?,
+            policy: take(ebpf, names::POLICY)?,
+            drops: take(ebpf, names::DROPS)?,
+            traffic: take(ebpf, names::TRAFFIC)?,
             capacity,
         };
-        let events: RingBuf<MapData> = take(ebpf, "events")?;
+        let events: RingBuf<MapData> = take(ebpf, names::EVENTS)?;
         Ok((maps, EventStream::new(events)?))
     }
 
@@ -81,6 +83,11 @@ impl Maps {
         self.settings
             .set(0, s, 0)
             .context("cannot write the settings map")
+    }
+
+    /// Whether the programs know who this host is (the settings were written).
+    pub fn settings_ready(&self) -> bool {
+        self.settings.get(&0, 0).is_ok_and(|s| s.ready == 1)
     }
 
     pub fn set_peer(&mut self, virtual_ip: Ipv4Addr, path: PeerPath) -> anyhow::Result<()> {
@@ -134,6 +141,21 @@ impl Maps {
         }
         *installed = wanted.clone();
         Ok(())
+    }
+
+    /// The policy entries in the kernel now (left by a previous agent when
+    /// the map was taken over).
+    pub fn policy_entries(&self) -> BTreeSet<PolicyEntry> {
+        self.policy
+            .keys()
+            .filter_map(Result::ok)
+            .map(|k| PolicyEntry {
+                direction: k.data().direction,
+                peer: Ipv4Addr::from(k.data().peer),
+                port: u16::from_be_bytes(k.data().port),
+                prefix_len: k.prefix_len(),
+            })
+            .collect()
     }
 
     /// Drop and refusal counts by reason, summed over CPUs.

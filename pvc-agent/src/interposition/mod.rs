@@ -40,14 +40,7 @@ use tracing::{info, warn};
 /// The kernel programs, compiled from `pvc-ebpf` by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pvc-ebpf"));
 
-pub const MAP_NAMES: [&str; 6] = [
-    "masquerading",
-    "peers",
-    "settings",
-    "drops",
-    "traffic",
-    "events",
-];
+use pvc_common::maps::ALL as MAP_NAMES;
 const CONNECT4: &str = "pvc_connect4";
 const EGRESS: &str = "pvc_egress";
 const INGRESS: &str = "pvc_ingress";
@@ -68,6 +61,8 @@ pub struct Datapath {
     pin_dir: PathBuf,
     ebpf: Ebpf,
     pub maps: Maps,
+    /// Whether the maps a previous agent pinned were taken over.
+    pub reused: bool,
     events: Option<EventStream>,
 }
 
@@ -100,6 +95,7 @@ impl Datapath {
             pin_dir: a.pin_dir.clone(),
             ebpf,
             maps,
+            reused,
             events: Some(events),
         };
         datapath.attach(a)?;
@@ -205,6 +201,7 @@ impl Datapath {
             ebpf,
             maps,
             events,
+            ..
         } = self;
         drop((events, maps, ebpf));
         remove_instance(&pin_dir)
@@ -222,7 +219,10 @@ fn load(a: &Attachment) -> anyhow::Result<Ebpf> {
     for name in MAP_NAMES {
         loader.map_pin_path(name, a.pin_dir.join(name));
     }
-    loader.map_max_entries("masquerading", a.max_flows.saturating_mul(2));
+    loader.map_max_entries(
+        pvc_common::maps::MASQUERADING,
+        a.max_flows.saturating_mul(2),
+    );
     let ebpf = loader.load(OBJECT).context(
         "cannot load PVC's eBPF object (needs BTF, BPF ring buffers and tc/cgroup programs: \
          Linux 6.6 or later, run as root)",
@@ -234,4 +234,21 @@ fn load(a: &Attachment) -> anyhow::Result<Ebpf> {
         );
     }
     Ok(ebpf)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    #[test]
+    fn the_object_has_exactly_the_maps_the_agent_pins_and_takes() {
+        let obj = aya_obj::Object::parse(OBJECT).expect("the embedded eBPF object parses");
+        let in_object: BTreeSet<&str> = obj.maps.keys().map(String::as_str).collect();
+        let pinned: BTreeSet<&str> = MAP_NAMES.into_iter().collect();
+        assert_eq!(in_object, pinned);
+        let programs: BTreeSet<&str> = obj.programs.keys().map(String::as_str).collect();
+        assert_eq!(programs, PROGRAM_NAMES.into_iter().collect());
+    }
 }

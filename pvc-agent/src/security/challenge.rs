@@ -129,6 +129,12 @@ fn derive(
     .map_err(|_: ring::error::Unspecified| ChallengeError::Crypto)
 }
 
+/// Checks a Done's MAC in constant time (a comparison that stops at the
+/// first differing byte would tell a forger how much of a guess was right).
+fn done_mac_valid(key: &[u8; 32], transcript: &[u8; 32], mac: &[u8; 32]) -> bool {
+    hmac::verify(&hmac::Key::new(hmac::HMAC_SHA256, key), transcript, mac).is_ok()
+}
+
 fn done_mac(key: &[u8; 32], transcript: &[u8; 32]) -> [u8; 32] {
     let tag = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, key), transcript);
     let mut m = [0u8; 32];
@@ -246,7 +252,7 @@ impl Initiator {
 impl Confirmed {
     /// The responder installed its side: ours can go in.
     pub fn on_done(self, done: &Done) -> Result<Session, ChallengeError> {
-        if done.mac != done_mac(&self.done_key, &self.transcript) {
+        if !done_mac_valid(&self.done_key, &self.transcript, &done.mac) {
             return Err(ChallengeError::BadMac);
         }
         Ok(self.session)

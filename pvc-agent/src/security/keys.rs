@@ -12,6 +12,9 @@ use pvc_proto::PublicKey;
 use ring::{rand::SystemRandom, signature::Ed25519KeyPair};
 use tracing::info;
 
+/// Where a host's key lives unless configured otherwise.
+pub const DEFAULT_KEY_FILE: &str = "/var/lib/pvc/host.key";
+
 /// A key pair and its public half.
 pub struct KeyPair {
     pub pair: Ed25519KeyPair,

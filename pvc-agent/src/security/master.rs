@@ -7,24 +7,22 @@
 //! that serials, names and virtual addresses stay unique across restarts.
 
 use std::{
-    net::{Ipv4Addr, SocketAddr},
+    net::Ipv4Addr,
     path::{Path, PathBuf},
     time::Duration,
 };
 
 use anyhow::{Context as _, anyhow, bail};
-use futures::{SinkExt as _, StreamExt as _};
 use pvc_proto::{
-    AgentCodec, AgentMessage, BrokerMessage, ClusterId, GlobalPolicy, MembershipRecord, PolicyRule,
-    PortRange, PublicKey, Publication, Revocations, Selector, SignedPolicy, SignedRecord,
-    SignedRevocations, unix_now, valid_name, valid_virtual_address,
+    AgentMessage, BrokerMessage, ClusterId, GlobalPolicy, MembershipRecord, PolicyRule, PortRange,
+    PublicKey, Publication, Revocations, Selector, SignedPolicy, SignedRecord, SignedRevocations,
+    unix_now, valid_name, valid_virtual_address,
 };
 use redb::{Database, ReadableDatabase as _, ReadableTable as _, TableDefinition};
 use serde::Deserialize;
-use tokio::net::TcpStream;
-use tokio_util::codec::Framed;
 
 use super::keys::KeyPair;
+use crate::broker_client;
 
 const RECORDS: TableDefinition<&str, &[u8]> = TableDefinition::new("records");
 const DOCS: TableDefinition<&str, &[u8]> = TableDefinition::new("documents");
@@ -291,23 +289,17 @@ impl Master {
 /// Sends everything to each broker; fails if one of them does not take it.
 pub async fn publish(publications: &[Publication], brokers: &[String]) -> anyhow::Result<()> {
     for broker in brokers {
-        let addr: SocketAddr = tokio::net::lookup_host(broker)
-            .await
-            .with_context(|| format!("cannot resolve broker {broker}"))?
-            .next()
-            .ok_or_else(|| anyhow!("broker {broker} has no address"))?;
-        let stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr))
-            .await
-            .map_err(|_| anyhow!("broker {broker} does not answer"))?
-            .with_context(|| format!("cannot connect to broker {broker}"))?;
-        let mut framed = Framed::new(stream, AgentCodec::default());
+        let mut link = broker_client::connect(broker, None).await?;
         for p in publications {
-            framed.send(AgentMessage::Publish(p.clone())).await?;
-            match tokio::time::timeout(Duration::from_secs(10), framed.next()).await {
-                Ok(Some(Ok(BrokerMessage::Published { .. }))) => {}
-                Ok(Some(Ok(BrokerMessage::Error { code, message }))) => {
-                    bail!("broker {broker} refused ({code:?}): {message}")
-                }
+            match broker_client::request(
+                &mut link,
+                AgentMessage::Publish(p.clone()),
+                Duration::from_secs(10),
+            )
+            .await
+            .with_context(|| format!("broker {broker}"))?
+            {
+                BrokerMessage::Published { .. } => {}
                 other => bail!("broker {broker} did not confirm the publication: {other:?}"),
             }
         }

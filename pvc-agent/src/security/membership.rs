@@ -7,7 +7,7 @@ use std::net::Ipv4Addr;
 
 use pvc_proto::{
     ClusterId, GlobalPolicy, MemberInfo, MembershipRecord, PublicKey, RecordError, Revocations,
-    SignedPolicy, SignedRecord, SignedRevocations, validate_addresses,
+    SignedPolicy, SignedRecord, SignedRevocations, supersedes, validate_addresses,
 };
 
 /// A member whose record this agent verified.
@@ -89,7 +89,7 @@ impl Trust {
     /// Takes a newer revocation list. Ok(true) if it changed anything.
     pub fn update_revocations(&mut self, signed: &SignedRevocations) -> Result<bool, RecordError> {
         let r = signed.verify(&self.master)?;
-        if r.version <= self.revocations.version {
+        if !supersedes(&r, Some(&self.revocations)) {
             return Ok(false);
         }
         self.revocations = r;
@@ -99,7 +99,7 @@ impl Trust {
     /// Takes a newer global policy. Ok(true) if it changed anything.
     pub fn update_policy(&mut self, signed: &SignedPolicy) -> Result<bool, RecordError> {
         let p = signed.verify(&self.master)?;
-        if p.version <= self.policy.version {
+        if !supersedes(&p, Some(&self.policy)) {
             return Ok(false);
         }
         self.policy = p;
