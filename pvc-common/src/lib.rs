@@ -214,7 +214,19 @@ pub struct Settings {
     /// 1 when a policy restricts inbound flows.
     pub policy_in: u8,
     pub _pad: u8,
+    /// The depth of `cgroup_id` in the cgroup v2 hierarchy.
+    pub cgroup_level: u32,
+    /// The cgroup v2 whose processes (and their descendants) use the
+    /// virtual network (`interposition.cgroup`); 0 for the whole host.
+    /// Outside it, a flow to a virtual address is refused, and so is a flow
+    /// from a member to a server outside it.
+    pub cgroup_id: u64,
 }
+
+/// `skb->mark` of the packets the agent itself puts on the wire (held SYNs
+/// re-sent, answers, probes): tc knows them from an application's, whatever
+/// cgroup the agent runs in.
+pub const AGENT_MARK: u32 = 0x5056_4301;
 
 pub const POLICY_OUTBOUND: u8 = 0;
 pub const POLICY_INBOUND: u8 = 1;
@@ -329,9 +341,13 @@ drop_reasons! {
     /// A packet to a member before the agent told the programs who this
     /// host is (starting up): dropped, TCP retransmits.
     AgentNotReady = 19, "agent_not_ready", "the agent has not finished setting up the data path";
+    /// A flow to a virtual address from a process outside the cgroup PVC
+    /// serves, or from a member to a server outside it: refused with a RST.
+    OutsideCgroup = 20, "outside_cgroup",
+        "the process is outside the cgroup PVC serves (interposition.cgroup)";
 }
 
-pub const DROP_REASON_COUNT: u32 = 20;
+pub const DROP_REASON_COUNT: u32 = 21;
 
 /// Masqueraded packets and bytes in one direction, per CPU. Both in one
 /// value: a packet's accounting touches one cache line, not two.
@@ -513,7 +529,7 @@ mod tests {
         assert_eq!(size_of::<FlowKey>(), 4 + 4 + 2 + 2 + 1 + 1 + 2);
         assert_eq!(size_of::<Masquerade>(), 8 + 4 + 4 + 2 + 2 + 4 + 1 + 1 + 6);
         assert_eq!(size_of::<PeerPath>(), 8 + 16);
-        assert_eq!(size_of::<Settings>(), 12);
+        assert_eq!(size_of::<Settings>(), 12 + 4 + 8);
         assert_eq!(size_of::<PolicyKey>(), 8);
         assert_eq!(size_of::<HeldPacket>(), 16 + HELD_BYTES);
         assert_eq!(size_of::<Event>(), 4 + 4 + 4 + 4 + 2 + 2 + 4 + 4);

@@ -224,6 +224,12 @@ impl Tcp {
     pub fn is_syn(&self) -> bool {
         self.flags & (TCP_SYN | TCP_ACK) == TCP_SYN
     }
+
+    /// A server's answer to a connection request.
+    #[inline(always)]
+    pub fn is_syn_ack(&self) -> bool {
+        self.flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK
+    }
 }
 
 #[inline(always)]

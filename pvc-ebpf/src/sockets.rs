@@ -12,9 +12,40 @@ use aya_ebpf::{
         BPF_TCP_LAST_ACK, BPF_TCP_LISTEN, BPF_TCP_TIME_WAIT, bpf_sock_tuple,
         bpf_sock_tuple__bindgen_ty_1, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1,
     },
-    helpers::{bpf_sk_release, bpf_skc_lookup_tcp},
+    helpers::{bpf_sk_release, bpf_skb_ancestor_cgroup_id, bpf_skc_lookup_tcp},
     programs::TcContext,
 };
+use pvc_common::{AGENT_MARK, Settings};
+
+/// Whether a packet this host sends belongs to the cgroup PVC serves: its
+/// socket's cgroup (a listener's, for a SYN/ACK) is that one or below it.
+/// Packets the agent sends itself carry its mark and pass.
+#[inline(always)]
+pub fn sender_in_cgroup(ctx: &TcContext, s: &Settings) -> bool {
+    if s.cgroup_id == 0 {
+        return true;
+    }
+    // SAFETY: the context's own skb, for a field read and a helper.
+    unsafe {
+        (*ctx.skb.skb).mark == AGENT_MARK
+            || bpf_skb_ancestor_cgroup_id(ctx.skb.skb, s.cgroup_level as i32) == s.cgroup_id
+    }
+}
+
+/// The tuple a lookup takes: named as a packet arriving at the socket.
+#[inline(always)]
+fn tuple(local: [u8; 4], lport: u16, remote: [u8; 4], rport: u16) -> bpf_sock_tuple {
+    bpf_sock_tuple {
+        __bindgen_anon_1: bpf_sock_tuple__bindgen_ty_1 {
+            ipv4: bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 {
+                saddr: u32::from_ne_bytes(remote),
+                daddr: u32::from_ne_bytes(local),
+                sport: rport.to_be(),
+                dport: lport.to_be(),
+            },
+        },
+    }
+}
 
 /// What uses a 4-tuple on this host.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -32,17 +63,7 @@ pub enum Use {
 /// `remote:rport` uses that tuple. A listener is not a connection.
 #[inline(always)]
 pub fn tcp_use(ctx: &TcContext, local: [u8; 4], lport: u16, remote: [u8; 4], rport: u16) -> Use {
-    // The lookup names the tuple as a packet arriving at the socket would.
-    let mut tuple = bpf_sock_tuple {
-        __bindgen_anon_1: bpf_sock_tuple__bindgen_ty_1 {
-            ipv4: bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 {
-                saddr: u32::from_ne_bytes(remote),
-                daddr: u32::from_ne_bytes(local),
-                sport: rport.to_be(),
-                dport: lport.to_be(),
-            },
-        },
-    };
+    let mut tuple = tuple(local, lport, remote, rport);
     // SAFETY: the context is this program's skb and the tuple lives on the
     // stack for the call; the size names its IPv4 part only.
     let sk = unsafe {

@@ -135,7 +135,18 @@ fn egress_tcp(ctx: &TcContext, ip: &Ipv4, s: &Settings) -> Result<i32, DropReaso
         IPPROTO_TCP,
         DIRECTION_EGRESS,
     );
+    if tcp.is_syn_ack() && !sockets::sender_in_cgroup(ctx, s) {
+        // A server outside the cgroup PVC serves is not on the virtual
+        // network: its answer to a member's SYN becomes a refusal (the agent
+        // resets both ends), so the member's connect() fails at once.
+        return Err(flow::refuse(ctx, ip, DropReason::OutsideCgroup));
+    }
     let (m, ip) = if tcp.is_syn() {
+        if !sockets::sender_in_cgroup(ctx, s) {
+            // connect4 only hooks the cgroup: outside it, connect() reaches
+            // here, and its SYN is answered at once rather than dropped.
+            return Err(flow::refuse(ctx, ip, DropReason::OutsideCgroup));
+        }
         let path = peer(ip.daddr).ok_or(DropReason::UnknownPeer)?;
         if path.state != PEER_READY {
             // A member we have not authenticated yet: the agent does it,
@@ -206,6 +217,9 @@ fn egress_icmp(ctx: &TcContext, ip: &Ipv4, s: &Settings) -> Result<i32, DropReas
     let icmp = parse_icmp(ctx, ip).ok_or(DropReason::Malformed)?;
     if icmp.kind != ICMP_ECHO {
         return Err(DropReason::UnsupportedProtocol);
+    }
+    if !sockets::sender_in_cgroup(ctx, s) {
+        return Err(DropReason::OutsideCgroup);
     }
     let key = FlowKey::new(
         ip.saddr,

@@ -211,3 +211,73 @@ fn many_short_connections_all_succeed() {
         status["flows_opened"]
     );
 }
+
+/// Connections from `host`'s network namespace but outside its cgroup.
+fn outsider_connects(lab: &Lab, host: &str, dst: Ipv4Addr, port: u16) -> serde_json::Value {
+    let script = format!(
+        r#"
+import socket, json, time
+t = time.time()
+try:
+    s = socket.create_connection(("{dst}", {port}), timeout=5)
+    s.sendall(b"hello")
+    print(json.dumps({{"reply": s.recv(100).decode(), "secs": time.time() - t}}))
+except OSError as e:
+    print(json.dumps({{"errno": e.errno, "error": str(e), "secs": time.time() - t}}))
+"#
+    );
+    let netns = lab.host(host).netns.clone();
+    let out = Lab::command_in(&netns, None, "python3")
+        .unwrap()
+        .args(["-c", &script])
+        .ok()
+        .unwrap();
+    serde_json::from_str(out.trim()).unwrap()
+}
+
+#[test]
+fn processes_outside_the_cgroup_do_not_use_the_virtual_network() {
+    const ECONNREFUSED: i64 = 111;
+    require_tools(&["python3", "socat"]);
+    let mut lab = Lab::lan(3).unwrap();
+    lab.start_all().unwrap();
+    probe::echo_server(&mut lab, "b", 7500).unwrap();
+    let (vb, vc) = (lab.host("b").virtual_ip, lab.host("c").virtual_ip);
+    let nobody = Ipv4Addr::new(240, 0, 0, 99);
+
+    // Outside a's cgroup: refused at once, whether the member was talked
+    // to or never, or no member holds the address; no exchange starts.
+    assert_eq!(
+        probe::client(&lab, "a", vb, 7500).unwrap()["reply"],
+        "hello"
+    );
+    for dst in [vb, vc, nobody] {
+        let got = outsider_connects(&lab, "a", dst, 7500);
+        assert_eq!(got["errno"], ECONNREFUSED, "to {dst}: {got}");
+    }
+    assert!(
+        !lab.authenticated("a", vc),
+        "an outsider made a authenticate c"
+    );
+    let a = lab.status("a").unwrap();
+    assert!(a["drops"]["outside_cgroup"].as_u64().unwrap() >= 3, "{a}");
+    // Inside, everything works as before.
+    assert_eq!(
+        probe::client(&lab, "a", vb, 7500).unwrap()["reply"],
+        "hello"
+    );
+
+    // A server outside b's cgroup is not on the virtual network: members
+    // get a refusal, not a connection to it.
+    lab.spawn_outside(
+        "b",
+        "socat",
+        &["TCP-LISTEN:7501,fork,reuseaddr", "EXEC:cat"],
+    )
+    .unwrap();
+    lab.wait_listening("b", 7501).unwrap();
+    let got = probe::client(&lab, "a", vb, 7501).unwrap();
+    assert_eq!(got["errno"], ECONNREFUSED, "{got}");
+    let b = lab.status("b").unwrap();
+    assert!(b["drops"]["outside_cgroup"].as_u64().unwrap() >= 1, "{b}");
+}

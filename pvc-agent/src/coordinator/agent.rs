@@ -26,7 +26,7 @@ use crate::{
     control::Request,
     interposition::{
         self, Datapath, FlowEvent, Timeouts,
-        inject::{Injector, Syn},
+        inject::{Injector, Syn, SynAck},
     },
     security::policy::PolicyEntry,
     virtualization::{self, Uplink},
@@ -300,20 +300,31 @@ impl Agent {
     /// fails at once), and explained.
     fn on_refused_packet(&mut self, reason: Option<DropReason>, packet: Option<Vec<u8>>) {
         let Some(packet) = packet else { return };
-        let Some(syn) = Syn::parse(&packet) else {
-            return;
+        let flow = match (Syn::parse(&packet), SynAck::parse(&packet)) {
+            (Some(s), _) => format!("{}:{} -> {}:{}", s.saddr, s.sport, s.daddr, s.dport),
+            (None, Some(a)) => format!("{}:{} -> {}:{}", a.daddr, a.dport, a.saddr, a.sport),
+            (None, None) => return,
         };
         match self.injector.refuse(&packet) {
             Ok(()) => *self.counters.entry("refused_syns_answered").or_default() += 1,
             Err(e) => warn!("cannot answer a refused SYN: {e}"),
         }
-        let flow = format!("{}:{} -> {}:{}", syn.saddr, syn.sport, syn.daddr, syn.dport);
         match reason {
             Some(DropReason::FlowTableFull) => {
                 let max_flows = self.config.interposition.max_flows;
                 self.log_refusal(format_args!(
                     "refused the new flow {flow}: the masquerading map is full ({max_flows} flows); \
                      established flows are kept. Raise interposition.max_flows"
+                ))
+            }
+            Some(DropReason::OutsideCgroup) => {
+                let cgroup = self.config.interposition.cgroup.as_ref().map_or_else(
+                    || "the configured one".to_string(),
+                    |c| c.display().to_string(),
+                );
+                self.log_refusal(format_args!(
+                    "refused the flow {flow}: the process on this host that would open or \
+                     accept it is outside the cgroup PVC serves ({cgroup})"
                 ))
             }
             _ => self.log_refusal(format_args!(

@@ -74,25 +74,83 @@ pub fn complete_syn(packet: &[u8]) -> Option<Vec<u8>> {
     Some(out)
 }
 
-/// A RST|ACK from the SYN's destination to its source, answering it.
-pub fn refusal(syn: &Syn) -> Vec<u8> {
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
+
+/// A bare RST (with `ack`, a RST|ACK) from `from` to `to`.
+fn reset(from: (Ipv4Addr, u16), to: (Ipv4Addr, u16), seq: u32, ack: Option<u32>) -> Vec<u8> {
     let mut p = vec![0u8; 40];
     p[0] = 0x45;
     p[2..4].copy_from_slice(&40u16.to_be_bytes());
     p[6] = 0x40; // DF
     p[8] = 64;
     p[9] = 6;
-    p[12..16].copy_from_slice(&syn.daddr.octets());
-    p[16..20].copy_from_slice(&syn.saddr.octets());
+    p[12..16].copy_from_slice(&from.0.octets());
+    p[16..20].copy_from_slice(&to.0.octets());
     let t = &mut p[20..];
-    t[0..2].copy_from_slice(&syn.dport.to_be_bytes());
-    t[2..4].copy_from_slice(&syn.sport.to_be_bytes());
-    t[8..12].copy_from_slice(&syn.seq.wrapping_add(1).to_be_bytes());
+    t[0..2].copy_from_slice(&from.1.to_be_bytes());
+    t[2..4].copy_from_slice(&to.1.to_be_bytes());
+    t[4..8].copy_from_slice(&seq.to_be_bytes());
+    t[8..12].copy_from_slice(&ack.unwrap_or(0).to_be_bytes());
     t[12] = 5 << 4;
-    t[13] = 0x14; // RST, ACK
-    let csum = tcp_checksum(syn.daddr, syn.saddr, &p[20..]);
+    t[13] = TCP_RST | if ack.is_some() { TCP_ACK } else { 0 };
+    let csum = tcp_checksum(from.0, to.0, &p[20..]);
     p[36..38].copy_from_slice(&csum.to_be_bytes());
     p
+}
+
+/// A RST|ACK from the SYN's destination to its source, answering it.
+pub fn refusal(syn: &Syn) -> Vec<u8> {
+    reset(
+        (syn.daddr, syn.dport),
+        (syn.saddr, syn.sport),
+        0,
+        Some(syn.seq.wrapping_add(1)),
+    )
+}
+
+/// A server's SYN/ACK, as the stack sent it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SynAck {
+    pub saddr: Ipv4Addr,
+    pub daddr: Ipv4Addr,
+    pub sport: u16,
+    pub dport: u16,
+    pub seq: u32,
+    pub ack: u32,
+}
+
+impl SynAck {
+    pub fn parse(packet: &[u8]) -> Option<Self> {
+        let ihl = (*packet.first()? & 0x0f) as usize * 4;
+        if packet[0] >> 4 != 4 || ihl < 20 || packet.len() < ihl + 20 || packet[9] != 6 {
+            return None;
+        }
+        let tcp = &packet[ihl..];
+        if tcp[13] & 0x12 != 0x12 {
+            return None;
+        }
+        let word = |i: usize| u32::from_be_bytes([tcp[i], tcp[i + 1], tcp[i + 2], tcp[i + 3]]);
+        Some(Self {
+            saddr: Ipv4Addr::new(packet[12], packet[13], packet[14], packet[15]),
+            daddr: Ipv4Addr::new(packet[16], packet[17], packet[18], packet[19]),
+            sport: u16::from_be_bytes([tcp[0], tcp[1]]),
+            dport: u16::from_be_bytes([tcp[2], tcp[3]]),
+            seq: word(4),
+            ack: word(8),
+        })
+    }
+
+    /// Resets that undo the handshake on both ends: to the server, as if
+    /// from the client (its half-open connection goes), and to the client,
+    /// as if from the server (its connect() fails with ECONNREFUSED).
+    pub fn resets(&self) -> [Vec<u8>; 2] {
+        let (server, client) = ((self.saddr, self.sport), (self.daddr, self.dport));
+        [
+            reset(client, server, self.ack, None),
+            reset(server, client, self.seq.wrapping_add(1), Some(self.ack)),
+        ]
+    }
 }
 
 impl Injector {
@@ -103,6 +161,9 @@ impl Injector {
             Type::RAW,
             Some(Protocol::from(libc::IPPROTO_RAW)),
         )?;
+        // tc knows the agent's packets by their mark: a re-sent SYN passed
+        // its checks when the application sent it.
+        socket.set_mark(pvc_common::AGENT_MARK)?;
         Ok(Self { socket })
     }
 
@@ -120,10 +181,17 @@ impl Injector {
         self.send(&complete, syn.daddr)
     }
 
-    /// Makes the connect() behind a held SYN fail with ECONNREFUSED.
+    /// Makes the connect() behind a held SYN fail with ECONNREFUSED; for a
+    /// SYN/ACK tc refused, resets both ends of the handshake.
     pub fn refuse(&self, packet: &[u8]) -> io::Result<()> {
-        let syn = Syn::parse(packet).ok_or_else(|| io::Error::other("not a held TCP SYN"))?;
-        self.send(&refusal(&syn), syn.saddr)
+        if let Some(syn) = Syn::parse(packet) {
+            return self.send(&refusal(&syn), syn.saddr);
+        }
+        let answer =
+            SynAck::parse(packet).ok_or_else(|| io::Error::other("not a TCP SYN or SYN/ACK"))?;
+        let [to_server, to_client] = answer.resets();
+        self.send(&to_server, answer.saddr)?;
+        self.send(&to_client, answer.daddr)
     }
 }
 
@@ -191,5 +259,36 @@ mod tests {
             tcp_checksum(s.daddr, s.saddr, &rst[ihl..])
         );
         assert_eq!(Syn::parse(&rst), None, "a RST is not a SYN");
+    }
+
+    #[test]
+    fn a_refused_answer_resets_both_ends() {
+        let mut p = Vec::new();
+        etherparse::PacketBuilder::ipv4([240, 0, 0, 2], [240, 0, 0, 1], 64)
+            .tcp(22, 40000, 0x0a0b0c0d, 64240)
+            .syn()
+            .ack(0x01020305)
+            .write(&mut p, &[])
+            .unwrap();
+        let answer = SynAck::parse(&p).unwrap();
+        assert_eq!(Syn::parse(&p), None, "a SYN/ACK is not a SYN");
+        let [to_server, to_client] = answer.resets();
+        for (rst, from, to, seq, ack) in [
+            (&to_server, 40000, 22, 0x01020305, None),
+            (&to_client, 22, 40000, 0x0a0b0c0e, Some(0x01020305)),
+        ] {
+            let back = etherparse::SlicedPacket::from_ip(rst).unwrap();
+            let Some(etherparse::TransportSlice::Tcp(t)) = back.transport else {
+                panic!("not TCP")
+            };
+            assert!(t.rst());
+            assert_eq!(t.ack(), ack.is_some());
+            assert_eq!((t.source_port(), t.destination_port()), (from, to));
+            assert_eq!(t.sequence_number(), seq);
+            if let Some(ack) = ack {
+                assert_eq!(t.acknowledgment_number(), ack);
+            }
+            assert!(valid(rst), "checksum");
+        }
     }
 }

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use pvc_common::maps as names;
 
-use super::events::EventStream;
+use super::{events::EventStream, pins};
 use crate::security::policy::{Compiled, PolicyEntry};
 
 pub struct Maps {
@@ -28,6 +28,8 @@ pub struct Maps {
     traffic: PerCpuArray<MapData, Traffic>,
     /// Entries the masquerading map holds at most (two per flow).
     pub capacity: u32,
+    /// The cgroup whose processes use the virtual network.
+    pub cgroup: pins::CgroupScope,
 }
 
 /// Masqueraded traffic since the maps were created.
@@ -50,7 +52,11 @@ where
 }
 
 impl Maps {
-    pub(super) fn take(ebpf: &mut Ebpf, capacity: u32) -> anyhow::Result<(Self, EventStream)> {
+    pub(super) fn take(
+        ebpf: &mut Ebpf,
+        capacity: u32,
+        cgroup: pins::CgroupScope,
+    ) -> anyhow::Result<(Self, EventStream)> {
         let maps = Self {
             masquerading: take(ebpf, names::MASQUERADING)?,
             peers: take(ebpf, names::PEERS)?,
@@ -59,6 +65,7 @@ impl Maps {
             drops: take(ebpf, names::DROPS)?,
             traffic: take(ebpf, names::TRAFFIC)?,
             capacity,
+            cgroup,
         };
         let events: RingBuf<MapData> = take(ebpf, names::EVENTS)?;
         Ok((maps, EventStream::new(events)?))
@@ -79,6 +86,8 @@ impl Maps {
             policy_out: policy.restrict_out as u8,
             policy_in: policy.restrict_in as u8,
             _pad: 0,
+            cgroup_level: self.cgroup.level,
+            cgroup_id: self.cgroup.id,
         };
         self.settings
             .set(0, s, 0)

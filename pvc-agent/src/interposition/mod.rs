@@ -90,7 +90,8 @@ impl Datapath {
         if reused {
             info!(pins = %a.pin_dir.display(), "reusing pinned maps: established flows are kept");
         }
-        let (maps, events) = Maps::take(&mut ebpf, a.max_flows.saturating_mul(2))?;
+        let scope = pins::CgroupScope::of(&a.cgroup)?;
+        let (maps, events) = Maps::take(&mut ebpf, a.max_flows.saturating_mul(2), scope)?;
         let mut datapath = Self {
             pin_dir: a.pin_dir.clone(),
             ebpf,

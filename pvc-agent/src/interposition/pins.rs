@@ -67,6 +67,43 @@ pub fn inode(path: &Path) -> anyhow::Result<u64> {
         .ino())
 }
 
+/// A cgroup v2 as the programs check it: its id (the inode number of its
+/// folder) and its depth below the hierarchy's root. The root itself is id
+/// 0: every process, nothing to check.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CgroupScope {
+    pub id: u64,
+    pub level: u32,
+}
+
+impl CgroupScope {
+    pub fn of(path: &Path) -> anyhow::Result<Self> {
+        let path = path
+            .canonicalize()
+            .with_context(|| format!("cgroup {} does not exist", path.display()))?;
+        let dev = fs::metadata(&path)?.dev();
+        // Up to the hierarchy's root: the last ancestor that is a cgroup of
+        // the same file system.
+        let mut level = 0;
+        let mut dir = path.as_path();
+        while let Some(parent) = dir.parent() {
+            let same_fs = fs::metadata(parent).is_ok_and(|m| m.dev() == dev);
+            if !same_fs || !parent.join("cgroup.procs").exists() {
+                break;
+            }
+            level += 1;
+            dir = parent;
+        }
+        if level == 0 {
+            return Ok(Self::default());
+        }
+        Ok(Self {
+            id: inode(&path)?,
+            level,
+        })
+    }
+}
+
 /// Detaches links pinned for another target (the configuration changed).
 pub fn remove_stale(dir: &Path, prefix: &str, keep: &Path) -> anyhow::Result<()> {
     for entry in fs::read_dir(dir)? {

@@ -66,7 +66,7 @@ impl Host {
             let p: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into().unwrap();
             p.load().expect("the verifier accepts the tc program");
         }
-        let (mut maps, events) = Maps::take(&mut ebpf, 2 * 65536).unwrap();
+        let (mut maps, events) = Maps::take(&mut ebpf, 2 * 65536, Default::default()).unwrap();
         maps.set_identity(A_V.into(), A_R.into(), &Compiled::default())
             .unwrap();
         maps.set_peer(B_V.into(), ready(B_R)).unwrap();
