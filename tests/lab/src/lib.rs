@@ -24,6 +24,9 @@ use std::{
 };
 
 use anyhow::{Context as _, anyhow, bail, ensure};
+
+mod internet;
+pub use internet::Site;
 use serde_json::Value;
 
 pub const BROKER_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 254);
@@ -153,6 +156,13 @@ fn sh(args: &[&str]) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// A broker of the lab: where it runs and listens.
+struct BrokerNode {
+    netns: String,
+    addr: Ipv4Addr,
+    child: Option<Child>,
+}
+
 /// A host of the lab.
 pub struct Host {
     pub name: String,
@@ -167,6 +177,8 @@ pub struct Host {
     pub key_file: PathBuf,
     /// The host key's public half (what the master admits).
     pub public_key: String,
+    /// The site of the simulated Internet it sits in (`Lab::internet`).
+    pub site: Option<usize>,
     agent: Option<Child>,
 }
 
@@ -179,8 +191,9 @@ pub struct Lab {
     pub master_key: String,
     cgroup_dir: PathBuf,
     lan_ns: String,
-    broker_ns: String,
-    broker: Option<Child>,
+    brokers: Vec<BrokerNode>,
+    /// The simulated Internet, for labs built by `Lab::internet`.
+    internet: Option<internet::Internet>,
     children: Vec<Child>,
     namespaces: Vec<String>,
     /// Dropped after `Lab::drop` has stopped the agents and removed pins.
@@ -192,6 +205,14 @@ impl Lab {
     /// 240.0.0.<i+1>, and a broker namespace at 198.18.0.254. Nothing runs yet.
     pub fn lan(n: usize) -> anyhow::Result<Lab> {
         require_tools(&["ip", "nsenter"]);
+        let mut lab = Lab::empty()?;
+        // From here on, Drop cleans up whatever was made.
+        lab.build(n)?;
+        Ok(lab)
+    }
+
+    /// A lab with nothing in it yet but its folder and the master.
+    fn empty() -> anyhow::Result<Lab> {
         let id = LABS.fetch_add(1, Ordering::Relaxed);
         let prefix = format!("pvct{}x{id}", std::process::id());
         let bpffs = BpffsUse::take()?;
@@ -200,21 +221,43 @@ impl Lab {
         let cgroup_dir = cgroup2_root().join(&prefix);
         let mut lab = Lab {
             lan_ns: format!("{prefix}-lan"),
-            broker_ns: format!("{prefix}-broker"),
             prefix,
             master_dir: dir.join("master"),
             master_key: String::new(),
             dir,
             hosts: Vec::new(),
             cgroup_dir,
-            broker: None,
+            brokers: Vec::new(),
+            internet: None,
             children: Vec::new(),
             namespaces: Vec::new(),
             _bpffs: bpffs,
         };
-        // From here on, Drop cleans up whatever was made.
-        lab.build(n)?;
+        fs::create_dir_all(&lab.cgroup_dir)?;
+        lab.init_master()?;
         Ok(lab)
+    }
+
+    /// The cluster: its master key pair and registry, as an administrator makes them.
+    fn init_master(&mut self) -> anyhow::Result<()> {
+        let init = Command::new(bin("pvc"))
+            .args(["master", "init", "--dir"])
+            .arg(&self.master_dir)
+            .output()?;
+        ensure!(
+            init.status.success(),
+            "pvc master init: {}",
+            String::from_utf8_lossy(&init.stderr)
+        );
+        self.master_key = String::from_utf8_lossy(&init.stdout)
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("master_key = \"")?
+                    .strip_suffix('"')
+                    .map(str::to_string)
+            })
+            .ok_or_else(|| anyhow!("pvc master init printed no master_key"))?;
+        Ok(())
     }
 
     fn add_ns(&mut self, name: &str) -> anyhow::Result<()> {
@@ -256,28 +299,14 @@ impl Lab {
         self.add_ns(&lan)?;
         sh(&["ip", "-n", &lan, "link", "add", "br0", "type", "bridge"])?;
         sh(&["ip", "-n", &lan, "link", "set", "br0", "up"])?;
-        let broker = self.broker_ns.clone();
+        let broker = format!("{}-broker", self.prefix);
         self.add_ns(&broker)?;
         self.plug(&broker, "p-broker", BROKER_IP)?;
-        fs::create_dir_all(&self.cgroup_dir)?;
-        // The cluster: its master key pair and registry, as an administrator makes them.
-        let init = Command::new(bin("pvc"))
-            .args(["master", "init", "--dir"])
-            .arg(&self.master_dir)
-            .output()?;
-        ensure!(
-            init.status.success(),
-            "pvc master init: {}",
-            String::from_utf8_lossy(&init.stderr)
-        );
-        self.master_key = String::from_utf8_lossy(&init.stdout)
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix("master_key = \"")?
-                    .strip_suffix('"')
-                    .map(str::to_string)
-            })
-            .ok_or_else(|| anyhow!("pvc master init printed no master_key"))?;
+        self.brokers.push(BrokerNode {
+            netns: broker,
+            addr: BROKER_IP,
+            child: None,
+        });
         for _ in 0..n {
             self.add_host()?;
         }
@@ -288,12 +317,29 @@ impl Lab {
     /// key pair and configuration. It is not admitted and runs nothing yet.
     pub fn add_host(&mut self) -> anyhow::Result<String> {
         let i = self.hosts.len();
-        assert!(i < 26);
-        let name = ((b'a' + i as u8) as char).to_string();
+        let name = Self::host_name(i);
         let netns = format!("{}-{name}", self.prefix);
         self.add_ns(&netns)?;
         let real = Ipv4Addr::new(198, 18, 0, i as u8 + 1);
         self.plug(&netns, &format!("p-{name}"), real)?;
+        self.register_host(name, netns, real, None)
+    }
+
+    fn host_name(i: usize) -> String {
+        assert!(i < 26);
+        ((b'a' + i as u8) as char).to_string()
+    }
+
+    /// The rest of a host once its namespace is plugged in: cgroup, key
+    /// pair, configuration.
+    fn register_host(
+        &mut self,
+        name: String,
+        netns: String,
+        real: Ipv4Addr,
+        site: Option<usize>,
+    ) -> anyhow::Result<String> {
+        let i = self.hosts.len();
         let cgroup = self.cgroup_dir.join(&name);
         fs::create_dir_all(&cgroup)?;
         let instance = format!("{}-{name}", self.prefix);
@@ -319,6 +365,7 @@ impl Lab {
             instance,
             key_file,
             public_key,
+            site,
             agent: None,
         };
         self.hosts.push(host);
@@ -336,7 +383,7 @@ master_key = "{master_key}"
 key_file = "{key_file}"
 name = "host-{name}"
 virtual_ip = "{vip}"
-brokers = ["{BROKER_IP}:{BROKER_PORT}"]
+brokers = [{brokers}]
 run_dir = "{dir}"
 [interposition]
 uplink = "eth0"
@@ -350,6 +397,7 @@ max_flows = 4096
             vip = h.virtual_ip,
             dir = self.dir.display(),
             cgroup = h.cgroup.display(),
+            brokers = self.broker_list(),
         );
         fs::write(&h.config, text)?;
         Ok(())
@@ -472,18 +520,53 @@ max_flows = 4096
         Ok(fs::read_to_string(&s.log)?)
     }
 
+    /// Starts every broker of the lab that is not running.
     pub fn start_broker(&mut self) -> anyhow::Result<()> {
-        self.start_broker_on(BROKER_PORT)
+        for i in 0..self.brokers.len() {
+            if self.brokers[i].child.is_none() {
+                self.start_broker_at(i)?;
+            }
+        }
+        Ok(())
     }
 
-    fn start_broker_on(&mut self, port: u16) -> anyhow::Result<()> {
-        let mut p = Self::command_in(&self.broker_ns, None, bin("pvc-broker"))?;
+    /// Starts broker `i` on the standard port, with its own state file.
+    pub fn start_broker_at(&mut self, i: usize) -> anyhow::Result<()> {
+        self.start_broker_on(i, BROKER_PORT)
+    }
+
+    fn broker_file(i: usize, ext: &str) -> String {
+        if i == 0 {
+            format!("broker.{ext}")
+        } else {
+            format!("broker{i}.{ext}")
+        }
+    }
+
+    fn start_broker_on(&mut self, i: usize, port: u16) -> anyhow::Result<()> {
+        let b = &self.brokers[i];
+        let mut p = Self::command_in(&b.netns, None, bin("pvc-broker"))?;
         // Its state file keeps what the master published across a restart.
         p.cmd
-            .args(["--listen", &format!("{BROKER_IP}:{port}"), "--state"])
-            .arg(self.dir.join("broker.redb"));
-        self.broker = Some(p.spawn_logged(&self.dir.join("broker.log"))?);
-        self.wait_port(&self.broker_ns.clone(), port)
+            .args(["--listen", &format!("{}:{port}", b.addr), "--state"])
+            .arg(self.dir.join(Self::broker_file(i, "redb")));
+        let child = p.spawn_logged(&self.dir.join(Self::broker_file(i, "log")))?;
+        self.brokers[i].child = Some(child);
+        self.wait_port(&self.brokers[i].netns.clone(), port)
+    }
+
+    /// The brokers as the agents' configuration lists them.
+    fn broker_list(&self) -> String {
+        self.brokers
+            .iter()
+            .map(|b| format!("\"{}:{BROKER_PORT}\"", b.addr))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// Broker `i`'s address and port.
+    pub fn broker_addr(&self, i: usize) -> String {
+        format!("{}:{BROKER_PORT}", self.brokers[i].addr)
     }
 
     /// Waits until something listens on TCP `port` in namespace `ns`.
@@ -515,38 +598,38 @@ max_flows = 4096
     /// the master expect the broker, in front of a real one.
     pub fn start_evil_broker(&mut self, mode: &[&str]) -> anyhow::Result<()> {
         const UPSTREAM: u16 = BROKER_PORT + 1;
-        self.start_broker_on(UPSTREAM)?;
-        let mut p = Self::command_in(&self.broker_ns, None, bin("evil-broker"))?;
+        self.start_broker_on(0, UPSTREAM)?;
+        let mut p = Self::command_in(&self.brokers[0].netns, None, bin("evil-broker"))?;
         p.cmd
             .args(["--listen", &format!("{BROKER_IP}:{BROKER_PORT}")])
             .args(["--upstream", &format!("{BROKER_IP}:{UPSTREAM}")])
             .args(mode);
         let child = p.spawn_logged(&self.dir.join("evil-broker.log"))?;
         self.children.push(child);
-        self.wait_port(&self.broker_ns.clone(), BROKER_PORT)
+        self.wait_port(&self.brokers[0].netns.clone(), BROKER_PORT)
     }
 
     /// Another broker in the broker's namespace, on `port`, with its own
     /// state; killed with the lab. Returns its process id.
     pub fn start_extra_broker(&mut self, port: u16) -> anyhow::Result<u32> {
-        let mut p = Self::command_in(&self.broker_ns, None, bin("pvc-broker"))?;
+        let mut p = Self::command_in(&self.brokers[0].netns, None, bin("pvc-broker"))?;
         p.cmd
             .args(["--listen", &format!("{BROKER_IP}:{port}"), "--state"])
             .arg(self.dir.join(format!("broker-{port}.redb")));
         let child = p.spawn_logged(&self.dir.join(format!("broker-{port}.log")))?;
         let pid = child.id();
         self.children.push(child);
-        self.wait_port(&self.broker_ns.clone(), port)?;
+        self.wait_port(&self.brokers[0].netns.clone(), port)?;
         Ok(pid)
     }
 
     /// A command in the broker's namespace (where the lab's brokers run).
     pub fn in_broker_netns(&self, program: impl AsRef<std::ffi::OsStr>) -> Prepared {
-        Self::command_in(&self.broker_ns, None, program).expect("prepare command")
+        Self::command_in(&self.brokers[0].netns, None, program).expect("prepare command")
     }
 
     pub fn broker_pid(&self) -> Option<u32> {
-        self.broker.as_ref().map(Child::id)
+        self.brokers[0].child.as_ref().map(Child::id)
     }
 
     /// A second LAN beside the first, with no PVC on it: each host gets
@@ -577,8 +660,16 @@ max_flows = 4096
         fs::read_to_string(self.dir.join("evil-broker.log")).unwrap_or_default()
     }
 
+    /// Kills every broker (SIGKILL).
     pub fn kill_broker(&mut self) {
-        if let Some(mut b) = self.broker.take() {
+        for i in 0..self.brokers.len() {
+            self.kill_broker_at(i);
+        }
+    }
+
+    /// Kills broker `i` (SIGKILL): its sessions' sockets close.
+    pub fn kill_broker_at(&mut self, i: usize) {
+        if let Some(mut b) = self.brokers[i].child.take() {
             let _ = b.kill();
             let _ = b.wait();
         }
@@ -618,7 +709,7 @@ max_flows = 4096
     /// Runs `pvc master <args>` as the administrator, publishing to the
     /// lab's broker (from the broker's namespace). Returns its output.
     pub fn master(&self, args: &[&str]) -> anyhow::Result<String> {
-        let mut p = Self::command_in(&self.broker_ns, None, bin("pvc"))?;
+        let mut p = Self::command_in(&self.brokers[0].netns, None, bin("pvc"))?;
         p.cmd
             .arg("master")
             .args(args)
@@ -628,8 +719,10 @@ max_flows = 4096
             args.first(),
             Some(&("admit" | "revoke" | "policy" | "publish"))
         ) {
-            p.cmd
-                .args(["--broker", &format!("{BROKER_IP}:{BROKER_PORT}")]);
+            for b in &self.brokers {
+                p.cmd
+                    .args(["--broker", &format!("{}:{BROKER_PORT}", b.addr)]);
+            }
         }
         p.ok()
     }
