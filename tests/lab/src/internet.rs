@@ -144,8 +144,8 @@ impl Lab {
         }
         if sites.iter().any(|(k, _)| *k == Site::Upnp) {
             self.start_stun()?;
-            for j in 0..sites.len() {
-                if sites[j].0 == Site::Upnp {
+            for (j, (kind, _)) in sites.iter().enumerate() {
+                if *kind == Site::Upnp {
                     self.start_miniupnpd(j)?;
                 }
             }
