@@ -245,7 +245,18 @@ impl Broker {
         }
         let (tx, rx) = mpsc::channel(self.limits.queue);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let welcome = match self.admit(&registration, id, tx) {
+        let observed = match peer {
+            SocketAddr::V4(v4) => v4,
+            SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+                Some(ip) => std::net::SocketAddrV4::new(ip, v6.port()),
+                None => {
+                    let msg = "agents connect over IPv4".into();
+                    refuse(&mut framed, peer, ErrorCode::InvalidRegistration, msg).await;
+                    return;
+                }
+            },
+        };
+        let welcome = match self.admit(&registration, id, observed, tx.clone()) {
             Ok(w) => w,
             Err((code, message)) => {
                 refuse(&mut framed, peer, code, message).await;
@@ -258,7 +269,7 @@ impl Broker {
               addresses = ?registration.addresses, software = registration.software, "member registered");
 
         let (reason, clean) = self
-            .converse(&mut framed, peer, &cluster, me, welcome, rx)
+            .converse(&mut framed, observed, &cluster, me, welcome, (tx, rx))
             .await;
         if self.leave(&cluster, me, id, clean) {
             info!(%peer, %cluster, virtual_ip = %me, reason, "member left");
@@ -271,12 +282,13 @@ impl Broker {
     async fn converse(
         &self,
         framed: &mut Framed<TcpStream, BrokerCodec>,
-        peer: SocketAddr,
+        observed: std::net::SocketAddrV4,
         cluster: &ClusterId,
         me: Ipv4Addr,
         welcome: Welcome,
-        mut rx: mpsc::Receiver<BrokerMessage>,
+        (tx, mut rx): (mpsc::Sender<BrokerMessage>, mpsc::Receiver<BrokerMessage>),
     ) -> (&'static str, bool) {
+        let peer = SocketAddr::V4(observed);
         let chunks = member_chunks(&welcome.others);
         let last = chunks.len() - 1;
         let mut first = Some((welcome.you, welcome.revocations, welcome.policy));
@@ -285,6 +297,7 @@ impl Broker {
             let msg = match first.take() {
                 Some((you, revocations, policy)) => BrokerMessage::Welcome {
                     broker: self.name.clone(),
+                    observed,
                     you,
                     revocations,
                     policy,
@@ -318,6 +331,10 @@ impl Broker {
                             }
                         }
                         Some(Ok(AgentMessage::Leave)) => return ("agent left", true),
+                        Some(Ok(AgentMessage::Site(site))) => self.site(cluster, me, site),
+                        Some(Ok(AgentMessage::Probe { port, nonce })) => {
+                            tokio::spawn(probe(*observed.ip(), port, nonce, tx.clone()));
+                        }
                         Some(Ok(other)) => {
                             let msg = format!("{} is not allowed in a registered session", kind(&other));
                             refuse(framed, peer, ErrorCode::NotRegistered, msg).await;
@@ -356,6 +373,7 @@ impl Broker {
         &self,
         r: &Registration,
         id: u64,
+        observed: std::net::SocketAddrV4,
         tx: mpsc::Sender<BrokerMessage>,
     ) -> Result<Welcome, (ErrorCode, String)> {
         let mut state = self.state.lock().unwrap();
@@ -379,6 +397,8 @@ impl Broker {
         let info = MemberInfo {
             record: signed.clone(),
             addresses: r.addresses.clone(),
+            observed: Some(observed),
+            site: Default::default(),
         };
         let others = cluster
             .sessions
@@ -430,6 +450,24 @@ impl Broker {
             }
             _ => Some(BrokerMessage::Undeliverable { to }),
         }
+    }
+
+    /// A member tells what it found out about its network: the others learn
+    /// it with the member.
+    fn site(&self, cluster: &ClusterId, vip: Ipv4Addr, site: pvc_proto::SiteInfo) {
+        let mut state = self.state.lock().unwrap();
+        let Some(cluster) = state.clusters.get_mut(cluster) else {
+            return;
+        };
+        let Some(session) = cluster.sessions.get_mut(&vip) else {
+            return;
+        };
+        if session.info.site == site {
+            return;
+        }
+        session.info.site = site;
+        let (id, info) = (session.id, session.info.clone());
+        cluster.broadcast(&BrokerMessage::Joined(info), Some(id));
     }
 
     /// Removes a session if it is still the current one for its address.
@@ -602,6 +640,25 @@ fn unknown_cluster(state: &State, cluster: &ClusterId) -> (ErrorCode, String) {
     )
 }
 
+/// Reaches back to an agent at the address its session comes from: a TCP
+/// connection to `port` (its result goes back to the agent) and a UDP
+/// datagram carrying `nonce` (the agent sees it arrive, or not). Together
+/// they tell an open host from a stateless SYN filter from a stateful
+/// firewall or a NAT, without any privilege on the broker.
+async fn probe(ip: Ipv4Addr, port: u16, nonce: u64, tx: mpsc::Sender<BrokerMessage>) {
+    const WITHIN: Duration = Duration::from_secs(1);
+    let to = std::net::SocketAddrV4::new(ip, port);
+    if let Ok(udp) = tokio::net::UdpSocket::bind("0.0.0.0:0").await {
+        let mut datagram = pvc_proto::PROBE_MAGIC.to_vec();
+        datagram.extend_from_slice(&nonce.to_be_bytes());
+        for _ in 0..3 {
+            let _ = udp.send_to(&datagram, to).await;
+        }
+    }
+    let reached = matches!(timeout(WITHIN, TcpStream::connect(to)).await, Ok(Ok(_)));
+    let _ = tx.send(BrokerMessage::ProbeResult { nonce, reached }).await;
+}
+
 struct Welcome {
     you: SignedRecord,
     you_vip: Ipv4Addr,
@@ -618,6 +675,8 @@ fn kind(m: &AgentMessage) -> &'static str {
         AgentMessage::Leave => "Leave",
         AgentMessage::Relay { .. } => "Relay",
         AgentMessage::Publish(_) => "Publish",
+        AgentMessage::Site(_) => "Site",
+        AgentMessage::Probe { .. } => "Probe",
     }
 }
 

@@ -35,6 +35,32 @@ pub async fn connect(broker: &str, local_port: Option<u16>) -> anyhow::Result<Li
         .with_context(|| format!("cannot resolve broker {broker}"))?
         .find(SocketAddr::is_ipv4)
         .ok_or_else(|| anyhow!("broker {broker} has no IPv4 address"))?;
+    match connect_from(broker, addr, local_port).await {
+        // The same 4-tuple is still in TIME_WAIT (a restarted agent): any
+        // port will do until it expires.
+        Err(e) if local_port.is_some() && is_addr_unavailable(&e) => {
+            connect_from(broker, addr, None).await
+        }
+        other => other,
+    }
+}
+
+fn is_addr_unavailable(e: &anyhow::Error) -> bool {
+    e.chain()
+        .filter_map(|c| c.downcast_ref::<std::io::Error>())
+        .any(|io| {
+            matches!(
+                io.kind(),
+                std::io::ErrorKind::AddrNotAvailable | std::io::ErrorKind::AddrInUse
+            )
+        })
+}
+
+async fn connect_from(
+    broker: &str,
+    addr: SocketAddr,
+    local_port: Option<u16>,
+) -> anyhow::Result<Link> {
     let socket = TcpSocket::new_v4()?;
     if let Some(port) = local_port {
         socket.set_reuseaddr(true)?;

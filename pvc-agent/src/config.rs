@@ -45,8 +45,40 @@ pub struct Config {
     pub policy: LocalPolicyConfig,
     #[serde(default)]
     pub security: Security,
+    #[serde(default)]
+    pub connectivity: Connectivity,
     #[serde(default = "default_run_dir")]
     pub run_dir: PathBuf,
+}
+
+/// How this agent reaches members behind NATs and firewalls.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Connectivity {
+    /// The agent's PVC port: its broker sessions leave from it (so that the
+    /// brokers see the NAT's mapping of it), brokers' probes come to it,
+    /// and a UPnP gateway forwards it.
+    #[serde(default = "default_port")]
+    pub port: u16,
+    /// Look for a UPnP gateway on the LAN and ask it to forward the port.
+    #[serde(default = "default_true")]
+    pub upnp: bool,
+}
+
+impl Default for Connectivity {
+    fn default() -> Self {
+        Self {
+            port: default_port(),
+            upnp: true,
+        }
+    }
+}
+
+fn default_port() -> u16 {
+    pvc_proto::DEFAULT_AGENT_PORT
+}
+fn default_true() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -44,8 +44,10 @@ pub struct Status {
     pub uplink: String,
     pub real_ip: Ipv4Addr,
     pub advertised: Vec<Ipv4Addr>,
-    /// The broker this agent is registered with, if any.
+    /// A broker this agent is registered with, if any.
     pub broker: Option<String>,
+    /// Every broker this agent is registered with, and where each sees it.
+    pub brokers: Vec<BrokerStatus>,
     /// The last refusal a broker answered (its code and message), if the
     /// last session attempt was refused.
     pub broker_refusal: Option<String>,
@@ -71,6 +73,13 @@ pub struct Status {
     pub traffic: Counters,
     /// Per program: run time (ns) and run count, when `kernel.bpf_stats_enabled` is set.
     pub programs: BTreeMap<String, (u64, u64)>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BrokerStatus {
+    pub broker: String,
+    /// This host's address and port as the broker sees its session.
+    pub observed: std::net::SocketAddrV4,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

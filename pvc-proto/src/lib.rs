@@ -12,7 +12,11 @@
 //! (`records`), and what agents say to each other through them is signed
 //! end to end (`handshake`).
 
-use std::{marker::PhantomData, net::Ipv4Addr, time::Duration};
+use std::{
+    marker::PhantomData,
+    net::{Ipv4Addr, SocketAddrV4},
+    time::Duration,
+};
 
 use bytes::{Buf, BufMut, BytesMut};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
@@ -42,6 +46,12 @@ pub const MAX_BODY: usize = 64 * 1024;
 pub const MAX_RELAY: usize = 4096;
 /// Default TCP port of a broker.
 pub const DEFAULT_BROKER_PORT: u16 = 7100;
+/// Default PVC port of an agent (its broker sessions' local port; probes
+/// and UPnP forwards come to it).
+pub const DEFAULT_AGENT_PORT: u16 = 7101;
+
+/// What a broker's UDP probe datagram starts with (then the nonce, big endian).
+pub const PROBE_MAGIC: &[u8; 8] = b"PVCPROBE";
 
 const PING_MS: u64 = 1000;
 /// An agent pings each broker this often; the broker answers `Pong`.
@@ -69,6 +79,14 @@ pub enum AgentMessage {
     /// First and only message of a master's session: documents to store
     /// and distribute. The broker answers `Published` or `Error`.
     Publish(Publication),
+    /// What the agent found out about its network; the broker passes it on
+    /// with the member (`MemberInfo::site`).
+    Site(SiteInfo),
+    /// Asks the broker to reach back to the address it observes for this
+    /// session, on `port`: with a TCP connection (answered by
+    /// `ProbeResult`) and with a UDP datagram carrying `nonce` (which the
+    /// agent sees arrive, or not).
+    Probe { port: u16, nonce: u64 },
 }
 
 /// What a broker tells an agent.
@@ -78,6 +96,9 @@ pub enum BrokerMessage {
     /// other members present now (continued by `Members` frames while `more`).
     Welcome {
         broker: String,
+        /// The agent's address and port as this broker sees them (after
+        /// any NAT on the way).
+        observed: SocketAddrV4,
         you: SignedRecord,
         revocations: Option<SignedRevocations>,
         policy: Option<SignedPolicy>,
@@ -119,6 +140,12 @@ pub enum BrokerMessage {
     Pong {
         nonce: u64,
     },
+    /// Whether the broker's TCP connection to the observed address reached
+    /// the agent (`Probe`).
+    ProbeResult {
+        nonce: u64,
+        reached: bool,
+    },
     /// The broker refuses something; it closes the session after sending this.
     Error {
         code: ErrorCode,
@@ -126,12 +153,60 @@ pub enum BrokerMessage {
     },
 }
 
-/// A member as a broker presents it: the master's record, and the real
-/// addresses the member registered with (a hint: the handshake decides).
+/// A member as a broker presents it: the master's record, the real
+/// addresses the member registered with, where the broker sees its session
+/// come from, and what it found out about its network. All but the record
+/// are hints for choosing a path: the handshake binds the one used.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct MemberInfo {
     pub record: SignedRecord,
     pub addresses: Vec<Ipv4Addr>,
+    pub observed: Option<SocketAddrV4>,
+    pub site: SiteInfo,
+}
+
+/// Whether, and how, a NAT translates a member's connections.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Nat {
+    #[default]
+    Unknown,
+    /// The member's own address is the one the brokers see.
+    None,
+    /// A NAT keeps the member's port, the same for every destination: the
+    /// public port of a flow can be predicted.
+    Preserving,
+    /// A NAT picks ports (per destination, or at random): they cannot be
+    /// predicted (a symmetric NAT).
+    Random,
+}
+
+/// What reaches a member from the Internet, unasked.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Inbound {
+    #[default]
+    Unknown,
+    /// A new TCP connection from a broker reached it (a public host, or a
+    /// port forwarded by UPnP).
+    Open,
+    /// TCP connection requests are dropped, other packets pass: a
+    /// stateless firewall (Traversing-TCP works).
+    SynFiltered,
+    /// Nothing unasked passes: a stateful firewall, or a NAT.
+    Filtered,
+}
+
+/// What an agent found out about its network.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SiteInfo {
+    /// The agent's PVC port: its broker sessions leave from it, probes and
+    /// UPnP mappings come to it.
+    pub port: u16,
+    /// The public address the brokers see (its own address when no NAT).
+    pub public: Option<Ipv4Addr>,
+    pub nat: Nat,
+    pub inbound: Inbound,
+    /// The public endpoint a UPnP gateway forwards to the agent's port.
+    pub upnp: Option<SocketAddrV4>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]

@@ -32,6 +32,8 @@ fn member_info(master: &Ed25519KeyPair, i: u32) -> MemberInfo {
     MemberInfo {
         record: SignedRecord::sign(&record, master),
         addresses: vec![Ipv4Addr::new(198, 18, 0, 1); 16],
+        observed: None,
+        site: Default::default(),
     }
 }
 

@@ -16,7 +16,7 @@ use tokio::{sync::mpsc, time::interval};
 use tracing::{debug, info, warn};
 
 use super::{
-    broker::{BrokerEvent, Relay},
+    broker::{BrokerEvent, Outgoing},
     core::{Core, Effect},
     lifecycle::{Tasks, verify_own_record},
     members::Welcome,
@@ -48,7 +48,7 @@ pub(super) struct Agent {
     pub handle: Handle,
     pub uplink: Uplink,
     pub datapath: Datapath,
-    pub relays: mpsc::Sender<Relay>,
+    pub outgoing: mpsc::Sender<Outgoing>,
     pub injector: Injector,
     /// The next hop each member's route uses now.
     pub vias: BTreeMap<Ipv4Addr, Ipv4Addr>,
@@ -102,8 +102,8 @@ impl Agent {
                 .await;
                 return match result {
                     Ok(()) => {
-                        if let Some(message) = then {
-                            self.send(vip, &message);
+                        if let Some((via, message)) = then {
+                            self.send(vip, via, &message);
                         }
                         self.core.installed(session, Instant::now())
                     }
@@ -134,7 +134,7 @@ impl Agent {
                 }
                 let _ = self.injector.refuse(&packet);
             }
-            Effect::Send { to, message } => self.send(to, &message),
+            Effect::Send { to, via, message } => self.send(to, via, &message),
             Effect::CloseFlows(vip) => {
                 let n = self.datapath.maps.close_flows_with(vip);
                 if n > 0 {
@@ -180,13 +180,14 @@ impl Agent {
         Ok(())
     }
 
-    fn send(&self, to: Ipv4Addr, message: &pvc_proto::handshake::Handshake) {
+    fn send(&self, to: Ipv4Addr, via: Option<String>, message: &pvc_proto::handshake::Handshake) {
+        let msg = pvc_proto::AgentMessage::Relay {
+            to,
+            payload: message.encode(),
+        };
         if self
-            .relays
-            .try_send(Relay {
-                to,
-                payload: message.encode(),
-            })
+            .outgoing
+            .try_send(Outgoing { broker: via, msg })
             .is_err()
         {
             warn!(%to, "cannot queue a handshake message for the broker");
@@ -198,6 +199,7 @@ impl Agent {
         let effects = match event {
             BrokerEvent::Connected {
                 broker,
+                observed,
                 you,
                 revocations,
                 policy,
@@ -212,6 +214,7 @@ impl Agent {
                 )?;
                 let welcome = Welcome {
                     broker,
+                    observed,
                     own,
                     revocations: revocations.as_ref(),
                     policy: policy.as_ref(),
@@ -219,9 +222,11 @@ impl Agent {
                 };
                 self.core.welcome(welcome, now, unix_now())
             }
-            BrokerEvent::Message(msg) => match msg {
-                BrokerMessage::Joined(m) => self.core.joined(&m, now, unix_now()),
-                BrokerMessage::Left { virtual_ip, clean } => self.core.left(virtual_ip, clean, now),
+            BrokerEvent::Message { broker, msg } => match msg {
+                BrokerMessage::Joined(m) => self.core.joined(&broker, &m, now, unix_now()),
+                BrokerMessage::Left { virtual_ip, clean } => {
+                    self.core.left(&broker, virtual_ip, clean, now)
+                }
                 BrokerMessage::Relayed { from, payload } => self.core.relayed(from, &payload, now),
                 BrokerMessage::Undeliverable { to } => self.core.undeliverable(to, now),
                 BrokerMessage::Revocations(r) => self.core.revocations(&r),
@@ -232,12 +237,14 @@ impl Agent {
                 }
             },
             BrokerEvent::Disconnected {
-                reason, refusal, ..
+                broker,
+                reason,
+                refusal,
             } => {
                 if refusal.is_some() {
                     self.broker_refusal = Some(reason);
                 }
-                self.core.disconnected();
+                self.core.disconnected(&broker, now);
                 Vec::new()
             }
         };

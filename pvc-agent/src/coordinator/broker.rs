@@ -1,9 +1,14 @@
-//! The agent's session with the brokering service: register with the host
-//! key, receive the members and the master's documents, carry handshake
-//! messages, keep the session alive, and move to the next broker when one
-//! fails. Nothing received here is trusted: the coordinator verifies it.
+//! The agent's sessions with the brokering service: one with every
+//! configured broker at once, all from the agent's PVC port (so that the
+//! brokers observe the same NAT mapping, and members that list their
+//! brokers in different orders, or lose one of them, still share one).
+//! Each session registers with the host key, receives the members and the
+//! master's documents, carries messages for other members, and is kept
+//! alive by pings; a broker that stops answering is given up within
+//! `BROKER_SILENCE_LIMIT` and tried again. Nothing received here is
+//! trusted: the coordinator verifies it.
 
-use std::{net::Ipv4Addr, sync::Arc, time::Duration};
+use std::{collections::BTreeMap, net::Ipv4Addr, net::SocketAddrV4, sync::Arc, time::Duration};
 
 use anyhow::{Context as _, anyhow, bail};
 use futures::{SinkExt as _, StreamExt as _};
@@ -13,6 +18,7 @@ use pvc_proto::{
 };
 use tokio::{
     sync::mpsc,
+    task::JoinSet,
     time::{Instant, interval, timeout},
 };
 use tokio_util::sync::CancellationToken;
@@ -24,25 +30,28 @@ use crate::{
 };
 
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
-const MAX_BACKOFF: Duration = Duration::from_secs(10);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
-/// What the session reports to the coordinator.
+/// What a session reports to the coordinator.
 #[derive(Debug, Clone)]
 pub enum BrokerEvent {
-    /// A session is up: this host's record, the master's current lists,
-    /// and the complete list of the other members present.
+    /// A session is up: where the broker sees it come from, this host's
+    /// record, the master's current lists, and the complete list of the
+    /// other members present at this broker.
     Connected {
         broker: String,
+        observed: SocketAddrV4,
         you: SignedRecord,
         revocations: Option<SignedRevocations>,
         policy: Option<SignedPolicy>,
         members: Vec<MemberInfo>,
     },
-    /// What the broker said next: membership changes, relayed handshakes,
-    /// new lists (never Welcome, Pong or Error, which the session handles).
-    Message(BrokerMessage),
-    /// The session ended; members stay as they were until the next snapshot.
-    /// `refusal` is the broker's error code when it refused this agent.
+    /// What a broker said next: membership changes, relayed messages, new
+    /// lists, probe results (never Welcome, Pong or Error, which the session
+    /// handles).
+    Message { broker: String, msg: BrokerMessage },
+    /// A session ended; `refusal` is the broker's error code when it
+    /// refused this agent.
     Disconnected {
         broker: String,
         reason: String,
@@ -50,11 +59,11 @@ pub enum BrokerEvent {
     },
 }
 
-/// A payload for another member.
+/// A message for one broker, or (`broker: None`) for every broker.
 #[derive(Debug, Clone)]
-pub struct Relay {
-    pub to: Ipv4Addr,
-    pub payload: Vec<u8>,
+pub struct Outgoing {
+    pub broker: Option<String>,
+    pub msg: AgentMessage,
 }
 
 /// Who this agent registers as.
@@ -63,31 +72,74 @@ pub struct Identity {
     pub key: Arc<KeyPair>,
     pub addresses: Vec<Ipv4Addr>,
     pub software: String,
+    /// The local port every session leaves from (the agent's PVC port).
+    pub port: Option<u16>,
 }
 
-/// Runs sessions, trying the brokers in turn, until `stop` is cancelled:
-/// then tells the broker this member leaves for good.
+/// Runs one session per broker until `stop` is cancelled: then every
+/// broker is told that this member leaves for good.
 pub async fn run(
     brokers: Vec<String>,
     me: Identity,
     events: mpsc::Sender<BrokerEvent>,
-    mut relays: mpsc::Receiver<Relay>,
+    mut outgoing: mpsc::Receiver<Outgoing>,
     stop: CancellationToken,
 ) {
-    let mut backoff = Duration::from_millis(250);
-    for broker in brokers.iter().cycle() {
+    let me = Arc::new(me);
+    let mut lanes = BTreeMap::new();
+    let mut tasks = JoinSet::new();
+    for broker in brokers {
+        let (tx, rx) = mpsc::channel(256);
+        lanes.insert(broker.clone(), tx);
+        tasks.spawn(sessions(
+            broker,
+            Arc::clone(&me),
+            events.clone(),
+            rx,
+            stop.clone(),
+        ));
+    }
+    loop {
+        tokio::select! {
+            out = outgoing.recv() => match out {
+                Some(Outgoing { broker: Some(b), msg }) => {
+                    if let Some(lane) = lanes.get(&b) {
+                        let _ = lane.try_send(msg);
+                    }
+                }
+                Some(Outgoing { broker: None, msg }) => {
+                    for lane in lanes.values() {
+                        let _ = lane.try_send(msg.clone());
+                    }
+                }
+                None => break,
+            },
+            _ = stop.cancelled() => break,
+        }
+    }
+    // Every session says Leave, or gives up trying.
+    while tasks.join_next().await.is_some() {}
+}
+
+/// Sessions with one broker, one after the other, until `stop`.
+async fn sessions(
+    broker: String,
+    me: Arc<Identity>,
+    events: mpsc::Sender<BrokerEvent>,
+    mut outgoing: mpsc::Receiver<AgentMessage>,
+    stop: CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
         let started = Instant::now();
-        let (reason, refusal) = match session(broker, &me, &events, &mut relays, &stop).await {
+        let (reason, refusal) = match session(&broker, &me, &events, &mut outgoing, &stop).await {
             Ok(()) => return, // leaving, or the coordinator is gone
             Err(e) => (
                 format!("{e:#}"),
                 e.downcast_ref::<Refused>().map(|r| r.code),
             ),
         };
-        warn!(
-            broker,
-            "broker session ended: {reason}; trying the next broker"
-        );
+        warn!(broker, "broker session ended: {reason}; trying it again");
         if events
             .send(BrokerEvent::Disconnected {
                 broker: broker.clone(),
@@ -100,7 +152,7 @@ pub async fn run(
             return;
         }
         if started.elapsed() > BROKER_SILENCE_LIMIT {
-            backoff = Duration::from_millis(250);
+            backoff = Duration::from_millis(100);
         }
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
@@ -129,10 +181,13 @@ async fn session(
     broker: &str,
     me: &Identity,
     events: &mpsc::Sender<BrokerEvent>,
-    relays: &mut mpsc::Receiver<Relay>,
+    outgoing: &mut mpsc::Receiver<AgentMessage>,
     stop: &CancellationToken,
 ) -> anyhow::Result<()> {
-    let mut framed = broker_client::connect(broker, None).await?;
+    let mut framed = tokio::select! {
+        link = broker_client::connect(broker, me.port) => link?,
+        _ = stop.cancelled() => return Ok(()),
+    };
     let registration = Registration::new(
         me.cluster,
         &me.key.pair,
@@ -147,19 +202,20 @@ async fn session(
             match framed.next().await {
                 Some(Ok(BrokerMessage::Welcome {
                     broker: name,
+                    observed,
                     you,
                     revocations,
                     policy,
                     members,
                     more,
                 })) => {
-                    welcome = Some((name, you, revocations, policy, members));
+                    welcome = Some((name, observed, you, revocations, policy, members));
                     if !more {
                         break;
                     }
                 }
                 Some(Ok(BrokerMessage::Members { members, more })) if welcome.is_some() => {
-                    welcome.as_mut().expect("checked").4.extend(members);
+                    welcome.as_mut().expect("checked").5.extend(members);
                     if !more {
                         break;
                     }
@@ -176,15 +232,17 @@ async fn session(
     })
     .await
     .map_err(|_| anyhow!("no Welcome within {WELCOME_TIMEOUT:?}"))??;
-    let (name, you, revocations, policy, members) = welcome;
+    let (name, observed, you, revocations, policy, members) = welcome;
     info!(
         broker,
         name,
+        %observed,
         members = members.len(),
         "registered with broker"
     );
     let connected = BrokerEvent::Connected {
         broker: broker.to_string(),
+        observed,
         you,
         revocations,
         policy,
@@ -201,25 +259,26 @@ async fn session(
         tokio::select! {
             frame = framed.next() => {
                 last_heard = Instant::now();
-                let event = match frame {
+                let msg = match frame {
                     Some(Ok(BrokerMessage::Pong { .. })) => continue,
                     Some(Ok(BrokerMessage::Error { code, message })) => bail!("broker closed the session ({code:?}): {message}"),
                     Some(Ok(m @ (BrokerMessage::Welcome { .. } | BrokerMessage::Members { .. } | BrokerMessage::Published { .. }))) => {
                         bail!("unexpected message: {m:?}")
                     }
-                    Some(Ok(m)) => BrokerEvent::Message(m),
+                    Some(Ok(m)) => m,
                     Some(Err(e)) => return Err(e).context("bad frame from broker"),
                     None => bail!("broker closed the connection"),
                 };
-                if events.send(event).await.is_err() {
+                if events.send(BrokerEvent::Message { broker: broker.to_string(), msg }).await.is_err() {
                     return Ok(());
                 }
             }
-            Some(r) = relays.recv() => {
-                framed.send(AgentMessage::Relay { to: r.to, payload: r.payload }).await.context("cannot write to broker")?;
+            Some(msg) = outgoing.recv() => {
+                framed.send(msg).await.context("cannot write to broker")?;
             }
             _ = stop.cancelled() => {
-                framed.send(AgentMessage::Leave).await.context("cannot tell the broker")?;
+                // Bounded: a broker that stopped reading must not hold the stop.
+                let _ = timeout(Duration::from_secs(1), framed.send(AgentMessage::Leave)).await;
                 info!(broker, "told the broker this member leaves");
                 return Ok(());
             }

@@ -76,7 +76,7 @@ pub enum Effect {
     Install {
         session: Session,
         technique: Technique,
-        then: Option<Handshake>,
+        then: Option<(Option<String>, Handshake)>,
     },
     /// Makes sure the member's route goes via the next hop of `real` (a path
     /// taken over from the previous agent).
@@ -87,8 +87,13 @@ pub enum Effect {
     Resend(Vec<u8>),
     /// Answers a held SYN with a RST: its connect() fails with ECONNREFUSED.
     Refuse(Vec<u8>),
-    /// A handshake message for a member, through the broker.
-    Send { to: Ipv4Addr, message: Handshake },
+    /// A handshake message for a member, through `via`, a broker both
+    /// are connected to.
+    Send {
+        to: Ipv4Addr,
+        via: Option<String>,
+        message: Handshake,
+    },
     /// Removes every flow entry with the member (revocation, expiry).
     CloseFlows(Ipv4Addr),
     /// The compiled policy changed: the kernel's policy map and settings.
@@ -108,8 +113,13 @@ pub(super) struct Established {
 
 pub(super) struct Peer {
     pub member: Member,
+    /// What the brokers say of it (its site, where they see it).
+    pub info: pvc_proto::SiteInfo,
     /// The path connectivity proposes (confirmed by the exchange).
     pub hint: Option<connectivity::Path>,
+    /// The brokers it has a session with now.
+    pub present_on: BTreeSet<String>,
+    /// Since when no broker lists it.
     pub absent_since: Option<Instant>,
     pub session: Option<Established>,
     pub exchange: Option<(ExchangeId, Exchange, Instant)>,
@@ -123,7 +133,9 @@ impl Peer {
     pub fn new(member: Member, hint: Option<connectivity::Path>) -> Self {
         Self {
             member,
+            info: Default::default(),
             hint,
+            present_on: BTreeSet::new(),
             absent_since: None,
             session: None,
             exchange: None,
@@ -172,8 +184,8 @@ pub struct Core {
     pub(super) routed: BTreeSet<Ipv4Addr>,
     /// Peers with flows in the masquerading map, as of the last GC pass.
     pub(super) active: BTreeSet<Ipv4Addr>,
-    /// The broker this agent is registered with.
-    pub broker: Option<String>,
+    /// The brokers this agent has a session with, and where each sees it.
+    pub brokers: BTreeMap<String, std::net::SocketAddrV4>,
     /// What the core did with held packets, for `pvc status`.
     pub(super) counters: BTreeMap<&'static str, u64>,
 }
@@ -192,7 +204,7 @@ impl Core {
             inherited: BTreeMap::new(),
             routed: BTreeSet::new(),
             active: BTreeSet::new(),
-            broker: None,
+            brokers: BTreeMap::new(),
             counters: BTreeMap::new(),
         }
     }
@@ -320,8 +332,16 @@ impl Core {
         }
     }
 
-    pub(super) fn send(to: Ipv4Addr, message: Handshake, out: &mut Vec<Effect>) {
-        out.push(Effect::Send { to, message });
+    /// A message for member `to`, through a broker it is connected to
+    /// (any of ours, if none is known: the broker answers Undeliverable).
+    pub(super) fn send(&self, to: Ipv4Addr, message: Handshake, out: &mut Vec<Effect>) {
+        let via = self
+            .peers
+            .get(&to)
+            .and_then(|p| p.present_on.iter().find(|b| self.brokers.contains_key(*b)))
+            .or_else(|| self.brokers.keys().next())
+            .cloned();
+        out.push(Effect::Send { to, via, message });
     }
 
     /// Refuses every packet waiting for `p`'s path.
@@ -368,7 +388,7 @@ impl Core {
                     .absent_since
                     .is_some_and(|t| now.saturating_duration_since(t) > grace)
                 {
-                    tracing::info!(name = p.member.name, %vip, "member no longer listed by the broker");
+                    tracing::info!(name = p.member.name, %vip, "member no longer listed by any broker");
                     Some((*vip, false))
                 } else {
                     None

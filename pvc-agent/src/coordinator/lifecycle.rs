@@ -19,7 +19,7 @@ use tracing::{error, info};
 
 use super::{
     agent::Agent,
-    broker::{self, BrokerEvent, Identity as Registration, Relay},
+    broker::{self, BrokerEvent, Identity as Registration, Outgoing},
     claim,
     core::{Core, Identity, Limits},
     status,
@@ -113,7 +113,7 @@ impl HostSetup {
 /// socket, and the signals that stop it.
 pub(super) struct Tasks {
     pub broker_rx: mpsc::Receiver<BrokerEvent>,
-    pub relays: mpsc::Sender<Relay>,
+    pub outgoing: mpsc::Sender<Outgoing>,
     brokers: JoinHandle<()>,
     leave: CancellationToken,
     pub query_rx: mpsc::Receiver<Query>,
@@ -124,13 +124,13 @@ pub(super) struct Tasks {
 impl Tasks {
     fn start(config: &Config, registration: Registration) -> anyhow::Result<Self> {
         let (event_tx, broker_rx) = mpsc::channel(256);
-        let (relays, relay_rx) = mpsc::channel(256);
+        let (outgoing, outgoing_rx) = mpsc::channel(256);
         let leave = CancellationToken::new();
         let brokers = tokio::spawn(broker::run(
             config.broker_addresses(),
             registration,
             event_tx,
-            relay_rx,
+            outgoing_rx,
             leave.clone(),
         ));
         let (query_tx, query_rx) = mpsc::channel::<Query>(16);
@@ -138,7 +138,7 @@ impl Tasks {
         let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         Ok(Self {
             broker_rx,
-            relays,
+            outgoing,
             brokers,
             leave,
             query_rx,
@@ -186,6 +186,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         key: Arc::clone(&host.key),
         addresses: host.advertised.clone(),
         software: format!("pvc-agent {}", env!("CARGO_PKG_VERSION")),
+        port: Some(config.connectivity.port),
     };
     let mut tasks = Tasks::start(&config, registration)?;
     let welcome = if interposition::has_pins(&config.pin_dir()) {
@@ -247,7 +248,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         handle: host.handle,
         uplink: host.uplink,
         datapath,
-        relays: tasks.relays.clone(),
+        outgoing: tasks.outgoing.clone(),
         injector: host.injector,
         vias: BTreeMap::new(),
         installed_policy: BTreeSet::new(),
@@ -362,7 +363,7 @@ async fn wait_for_admission(
                         );
                     }
                 }
-                BrokerEvent::Message(_) => {}
+                BrokerEvent::Message { .. } => {}
             },
             Some((request, reply)) = tasks.query_rx.recv() => {
                 let Request::Status = request;

@@ -17,6 +17,8 @@ use crate::{
 /// What a broker's welcome brings.
 pub struct Welcome<'a> {
     pub broker: String,
+    /// Where the broker sees this agent's session come from.
+    pub observed: std::net::SocketAddrV4,
     /// This host's own record, if it verified (`verify_own_record`).
     pub own: Option<MembershipRecord>,
     pub revocations: Option<&'a SignedRevocations>,
@@ -26,8 +28,9 @@ pub struct Welcome<'a> {
 
 impl Core {
     /// A broker session is up: this host's own record (checked by the
-    /// caller), the master's current lists, and every member present.
-    /// Members missing from the list start their grace period.
+    /// caller), the master's current lists, and every member present at
+    /// that broker. Members no broker lists any more start their grace
+    /// period.
     pub fn welcome(&mut self, w: Welcome<'_>, now: Instant, unix_now: u64) -> Vec<Effect> {
         let mut out = Vec::new();
         if let Some(r) = w.revocations {
@@ -39,7 +42,7 @@ impl Core {
         if let Some(own) = w.own {
             self.own_record(own, &mut out);
         }
-        self.broker = Some(w.broker);
+        self.brokers.insert(w.broker.clone(), w.observed);
         let present: BTreeSet<Ipv4Addr> = w
             .members
             .iter()
@@ -48,11 +51,14 @@ impl Core {
             .collect();
         for (vip, peer) in self.peers.iter_mut() {
             if !present.contains(vip) {
-                peer.absent_since.get_or_insert(now);
+                peer.present_on.remove(&w.broker);
+                if peer.present_on.is_empty() {
+                    peer.absent_since.get_or_insert(now);
+                }
             }
         }
         for m in w.members {
-            out.extend(self.joined(m, now, unix_now));
+            out.extend(self.joined(&w.broker, m, now, unix_now));
         }
         out
     }
@@ -66,14 +72,25 @@ impl Core {
         self.recompile_policy(out);
     }
 
-    /// The broker session ended: members stay as they are until the next
-    /// broker's list.
-    pub fn disconnected(&mut self) {
-        self.broker = None;
+    /// A broker session ended: the members only it listed start their
+    /// grace period (they may be on their way to another broker).
+    pub fn disconnected(&mut self, broker: &str, now: Instant) {
+        self.brokers.remove(broker);
+        for peer in self.peers.values_mut() {
+            if peer.present_on.remove(broker) && peer.present_on.is_empty() {
+                peer.absent_since.get_or_insert(now);
+            }
+        }
     }
 
-    /// A member the broker relays (at registration, or in a list).
-    pub fn joined(&mut self, info: &MemberInfo, now: Instant, unix_now: u64) -> Vec<Effect> {
+    /// A member `broker` relays (at registration, or in a list).
+    pub fn joined(
+        &mut self,
+        broker: &str,
+        info: &MemberInfo,
+        now: Instant,
+        unix_now: u64,
+    ) -> Vec<Effect> {
         let mut out = Vec::new();
         let member = match self.trust.member(info, unix_now) {
             Ok(m) => m,
@@ -91,6 +108,8 @@ impl Core {
         let changed = match self.peers.get_mut(&vip) {
             Some(p) => {
                 p.absent_since = None;
+                p.present_on.insert(broker.to_string());
+                p.info = info.site;
                 let record_changed = p.member.key != member.key || p.member.serial != member.serial;
                 let path_changed = p.hint != hint;
                 p.member = member.clone();
@@ -107,6 +126,8 @@ impl Core {
             }
             None => {
                 let mut peer = Peer::new(member.clone(), hint);
+                peer.present_on.insert(broker.to_string());
+                peer.info = info.site;
                 // The previous agent of this instance authenticated this
                 // member: its session (real address, tag key) is in the
                 // pinned map, and the member still uses it.
@@ -137,16 +158,22 @@ impl Core {
         out
     }
 
-    /// A member's broker session ended. `clean`: it said it leaves, and is
-    /// forgotten at once; otherwise (a crash, a cut from the broker but not
-    /// from us) its flows keep working for the grace period.
-    pub fn left(&mut self, vip: Ipv4Addr, clean: bool, now: Instant) -> Vec<Effect> {
+    /// A member's session with `broker` ended. `clean`: it said it leaves,
+    /// and is forgotten at once; otherwise (a crash, a cut from that broker
+    /// but not from us) it stays while another broker lists it, and its
+    /// flows keep working for the grace period if none does.
+    pub fn left(&mut self, broker: &str, vip: Ipv4Addr, clean: bool, now: Instant) -> Vec<Effect> {
         let mut out = Vec::new();
         if clean {
-            info!(%vip, "member left");
-            self.forget(vip, false, &mut out);
-        } else if let Some(p) = self.peers.get_mut(&vip) {
-            info!(%vip, "member lost its broker session; keeping its path for {:?}", self.limits.absence_grace);
+            if self.peers.contains_key(&vip) {
+                info!(%vip, "member left");
+                self.forget(vip, false, &mut out);
+            }
+        } else if let Some(p) = self.peers.get_mut(&vip)
+            && p.present_on.remove(broker)
+            && p.present_on.is_empty()
+        {
+            info!(%vip, "member lost its broker sessions; keeping its path for {:?}", self.limits.absence_grace);
             p.absent_since.get_or_insert(now);
         }
         out

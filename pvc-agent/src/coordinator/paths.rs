@@ -101,7 +101,7 @@ impl Core {
             Ok((initiator, init)) => {
                 debug!(name = p.member.name, %peer, "authenticating the path to the member");
                 let id = initiator.id;
-                Self::send(peer, init, out);
+                self.send(peer, init, out);
                 self.set_exchange(peer, Some((id, Exchange::Initiating(initiator))), now);
             }
             Err(e) => warn!(%peer, "cannot start an exchange: {e}"),
@@ -125,7 +125,7 @@ impl Core {
                 };
                 match initiator.on_reply(&self.me(), &reply) {
                     Ok((confirmed, confirm)) => {
-                        Self::send(peer, confirm, &mut out);
+                        self.send(peer, confirm, &mut out);
                         self.set_exchange(
                             peer,
                             Some((reply.id, Exchange::Confirming(confirmed))),
@@ -134,7 +134,7 @@ impl Core {
                     }
                     Err(e) => {
                         let reason = e.to_string();
-                        Self::send(
+                        self.send(
                             peer,
                             Handshake::Refused {
                                 id: reply.id,
@@ -157,7 +157,7 @@ impl Core {
                     Ok((session, done)) => self.install(session, Some(done), &mut out),
                     Err(e) => {
                         let reason = e.to_string();
-                        Self::send(
+                        self.send(
                             peer,
                             Handshake::Refused {
                                 id: confirm.id,
@@ -192,7 +192,7 @@ impl Core {
         let claimed = init.initiator;
         let Some(p) = self.peers.get(&claimed) else {
             warn!(%claimed, "refusing an exchange from an address no verified member holds");
-            Self::send(
+            self.send(
                 claimed,
                 Handshake::Refused {
                     id: init.id,
@@ -213,7 +213,7 @@ impl Core {
         ours.push(self.me.real_ip);
         match challenge::respond(&self.me(), &init, &p.member, &ours) {
             Ok((responder, reply)) => {
-                Self::send(claimed, reply, out);
+                self.send(claimed, reply, out);
                 self.set_exchange(
                     claimed,
                     Some((init.id, Exchange::Responding(responder))),
@@ -222,7 +222,7 @@ impl Core {
             }
             Err(e) => {
                 warn!(name = p.member.name, %claimed, "refusing an exchange: {e}");
-                Self::send(
+                self.send(
                     claimed,
                     Handshake::Refused {
                         id: init.id,
@@ -247,6 +247,15 @@ impl Core {
     }
 
     fn install(&mut self, session: Session, then: Option<Handshake>, out: &mut Vec<Effect>) {
+        // The Done goes through a broker the peer is on, like every message.
+        let then = then.map(|h| {
+            let mut routed = Vec::new();
+            self.send(session.peer, h, &mut routed);
+            match routed.pop() {
+                Some(Effect::Send { via, message, .. }) => (via, message),
+                _ => unreachable!("send pushes one Send"),
+            }
+        });
         let technique = self
             .peers
             .get(&session.peer)

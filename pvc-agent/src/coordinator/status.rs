@@ -33,6 +33,7 @@ pub(super) fn base(
         real_ip,
         advertised: advertised.to_vec(),
         broker: None,
+        brokers: Vec::new(),
         broker_refusal: None,
         takeover: false,
         admitted: false,
@@ -62,7 +63,15 @@ impl Agent {
             me.real_ip,
             &me.advertised,
         );
-        s.broker = core.broker.clone();
+        s.broker = core.brokers.keys().next().cloned();
+        s.brokers = core
+            .brokers
+            .iter()
+            .map(|(b, observed)| control::BrokerStatus {
+                broker: b.clone(),
+                observed: *observed,
+            })
+            .collect();
         s.broker_refusal = self.broker_refusal.clone();
         s.takeover = self.datapath.reused;
         s.admitted = core.own.is_some();

@@ -70,6 +70,8 @@ impl Cluster {
         MemberInfo {
             record: self.hosts[i].record.clone(),
             addresses: vec![self.hosts[i].real],
+            observed: None,
+            site: Default::default(),
         }
     }
 
@@ -102,6 +104,7 @@ impl Cluster {
         core.welcome(
             Welcome {
                 broker: "broker".into(),
+                observed: std::net::SocketAddrV4::new(h.real, 7101),
                 own: Some(own),
                 revocations: None,
                 policy: None,
@@ -122,7 +125,7 @@ fn sends(effects: &[Effect]) -> Vec<(Ipv4Addr, Handshake)> {
     effects
         .iter()
         .filter_map(|e| match e {
-            Effect::Send { to, message } => Some((*to, message.clone())),
+            Effect::Send { to, message, .. } => Some((*to, message.clone())),
             _ => None,
         })
         .collect()
@@ -176,7 +179,7 @@ fn run(
     while let Some((i, effect)) = queue.pop_front() {
         log[i].push(effect.clone());
         match effect {
-            Effect::Send { to, message } => {
+            Effect::Send { to, message, .. } => {
                 let from = cores[i].identity().virtual_ip;
                 let j = index(cores, to);
                 for e in cores[j].relayed(from, &message.encode(), now) {
@@ -184,11 +187,12 @@ fn run(
                 }
             }
             Effect::Install { session, then, .. } => {
-                if let Some(message) = then {
+                if let Some((via, message)) = then {
                     queue.push_back((
                         i,
                         Effect::Send {
                             to: session.peer,
+                            via,
                             message,
                         },
                     ));
@@ -371,7 +375,7 @@ fn a_path_left_by_the_previous_agent_is_taken_over_and_dropped_if_never_confirme
         t,
     );
     // The broker confirms b: its session is adopted, no exchange needed.
-    let out = a.joined(&c.info(1), t, unix_now());
+    let out = a.joined("broker", &c.info(1), t, unix_now());
     assert!(kernel_entry(&out, vb).is_none(), "the READY entry stays");
     assert!(out.contains(&Effect::Route {
         vip: vb,
@@ -403,12 +407,12 @@ fn a_lost_member_keeps_its_path_for_the_grace_period_and_a_leaving_one_goes_at_o
     let (vb, vc) = (c.hosts[1].vip, c.hosts[2].vip);
     let (mut a, _) = paired(&c, t);
     let grace = Limits::new(HANDSHAKE, LIFETIME).absence_grace;
-    assert!(a.left(vb, false, t).is_empty());
+    assert!(a.left("broker", vb, false, t).is_empty());
     assert!(a.expire(t + grace / 2, unix_now()).is_empty());
     // Back before the grace period ends: nothing changes.
-    a.joined(&c.info(1), t + grace / 2, unix_now());
+    a.joined("broker", &c.info(1), t + grace / 2, unix_now());
     assert!(a.expire(t + grace * 2, unix_now()).is_empty());
-    a.left(vb, false, t + grace * 2);
+    a.left("broker", vb, false, t + grace * 2);
     let out = a.expire(t + grace * 4, unix_now());
     assert!(out.contains(&Effect::RemovePeer(vb)));
     assert!(
@@ -416,7 +420,7 @@ fn a_lost_member_keeps_its_path_for_the_grace_period_and_a_leaving_one_goes_at_o
         "a lost member's flows are not cut"
     );
 
-    let out = a.left(vc, true, t);
+    let out = a.left("broker", vc, true, t);
     assert!(out.contains(&Effect::RemovePeer(vc)));
 }
 
@@ -437,7 +441,7 @@ fn a_revoked_member_is_forgotten_and_its_flows_are_cut() {
     assert!(out.contains(&Effect::CloseFlows(vb)));
     assert!(a.sessions().is_empty());
     // A broker that relays the revoked record again is not believed.
-    assert!(a.joined(&c.info(1), t, unix_now()).is_empty());
+    assert!(a.joined("broker", &c.info(1), t, unix_now()).is_empty());
 }
 
 #[test]
@@ -448,7 +452,7 @@ fn a_changed_record_is_authenticated_again() {
     let (mut a, _) = paired(&c, t);
     let mut moved = c.info(1);
     moved.addresses = vec![Ipv4Addr::new(198, 18, 0, 99)];
-    let out = a.joined(&moved, t, unix_now());
+    let out = a.joined("broker", &moved, t, unix_now());
     let entry = kernel_entry(&out, vb).unwrap();
     assert_eq!((entry.state, entry.real), (PEER_MEMBER, [198, 18, 0, 99]));
     assert!(a.sessions().is_empty());

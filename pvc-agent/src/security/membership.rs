@@ -168,6 +168,8 @@ mod tests {
         let info = MemberInfo {
             record: Signed::sign(&record, &master),
             addresses: vec![Ipv4Addr::new(198, 18, 0, 2)],
+            observed: None,
+            site: Default::default(),
         };
         let m = t.member(&info, unix_now()).unwrap();
         assert_eq!((m.name.as_str(), m.key), ("b", PublicKey::of(&host)));

@@ -91,6 +91,8 @@ impl Evil {
             // Well formed, signed, but not by the master.
             record: SignedRecord::sign(&r, &self.key),
             addresses: vec![Ipv4Addr::new(198, 18, 0, 9)],
+            observed: None,
+            site: Default::default(),
         }
     }
 
