@@ -49,6 +49,10 @@ pub struct Config {
     pub connectivity: Connectivity,
     #[serde(default = "default_run_dir")]
     pub run_dir: PathBuf,
+    /// Where the agent keeps what must outlive it (the record of its UPnP
+    /// forward, removed by the next start after a crash).
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
 }
 
 /// How this agent reaches members behind NATs and firewalls.
@@ -167,6 +171,9 @@ fn default_instance() -> String {
 fn default_run_dir() -> PathBuf {
     "/run/pvc".into()
 }
+fn default_state_dir() -> PathBuf {
+    "/var/lib/pvc".into()
+}
 fn default_bpffs() -> PathBuf {
     "/sys/fs/bpf".into()
 }
@@ -265,6 +272,11 @@ impl Config {
 
     pub fn control_socket(&self) -> PathBuf {
         self.run_dir.join(format!("{}.sock", self.instance))
+    }
+
+    /// The record of this instance's UPnP forward.
+    pub fn upnp_record(&self) -> PathBuf {
+        self.state_dir.join(format!("{}.upnp.json", self.instance))
     }
 
     pub fn gc_interval(&self) -> Duration {

@@ -48,6 +48,9 @@ pub struct Status {
     pub broker: Option<String>,
     /// Every broker this agent is registered with, and where each sees it.
     pub brokers: Vec<BrokerStatus>,
+    /// What this host found out about its network: public address, NAT,
+    /// what reaches it unasked, its UPnP forward.
+    pub site: pvc_proto::SiteInfo,
     /// The last refusal a broker answered (its code and message), if the
     /// last session attempt was refused.
     pub broker_refusal: Option<String>,

@@ -78,3 +78,51 @@ fn the_simulated_internet_routes_nats_counts_leaks_and_runs_miniupnpd() {
         "{text}\n{mappings:?}"
     );
 }
+
+#[test]
+fn each_agent_finds_out_what_kind_of_site_it_sits_in() {
+    require_tools(&["iptables", "miniupnpd"]);
+    let mut lab = Lab::internet(&[
+        (Site::Pub, 1),
+        (Site::Fwl, 1),
+        (Site::Fws, 1),
+        (Site::Cone, 1),
+        (Site::Upnp, 1),
+        (Site::Sym, 1),
+    ])
+    .unwrap();
+    lab.start_all().unwrap();
+    let expect = [
+        ("a", "None", "Open", false),
+        ("b", "None", "SynFiltered", false),
+        ("c", "None", "Filtered", false),
+        ("d", "Preserving", "Filtered", false),
+        ("e", "Preserving", "Open", true),
+        ("f", "Random", "Filtered", false),
+    ];
+    for (host, nat, inbound, upnp) in expect {
+        let site = pvc_lab::wait_until(
+            std::time::Duration::from_secs(20),
+            &format!("{host}'s site"),
+            || {
+                let s = lab.status(host).ok()?;
+                let site = s["site"].clone();
+                (site["inbound"] != "Unknown" && (!upnp || !site["upnp"].is_null())).then_some(site)
+            },
+        )
+        .unwrap();
+        assert_eq!(site["nat"], nat, "{host} ({:?}): {site}", lab.site_of(host));
+        assert_eq!(site["inbound"], inbound, "{host}: {site}");
+        let j = lab.host(host).site.unwrap();
+        let public = if nat == "None" {
+            lab.host(host).real
+        } else {
+            lab.site_wan(j)
+        };
+        assert_eq!(site["public"], public.to_string(), "{host}: {site}");
+        if upnp {
+            assert_eq!(site["upnp"], format!("{}:7101", lab.site_wan(j)), "{site}");
+        }
+    }
+    assert_eq!(lab.leaks().unwrap(), 0);
+}

@@ -306,10 +306,24 @@ fn print_status(s: &Status) {
         "  uplink {} {}, advertised {:?}",
         s.uplink, s.real_ip, s.advertised
     );
-    match &s.broker {
-        Some(b) => println!("  broker {b}: connected"),
-        None => println!("  broker: not connected"),
+    if s.brokers.is_empty() {
+        println!("  brokers: none connected");
     }
+    for b in &s.brokers {
+        println!(
+            "  broker {}: connected, sees this host as {}",
+            b.broker, b.observed
+        );
+    }
+    let site = &s.site;
+    println!(
+        "  site: public address {}, NAT {:?}, inbound {:?}, UPnP {}",
+        site.public.map_or("unknown".to_string(), |p| p.to_string()),
+        site.nat,
+        site.inbound,
+        site.upnp
+            .map_or("none".to_string(), |u| format!("forwards {u}"))
+    );
     let authenticated = s.peers.iter().filter(|p| p.authenticated).count();
     println!(
         "  {} members known, {authenticated} with an authenticated path; {} flow entries",

@@ -4,6 +4,8 @@
 //! before anything is installed.
 
 pub mod direct;
+pub mod discovery;
+pub mod upnp;
 
 use std::net::Ipv4Addr;
 

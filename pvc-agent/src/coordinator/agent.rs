@@ -41,6 +41,8 @@ const SECURITY_TICK: Duration = Duration::from_millis(500);
 const QUIET_EVENTS_TICK: Duration = Duration::from_millis(250);
 /// Refusals logged one by one per GC pass; the rest are counted.
 const REFUSALS_LOGGED: u32 = 20;
+/// How often the brokers are asked again what reaches this host.
+const REPROBE: Duration = Duration::from_secs(300);
 
 pub(super) struct Agent {
     pub config: Config,
@@ -60,6 +62,12 @@ pub(super) struct Agent {
     pub refusals_unlogged: u64,
     /// The last refusal a broker answered, for `pvc status`.
     pub broker_refusal: Option<String>,
+    /// What this host knows of its network.
+    pub discovery: crate::connectivity::discovery::Discovery,
+    /// When the brokers were last asked to probe this host.
+    pub probed_at: Option<Instant>,
+    /// The UPnP gateway's forward of the PVC port, if one was granted.
+    pub upnp: Option<crate::connectivity::upnp::Mapping>,
 }
 
 impl Agent {
@@ -213,14 +221,16 @@ impl Agent {
                     &you,
                 )?;
                 let welcome = Welcome {
-                    broker,
+                    broker: broker.clone(),
                     observed,
                     own,
                     revocations: revocations.as_ref(),
                     policy: policy.as_ref(),
                     members: &members,
                 };
-                self.core.welcome(welcome, now, unix_now())
+                let effects = self.core.welcome(welcome, now, unix_now());
+                self.site_after_welcome(&broker);
+                effects
             }
             BrokerEvent::Message { broker, msg } => match msg {
                 BrokerMessage::Joined(m) => self.core.joined(&broker, &m, now, unix_now()),
@@ -231,6 +241,10 @@ impl Agent {
                 BrokerMessage::Undeliverable { to } => self.core.undeliverable(to, now),
                 BrokerMessage::Revocations(r) => self.core.revocations(&r),
                 BrokerMessage::Policy(p) => self.core.global_policy(&p),
+                BrokerMessage::ProbeResult { nonce, reached } => {
+                    self.probe_result(nonce, reached);
+                    Vec::new()
+                }
                 other => {
                     debug!(?other, "ignoring a broker message");
                     Vec::new()
@@ -411,8 +425,13 @@ impl Agent {
         &mut self,
         mut events: interposition::EventStream,
         tasks: &mut Tasks,
+        probes: super::site::ProbeSockets,
+        mut upnp_rx: mpsc::Receiver<anyhow::Result<crate::connectivity::upnp::Mapping>>,
     ) -> anyhow::Result<()> {
         let mut gc = interval(self.config.gc_interval());
+        let mut upnp_renewal = interval(crate::connectivity::upnp::LEASE / 2);
+        let mut reprobe = interval(REPROBE);
+        let mut datagram = [0u8; 64];
         let mut refresh = interval(NEXT_HOP_REFRESH);
         let mut security = interval(SECURITY_TICK);
         let mut quiet_events = interval(QUIET_EVENTS_TICK);
@@ -449,6 +468,18 @@ impl Agent {
                     self.apply(effects).await;
                 }
                 _ = refresh.tick() => self.refresh_next_hops().await,
+                Ok((n, _)) = probes.udp.recv_from(&mut datagram) => self.probe_datagram(&datagram[..n]),
+                // A broker's TCP probe: reaching us was the point.
+                Ok(_) = probes.tcp.accept() => {}
+                Some(result) = upnp_rx.recv() => self.upnp_done(result),
+                _ = upnp_renewal.tick() => self.renew_upnp().await,
+                _ = reprobe.tick() => {
+                    if let Some(b) = self.core.brokers.keys().next().cloned()
+                        && self.probed_at.is_some_and(|t| t.elapsed() >= REPROBE)
+                    {
+                        self.probe(&b);
+                    }
+                }
                 r = &mut tasks.control => return match r {
                     Ok(Err(e)) => Err(e),
                     _ => Err(anyhow::anyhow!("control socket stopped")),
@@ -467,8 +498,13 @@ impl Agent {
             handle,
             uplink,
             datapath,
+            upnp,
             ..
         } = self;
+        if let Some(m) = upnp {
+            // Bounded: a gateway that stopped answering must not hold the stop.
+            let _ = tokio::time::timeout(Duration::from_secs(3), m.remove()).await;
+        }
         let net = virtualization::deconfigure(&handle, Some(uplink.index), config.virtual_ip).await;
         let pins = datapath.remove();
         let _ = std::fs::remove_file(config.control_socket());

@@ -188,6 +188,8 @@ pub struct Core {
     pub brokers: BTreeMap<String, std::net::SocketAddrV4>,
     /// What the core did with held packets, for `pvc status`.
     pub(super) counters: BTreeMap<&'static str, u64>,
+    /// What this host knows of its own network.
+    pub(super) site: pvc_proto::SiteInfo,
 }
 
 impl Core {
@@ -206,11 +208,17 @@ impl Core {
             active: BTreeSet::new(),
             brokers: BTreeMap::new(),
             counters: BTreeMap::new(),
+            site: Default::default(),
         }
     }
 
     pub fn identity(&self) -> &Identity {
         &self.me
+    }
+
+    /// What this host found out about its network (NAT, filtering, UPnP).
+    pub fn set_site(&mut self, site: pvc_proto::SiteInfo) {
+        self.site = site;
     }
 
     /// What a previous agent of this instance left in the kernel: its peer

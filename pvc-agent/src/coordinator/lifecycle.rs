@@ -242,6 +242,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         trust,
         host.local_policy,
     );
+    let config_port = config.connectivity.port;
+    let local_addrs: Vec<Ipv4Addr> = host.uplink.networks.iter().map(|n| n.address).collect();
     let mut agent = Agent {
         config,
         core,
@@ -257,6 +259,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         refusals_logged: 0,
         refusals_unlogged: 0,
         broker_refusal: None,
+        discovery: crate::connectivity::discovery::Discovery::new(config_port, local_addrs),
+        probed_at: None,
+        upnp: None,
     };
     let mut result = configure(&mut agent, welcome.is_none()).await;
     if result.is_ok() {
@@ -277,7 +282,22 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     }
     if result.is_ok() {
-        result = agent.serve(events, &mut tasks).await;
+        result = match super::site::ProbeSockets::open(agent.config.connectivity.port) {
+            Ok(probes) => {
+                let (upnp_tx, upnp_rx) = mpsc::channel(1);
+                if agent.config.connectivity.upnp {
+                    super::site::start_upnp(
+                        agent.core.identity().real_ip,
+                        agent.config.connectivity.port,
+                        agent.config.instance.clone(),
+                        agent.config.upnp_record(),
+                        upnp_tx,
+                    );
+                }
+                agent.serve(events, &mut tasks, probes, upnp_rx).await
+            }
+            Err(e) => Err(e),
+        };
     }
     tasks.stop().await;
     let teardown = agent.teardown().await;

@@ -18,6 +18,7 @@ pub mod core;
 mod lifecycle;
 mod members;
 mod paths;
+mod site;
 mod status;
 #[cfg(test)]
 mod tests;

@@ -34,6 +34,7 @@ pub(super) fn base(
         advertised: advertised.to_vec(),
         broker: None,
         brokers: Vec::new(),
+        site: Default::default(),
         broker_refusal: None,
         takeover: false,
         admitted: false,
@@ -73,6 +74,7 @@ impl Agent {
             })
             .collect();
         s.broker_refusal = self.broker_refusal.clone();
+        s.site = self.discovery.site;
         s.takeover = self.datapath.reused;
         s.admitted = core.own.is_some();
         s.peers = core

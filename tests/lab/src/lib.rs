@@ -385,6 +385,7 @@ name = "host-{name}"
 virtual_ip = "{vip}"
 brokers = [{brokers}]
 run_dir = "{dir}"
+state_dir = "{dir}"
 [interposition]
 uplink = "eth0"
 cgroup = "{cgroup}"

@@ -1,0 +1,146 @@
+//! The agent's side of site discovery (`connectivity::discovery`): the PVC
+//! port's probe sockets, the brokers' observations and probe answers, the
+//! UPnP forward, and telling the brokers (hence the members) the result.
+
+use std::{net::SocketAddrV4, time::Instant};
+
+use pvc_proto::{AgentMessage, SiteInfo};
+use tokio::{
+    net::{TcpListener, TcpSocket, UdpSocket},
+    sync::mpsc,
+};
+use tracing::{info, warn};
+
+use super::{agent::Agent, broker::Outgoing};
+use crate::connectivity::upnp::{self, Mapping};
+
+/// The PVC port's sockets: brokers' TCP probes are accepted (and closed),
+/// their UDP datagrams read.
+pub(super) struct ProbeSockets {
+    pub tcp: TcpListener,
+    pub udp: UdpSocket,
+}
+
+impl ProbeSockets {
+    pub fn open(port: u16) -> anyhow::Result<Self> {
+        let tcp = TcpSocket::new_v4()?;
+        // The broker sessions leave from the same port.
+        tcp.set_reuseaddr(true)?;
+        tcp.set_reuseport(true)?;
+        tcp.bind(std::net::SocketAddr::from(([0, 0, 0, 0], port)))
+            .map_err(|e| {
+                anyhow::anyhow!("cannot listen on the PVC port {port} (connectivity.port): {e}")
+            })?;
+        let tcp = tcp.listen(16)?;
+        let udp = std::net::UdpSocket::bind(("0.0.0.0", port))
+            .map_err(|e| anyhow::anyhow!("cannot bind UDP port {port} (connectivity.port): {e}"))?;
+        udp.set_nonblocking(true)?;
+        Ok(Self {
+            tcp,
+            udp: UdpSocket::from_std(udp)?,
+        })
+    }
+}
+
+/// Looks for a UPnP gateway and asks it to forward the PVC port, in the
+/// background (a search takes seconds); the result comes back on `done`.
+/// First removes what a crashed predecessor left.
+pub(super) fn start_upnp(
+    local: std::net::Ipv4Addr,
+    port: u16,
+    instance: String,
+    record: std::path::PathBuf,
+    done: mpsc::Sender<anyhow::Result<Mapping>>,
+) {
+    tokio::spawn(async move {
+        upnp::remove_leftover(&record, local).await;
+        let _ = done
+            .send(upnp::map(local, port, &instance, &record).await)
+            .await;
+    });
+}
+
+impl Agent {
+    /// Tells every broker (hence every member) what this host found out.
+    fn publish_site(&mut self, site: SiteInfo) {
+        info!(
+            public = ?site.public,
+            nat = ?site.nat,
+            inbound = ?site.inbound,
+            upnp = ?site.upnp,
+            "this host's site"
+        );
+        self.core.set_site(site);
+        let _ = self.outgoing.try_send(Outgoing {
+            broker: None,
+            msg: AgentMessage::Site(site),
+        });
+    }
+
+    /// A broker session is up: where the brokers see us may have changed,
+    /// and a first probe is due.
+    pub(super) fn site_after_welcome(&mut self, broker: &str) {
+        let observed: Vec<SocketAddrV4> = self.core.brokers.values().copied().collect();
+        if let Some(site) = self.discovery.observed(observed) {
+            self.publish_site(site);
+        } else {
+            // A new broker learns what the others know.
+            let site = self.discovery.site;
+            let _ = self.outgoing.try_send(Outgoing {
+                broker: Some(broker.to_string()),
+                msg: AgentMessage::Site(site),
+            });
+        }
+        if self.probed_at.is_none() {
+            self.probe(broker);
+        }
+    }
+
+    /// Asks `broker` to reach back to the PVC port.
+    pub(super) fn probe(&mut self, broker: &str) {
+        let nonce = self.discovery.start_probe();
+        self.probed_at = Some(Instant::now());
+        let _ = self.outgoing.try_send(Outgoing {
+            broker: Some(broker.to_string()),
+            msg: AgentMessage::Probe {
+                port: self.config.connectivity.port,
+                nonce,
+            },
+        });
+    }
+
+    pub(super) fn probe_result(&mut self, nonce: u64, reached: bool) {
+        if let Some(site) = self.discovery.probe_result(nonce, reached) {
+            self.publish_site(site);
+        }
+    }
+
+    pub(super) fn probe_datagram(&mut self, bytes: &[u8]) {
+        self.discovery.datagram(bytes);
+    }
+
+    pub(super) fn upnp_done(&mut self, result: anyhow::Result<Mapping>) {
+        match result {
+            Ok(mapping) => {
+                let external = mapping.external;
+                self.upnp = Some(mapping);
+                if let Some(site) = self.discovery.upnp(Some(external)) {
+                    self.publish_site(site);
+                }
+                // Reachable now through the forward: probe again.
+                if let Some(b) = self.core.brokers.keys().next().cloned() {
+                    self.probe(&b);
+                }
+            }
+            Err(e) => info!("no UPnP forward: {e:#}"),
+        }
+    }
+
+    pub(super) async fn renew_upnp(&mut self) {
+        if let Some(m) = &self.upnp
+            && let Err(e) = m.renew(&self.config.instance).await
+        {
+            warn!("{e:#}");
+        }
+    }
+}
