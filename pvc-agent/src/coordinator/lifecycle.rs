@@ -164,7 +164,7 @@ impl Tasks {
 /// What ended the wait for a broker's word on this host's membership.
 enum Admission {
     /// A broker vouched for this host: its welcome, to be acted on.
-    Admitted(BrokerEvent),
+    Admitted(Box<BrokerEvent>),
     /// SIGINT or SIGTERM.
     Stopped,
 }
@@ -194,7 +194,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         None
     } else {
         match wait_for_admission(&config, &host, &trust, &mut tasks).await {
-            Ok(Admission::Admitted(welcome)) => Some(welcome),
+            Ok(Admission::Admitted(welcome)) => Some(*welcome),
             Ok(Admission::Stopped) => {
                 tasks.stop().await;
                 let _ = std::fs::remove_file(config.control_socket());
@@ -354,7 +354,7 @@ async fn wait_for_admission(
             Some(event) = tasks.broker_rx.recv() => match event {
                 BrokerEvent::Connected { ref you, .. } => {
                     if verify_own_record(trust, &host.key, config, you)?.is_some() {
-                        return Ok(Admission::Admitted(event));
+                        return Ok(Admission::Admitted(Box::new(event)));
                     }
                 }
                 BrokerEvent::Disconnected { broker, reason, refusal } => {
