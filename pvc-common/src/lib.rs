@@ -27,7 +27,8 @@ pub mod maps {
     pub const DROPS: &str = "drops";
     pub const TRAFFIC: &str = "traffic";
     pub const EVENTS: &str = "events";
-    pub const ALL: [&str; 7] = [
+    pub const REPLAY: &str = "replay";
+    pub const ALL: [&str; 8] = [
         MASQUERADING,
         PEERS,
         SETTINGS,
@@ -35,6 +36,7 @@ pub mod maps {
         DROPS,
         TRAFFIC,
         EVENTS,
+        REPLAY,
     ];
 }
 
@@ -121,33 +123,101 @@ pub struct Masquerade {
     /// OR of the TCP flags seen on this direction (FIN/RST tell the GC a
     /// flow is closing).
     pub tcp_flags: u8,
-    // Two scalars rather than `[u8; 6]`: zeroing an odd-sized array costs
-    // the eBPF programs a call to memset on every new flow.
-    pub _pad: u16,
+    /// `FLOW_*` bits the agent sets for flows it opened itself (traversal).
+    pub flags: u8,
+    // Scalars rather than `[u8; 5]`: zeroing an odd-sized array costs the
+    // eBPF programs a call to memset on every new flow.
+    pub _pad: u8,
     pub _pad2: u32,
 }
 
-/// Connectivity technique that carries a peer path (paper §4.4).
+/// `Masquerade::flags` (egress): the first SYN/ACK of this flow goes to the
+/// agent instead of the wire. A server behind a NAT answers a SYN the agent
+/// injected; the agent sends that answer's sequence number out as a SYN
+/// first, so that its NAT expects the client (hole punching).
+pub const FLOW_HOLD_SYNACK: u8 = 1;
+/// `Masquerade::flags` (ingress): until this flow's SYN/ACK arrives, RSTs
+/// are dropped: a firewall rejecting the SYN on its way must not reset the
+/// connection the agents are completing around it (Traversing-TCP).
+pub const FLOW_AWAIT_SYNACK: u8 = 2;
+
+impl Masquerade {
+    /// The entry for the other direction of the flow `key` -> `self`:
+    /// keyed by `self` reversed, rewriting back to `key` reversed.
+    #[inline(always)]
+    pub fn reverse(&self, key: &FlowKey) -> (FlowKey, Masquerade) {
+        (
+            key.twin(self),
+            Masquerade {
+                last_seen_ns: self.last_seen_ns,
+                saddr: key.daddr,
+                daddr: key.saddr,
+                sport: key.dport,
+                dport: key.sport,
+                peer: self.peer,
+                technique: self.technique,
+                tcp_flags: 0,
+                flags: 0,
+                _pad: 0,
+                _pad2: 0,
+            },
+        )
+    }
+}
+
+/// Connectivity technique that carries a path or a flow (paper §4.4).
 #[repr(u8)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Technique {
-    /// The peer's real address is reachable as is (same LAN, public host, or
-    /// a UPnP mapping).
+    /// The peer's own address is reachable: a public host.
     Direct = 1,
+    /// Both behind the same NAT: the peer's LAN address.
+    Lan = 2,
+    /// The peer's UPnP gateway forwards its PVC port to it.
+    Upnp = 3,
+    /// TCP hole punching: the server side's agent opens its NAT or
+    /// firewall with a SYN before the client's SYN comes (per flow).
+    Punch = 4,
+    /// Traversing-TCP: the client's SYN, dropped at the server's firewall,
+    /// is carried by a broker and injected into the server's stack (per flow).
+    Ttcp = 5,
+    /// Connection reversal: the server behind a symmetric NAT sends the
+    /// first SYN, and the client learns the port its NAT picked (per flow).
+    Reversal = 6,
+    /// Through a broker: the only path whose bytes go through userspace.
+    Relay = 7,
 }
 
 impl Technique {
+    pub const ALL: [Technique; 7] = [
+        Self::Direct,
+        Self::Lan,
+        Self::Upnp,
+        Self::Punch,
+        Self::Ttcp,
+        Self::Reversal,
+        Self::Relay,
+    ];
+
     pub fn from_u8(v: u8) -> Option<Self> {
-        match v {
-            1 => Some(Self::Direct),
-            _ => None,
-        }
+        Self::ALL.into_iter().find(|t| *t as u8 == v)
     }
 
     pub fn name(self) -> &'static str {
         match self {
             Self::Direct => "direct",
+            Self::Lan => "lan",
+            Self::Upnp => "upnp",
+            Self::Punch => "punch",
+            Self::Ttcp => "ttcp",
+            Self::Reversal => "reversal",
+            Self::Relay => "relay",
         }
+    }
+
+    /// Whether every flow needs the agents (its SYN goes to them).
+    pub fn per_flow(self) -> bool {
+        matches!(self, Self::Punch | Self::Ttcp | Self::Reversal)
     }
 }
 
@@ -164,16 +234,27 @@ pub const PEER_READY: u8 = 2;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct PeerPath {
-    /// The peer's real address on the wire (from the authenticated exchange).
+    /// The peer's address on the wire, both ways (from the authenticated
+    /// exchange): its public address, or its LAN address beside us.
     pub real: [u8; 4],
+    /// The `Technique` this host's flows to the peer use.
     pub technique: u8,
     /// `PEER_MEMBER` or `PEER_READY`.
     pub state: u8,
-    pub _pad: [u8; 2],
+    /// The destination port on the wire when it is not the flow's own (the
+    /// peer's UPnP forward); 0 otherwise.
+    pub port: u16,
+    /// `PATH_*` bits.
+    pub flags: u8,
+    pub _pad: [u8; 7],
     /// SipHash-2-4 key for the tags of SYNs between the two, derived by the
     /// exchange (zero until `PEER_READY`).
     pub tag_key: [u8; 16],
 }
+
+/// `PeerPath::flags`: every new flow needs the agents (a traversal per
+/// flow): its SYN is handed to the agent, unless the agent sends it.
+pub const PATH_PER_FLOW: u8 = 1;
 
 impl PeerPath {
     /// A verified member without an authenticated path yet.
@@ -182,18 +263,28 @@ impl PeerPath {
             real,
             technique,
             state: PEER_MEMBER,
-            _pad: [0; 2],
+            port: 0,
+            flags: 0,
+            _pad: [0; 7],
             tag_key: [0; 16],
         }
     }
 
     /// A path both agents authenticated, with the key of its SYN tags.
-    pub const fn ready(real: [u8; 4], technique: u8, tag_key: [u8; 16]) -> Self {
+    pub const fn ready(
+        real: [u8; 4],
+        technique: u8,
+        port: u16,
+        flags: u8,
+        tag_key: [u8; 16],
+    ) -> Self {
         Self {
             real,
             technique,
             state: PEER_READY,
-            _pad: [0; 2],
+            port,
+            flags,
+            _pad: [0; 7],
             tag_key,
         }
     }
@@ -345,9 +436,21 @@ drop_reasons! {
     /// serves, or from a member to a server outside it: refused with a RST.
     OutsideCgroup = 20, "outside_cgroup",
         "the process is outside the cgroup PVC serves (interposition.cgroup)";
+    /// A traversal's punch SYN from a member's agent: handed to the agent,
+    /// never to a socket.
+    Punch = 21, "punch", "a traversal's punch SYN (handed to the agent)";
+    /// A RST from a member's firewall while the agents complete the
+    /// connection around it (Traversing-TCP): kept from the socket.
+    TraversalReset = 22, "traversal_reset",
+        "a firewall's RST during Traversing-TCP (kept from the socket)";
+    /// A tagged SYN whose sequence number was already accepted from another
+    /// address: a replay.
+    Replay = 23, "replay", "a tagged SYN replayed from another address";
+    /// A SYN/ACK the agent needs before the wire (hole punching).
+    HeldAnswer = 24, "held_answer", "a server's SYN/ACK handed to the agent (hole punching)";
 }
 
-pub const DROP_REASON_COUNT: u32 = 21;
+pub const DROP_REASON_COUNT: u32 = 25;
 
 /// Masqueraded packets and bytes in one direction, per CPU. Both in one
 /// value: a packet's accounting touches one cache line, not two.
@@ -365,32 +468,54 @@ pub const TRAFFIC_DIRECTIONS: u32 = 2;
 
 /// The TCP option that marks the SYN of a PVC flow on the wire (RFC 6994
 /// shared experimental option, kind 253, with our experiment identifier):
-/// the sender's virtual address, then a MAC. Without it the receiver could
-/// not tell a virtual flow from a real connection between the same two hosts.
+/// `[253, 20, 'P', 'V', vsrc(4), vdport(2), flags, 0, mac(8)]`: the
+/// sender's virtual address, the flow's virtual destination port (a NAT's
+/// forward may have changed the one on the wire), flags, then a MAC.
+/// Without it the receiver could not tell a virtual flow from a real
+/// connection between the same two hosts.
 ///
-/// The MAC is SipHash-2-4, keyed with the pair's `tag_key`, over the SYN's
-/// real source and destination addresses, ports and sequence number
-/// (`tag_message`): only an authenticated peer can open flows, even from a
-/// real address it shares with others.
+/// The MAC is SipHash-2-4, keyed with the pair's `tag_key`, over what no
+/// NAT changes: both virtual addresses, the virtual port, the flags and the
+/// sequence number (`tag_message`). Addresses and ports on the wire do
+/// change behind NATs; the receiver checks the source address against the
+/// path the two agents authenticated, and refuses a SYN whose sequence
+/// number it already accepted from another address (`replay`): a copy sent
+/// from behind the same NAT opens nothing.
 pub const TAG_KIND: u8 = 253;
-pub const TAG_LEN: u8 = 16;
+pub const TAG_LEN: u8 = 20;
 pub const TAG_EXID: [u8; 2] = *b"PV";
+/// Tag flag: a traversal's punch SYN, from the server's agent: it opened
+/// the server's NAT or firewall; the receiving kernel hands it to its agent
+/// (which learns the port the NAT picked) and never to a socket.
+pub const TAG_PUNCH: u8 = 1;
 
 /// The 16 bytes a SYN tag's MAC covers.
 #[inline(always)]
-pub fn tag_message(
-    saddr: [u8; 4],
-    daddr: [u8; 4],
-    sport: u16,
-    dport: u16,
-    seq: [u8; 4],
-) -> [u8; 16] {
-    let s = sport.to_be_bytes();
-    let d = dport.to_be_bytes();
+pub fn tag_message(vsrc: [u8; 4], vdst: [u8; 4], vdport: u16, flags: u8, seq: [u8; 4]) -> [u8; 16] {
+    let p = vdport.to_be_bytes();
     [
-        saddr[0], saddr[1], saddr[2], saddr[3], daddr[0], daddr[1], daddr[2], daddr[3], s[0], s[1],
-        d[0], d[1], seq[0], seq[1], seq[2], seq[3],
+        vsrc[0], vsrc[1], vsrc[2], vsrc[3], vdst[0], vdst[1], vdst[2], vdst[3], p[0], p[1], flags,
+        0, seq[0], seq[1], seq[2], seq[3],
     ]
+}
+
+/// Key of the replay map: a tagged SYN by what its MAC covers.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct ReplayKey {
+    pub vsrc: [u8; 4],
+    pub seq: [u8; 4],
+    pub vdport: u16,
+    pub _pad: u16,
+}
+
+/// Value of the replay map: where that SYN came from on the wire.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ReplayValue {
+    pub saddr: [u8; 4],
+    pub sport: u16,
+    pub _pad: u16,
 }
 
 /// SipHash-2-4 of a 16-byte message (the kernel's and the agent's tests'
@@ -452,6 +577,10 @@ pub const EVENT_CONNECT_REFUSED: u8 = 2;
 pub const EVENT_INBOUND_REFUSED: u8 = 3;
 /// A packet held for the agent (`HeldPacket`).
 pub const EVENT_PACKET_HELD: u8 = 4;
+/// A punch SYN from a member (`HeldPacket`, as it arrived on the wire).
+pub const EVENT_PUNCH: u8 = 6;
+/// A server's SYN/ACK of a flow the agent is punching (`HeldPacket`).
+pub const EVENT_ANSWER_HELD: u8 = 7;
 /// A connection request refused by tc (`HeldPacket` with its reason): the
 /// agent answers it with a RST, so that connect() fails at once with
 /// ECONNREFUSED instead of retransmitting into a drop.
@@ -515,6 +644,8 @@ mod pod {
     unsafe impl aya::Pod for HeldPacket {}
     unsafe impl aya::Pod for PolicyKey {}
     unsafe impl aya::Pod for Traffic {}
+    unsafe impl aya::Pod for ReplayKey {}
+    unsafe impl aya::Pod for ReplayValue {}
 }
 
 #[cfg(test)]
@@ -528,7 +659,7 @@ mod tests {
         // equal keys differ. Sizes are the sum of the declared fields.
         assert_eq!(size_of::<FlowKey>(), 4 + 4 + 2 + 2 + 1 + 1 + 2);
         assert_eq!(size_of::<Masquerade>(), 8 + 4 + 4 + 2 + 2 + 4 + 1 + 1 + 6);
-        assert_eq!(size_of::<PeerPath>(), 8 + 16);
+        assert_eq!(size_of::<PeerPath>(), 16 + 16);
         assert_eq!(size_of::<Settings>(), 12 + 4 + 8);
         assert_eq!(size_of::<PolicyKey>(), 8);
         assert_eq!(size_of::<HeldPacket>(), 16 + HELD_BYTES);

@@ -3,8 +3,9 @@
 
 use aya_ebpf::{bindings::BPF_RB_FORCE_WAKEUP, helpers::bpf_skb_load_bytes, programs::TcContext};
 use pvc_common::{
-    DIRECTION_EGRESS, DropReason, EVENT_FLOW_CREATED, EVENT_PACKET_HELD, EVENT_PACKET_REFUSED,
-    Event, FlowKey, HELD_BYTES, HeldPacket, Masquerade, PeerPath, siphash24_16, tag_message,
+    DIRECTION_EGRESS, DropReason, EVENT_ANSWER_HELD, EVENT_FLOW_CREATED, EVENT_PACKET_HELD,
+    EVENT_PACKET_REFUSED, EVENT_PUNCH, Event, FlowKey, HELD_BYTES, HeldPacket, Masquerade,
+    PeerPath, siphash24_16, tag_message,
 };
 
 use crate::{
@@ -35,25 +36,20 @@ pub fn touch(key: &FlowKey, tcp_flags: u8) -> Option<Masquerade> {
     }
 }
 
+/// A flow's entry as it is, without bookkeeping.
+#[inline(always)]
+pub fn peek(key: &FlowKey) -> Option<Masquerade> {
+    // SAFETY: a copy of the value, read under RCU.
+    unsafe { MASQUERADING.get(key) }.copied()
+}
+
 /// Installs both directions of a flow: `key` (as seen at this hook) is
 /// rewritten to `to`, and the reverse direction, keyed by `to` reversed, back
 /// to `key` reversed. The twin goes in first so that a reply can never beat
 /// its entry.
 #[inline(always)]
 pub fn open(key: &FlowKey, to: &Masquerade, announce: bool) -> Result<(), DropReason> {
-    let twin_key = key.twin(to);
-    let twin = Masquerade {
-        last_seen_ns: to.last_seen_ns,
-        saddr: key.daddr,
-        daddr: key.saddr,
-        sport: key.dport,
-        dport: key.sport,
-        peer: to.peer,
-        technique: to.technique,
-        tcp_flags: 0,
-        _pad: 0,
-        _pad2: 0,
-    };
+    let (twin_key, twin) = to.reverse(key);
     MASQUERADING
         .insert(&twin_key, &twin, 0)
         .map_err(|_| DropReason::FlowTableFull)?;
@@ -115,27 +111,53 @@ pub fn entry(
         peer,
         technique: path.technique,
         tcp_flags: 0,
+        flags: 0,
         _pad: 0,
         _pad2: 0,
     }
 }
 
+/// Clears `flag` of a flow's entry (a traversal step is done).
+#[inline(always)]
+pub fn clear_flag(key: &FlowKey, flag: u8) {
+    if let Some(p) = MASQUERADING.get_ptr_mut(key) {
+        // SAFETY: a live value of the map, under RCU; a racing writer stores
+        // the same kind of value.
+        unsafe { (*p).flags &= !flag };
+    }
+}
+
 /// The MAC of a SYN's tag: only the two ends of an authenticated path hold
-/// `tag_key`. Computed over the addresses and ports as they are on the wire.
+/// `tag_key`. Computed over what no NAT changes (`tag_message`).
 #[inline(always)]
 pub fn tag_mac(
     path: &PeerPath,
-    saddr: [u8; 4],
-    daddr: [u8; 4],
-    sport: u16,
-    dport: u16,
+    vsrc: [u8; 4],
+    vdst: [u8; 4],
+    vdport: u16,
+    flags: u8,
     tcp: &Tcp,
 ) -> [u8; 8] {
     siphash24_16(
         &path.tag_key,
-        &tag_message(saddr, daddr, sport, dport, tcp.seq),
+        &tag_message(vsrc, vdst, vdport, flags, tcp.seq),
     )
     .to_le_bytes()
+}
+
+/// A traversal's punch SYN from a member: the agent learns from it where
+/// the member's NAT put the flow.
+#[inline(always)]
+pub fn punch_received(ctx: &TcContext, ip: &Ipv4) -> DropReason {
+    to_agent(ctx, ip, EVENT_PUNCH, DropReason::Punch);
+    DropReason::Punch
+}
+
+/// A server's answer the agent sends out as a punch SYN first.
+#[inline(always)]
+pub fn hold_answer(ctx: &TcContext, ip: &Ipv4) -> DropReason {
+    to_agent(ctx, ip, EVENT_ANSWER_HELD, DropReason::HeldAnswer);
+    DropReason::HeldAnswer
 }
 
 /// Hands a packet to the agent, which authenticates the peer and then

@@ -3,13 +3,13 @@
 
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
-    btf_maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf, lpm_trie::Key},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
     helpers::bpf_ktime_get_coarse_ns,
     macros::btf_map,
 };
 use pvc_common::{
     DROP_REASON_COUNT, DropReason, Event, FlowKey, Masquerade, POLICY_FULL_PREFIX, POLICY_INBOUND,
-    PeerPath, PolicyKey, Settings, TRAFFIC_DIRECTIONS, Traffic,
+    PeerPath, PolicyKey, ReplayKey, ReplayValue, Settings, TRAFFIC_DIRECTIONS, Traffic,
 };
 
 /// The masquerading map (paper §4.1.3's "masquerading rules"): one entry per
@@ -49,6 +49,13 @@ pub static DROPS: PerCpuArray<u64, { DROP_REASON_COUNT as usize }> = PerCpuArray
 /// Masqueraded packets and bytes, by direction (`TRAFFIC_*`).
 #[btf_map(name = "traffic")]
 pub static TRAFFIC: PerCpuArray<Traffic, { TRAFFIC_DIRECTIONS as usize }> = PerCpuArray::new();
+
+/// Tagged SYNs accepted lately, by sender and sequence number, with where
+/// they came from: the same SYN again from another address is a replay
+/// (`ReplayKey`). An LRU: old entries go first, and a SYN that old is
+/// long answered.
+#[btf_map(name = "replay")]
+pub static REPLAY: LruHashMap<ReplayKey, ReplayValue, 65536> = LruHashMap::new();
 
 /// Control-plane events: new flows and refusals. Never per packet.
 #[btf_map(name = "events")]

@@ -137,6 +137,7 @@ pub fn append_tag(
     ip: &Ipv4,
     tcp: &Tcp,
     vsrc: [u8; 4],
+    vdport: u16,
     mac: [u8; 8],
 ) -> Result<Ipv4, DropReason> {
     let tag_len = TAG_LEN as usize;
@@ -186,8 +187,9 @@ pub fn append_tag(
     let new_word = u16::from_ne_bytes([(((new_tcp_len / 4) as u8) << 4) | low_bits, tcp.flags]);
     ctx.store(ip.l4_off + TCP_DOFF, &new_word, 0).map_err(err)?;
 
-    // The tag itself: added to the checksum as four new 32-bit words.
-    let tag: [u8; 16] = [
+    // The tag itself: added to the checksum as five new 32-bit words.
+    let p = vdport.to_be_bytes();
+    let tag: [u8; TAG_LEN as usize] = [
         TAG_KIND,
         TAG_LEN,
         TAG_EXID[0],
@@ -196,6 +198,10 @@ pub fn append_tag(
         vsrc[1],
         vsrc[2],
         vsrc[3],
+        p[0],
+        p[1],
+        0,
+        0,
         mac[0],
         mac[1],
         mac[2],
@@ -206,11 +212,11 @@ pub fn append_tag(
         mac[7],
     ];
     // One checksum update for what changed inside the TCP header: the data
-    // offset word, and the tag as four new 32-bit words (not part of the
+    // offset word, and the tag as new 32-bit words (not part of the
     // pseudo-header, so a CHECKSUM_PARTIAL skb leaves them to the checksum
     // offload, as it should).
     let mut diff = csum_add(!(old_word as u32) & 0xffff, new_word as u32);
-    for i in 0..4 {
+    for i in 0..TAG_LEN as usize / 4 {
         let w = u32::from_ne_bytes([tag[4 * i], tag[4 * i + 1], tag[4 * i + 2], tag[4 * i + 3]]);
         diff = csum_add(diff, w);
     }

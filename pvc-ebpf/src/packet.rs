@@ -323,6 +323,10 @@ pub fn parse_quoted(ctx: &TcContext, ip: &Ipv4) -> Option<Quoted> {
 pub struct Tag {
     /// The sender's virtual address.
     pub vsrc: [u8; 4],
+    /// The flow's virtual destination port.
+    pub vdport: u16,
+    /// `TAG_*` bits.
+    pub flags: u8,
     pub mac: [u8; 8],
 }
 
@@ -339,12 +343,14 @@ pub fn read_tag(ctx: &TcContext, ip: &Ipv4, tcp: &Tcp) -> Option<Tag> {
     let off = ip.l4_off + tcp.hlen - TAG_LEN as usize;
     // Only SYNs get here: a helper copy is cheap enough, and keeps the
     // verifier from seeing a variable offset counted backwards.
-    let t: [u8; 16] = ctx.load(off).ok()?;
+    let t: [u8; TAG_LEN as usize] = ctx.load(off).ok()?;
     if t[0] != TAG_KIND || t[1] != TAG_LEN || t[2] != TAG_EXID[0] || t[3] != TAG_EXID[1] {
         return None;
     }
     Some(Tag {
         vsrc: [t[4], t[5], t[6], t[7]],
-        mac: [t[8], t[9], t[10], t[11], t[12], t[13], t[14], t[15]],
+        vdport: u16::from_be_bytes([t[8], t[9]]),
+        flags: t[10],
+        mac: [t[12], t[13], t[14], t[15], t[16], t[17], t[18], t[19]],
     })
 }

@@ -17,6 +17,13 @@ use aya_ebpf::{
 };
 use pvc_common::{AGENT_MARK, Settings};
 
+/// Whether the agent itself sent this packet (its raw socket's mark).
+#[inline(always)]
+pub fn from_agent(ctx: &TcContext) -> bool {
+    // SAFETY: the context's own skb, for a field read.
+    unsafe { (*ctx.skb.skb).mark == AGENT_MARK }
+}
+
 /// Whether a packet this host sends belongs to the cgroup PVC serves: its
 /// socket's cgroup (a listener's, for a SYN/ACK) is that one or below it.
 /// Packets the agent sends itself carry its mark and pass.
@@ -25,11 +32,9 @@ pub fn sender_in_cgroup(ctx: &TcContext, s: &Settings) -> bool {
     if s.cgroup_id == 0 {
         return true;
     }
-    // SAFETY: the context's own skb, for a field read and a helper.
-    unsafe {
-        (*ctx.skb.skb).mark == AGENT_MARK
-            || bpf_skb_ancestor_cgroup_id(ctx.skb.skb, s.cgroup_level as i32) == s.cgroup_id
-    }
+    // SAFETY: the context's own skb, for a helper.
+    from_agent(ctx)
+        || unsafe { bpf_skb_ancestor_cgroup_id(ctx.skb.skb, s.cgroup_level as i32) } == s.cgroup_id
 }
 
 /// The tuple a lookup takes: named as a packet arriving at the socket.

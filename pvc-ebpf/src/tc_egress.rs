@@ -13,8 +13,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use pvc_common::{
-    DIRECTION_EGRESS, DIRECTION_INGRESS, DropReason, FlowKey, IPPROTO_ICMP, IPPROTO_TCP,
-    PEER_READY, POLICY_OUTBOUND, Settings, TRAFFIC_EGRESS, is_virtual,
+    DIRECTION_EGRESS, DIRECTION_INGRESS, DropReason, FLOW_HOLD_SYNACK, FlowKey, IPPROTO_ICMP,
+    IPPROTO_TCP, PATH_PER_FLOW, PEER_READY, POLICY_OUTBOUND, Settings, TRAFFIC_EGRESS, is_virtual,
 };
 
 use crate::{
@@ -102,7 +102,8 @@ fn egress_real_tcp(ctx: &TcContext, ip: &Ipv4) -> Result<i32, DropReason> {
     let Some(tcp) = parse_tcp(ctx, ip) else {
         return Ok(TC_ACT_OK as i32);
     };
-    if !tcp.is_syn() {
+    // The agent's punch SYNs go out on a flow's own tuple, on purpose.
+    if !tcp.is_syn() || sockets::from_agent(ctx) {
         return Ok(TC_ACT_OK as i32);
     }
     let reply = FlowKey::new(
@@ -135,23 +136,28 @@ fn egress_tcp(ctx: &TcContext, ip: &Ipv4, s: &Settings) -> Result<i32, DropReaso
         IPPROTO_TCP,
         DIRECTION_EGRESS,
     );
-    if tcp.is_syn_ack() && !sockets::sender_in_cgroup(ctx, s) {
+    // The agent's own packets (held SYNs re-sent, answers it injected)
+    // passed these checks when an application sent them.
+    let agent = sockets::from_agent(ctx);
+    if tcp.is_syn_ack() && !agent && !sockets::sender_in_cgroup(ctx, s) {
         // A server outside the cgroup PVC serves is not on the virtual
         // network: its answer to a member's SYN becomes a refusal (the agent
         // resets both ends), so the member's connect() fails at once.
         return Err(flow::refuse(ctx, ip, DropReason::OutsideCgroup));
     }
     let (m, ip) = if tcp.is_syn() {
-        if !sockets::sender_in_cgroup(ctx, s) {
+        if !agent && !sockets::sender_in_cgroup(ctx, s) {
             // connect4 only hooks the cgroup: outside it, connect() reaches
             // here, and its SYN is answered at once rather than dropped.
             return Err(flow::refuse(ctx, ip, DropReason::OutsideCgroup));
         }
         let path = peer(ip.daddr).ok_or(DropReason::UnknownPeer)?;
-        if path.state != PEER_READY {
-            // A member we have not authenticated yet: the agent does it,
-            // then re-sends this very SYN, so connect() does not wait for
-            // TCP's retransmit timer.
+        let per_flow = path.flags & PATH_PER_FLOW != 0;
+        if path.state != PEER_READY || (per_flow && !agent) {
+            // A member we have not authenticated yet, or one every flow
+            // needs the agents for (a traversal): the agent does it, then
+            // sends this very SYN, so connect() does not wait for TCP's
+            // retransmit timer.
             flow::hold(ctx, ip);
             return Err(DropReason::AwaitingPath);
         }
@@ -159,38 +165,52 @@ fn egress_tcp(ctx: &TcContext, ip: &Ipv4, s: &Settings) -> Result<i32, DropReaso
             // Processes outside the hooked cgroup reach here without connect4.
             return Err(DropReason::PolicyOutbound);
         }
-        // A connection request always gets fresh entries in both directions:
-        // whatever an earlier flow with this tuple left is replaced.
-        let m = flow::entry(
-            s.real_addr,
-            path.real,
-            tcp.sport,
-            tcp.dport,
-            ip.daddr,
-            &path,
-        );
-        // A connection between the real addresses may use this tuple.
-        let real = sockets::tcp_use(ctx, m.saddr, m.sport, m.daddr, m.dport);
-        flow::may_take(ctx, ip, real)?;
-        let fresh = MASQUERADING.get_ptr(&key).is_none();
-        flow::open(&key, &m, fresh).map_err(|r| flow::refuse(ctx, ip, r))?;
-        let mac = flow::tag_mac(&path, m.saddr, m.daddr, m.sport, m.dport, &tcp);
-        // The tag changes the header's length and checksum.
-        (m, nat::append_tag(ctx, ip, &tcp, s.virtual_addr, mac)?)
-    } else {
-        let m = match flow::touch(&key, tcp.flags) {
+        let prepared = if per_flow { flow::peek(&key) } else { None };
+        let m = match prepared {
+            // A traversal: the agent put in the flow's entries, with the
+            // ports the NATs on the way use.
             Some(m) => m,
             None => {
-                // An entry evicted or expired under a live flow: the peer's
-                // path says how to reach it, the kernel needs no agent.
-                let path = peer(ip.daddr)
-                    .filter(|p| p.state == PEER_READY)
-                    .ok_or(DropReason::UnknownPeer)?;
+                // A connection request always gets fresh entries in both
+                // directions: whatever an earlier flow with this tuple left
+                // is replaced.
+                let wire_port = if path.port != 0 { path.port } else { tcp.dport };
                 let m = flow::entry(
                     s.real_addr,
                     path.real,
                     tcp.sport,
-                    tcp.dport,
+                    wire_port,
+                    ip.daddr,
+                    &path,
+                );
+                // A connection between the real addresses may use this tuple.
+                let real = sockets::tcp_use(ctx, m.saddr, m.sport, m.daddr, m.dport);
+                flow::may_take(ctx, ip, real)?;
+                let fresh = MASQUERADING.get_ptr(&key).is_none();
+                flow::open(&key, &m, fresh).map_err(|r| flow::refuse(ctx, ip, r))?;
+                m
+            }
+        };
+        let mac = flow::tag_mac(&path, s.virtual_addr, ip.daddr, tcp.dport, 0, &tcp);
+        // The tag changes the header's length and checksum.
+        let tagged = nat::append_tag(ctx, ip, &tcp, s.virtual_addr, tcp.dport, mac)?;
+        (m, tagged)
+    } else {
+        let m = match flow::touch(&key, tcp.flags) {
+            Some(m) => m,
+            None => {
+                // An entry expired under a live flow: the peer's path says
+                // how to reach it, the kernel needs no agent (a traversed
+                // flow's ports are gone with its entry, though).
+                let path = peer(ip.daddr)
+                    .filter(|p| p.state == PEER_READY && p.flags & PATH_PER_FLOW == 0)
+                    .ok_or(DropReason::UnknownPeer)?;
+                let wire_port = if path.port != 0 { path.port } else { tcp.dport };
+                let m = flow::entry(
+                    s.real_addr,
+                    path.real,
+                    tcp.sport,
+                    wire_port,
                     ip.daddr,
                     &path,
                 );
@@ -203,6 +223,11 @@ fn egress_tcp(ctx: &TcContext, ip: &Ipv4, s: &Settings) -> Result<i32, DropReaso
                 m
             }
         };
+        if m.flags & FLOW_HOLD_SYNACK != 0 && tcp.is_syn_ack() {
+            // Hole punching: the agent sends this answer's sequence number
+            // out as a SYN first (its NAT must see our side open first).
+            return Err(flow::hold_answer(ctx, ip));
+        }
         (m, *ip)
     };
     nat::masquerade(ctx, &ip, tcp.sport, tcp.dport, &m)?;

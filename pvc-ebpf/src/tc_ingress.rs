@@ -9,16 +9,17 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use pvc_common::{
-    DIRECTION_INGRESS, DropReason, EVENT_INBOUND_REFUSED, Event, FlowKey, IPPROTO_ICMP,
-    IPPROTO_TCP, PEER_READY, POLICY_INBOUND, Settings, TRAFFIC_INGRESS, is_virtual,
+    DIRECTION_INGRESS, DropReason, EVENT_INBOUND_REFUSED, Event, FLOW_AWAIT_SYNACK, FlowKey,
+    IPPROTO_ICMP, IPPROTO_TCP, PEER_READY, POLICY_INBOUND, ReplayKey, ReplayValue, Settings,
+    TAG_PUNCH, TCP_RST, TRAFFIC_INGRESS, is_virtual,
 };
 
 use crate::{
     flow,
-    maps::{MASQUERADING, allowed, count_drop, count_traffic, emit, peer, settings},
+    maps::{MASQUERADING, REPLAY, allowed, count_drop, count_traffic, emit, peer, settings},
     nat,
     packet::{
-        ICMP_DEST_UNREACH, ICMP_ECHO_REPLY, ICMP_TIME_EXCEEDED, Ipv4, Parsed, parse_icmp,
+        ICMP_DEST_UNREACH, ICMP_ECHO_REPLY, ICMP_TIME_EXCEEDED, Ipv4, Parsed, Tag, Tcp, parse_icmp,
         parse_ipv4, parse_quoted, parse_tcp, read_tag,
     },
     sockets::{self, Use},
@@ -106,10 +107,19 @@ fn ingress_tcp(ctx: &TcContext, ip: &Ipv4, s: &Settings) -> Result<i32, DropReas
         if path.state != PEER_READY || path.real != ip.saddr {
             return refuse(DropReason::TagMismatch);
         }
-        if flow::tag_mac(&path, ip.saddr, ip.daddr, tcp.sport, tcp.dport, &tcp) != tag.mac {
+        if flow::tag_mac(&path, tag.vsrc, s.virtual_addr, tag.vdport, tag.flags, &tcp) != tag.mac {
             return refuse(DropReason::BadTag);
         }
-        if !allowed(s, POLICY_INBOUND, tag.vsrc, tcp.dport) {
+        if tag.flags & TAG_PUNCH != 0 {
+            // The member's agent opened its NAT toward us for a flow our
+            // agent is completing: the agent learns the port its NAT
+            // picked; no socket of ours ever sees this SYN.
+            return Err(flow::punch_received(ctx, ip));
+        }
+        if replayed(&tag, ip, &tcp) {
+            return refuse(DropReason::Replay);
+        }
+        if !allowed(s, POLICY_INBOUND, tag.vsrc, tag.vdport) {
             return refuse(DropReason::PolicyInbound);
         }
         // A connection between the real addresses may use this tuple: a
@@ -120,11 +130,13 @@ fn ingress_tcp(ctx: &TcContext, ip: &Ipv4, s: &Settings) -> Result<i32, DropReas
             Use::Closing => return Err(DropReason::TupleClosing),
             Use::Live => return refuse(DropReason::FlowCollision),
         }
+        // The port the application listens on is the tag's: a NAT's
+        // forward may have brought the SYN to another one.
         let m = flow::entry(
             tag.vsrc,
             s.virtual_addr,
             tcp.sport,
-            tcp.dport,
+            tag.vdport,
             tag.vsrc,
             &path,
         );
@@ -134,14 +146,50 @@ fn ingress_tcp(ctx: &TcContext, ip: &Ipv4, s: &Settings) -> Result<i32, DropReas
         flow::open(&key, &m, fresh).map_err(|r| flow::refuse(ctx, ip, r))?;
         m
     } else {
-        match flow::touch(&key, tcp.flags) {
-            Some(m) => m,
-            None => return PASS,
+        let Some(m) = flow::touch(&key, tcp.flags) else {
+            return PASS;
+        };
+        if m.flags & FLOW_AWAIT_SYNACK != 0 {
+            if tcp.is_syn_ack() {
+                flow::clear_flag(&key, FLOW_AWAIT_SYNACK);
+            } else if tcp.flags & TCP_RST != 0 {
+                // A firewall's rejection of the SYN the agents are carrying
+                // around it (Traversing-TCP): not for the socket.
+                return Err(DropReason::TraversalReset);
+            }
         }
+        m
     };
     nat::masquerade(ctx, ip, tcp.sport, tcp.dport, &m)?;
     count_traffic(TRAFFIC_INGRESS, ctx.len());
     PASS
+}
+
+/// Whether a tagged SYN was already accepted from another address: the
+/// MAC covers what NATs do not change, so a copy sent from behind the same
+/// NAT would verify; the first to arrive keeps its sequence number.
+#[inline(always)]
+fn replayed(tag: &Tag, ip: &Ipv4, tcp: &Tcp) -> bool {
+    let key = ReplayKey {
+        vsrc: tag.vsrc,
+        seq: tcp.seq,
+        vdport: tag.vdport,
+        _pad: 0,
+    };
+    let from = ReplayValue {
+        saddr: ip.saddr,
+        sport: tcp.sport,
+        _pad: 0,
+    };
+    // SAFETY: a copy of the value, read under RCU.
+    match unsafe { REPLAY.get(&key) }.copied() {
+        // A retransmission of the same SYN.
+        Some(seen) => seen != from,
+        None => {
+            let _ = REPLAY.insert(&key, &from, 0);
+            false
+        }
+    }
 }
 
 /// An untagged SYN: a connection between real addresses. An entry left by an

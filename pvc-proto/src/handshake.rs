@@ -14,7 +14,7 @@
 //! ephemeral keys and the real endpoints of the path, so a recorded
 //! exchange proves nothing about another peer, another path or another time.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV4};
 
 use serde::{Deserialize, Serialize};
 
@@ -34,6 +34,50 @@ pub enum Handshake {
         id: ExchangeId,
         reason: String,
     },
+    /// A traversal of one flow, from the client's agent to the server's
+    /// (authenticated with the pair's control key, see `Traverse`).
+    Traverse(Traverse),
+    /// The server's agent punched its NAT for the flow `id`.
+    Punched(Punched),
+}
+
+/// One flow's traversal (`Technique` Ttcp, Punch or Reversal): the client's
+/// held SYN, as its stack sent it (virtual addresses), for the server's
+/// agent to inject into its own stack, and the client's public endpoint
+/// the SYN will come from. `mac`: HMAC-SHA256 with the pair's control key
+/// (derived from the exchange) over everything else, so that a broker can
+/// neither forge nor alter a request to inject a SYN.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Traverse {
+    pub id: u64,
+    pub technique: u8,
+    pub syn: Vec<u8>,
+    pub client: SocketAddrV4,
+    pub mac: [u8; 32],
+}
+
+/// The server's NAT or firewall is open for flow `id`: the client's SYN may
+/// go to `server`.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Punched {
+    pub id: u64,
+    pub server: SocketAddrV4,
+    pub mac: [u8; 32],
+}
+
+impl Traverse {
+    /// The bytes the MAC covers.
+    pub fn signed_part(&self) -> Vec<u8> {
+        postcard::to_stdvec(&(b"traverse", self.id, self.technique, &self.syn, self.client))
+            .expect("encodes")
+    }
+}
+
+impl Punched {
+    /// The bytes the MAC covers.
+    pub fn signed_part(&self) -> Vec<u8> {
+        postcard::to_stdvec(&(b"punched", self.id, self.server)).expect("encodes")
+    }
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -76,6 +120,13 @@ pub struct Done {
     pub mac: [u8; 32],
 }
 
+/// Traversal messages have a flow id, not an exchange's.
+fn exchange_id_of(flow: u64) -> ExchangeId {
+    let mut id = [0u8; 16];
+    id[..8].copy_from_slice(&flow.to_be_bytes());
+    id
+}
+
 impl Handshake {
     pub fn id(&self) -> ExchangeId {
         match self {
@@ -84,6 +135,8 @@ impl Handshake {
             Self::Confirm(m) => m.id,
             Self::Done(m) => m.id,
             Self::Refused { id, .. } => *id,
+            Self::Traverse(m) => exchange_id_of(m.id),
+            Self::Punched(m) => exchange_id_of(m.id),
         }
     }
 

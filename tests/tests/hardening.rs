@@ -33,12 +33,10 @@ fn a_second_agent_for_a_running_instance_leaves_no_trace() {
     let mut lab = Lab::lan(2).unwrap();
     lab.start_all().unwrap();
     probe::echo_server(&mut lab, "b", 7100).unwrap();
-    probe::echo_server(&mut lab, "a", 7101).unwrap();
+    probe::echo_server(&mut lab, "a", 7102).unwrap();
     let (va, vb) = (lab.host("a").virtual_ip, lab.host("b").virtual_ip);
-    assert_eq!(
-        probe::client(&lab, "a", vb, 7100).unwrap()["reply"],
-        "hello"
-    );
+    let reply = probe::client(&lab, "a", vb, 7100).unwrap();
+    assert_eq!(reply["reply"], "hello", "{reply} {}", lab.agent_log("a"));
     let pid = lab.agent_pid("a").unwrap();
 
     let a = lab.host("a");
@@ -83,7 +81,7 @@ fn a_second_agent_for_a_running_instance_leaves_no_trace() {
         "hello"
     );
     assert_eq!(
-        probe::client(&lab, "b", va, 7101).unwrap()["reply"],
+        probe::client(&lab, "b", va, 7102).unwrap()["reply"],
         "hello"
     );
 

@@ -206,7 +206,7 @@ fn many_short_connections_all_succeed() {
     assert!(seen.iter().all(|s| s["peer"] == a.as_str()));
     let status = lab.status("a").unwrap();
     assert!(
-        status["flows_opened"]["direct"].as_u64().unwrap() >= N as u64,
+        status["flows_opened"]["lan"].as_u64().unwrap() >= N as u64,
         "{}",
         status["flows_opened"]
     );

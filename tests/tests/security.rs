@@ -30,7 +30,7 @@ fn forged_syn(lab: &Lab, from: &str, src: Ipv4Addr, to_real: Ipv4Addr, claimed: 
         r#"
 import socket, struct
 src, dst = socket.inet_aton("{src}"), socket.inet_aton("{to_real}")
-opts = bytes([2, 4, 5, 180, 253, 16, ord("P"), ord("V")]) + socket.inet_aton("{claimed}") + bytes(8)
+opts = bytes([2, 4, 5, 180, 253, 20, ord("P"), ord("V")]) + socket.inet_aton("{claimed}") + struct.pack("!HBB", 22, 0, 0) + bytes(8)
 tcp = struct.pack("!HHIIBBHHH", 40999, 22, 1234, 0, (5 + len(opts) // 4) << 4, 0x02, 64240, 0, 0) + opts
 def csum(b):
     if len(b) % 2: b += b"\0"

@@ -21,6 +21,20 @@ use igd_next::{
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
+use super::Pair;
+
+/// The member's gateway forwards its PVC port: flows go to that public
+/// port, and the tag names the port the application listens on.
+pub fn path(pair: &Pair<'_>) -> Option<super::Path> {
+    let external = pair.peer.upnp?;
+    Some(super::Path {
+        real: *external.ip(),
+        local: pair.public_local(),
+        technique: pvc_common::Technique::Upnp,
+        port: external.port(),
+    })
+}
+
 /// How long a forward lasts unless renewed; renewed at half of it.
 pub const LEASE: Duration = Duration::from_secs(600);
 const SEARCH_TIMEOUT: Duration = Duration::from_secs(2);

@@ -9,7 +9,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use pvc_common::{DropReason, PeerPath as KernelPath};
+use pvc_common::DropReason;
 use pvc_proto::{BrokerMessage, unix_now};
 use rtnetlink::Handle;
 use tokio::{sync::mpsc, time::interval};
@@ -94,18 +94,14 @@ impl Agent {
             }
             Effect::Install {
                 session,
-                technique,
+                path,
                 then,
             } => {
                 let vip = session.peer;
                 let result = async {
                     self.route(vip, session.peer_real).await?;
-                    let path = KernelPath::ready(
-                        session.peer_real.octets(),
-                        technique as u8,
-                        session.tag_key,
-                    );
-                    self.datapath.maps.set_peer(vip, path)
+                    let entry = super::core::kernel_path(&session, &path);
+                    self.datapath.maps.set_peer(vip, entry)
                 }
                 .await;
                 return match result {
@@ -129,6 +125,21 @@ impl Agent {
                 self.vias.remove(&vip);
                 if let Err(e) = virtualization::remove_peer_route(&self.handle, vip).await {
                     warn!("{e:#}");
+                }
+            }
+            Effect::InstallFlow {
+                key,
+                to,
+                twin_flags,
+            } => {
+                if let Err(e) = self.datapath.maps.install_flow(key, to, twin_flags) {
+                    warn!("{e:#}");
+                }
+            }
+            Effect::ClearFlowFlag { key, flag } => self.datapath.maps.clear_flow_flag(key, flag),
+            Effect::SendPacket(packet) => {
+                if let Err(e) = self.injector.send_packet(&packet) {
+                    warn!("cannot send a packet of a traversal: {e}");
                 }
             }
             Effect::Resend(packet) => {
@@ -229,7 +240,7 @@ impl Agent {
                     members: &members,
                 };
                 let effects = self.core.welcome(welcome, now, unix_now());
-                self.site_after_welcome(&broker);
+                self.site_after_welcome(&broker).await;
                 effects
             }
             BrokerEvent::Message { broker, msg } => match msg {
@@ -242,7 +253,7 @@ impl Agent {
                 BrokerMessage::Revocations(r) => self.core.revocations(&r),
                 BrokerMessage::Policy(p) => self.core.global_policy(&p),
                 BrokerMessage::ProbeResult { nonce, reached } => {
-                    self.probe_result(nonce, reached);
+                    self.probe_result(nonce, reached).await;
                     Vec::new()
                 }
                 other => {
@@ -314,6 +325,14 @@ impl Agent {
                 self.apply(effects).await;
             }
             FlowEvent::PacketRefused { reason, packet } => self.on_refused_packet(reason, packet),
+            FlowEvent::Punch { packet } => {
+                let effects = self.core.punch_arrived(&packet);
+                self.apply(effects).await;
+            }
+            FlowEvent::AnswerHeld { packet } => {
+                let effects = self.core.answer_held(&packet, now);
+                self.apply(effects).await;
+            }
         }
     }
 
@@ -471,7 +490,7 @@ impl Agent {
                 Ok((n, _)) = probes.udp.recv_from(&mut datagram) => self.probe_datagram(&datagram[..n]),
                 // A broker's TCP probe: reaching us was the point.
                 Ok(_) = probes.tcp.accept() => {}
-                Some(result) = upnp_rx.recv() => self.upnp_done(result),
+                Some(result) = upnp_rx.recv() => self.upnp_done(result).await,
                 _ = upnp_renewal.tick() => self.renew_upnp().await,
                 _ = reprobe.tick() => {
                     if let Some(b) = self.core.brokers.keys().next().cloned()

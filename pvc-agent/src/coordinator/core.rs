@@ -75,12 +75,30 @@ pub enum Effect {
     /// `Core::installed` or `Core::install_failed`.
     Install {
         session: Session,
-        technique: Technique,
+        path: connectivity::Path,
         then: Option<(Option<String>, Handshake)>,
     },
+    /// Puts a flow's entries in the masquerading map, both directions (the
+    /// reverse one with `twin_flags`): a traversal's ports, which tc
+    /// cannot guess.
+    InstallFlow {
+        key: pvc_common::FlowKey,
+        to: pvc_common::Masquerade,
+        twin_flags: u8,
+    },
+    /// Clears `flag` on a flow's entry (a traversal step is done).
+    ClearFlowFlag {
+        key: pvc_common::FlowKey,
+        flag: u8,
+    },
+    /// Sends a packet the agent made (a punch SYN), as it is.
     /// Makes sure the member's route goes via the next hop of `real` (a path
     /// taken over from the previous agent).
-    Route { vip: Ipv4Addr, real: Ipv4Addr },
+    Route {
+        vip: Ipv4Addr,
+        real: Ipv4Addr,
+    },
+    SendPacket(Vec<u8>),
     /// Removes the route of a member no flow uses any more.
     RemoveRoute(Ipv4Addr),
     /// Puts a held packet back on its way (its path now exists).
@@ -115,8 +133,8 @@ pub(super) struct Peer {
     pub member: Member,
     /// What the brokers say of it (its site, where they see it).
     pub info: pvc_proto::SiteInfo,
-    /// The path connectivity proposes (confirmed by the exchange).
-    pub hint: Option<connectivity::Path>,
+    /// The path connectivity proposes (the exchange binds its addresses).
+    pub path: Option<connectivity::Path>,
     /// The brokers it has a session with now.
     pub present_on: BTreeSet<String>,
     /// Since when no broker lists it.
@@ -130,11 +148,11 @@ pub(super) struct Peer {
 }
 
 impl Peer {
-    pub fn new(member: Member, hint: Option<connectivity::Path>) -> Self {
+    pub fn new(member: Member, path: Option<connectivity::Path>) -> Self {
         Self {
             member,
             info: Default::default(),
-            hint,
+            path,
             present_on: BTreeSet::new(),
             absent_since: None,
             session: None,
@@ -147,8 +165,24 @@ impl Peer {
 
     /// The technique its path uses (or will use).
     pub fn technique(&self) -> Technique {
-        self.hint.map_or(Technique::Direct, |h| h.technique)
+        self.path.map_or(Technique::Direct, |h| h.technique)
     }
+}
+
+/// The kernel's entry for an authenticated path.
+pub(super) fn kernel_path(session: &Session, path: &connectivity::Path) -> KernelPath {
+    let flags = if path.technique.per_flow() || path.technique == Technique::Relay {
+        pvc_common::PATH_PER_FLOW
+    } else {
+        0
+    };
+    KernelPath::ready(
+        session.peer_real.octets(),
+        path.technique as u8,
+        path.port,
+        flags,
+        session.tag_key,
+    )
 }
 
 /// Who this agent is.
@@ -190,6 +224,8 @@ pub struct Core {
     pub(super) counters: BTreeMap<&'static str, u64>,
     /// What this host knows of its own network.
     pub(super) site: pvc_proto::SiteInfo,
+    /// Traversals of single flows under way, by id.
+    pub(super) flows: HashMap<u64, super::traversal::Flow>,
 }
 
 impl Core {
@@ -209,6 +245,7 @@ impl Core {
             brokers: BTreeMap::new(),
             counters: BTreeMap::new(),
             site: Default::default(),
+            flows: HashMap::new(),
         }
     }
 
@@ -216,9 +253,71 @@ impl Core {
         &self.me
     }
 
-    /// What this host found out about its network (NAT, filtering, UPnP).
-    pub fn set_site(&mut self, site: pvc_proto::SiteInfo) {
+    /// What this host found out about its network (NAT, filtering, UPnP):
+    /// the paths to every member are chosen again.
+    pub fn set_site(&mut self, site: pvc_proto::SiteInfo) -> Vec<Effect> {
         self.site = site;
+        let mut out = Vec::new();
+        let vips: Vec<Ipv4Addr> = self.peers.keys().copied().collect();
+        for vip in vips {
+            self.choose_path(vip, &mut out);
+        }
+        out
+    }
+
+    /// Whether the policy lets `peer` open a flow to our `port` (a flow the
+    /// kernel does not see open: one the agent injects).
+    pub(super) fn allows_inbound(&self, peer: Ipv4Addr, port: u16) -> bool {
+        self.compiled
+            .as_ref()
+            .is_none_or(|c| policy::allows(c, pvc_common::POLICY_INBOUND, peer, port))
+    }
+
+    /// This host's addresses a member may send to: its own, the public one
+    /// the brokers see, its UPnP gateway's.
+    pub(super) fn our_addresses(&self) -> Vec<Ipv4Addr> {
+        let mut ours = self.me.advertised.clone();
+        ours.push(self.me.real_ip);
+        ours.extend(self.site.public);
+        ours.extend(self.site.upnp.map(|u| *u.ip()));
+        ours
+    }
+
+    /// The path to member `vip` from what both sites know; when it changes,
+    /// the kernel's entry follows. A path whose addresses stay those the
+    /// exchange bound keeps its session (only the technique or port
+    /// changed); otherwise the path is authenticated again.
+    pub(super) fn choose_path(&mut self, vip: Ipv4Addr, out: &mut Vec<Effect>) {
+        let Some(p) = self.peers.get(&vip) else {
+            return;
+        };
+        let path = connectivity::choose(&connectivity::Pair {
+            networks: &self.me.networks,
+            real_ip: self.me.real_ip,
+            me: &self.site,
+            member: &p.member,
+            peer: &p.info,
+        });
+        if path == p.path {
+            return;
+        }
+        let p = self.peers.get_mut(&vip).expect("looked up");
+        p.path = path;
+        match (&p.session, path) {
+            (Some(s), Some(path)) if path.real == s.session.peer_real => {
+                tracing::info!(name = p.member.name, %vip, technique = path.technique.name(), "path to member changed technique");
+                out.push(Effect::SetPeer(vip, kernel_path(&s.session, &path)));
+            }
+            (Some(_), _) => {
+                tracing::info!(name = p.member.name, %vip, "member's path moved; it will be authenticated again");
+                p.session = None;
+                if let Some((id, _, _)) = p.exchange.take() {
+                    self.exchanges.remove(&id);
+                }
+                self.publish_member(vip, out);
+            }
+            (None, _) => self.publish_member(vip, out),
+        }
     }
 
     /// What a previous agent of this instance left in the kernel: its peer
@@ -301,7 +400,7 @@ impl Core {
         if p.session.is_some() {
             return;
         }
-        let real = p.hint.map_or(Ipv4Addr::UNSPECIFIED, |h| h.real);
+        let real = p.path.map_or(Ipv4Addr::UNSPECIFIED, |h| h.real);
         out.push(Effect::SetPeer(
             vip,
             KernelPath::member(real.octets(), p.technique() as u8),

@@ -282,7 +282,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     }
     if result.is_ok() {
-        result = match super::site::ProbeSockets::open(agent.config.connectivity.port) {
+        result = match super::site::ProbeSockets::open(
+            agent.core.identity().real_ip,
+            agent.config.connectivity.port,
+        ) {
             Ok(probes) => {
                 let (upnp_tx, upnp_rx) = mpsc::channel(1);
                 if agent.config.connectivity.upnp {

@@ -9,10 +9,7 @@ use pvc_proto::{MemberInfo, MembershipRecord, SignedPolicy, SignedRevocations};
 use tracing::{error, info, warn};
 
 use super::core::{Core, Effect, Established, Peer};
-use crate::{
-    connectivity,
-    security::{challenge::Session, membership::Member},
-};
+use crate::security::{challenge::Session, membership::Member};
 
 /// What a broker's welcome brings.
 pub struct Welcome<'a> {
@@ -104,28 +101,28 @@ impl Core {
             return out;
         }
         let inherited = self.inherited.remove(&vip).map(|(_, path)| path);
-        let hint = connectivity::choose(&member, &self.me.networks);
         let changed = match self.peers.get_mut(&vip) {
             Some(p) => {
                 p.absent_since = None;
                 p.present_on.insert(broker.to_string());
                 p.info = info.site;
                 let record_changed = p.member.key != member.key || p.member.serial != member.serial;
-                let path_changed = p.hint != hint;
+                let addresses_changed = p.member.addresses != member.addresses;
                 p.member = member.clone();
-                p.hint = hint;
-                if record_changed || path_changed {
-                    // Proven for another key or path: prove it again.
-                    info!(name = member.name, %vip, "member's record or path changed; its path will be authenticated again");
+                if record_changed {
+                    // Proven for another key: prove it again.
+                    info!(name = member.name, %vip, "member's record changed; its path will be authenticated again");
                     p.session = None;
                     if let Some((id, _, _)) = p.exchange.take() {
                         self.exchanges.remove(&id);
                     }
                 }
-                record_changed || path_changed
+                // Its site may have changed: the path follows.
+                self.choose_path(vip, &mut out);
+                record_changed || addresses_changed
             }
             None => {
-                let mut peer = Peer::new(member.clone(), hint);
+                let mut peer = Peer::new(member.clone(), None);
                 peer.present_on.insert(broker.to_string());
                 peer.info = info.site;
                 // The previous agent of this instance authenticated this
@@ -148,6 +145,7 @@ impl Core {
                 }
                 let adopted = peer.session.is_some();
                 self.peers.insert(vip, peer);
+                self.choose_path(vip, &mut out);
                 !adopted
             }
         };

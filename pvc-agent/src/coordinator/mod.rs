@@ -22,5 +22,6 @@ mod site;
 mod status;
 #[cfg(test)]
 mod tests;
+mod traversal;
 
 pub use lifecycle::{cleanup, default_cgroup, run};

@@ -25,10 +25,18 @@ impl Core {
             return out;
         };
         if p.session.is_some() {
-            // The path came up between the packet and this event.
+            let per_flow =
+                p.technique().per_flow() || p.technique() == pvc_common::Technique::Relay;
             if let Some(packet) = packet {
-                out.push(Effect::Resend(packet));
-                self.count("held_resent");
+                if per_flow {
+                    // A flow to a member behind a NAT or firewall: the
+                    // agents open the way for this one.
+                    self.start_flow(peer, packet, now, &mut out);
+                } else {
+                    // The path came up between the packet and this event.
+                    out.push(Effect::Resend(packet));
+                    self.count("held_resent");
+                }
             }
             return out;
         }
@@ -74,7 +82,7 @@ impl Core {
             .session
             .as_ref()
             .map(|s| s.session.peer_real)
-            .or(p.hint.map(|h| h.real));
+            .or(p.path.map(|h| h.real));
         if expected != Some(real)
             || p.exchange.is_some()
             || p.reauthenticated_at
@@ -89,15 +97,16 @@ impl Core {
     }
 
     fn initiate(&mut self, peer: Ipv4Addr, now: Instant, out: &mut Vec<Effect>) {
-        let local_real = self.me.real_ip;
         let Some(p) = self.peers.get(&peer) else {
             return;
         };
-        let Some(hint) = p.hint else {
+        let Some(path) = p.path else {
             warn!(name = p.member.name, "no address to reach the member at");
             return;
         };
-        match challenge::initiate(&self.me(), &p.member, local_real, hint.real) {
+        // The exchange binds the addresses the path uses on the wire: ours
+        // as the member sees it, and its own.
+        match challenge::initiate(&self.me(), &p.member, path.local, path.real) {
             Ok((initiator, init)) => {
                 debug!(name = p.member.name, %peer, "authenticating the path to the member");
                 let id = initiator.id;
@@ -184,6 +193,8 @@ impl Core {
                     self.fail(peer, &format!("the peer refused: {reason}"), now, &mut out);
                 }
             }
+            Handshake::Traverse(t) => self.traverse(from, t, now, &mut out),
+            Handshake::Punched(p) => self.punched(from, p, now, &mut out),
         }
         out
     }
@@ -209,8 +220,7 @@ impl Core {
             // other side answers ours and drops its own.
             return;
         }
-        let mut ours = self.me.advertised.clone();
-        ours.push(self.me.real_ip);
+        let ours = self.our_addresses();
         match challenge::respond(&self.me(), &init, &p.member, &ours) {
             Ok((responder, reply)) => {
                 self.send(claimed, reply, out);
@@ -247,6 +257,16 @@ impl Core {
     }
 
     fn install(&mut self, session: Session, then: Option<Handshake>, out: &mut Vec<Effect>) {
+        let path = self
+            .peers
+            .get(&session.peer)
+            .and_then(|p| p.path)
+            .unwrap_or(crate::connectivity::Path {
+                real: session.peer_real,
+                local: session.local_real,
+                technique: pvc_common::Technique::Direct,
+                port: 0,
+            });
         // The Done goes through a broker the peer is on, like every message.
         let then = then.map(|h| {
             let mut routed = Vec::new();
@@ -256,14 +276,9 @@ impl Core {
                 _ => unreachable!("send pushes one Send"),
             }
         });
-        let technique = self
-            .peers
-            .get(&session.peer)
-            .map(|p| p.technique())
-            .unwrap_or(pvc_common::Technique::Direct);
         out.push(Effect::Install {
             session,
-            technique,
+            path,
             then,
         });
     }
@@ -284,10 +299,16 @@ impl Core {
             since: now,
         });
         p.failed_at = None;
+        let per_flow = p.technique().per_flow() || p.technique() == pvc_common::Technique::Relay;
         let held = std::mem::take(&mut p.held);
         for packet in held {
-            self.count("held_resent");
-            out.push(Effect::Resend(packet));
+            if per_flow {
+                // Every flow to this member needs a traversal: now it can start.
+                self.start_flow(vip, packet, now, &mut out);
+            } else {
+                self.count("held_resent");
+                out.push(Effect::Resend(packet));
+            }
         }
         out
     }
@@ -321,6 +342,7 @@ impl Core {
     /// while flows use them, and lets idle ones lapse.
     pub fn check_sessions(&mut self, now: Instant) -> Vec<Effect> {
         let mut out = Vec::new();
+        self.expire_flows(now, &mut out);
         let timeout = self.limits.handshake_timeout;
         let lifetime = self.limits.session_lifetime;
         let stale: Vec<Ipv4Addr> = self

@@ -22,17 +22,19 @@ pub(super) struct ProbeSockets {
 }
 
 impl ProbeSockets {
-    pub fn open(port: u16) -> anyhow::Result<Self> {
+    /// Bound to the real address only: the virtual address's port space
+    /// belongs to the applications.
+    pub fn open(real: std::net::Ipv4Addr, port: u16) -> anyhow::Result<Self> {
         let tcp = TcpSocket::new_v4()?;
         // The broker sessions leave from the same port.
         tcp.set_reuseaddr(true)?;
         tcp.set_reuseport(true)?;
-        tcp.bind(std::net::SocketAddr::from(([0, 0, 0, 0], port)))
+        tcp.bind(std::net::SocketAddr::from((real, port)))
             .map_err(|e| {
                 anyhow::anyhow!("cannot listen on the PVC port {port} (connectivity.port): {e}")
             })?;
         let tcp = tcp.listen(16)?;
-        let udp = std::net::UdpSocket::bind(("0.0.0.0", port))
+        let udp = std::net::UdpSocket::bind((real, port))
             .map_err(|e| anyhow::anyhow!("cannot bind UDP port {port} (connectivity.port): {e}"))?;
         udp.set_nonblocking(true)?;
         Ok(Self {
@@ -62,7 +64,7 @@ pub(super) fn start_upnp(
 
 impl Agent {
     /// Tells every broker (hence every member) what this host found out.
-    fn publish_site(&mut self, site: SiteInfo) {
+    async fn publish_site(&mut self, site: SiteInfo) {
         info!(
             public = ?site.public,
             nat = ?site.nat,
@@ -70,19 +72,20 @@ impl Agent {
             upnp = ?site.upnp,
             "this host's site"
         );
-        self.core.set_site(site);
         let _ = self.outgoing.try_send(Outgoing {
             broker: None,
             msg: AgentMessage::Site(site),
         });
+        let effects = self.core.set_site(site);
+        self.apply(effects).await;
     }
 
     /// A broker session is up: where the brokers see us may have changed,
     /// and a first probe is due.
-    pub(super) fn site_after_welcome(&mut self, broker: &str) {
+    pub(super) async fn site_after_welcome(&mut self, broker: &str) {
         let observed: Vec<SocketAddrV4> = self.core.brokers.values().copied().collect();
         if let Some(site) = self.discovery.observed(observed) {
-            self.publish_site(site);
+            self.publish_site(site).await;
         } else {
             // A new broker learns what the others know.
             let site = self.discovery.site;
@@ -109,9 +112,9 @@ impl Agent {
         });
     }
 
-    pub(super) fn probe_result(&mut self, nonce: u64, reached: bool) {
+    pub(super) async fn probe_result(&mut self, nonce: u64, reached: bool) {
         if let Some(site) = self.discovery.probe_result(nonce, reached) {
-            self.publish_site(site);
+            self.publish_site(site).await;
         }
     }
 
@@ -119,13 +122,13 @@ impl Agent {
         self.discovery.datagram(bytes);
     }
 
-    pub(super) fn upnp_done(&mut self, result: anyhow::Result<Mapping>) {
+    pub(super) async fn upnp_done(&mut self, result: anyhow::Result<Mapping>) {
         match result {
             Ok(mapping) => {
                 let external = mapping.external;
                 self.upnp = Some(mapping);
                 if let Some(site) = self.discovery.upnp(Some(external)) {
-                    self.publish_site(site);
+                    self.publish_site(site).await;
                 }
                 // Reachable now through the forward: probe again.
                 if let Some(b) = self.core.brokers.keys().next().cloned() {

@@ -6,8 +6,9 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 
 use aya::maps::{MapData, RingBuf};
 use pvc_common::{
-    DIRECTION_EGRESS, DropReason, EVENT_CONNECT_REFUSED, EVENT_FLOW_CREATED, EVENT_INBOUND_REFUSED,
-    EVENT_PACKET_HELD, EVENT_PACKET_REFUSED, Event, HeldPacket, Technique,
+    DIRECTION_EGRESS, DropReason, EVENT_ANSWER_HELD, EVENT_CONNECT_REFUSED, EVENT_FLOW_CREATED,
+    EVENT_INBOUND_REFUSED, EVENT_PACKET_HELD, EVENT_PACKET_REFUSED, EVENT_PUNCH, Event, HeldPacket,
+    Technique,
 };
 use tokio::io::{Interest, unix::AsyncFd};
 
@@ -52,12 +53,19 @@ pub enum FlowEvent {
         reason: Option<DropReason>,
         packet: Option<Vec<u8>>,
     },
+    /// A member's punch SYN, as it arrived on the wire.
+    Punch { packet: Vec<u8> },
+    /// Our stack's answer to a SYN the agent injected for a flow it punches.
+    AnswerHeld { packet: Vec<u8> },
 }
 
 impl FlowEvent {
     /// Decodes an event; `None` for bytes no known program writes.
     pub fn parse(bytes: &[u8]) -> Option<Self> {
-        if let Some(&kind @ (EVENT_PACKET_HELD | EVENT_PACKET_REFUSED)) = bytes.first() {
+        if let Some(
+            &kind @ (EVENT_PACKET_HELD | EVENT_PACKET_REFUSED | EVENT_PUNCH | EVENT_ANSWER_HELD),
+        ) = bytes.first()
+        {
             if bytes.len() < size_of::<HeldPacket>() {
                 return None;
             }
@@ -65,17 +73,18 @@ impl FlowEvent {
             let e: HeldPacket = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
             let len = (e.len as usize).min(e.packet.len());
             let packet = (e.complete == 1).then(|| e.packet[..len].to_vec());
-            return Some(if kind == EVENT_PACKET_HELD {
-                Self::Held {
+            return match kind {
+                EVENT_PACKET_HELD => Some(Self::Held {
                     peer: Ipv4Addr::from(e.daddr),
                     packet,
-                }
-            } else {
-                Self::PacketRefused {
+                }),
+                EVENT_PACKET_REFUSED => Some(Self::PacketRefused {
                     reason: DropReason::ALL.get(e.reason as usize).copied(),
                     packet,
-                }
-            });
+                }),
+                EVENT_PUNCH => packet.map(|packet| Self::Punch { packet }),
+                _ => packet.map(|packet| Self::AnswerHeld { packet }),
+            };
         }
         if bytes.len() < size_of::<Event>() {
             return None;

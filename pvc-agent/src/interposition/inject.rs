@@ -53,7 +53,7 @@ fn sum16(data: &[u8]) -> u32 {
 }
 
 /// The TCP checksum of `segment` (its checksum field counted as zero).
-fn tcp_checksum(saddr: Ipv4Addr, daddr: Ipv4Addr, segment: &[u8]) -> u16 {
+pub fn tcp_checksum(saddr: Ipv4Addr, daddr: Ipv4Addr, segment: &[u8]) -> u16 {
     let mut s = sum16(&saddr.octets()) + sum16(&daddr.octets()) + 6 + segment.len() as u32;
     s += sum16(segment) - u16::from_be_bytes([segment[16], segment[17]]) as u32;
     while s > 0xffff {
@@ -179,6 +179,15 @@ impl Injector {
             complete_syn(packet).ok_or_else(|| io::Error::other("not a held TCP SYN"))?;
         let syn = Syn::parse(&complete).expect("parsed above");
         self.send(&complete, syn.daddr)
+    }
+
+    /// Puts a packet this agent made (a punch SYN) on its way, as it is.
+    pub fn send_packet(&self, packet: &[u8]) -> io::Result<()> {
+        if packet.len() < 20 {
+            return Err(io::Error::other("not an IPv4 packet"));
+        }
+        let to = Ipv4Addr::new(packet[16], packet[17], packet[18], packet[19]);
+        self.send(packet, to)
     }
 
     /// Makes the connect() behind a held SYN fail with ECONNREFUSED; for a

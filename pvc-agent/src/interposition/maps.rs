@@ -94,6 +94,32 @@ impl Maps {
             .context("cannot write the settings map")
     }
 
+    /// Puts a flow's entries in, both directions: the reverse one (with
+    /// `twin_flags`) first, so that an answer can never beat it.
+    pub fn install_flow(
+        &mut self,
+        key: FlowKey,
+        to: Masquerade,
+        twin_flags: u8,
+    ) -> anyhow::Result<()> {
+        let (twin_key, mut twin) = to.reverse(&key);
+        twin.flags = twin_flags;
+        self.masquerading
+            .insert(twin_key, twin, 0)
+            .context("cannot install a flow (is the masquerading map full?)")?;
+        self.masquerading
+            .insert(key, to, 0)
+            .context("cannot install a flow (is the masquerading map full?)")
+    }
+
+    /// Clears `flag` on a flow's entry.
+    pub fn clear_flow_flag(&mut self, key: FlowKey, flag: u8) {
+        if let Ok(mut m) = self.masquerading.get(&key, 0) {
+            m.flags &= !flag;
+            let _ = self.masquerading.insert(key, m, 0);
+        }
+    }
+
     /// Whether the programs know who this host is (the settings were written).
     pub fn settings_ready(&self) -> bool {
         self.settings.get(&0, 0).is_ok_and(|s| s.ready == 1)

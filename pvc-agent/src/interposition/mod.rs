@@ -32,7 +32,7 @@ use aya::{
     },
 };
 pub use events::{EventStream, FlowEvent};
-pub use flows::{FlowEntry, Timeouts};
+pub use flows::{FlowEntry, Timeouts, monotonic_ns};
 pub use maps::{Counters, Maps};
 pub use pins::{ensure_bpffs, remove_instance};
 use tracing::{info, warn};

@@ -129,6 +129,35 @@ fn derive(
     .map_err(|_: ring::error::Unspecified| ChallengeError::Crypto)
 }
 
+/// Messages the two agents of an authenticated pair exchange about their
+/// flows (traversals) carry an HMAC with a key only they have: derived
+/// from the pair's SYN-tag key, so that a path a restarted agent took over
+/// from the kernel can use it too.
+pub fn control_mac(tag_key: &[u8; 16], message: &[u8]) -> [u8; 32] {
+    let key = hmac::sign(
+        &hmac::Key::new(hmac::HMAC_SHA256, tag_key),
+        b"pvc control v1",
+    );
+    let tag = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, key.as_ref()), message);
+    let mut m = [0u8; 32];
+    m.copy_from_slice(tag.as_ref());
+    m
+}
+
+/// Checks a control MAC in constant time.
+pub fn control_mac_valid(tag_key: &[u8; 16], message: &[u8], mac: &[u8; 32]) -> bool {
+    let key = hmac::sign(
+        &hmac::Key::new(hmac::HMAC_SHA256, tag_key),
+        b"pvc control v1",
+    );
+    hmac::verify(
+        &hmac::Key::new(hmac::HMAC_SHA256, key.as_ref()),
+        message,
+        mac,
+    )
+    .is_ok()
+}
+
 /// Checks a Done's MAC in constant time (a comparison that stops at the
 /// first differing byte would tell a forger how much of a guess was right).
 fn done_mac_valid(key: &[u8; 32], transcript: &[u8; 32], mac: &[u8; 32]) -> bool {

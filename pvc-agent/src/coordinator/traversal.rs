@@ -1,0 +1,415 @@
+//! Traversals of single flows (Traversing-TCP, hole punching, connection
+//! reversal; `connectivity`): the client's agent holds the application's
+//! SYN and sends it, through a broker, to the server's agent, which
+//! installs the flow's entries, injects the SYN into its own stack and, to
+//! punch, catches its stack's answer and sends its sequence number out as a
+//! SYN first. Every message is authenticated with the pair's control key:
+//! a broker can neither forge a request to inject a SYN nor redirect a
+//! flow. All of it is core state: events in, effects out.
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    time::{Duration, Instant},
+};
+
+use pvc_common::{
+    DIRECTION_EGRESS, DIRECTION_INGRESS, FLOW_AWAIT_SYNACK, FLOW_HOLD_SYNACK, FlowKey, IPPROTO_TCP,
+    Masquerade, Technique,
+};
+use pvc_proto::handshake::{Handshake, Punched, Traverse};
+use tracing::{debug, info, warn};
+
+use super::core::{Core, Effect};
+use crate::{
+    connectivity::punch,
+    interposition::inject::{Syn, SynAck},
+    security::challenge::{control_mac, control_mac_valid},
+};
+
+/// How long a flow's traversal may take before its SYN is refused.
+pub const TRAVERSAL_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// A flow's traversal, on either side.
+pub(super) struct Flow {
+    pub peer: Ipv4Addr,
+    pub technique: Technique,
+    pub since: Instant,
+    pub side: Side,
+}
+
+pub(super) enum Side {
+    /// We opened it: the application's SYN waits here.
+    Client { syn: Vec<u8>, sport: u16 },
+    /// The member opened it: our stack's answer will come to us (punch).
+    Server {
+        client: SocketAddrV4,
+        vport: u16,
+        cport: u16,
+    },
+}
+
+fn random_id() -> u64 {
+    use ring::rand::SecureRandom as _;
+    let mut b = [0u8; 8];
+    let _ = ring::rand::SystemRandom::new().fill(&mut b);
+    u64::from_ne_bytes(b)
+}
+
+/// The entry of a flow as this host's egress sees it, rewritten to the
+/// given wire tuple.
+fn entry(peer: Ipv4Addr, technique: Technique, from: SocketAddrV4, to: SocketAddrV4) -> Masquerade {
+    Masquerade {
+        last_seen_ns: crate::interposition::monotonic_ns(),
+        saddr: from.ip().octets(),
+        daddr: to.ip().octets(),
+        sport: from.port(),
+        dport: to.port(),
+        peer: peer.octets(),
+        technique: technique as u8,
+        ..Default::default()
+    }
+}
+
+impl Core {
+    /// An application's SYN to a member every flow to which needs a
+    /// traversal: ask the member's agent to open the way.
+    pub(super) fn start_flow(
+        &mut self,
+        peer: Ipv4Addr,
+        packet: Vec<u8>,
+        now: Instant,
+        out: &mut Vec<Effect>,
+    ) {
+        let (Some(syn), Some(p)) = (Syn::parse(&packet), self.peers.get(&peer)) else {
+            return;
+        };
+        let (Some(path), Some(session)) = (p.path, p.session.as_ref()) else {
+            return;
+        };
+        if path.technique == Technique::Relay {
+            // Not carried yet: the connect() fails at once rather than hang.
+            warn!(name = p.member.name, %peer, "no direct path to the member, and the relay does not carry flows yet: refused");
+            self.count("relay_refused");
+            out.push(Effect::Refuse(packet));
+            return;
+        }
+        let id = random_id();
+        let client = SocketAddrV4::new(path.local, syn.sport);
+        let mut t = Traverse {
+            id,
+            technique: path.technique as u8,
+            syn: packet.clone(),
+            client,
+            mac: [0; 32],
+        };
+        t.mac = control_mac(&session.session.tag_key, &t.signed_part());
+        if path.technique == Technique::Ttcp {
+            // Our SYN goes out first and opens our side; the member's
+            // answer comes back on it. Until it does, a RST from the
+            // member's firewall is not for our socket.
+            let key = FlowKey::new(
+                syn.saddr.octets(),
+                syn.daddr.octets(),
+                syn.sport,
+                syn.dport,
+                IPPROTO_TCP,
+                DIRECTION_EGRESS,
+            );
+            let to = entry(
+                peer,
+                path.technique,
+                SocketAddrV4::new(self.me.real_ip, syn.sport),
+                SocketAddrV4::new(session.session.peer_real, syn.dport),
+            );
+            out.push(Effect::InstallFlow {
+                key,
+                to,
+                twin_flags: FLOW_AWAIT_SYNACK,
+            });
+            out.push(Effect::Resend(packet.clone()));
+        }
+        debug!(%peer, id, technique = path.technique.name(), port = syn.dport, "traversal started");
+        self.send(peer, Handshake::Traverse(t), out);
+        self.count("traversals_started");
+        self.flows.insert(
+            id,
+            super::traversal::Flow {
+                peer,
+                technique: path.technique,
+                since: now,
+                side: Side::Client {
+                    syn: packet,
+                    sport: syn.sport,
+                },
+            },
+        );
+    }
+
+    /// A member asks us to open the way for one of its flows.
+    pub(super) fn traverse(
+        &mut self,
+        from: Ipv4Addr,
+        t: Traverse,
+        now: Instant,
+        out: &mut Vec<Effect>,
+    ) {
+        let technique = Technique::from_u8(t.technique).filter(|t| t.per_flow());
+        let Some(session) = self
+            .peers
+            .get(&from)
+            .and_then(|p| p.session.as_ref())
+            .map(|s| s.session.clone())
+        else {
+            // Only an authenticated member may have a SYN injected here.
+            warn!(%from, "refused a traversal request from a member without an authenticated path");
+            self.count("traversals_refused");
+            return;
+        };
+        let syn = Syn::parse(&t.syn);
+        let valid = control_mac_valid(&session.tag_key, &t.signed_part(), &t.mac)
+            && technique.is_some()
+            && syn.is_some_and(|s| {
+                s.saddr == from && s.daddr == self.me.virtual_ip && s.sport == t.client.port()
+            });
+        let (Some(technique), Some(syn), true) = (technique, syn, valid) else {
+            warn!(%from, "refused a traversal request that does not check (forged or altered)");
+            self.count("traversals_refused");
+            return;
+        };
+        if !self.allows_inbound(from, syn.dport) {
+            info!(%from, port = syn.dport, "refused a traversal: the policy does not allow it");
+            self.count("traversals_refused");
+            return;
+        }
+        // The flow as our ingress will see it: from the client's public
+        // endpoint to our uplink, for the application's port.
+        let key = FlowKey::new(
+            t.client.ip().octets(),
+            self.me.real_ip.octets(),
+            t.client.port(),
+            syn.dport,
+            IPPROTO_TCP,
+            DIRECTION_INGRESS,
+        );
+        let mut to = entry(
+            from,
+            technique,
+            SocketAddrV4::new(from, syn.sport),
+            SocketAddrV4::new(self.me.virtual_ip, syn.dport),
+        );
+        to.peer = from.octets();
+        let punching = technique != Technique::Ttcp;
+        out.push(Effect::InstallFlow {
+            key,
+            to,
+            twin_flags: if punching { FLOW_HOLD_SYNACK } else { 0 },
+        });
+        // Into our own stack: the application's listener answers it.
+        out.push(Effect::Resend(t.syn));
+        self.count("traversals_served");
+        debug!(%from, id = t.id, technique = technique.name(), port = syn.dport, "injected a member's SYN");
+        if punching {
+            self.flows.insert(
+                t.id,
+                Flow {
+                    peer: from,
+                    technique,
+                    since: now,
+                    side: Side::Server {
+                        client: t.client,
+                        vport: syn.dport,
+                        cport: syn.sport,
+                    },
+                },
+            );
+        }
+    }
+
+    /// Our stack answered a SYN we injected for a flow we punch: its
+    /// sequence number goes out first, as a SYN to the client.
+    pub fn answer_held(&mut self, packet: &[u8], now: Instant) -> Vec<Effect> {
+        let mut out = Vec::new();
+        let Some(answer) = SynAck::parse(packet) else {
+            return out;
+        };
+        let found = self.flows.iter().find_map(|(id, f)| match f.side {
+            Side::Server {
+                client,
+                vport,
+                cport,
+            } if f.peer == answer.daddr && vport == answer.sport && cport == answer.dport => {
+                Some((*id, client))
+            }
+            _ => None,
+        });
+        let Some((id, client)) = found else {
+            return out;
+        };
+        let flow = self.flows.remove(&id).expect("found");
+        let Some(session) = self
+            .peers
+            .get(&flow.peer)
+            .and_then(|p| p.session.as_ref())
+            .map(|s| s.session.clone())
+        else {
+            return out;
+        };
+        let egress = FlowKey::new(
+            answer.saddr.octets(),
+            answer.daddr.octets(),
+            answer.sport,
+            answer.dport,
+            IPPROTO_TCP,
+            DIRECTION_EGRESS,
+        );
+        out.push(Effect::ClearFlowFlag {
+            key: egress,
+            flag: FLOW_HOLD_SYNACK,
+        });
+        let punch = punch::Punch {
+            from: SocketAddrV4::new(self.me.real_ip, answer.sport),
+            to: client,
+            vsrc: self.me.virtual_ip,
+            vdst: flow.peer,
+            vport: answer.dport,
+            tag_key: session.tag_key,
+        };
+        match punch::syn(packet, &punch) {
+            Some(syn) => out.push(Effect::SendPacket(syn)),
+            None => warn!("cannot build a punch SYN from our answer"),
+        }
+        let public = self.site.public.unwrap_or(self.me.real_ip);
+        let mut p = Punched {
+            id,
+            server: SocketAddrV4::new(public, answer.sport),
+            mac: [0; 32],
+        };
+        p.mac = control_mac(&session.tag_key, &p.signed_part());
+        self.send(flow.peer, Handshake::Punched(p), &mut out);
+        debug!(peer = %flow.peer, id, elapsed = ?now.saturating_duration_since(flow.since), "punched");
+        out
+    }
+
+    /// The member's agent opened the way: our SYN may go.
+    pub(super) fn punched(
+        &mut self,
+        from: Ipv4Addr,
+        p: Punched,
+        _now: Instant,
+        out: &mut Vec<Effect>,
+    ) {
+        let Some(key) = self
+            .peers
+            .get(&from)
+            .and_then(|peer| peer.session.as_ref())
+            .map(|s| s.session.tag_key)
+        else {
+            return;
+        };
+        if !control_mac_valid(&key, &p.signed_part(), &p.mac) {
+            warn!(%from, "ignored a punch notice that does not check");
+            return;
+        }
+        if !matches!(self.flows.get(&p.id), Some(f) if f.peer == from) {
+            // Already on its way (the punch SYN told us first), or over.
+            return;
+        }
+        let flow = self.flows.remove(&p.id).expect("checked");
+        self.complete_flow(flow, p.server, out);
+    }
+
+    /// A member's punch SYN reached our kernel, which handed it over: it
+    /// came from where the member's NAT put the flow.
+    pub fn punch_arrived(&mut self, packet: &[u8]) -> Vec<Effect> {
+        let mut out = Vec::new();
+        // As on the wire: the member's public endpoint to ours, and the tag
+        // naming the member (which our kernel checked) and our flow's port.
+        if packet.len() < 24 || packet[9] != 6 {
+            return out;
+        }
+        let ihl = (packet[0] & 0x0f) as usize * 4;
+        if packet.len() < ihl + 4 {
+            return out;
+        }
+        let src = SocketAddrV4::new(
+            Ipv4Addr::new(packet[12], packet[13], packet[14], packet[15]),
+            u16::from_be_bytes([packet[ihl], packet[ihl + 1]]),
+        );
+        let dport = u16::from_be_bytes([packet[ihl + 2], packet[ihl + 3]]);
+        let Some(vsrc) = tag_source(packet, ihl) else {
+            return out;
+        };
+        let found = self.flows.iter().find_map(|(id, f)| match f.side {
+            Side::Client { sport, .. } if f.peer == vsrc && sport == dport => Some(*id),
+            _ => None,
+        });
+        let Some(id) = found else {
+            self.count("punches_unexpected");
+            return out;
+        };
+        let flow = self.flows.remove(&id).expect("found");
+        self.count("punches_received");
+        self.complete_flow(flow, src, &mut out);
+        out
+    }
+
+    /// The client's last step: the flow's entries toward `server` (where
+    /// the member's NAT expects us), then the application's SYN.
+    fn complete_flow(&mut self, flow: Flow, server: SocketAddrV4, out: &mut Vec<Effect>) {
+        let Side::Client { syn: packet, sport } = flow.side else {
+            return;
+        };
+        let Some(syn) = Syn::parse(&packet) else {
+            return;
+        };
+        let key = FlowKey::new(
+            syn.saddr.octets(),
+            syn.daddr.octets(),
+            sport,
+            syn.dport,
+            IPPROTO_TCP,
+            DIRECTION_EGRESS,
+        );
+        let to = entry(
+            flow.peer,
+            flow.technique,
+            SocketAddrV4::new(self.me.real_ip, sport),
+            server,
+        );
+        out.push(Effect::InstallFlow {
+            key,
+            to,
+            twin_flags: 0,
+        });
+        out.push(Effect::Resend(packet));
+        self.count("traversals_completed");
+    }
+
+    /// Traversals that did not complete in time: their SYNs are refused
+    /// (the connect() fails at once rather than hang).
+    pub(super) fn expire_flows(&mut self, now: Instant, out: &mut Vec<Effect>) {
+        let stale: Vec<u64> = self
+            .flows
+            .iter()
+            .filter(|(_, f)| now.saturating_duration_since(f.since) > TRAVERSAL_TIMEOUT)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in stale {
+            let flow = self.flows.remove(&id).expect("listed");
+            if let Side::Client { syn, .. } = flow.side {
+                warn!(peer = %flow.peer, technique = flow.technique.name(), "a flow's traversal did not complete within {TRAVERSAL_TIMEOUT:?}: refused");
+                self.count("traversals_failed");
+                out.push(Effect::Refuse(syn));
+            }
+        }
+    }
+}
+
+/// The virtual source a SYN's PVC tag names (the tag is its last option).
+fn tag_source(packet: &[u8], ihl: usize) -> Option<Ipv4Addr> {
+    let tcp = packet.get(ihl..)?;
+    let hlen = (*tcp.get(12)? >> 4) as usize * 4;
+    let len = pvc_common::TAG_LEN as usize;
+    let tag = tcp.get(hlen.checked_sub(len)?..hlen)?;
+    (tag[0] == pvc_common::TAG_KIND).then(|| Ipv4Addr::new(tag[4], tag[5], tag[6], tag[7]))
+}
