@@ -9,6 +9,7 @@
 //! It never sees data-path traffic of a direct path, so killing it does not
 //! break established flows.
 
+mod relay;
 mod store;
 
 use std::{
@@ -140,6 +141,7 @@ pub struct Broker {
     state: Mutex<State>,
     store: Option<Store>,
     next_id: AtomicU64,
+    relays: relay::Relays,
 }
 
 impl Broker {
@@ -150,6 +152,7 @@ impl Broker {
             state: Mutex::default(),
             store: None,
             next_id: AtomicU64::new(1),
+            relays: relay::Relays::default(),
         })
     }
 
@@ -171,6 +174,7 @@ impl Broker {
             state: Mutex::new(state),
             store: Some(store),
             next_id: AtomicU64::new(1),
+            relays: relay::Relays::default(),
         }))
     }
 
@@ -217,8 +221,16 @@ impl Broker {
                 self.master_session(&mut framed, peer, p).await;
                 return;
             }
+            Ok(Some(Ok(AgentMessage::RelayJoin { token }))) => {
+                let parts = framed.into_parts();
+                self.relays.join(token, parts.io, parts.read_buf).await;
+                return;
+            }
             Ok(Some(Ok(other))) => {
-                let msg = format!("expected Register or Publish first, got {}", kind(&other));
+                let msg = format!(
+                    "expected Register, Publish or RelayJoin first, got {}",
+                    kind(&other)
+                );
                 refuse(&mut framed, peer, ErrorCode::NotRegistered, msg).await;
                 return;
             }
@@ -334,6 +346,11 @@ impl Broker {
                         Some(Ok(AgentMessage::Site(site))) => self.site(cluster, me, site),
                         Some(Ok(AgentMessage::Probe { port, nonce })) => {
                             tokio::spawn(probe(*observed.ip(), port, nonce, tx.clone()));
+                        }
+                        Some(Ok(AgentMessage::RelayOffer { token, to })) => {
+                            if let Err(why) = self.offer_relay(cluster, me, to, token) {
+                                warn!(%peer, virtual_ip = %me, %to, "relay offer refused: {why}");
+                            }
                         }
                         Some(Ok(other)) => {
                             let msg = format!("{} is not allowed in a registered session", kind(&other));
@@ -454,6 +471,36 @@ impl Broker {
 
     /// A member tells what it found out about its network: the others learn
     /// it with the member.
+    /// A member offers a relay token for a flow with `to`, a member with a
+    /// session here.
+    fn offer_relay(
+        &self,
+        cluster: &ClusterId,
+        me: Ipv4Addr,
+        to: Ipv4Addr,
+        token: [u8; 16],
+    ) -> Result<(), &'static str> {
+        let present = {
+            let state = self.state.lock().unwrap();
+            state
+                .clusters
+                .get(cluster)
+                .is_some_and(|c| c.sessions.contains_key(&to))
+        };
+        if !present {
+            return Err("the other member has no session on this broker");
+        }
+        self.relays.offer(*cluster, me, token)
+    }
+
+    /// Relayed flows running now, and ended since the start.
+    pub fn relay_counts(&self) -> (u64, u64) {
+        (
+            self.relays.active.load(Ordering::Relaxed),
+            self.relays.completed.load(Ordering::Relaxed),
+        )
+    }
+
     fn site(&self, cluster: &ClusterId, vip: Ipv4Addr, site: pvc_proto::SiteInfo) {
         let mut state = self.state.lock().unwrap();
         let Some(cluster) = state.clusters.get_mut(cluster) else {
@@ -677,6 +724,8 @@ fn kind(m: &AgentMessage) -> &'static str {
         AgentMessage::Publish(_) => "Publish",
         AgentMessage::Site(_) => "Site",
         AgentMessage::Probe { .. } => "Probe",
+        AgentMessage::RelayOffer { .. } => "RelayOffer",
+        AgentMessage::RelayJoin { .. } => "RelayJoin",
     }
 }
 

@@ -95,6 +95,9 @@ pub struct PeerStatus {
     pub authenticated: bool,
     /// The real address flows are masqueraded to, and how (once authenticated).
     pub path: Option<(Ipv4Addr, String)>,
+    /// How this host reaches the member, from what both know of their
+    /// sites (before the first flow authenticates the path too).
+    pub technique: Option<String>,
     pub session_age_secs: Option<u64>,
 }
 

@@ -38,6 +38,9 @@ pub mod maps {
         EVENTS,
         REPLAY,
     ];
+    /// The agent's relay listener, for the sk_lookup program: a socket
+    /// lives only as long as its agent, so this map is not pinned.
+    pub const RELAY_LISTENER: &str = "relay_listener";
 }
 
 pub const IPPROTO_ICMP: u8 = 1;
@@ -140,6 +143,10 @@ pub const FLOW_HOLD_SYNACK: u8 = 1;
 /// are dropped: a firewall rejecting the SYN on its way must not reset the
 /// connection the agents are completing around it (Traversing-TCP).
 pub const FLOW_AWAIT_SYNACK: u8 = 2;
+/// Masquerade flag: an entry the agent installed for a traversal, waiting
+/// for the client's SYN. Its virtual ports are the agent's (the client's
+/// NAT or UPnP forward may have changed the wire's): the SYN keeps them.
+pub const FLOW_AWAIT_SYN: u8 = 4;
 
 impl Masquerade {
     /// The entry for the other direction of the flow `key` -> `self`:

@@ -59,26 +59,31 @@ pub fn open(key: &FlowKey, to: &Masquerade, announce: bool) -> Result<(), DropRe
         return Err(DropReason::FlowTableFull);
     }
     if announce {
-        // Report the flow by its virtual tuple, local side first: that is
-        // the egress key, whichever side opened the flow.
         let v = if key.direction == DIRECTION_EGRESS {
             key
         } else {
             &twin_key
         };
-        emit_quietly(&Event {
-            kind: EVENT_FLOW_CREATED,
-            proto: key.proto,
-            direction: key.direction,
-            technique: to.technique,
-            saddr: v.saddr,
-            daddr: v.daddr,
-            sport: v.sport,
-            dport: v.dport,
-            ..Default::default()
-        });
+        announce_flow(v, key.direction, to.technique);
     }
     Ok(())
+}
+
+/// Reports a flow by its virtual tuple, local side first (the egress key,
+/// whichever side opened the flow); `direction`: the side that opened it.
+#[inline(always)]
+pub fn announce_flow(egress: &FlowKey, direction: u8, technique: u8) {
+    emit_quietly(&Event {
+        kind: EVENT_FLOW_CREATED,
+        proto: egress.proto,
+        direction,
+        technique,
+        saddr: egress.saddr,
+        daddr: egress.daddr,
+        sport: egress.sport,
+        dport: egress.dport,
+        ..Default::default()
+    });
 }
 
 /// Removes a flow's entries, both directions, if there are any.

@@ -7,6 +7,8 @@
 //!   masquerading map the agent fills, so that sockets on both ends see only
 //!   virtual addresses while the wire carries real ones. No encapsulation, no
 //!   copy to userspace.
+//! - `sk_lookup`: connections to members reached through the relay go to
+//!   the agent's relay listener.
 #![no_std]
 #![no_main]
 
@@ -14,6 +16,7 @@ mod flow;
 mod maps;
 mod nat;
 mod packet;
+mod sk_lookup;
 mod sock_addr;
 mod sockets;
 mod tc_egress;

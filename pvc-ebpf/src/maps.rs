@@ -3,7 +3,7 @@
 
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
-    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SockMap, lpm_trie::Key},
     helpers::bpf_ktime_get_coarse_ns,
     macros::btf_map,
 };
@@ -56,6 +56,10 @@ pub static TRAFFIC: PerCpuArray<Traffic, { TRAFFIC_DIRECTIONS as usize }> = PerC
 /// long answered.
 #[btf_map(name = "replay")]
 pub static REPLAY: LruHashMap<ReplayKey, ReplayValue, 65536> = LruHashMap::new();
+
+/// The agent's relay listener (`sk_lookup`), at index 0.
+#[btf_map(name = "relay_listener")]
+pub static RELAY_LISTENER: SockMap<1> = SockMap::new();
 
 /// Control-plane events: new flows and refusals. Never per packet.
 #[btf_map(name = "events")]

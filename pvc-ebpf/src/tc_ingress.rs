@@ -9,9 +9,9 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use pvc_common::{
-    DIRECTION_INGRESS, DropReason, EVENT_INBOUND_REFUSED, Event, FLOW_AWAIT_SYNACK, FlowKey,
-    IPPROTO_ICMP, IPPROTO_TCP, PEER_READY, POLICY_INBOUND, ReplayKey, ReplayValue, Settings,
-    TAG_PUNCH, TCP_RST, TRAFFIC_INGRESS, is_virtual,
+    DIRECTION_EGRESS, DIRECTION_INGRESS, DropReason, EVENT_INBOUND_REFUSED, Event, FLOW_AWAIT_SYN,
+    FLOW_AWAIT_SYNACK, FlowKey, IPPROTO_ICMP, IPPROTO_TCP, PEER_READY, POLICY_INBOUND, ReplayKey,
+    ReplayValue, Settings, TAG_PUNCH, TCP_RST, TRAFFIC_INGRESS, is_virtual,
 };
 
 use crate::{
@@ -130,17 +130,32 @@ fn ingress_tcp(ctx: &TcContext, ip: &Ipv4, s: &Settings) -> Result<i32, DropReas
             Use::Closing => return Err(DropReason::TupleClosing),
             Use::Live => return refuse(DropReason::FlowCollision),
         }
-        // The port the application listens on is the tag's: a NAT's
-        // forward may have brought the SYN to another one.
-        let m = flow::entry(
-            tag.vsrc,
-            s.virtual_addr,
-            tcp.sport,
-            tag.vdport,
-            tag.vsrc,
-            &path,
-        );
-        let fresh = MASQUERADING.get_ptr(&key).is_none();
+        let existing = flow::peek(&key);
+        let m = match existing {
+            // The agent installed this flow for a traversal: the client's
+            // port on the wire (a NAT's, a UPnP forward's) may not be its
+            // application's, which the agent knows.
+            Some(mut m)
+                if m.flags & FLOW_AWAIT_SYN != 0
+                    && m.saddr == tag.vsrc
+                    && m.dport == tag.vdport =>
+            {
+                m.flags = 0;
+                m
+            }
+            // The port the application listens on is the tag's: a NAT's
+            // forward may have brought the SYN to another one.
+            _ => flow::entry(
+                tag.vsrc,
+                s.virtual_addr,
+                tcp.sport,
+                tag.vdport,
+                tag.vsrc,
+                &path,
+            ),
+        };
+        // New, or the traversal the agent installed is completing.
+        let fresh = existing.is_none_or(|e| e.flags & FLOW_AWAIT_SYN != 0);
         // A full map: the agent answers with a RST on the wire, which the
         // client's ingress turns into ECONNREFUSED for its connect().
         flow::open(&key, &m, fresh).map_err(|r| flow::refuse(ctx, ip, r))?;
@@ -149,9 +164,16 @@ fn ingress_tcp(ctx: &TcContext, ip: &Ipv4, s: &Settings) -> Result<i32, DropReas
         let Some(m) = flow::touch(&key, tcp.flags) else {
             return PASS;
         };
+        if m.flags & FLOW_AWAIT_SYN != 0 && tcp.flags & TCP_RST != 0 {
+            // The client's NAT rejecting our punch SYN: the client's own
+            // SYN is still to come.
+            return Err(DropReason::TraversalReset);
+        }
         if m.flags & FLOW_AWAIT_SYNACK != 0 {
             if tcp.is_syn_ack() {
                 flow::clear_flag(&key, FLOW_AWAIT_SYNACK);
+                // A traversal the agents carried completed: the flow exists.
+                flow::announce_flow(&key.twin(&m), DIRECTION_EGRESS, m.technique);
             } else if tcp.flags & TCP_RST != 0 {
                 // A firewall's rejection of the SYN the agents are carrying
                 // around it (Traversing-TCP): not for the socket.

@@ -39,6 +39,8 @@ pub enum Handshake {
     Traverse(Traverse),
     /// The server's agent punched its NAT for the flow `id`.
     Punched(Punched),
+    /// A flow through the broker's relay (`RelayFlow`).
+    RelayFlow(RelayFlow),
 }
 
 /// One flow's traversal (`Technique` Ttcp, Punch or Reversal): the client's
@@ -63,6 +65,37 @@ pub struct Punched {
     pub id: u64,
     pub server: SocketAddrV4,
     pub mac: [u8; 32],
+}
+
+/// A flow carried by a broker's relay: the client's agent joined the
+/// broker's relay with `token` and asks the server's agent to join too and
+/// connect, locally, from the client's virtual address and `client_port`
+/// to `port`. The MAC (the pair's control key) covers both virtual
+/// addresses, so a broker can neither forge a request nor turn one back to
+/// its sender.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct RelayFlow {
+    pub token: [u8; 16],
+    pub client: Ipv4Addr,
+    pub server: Ipv4Addr,
+    pub client_port: u16,
+    pub port: u16,
+    pub mac: [u8; 32],
+}
+
+impl RelayFlow {
+    /// The bytes the MAC covers.
+    pub fn signed_part(&self) -> Vec<u8> {
+        postcard::to_stdvec(&(
+            b"relay",
+            self.token,
+            self.client,
+            self.server,
+            self.client_port,
+            self.port,
+        ))
+        .expect("encodes")
+    }
 }
 
 impl Traverse {
@@ -137,6 +170,9 @@ impl Handshake {
             Self::Refused { id, .. } => *id,
             Self::Traverse(m) => exchange_id_of(m.id),
             Self::Punched(m) => exchange_id_of(m.id),
+            Self::RelayFlow(m) => exchange_id_of(u64::from_le_bytes(
+                m.token[..8].try_into().expect("8 bytes"),
+            )),
         }
     }
 

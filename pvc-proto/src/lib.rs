@@ -25,6 +25,7 @@ use tokio_util::codec::{Decoder, Encoder};
 pub mod handshake;
 pub mod records;
 mod registration;
+pub mod relay;
 
 pub use records::{
     ClusterId, GlobalPolicy, MembershipRecord, PolicyRule, PortRange, PublicKey, RecordError,
@@ -87,6 +88,15 @@ pub enum AgentMessage {
     /// `ProbeResult`) and with a UDP datagram carrying `nonce` (which the
     /// agent sees arrive, or not).
     Probe { port: u16, nonce: u64 },
+    /// The agent will join the broker's relay with `token` for a flow with
+    /// member `to` (who will join too). Tokens not offered by a member of
+    /// a registered session are refused.
+    RelayOffer { token: [u8; 16], to: Ipv4Addr },
+    /// First and only frame of a relay connection: pair it with the other
+    /// connection that joins with the same offered `token`; from then on
+    /// the broker copies bytes between them (which the agents encrypt and
+    /// authenticate end to end).
+    RelayJoin { token: [u8; 16] },
 }
 
 /// What a broker tells an agent.

@@ -1,7 +1,7 @@
 //! The simulated Internet of the lab itself: routing, NAT and firewall
 //! behaviour, the core's leak counter, a real miniupnpd.
 
-use pvc_lab::{Lab, Site, require_tools};
+use pvc_lab::{Lab, Site, probe, require_tools};
 
 /// `ping -c1 -W1 dst` from `host`'s namespace: whether it got an answer.
 fn pings(lab: &Lab, host: &str, dst: &str) -> bool {
@@ -125,4 +125,184 @@ fn each_agent_finds_out_what_kind_of_site_it_sits_in() {
         }
     }
     assert_eq!(lab.leaks().unwrap(), 0);
+}
+
+/// One connection from `client` to `server`'s virtual address: the echo's
+/// reply and how long connect() and the first exchange took, or the errno.
+fn connect_once(lab: &Lab, client: &str, server: &str, port: u16) -> serde_json::Value {
+    let dst = lab.host(server).virtual_ip;
+    let script = format!(
+        r#"
+import socket, json, time
+t = time.monotonic()
+try:
+    s = socket.create_connection(("{dst}", {port}), timeout=8)
+    s.sendall(b"hello")
+    r = s.recv(100)
+    ms = (time.monotonic() - t) * 1000
+    print(json.dumps({{"reply": r.decode(), "ms": ms, "local": s.getsockname()[0], "peer": s.getpeername()[0]}}))
+except OSError as e:
+    print(json.dumps({{"errno": e.errno, "error": str(e), "ms": (time.monotonic() - t) * 1000}}))
+"#
+    );
+    let out = lab
+        .app(client, "python3")
+        .args(["-c", &script])
+        .ok()
+        .unwrap();
+    serde_json::from_str(out.trim()).unwrap()
+}
+
+/// Flows `host`'s agent opened with `technique` so far.
+fn opened(lab: &Lab, host: &str, technique: &str) -> u64 {
+    lab.status(host).unwrap()["flows_opened"][technique]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+/// The technique `client`'s agent uses toward `server`.
+fn technique(lab: &Lab, client: &str, server: &str) -> Option<String> {
+    let vip = lab.host(server).virtual_ip.to_string();
+    let s = lab.status(client).ok()?;
+    s["peers"]
+        .as_array()?
+        .iter()
+        .find(|p| p["virtual_ip"] == vip.as_str())
+        .and_then(|p| p["technique"].as_str().map(str::to_string))
+}
+
+/// Every ordered pair of site kinds (two sites of each kind, so that a kind
+/// meets itself across the Internet), and two members behind one NAT: the
+/// technique the agents pick, that an unmodified client's connection works
+/// through it, how long it took, and that nothing private or virtual
+/// crossed the core.
+#[test]
+fn every_pair_of_sites_connects_with_the_technique_that_fits() {
+    use Site::*;
+    require_tools(&["iptables", "miniupnpd", "python3", "socat"]);
+    let kinds = [Pub, Fwl, Fws, Cone, Upnp, Sym];
+    // Hosts a..f: one site of each kind; g..m: a second one, with k beside
+    // j (a second member behind the second cone NAT).
+    let mut sites: Vec<(Site, usize)> = kinds.iter().map(|k| (*k, 1)).collect();
+    sites.extend(kinds.iter().map(|k| (*k, if *k == Cone { 2 } else { 1 })));
+    let mut lab = Lab::internet(&sites).unwrap();
+    lab.start_all().unwrap();
+    let first: Vec<String> = ["a", "b", "c", "d", "e", "f"].map(String::from).into();
+    let second: Vec<String> = ["g", "h", "i", "j", "l", "m"].map(String::from).into();
+    const PORT: u16 = 7300;
+    let mut logs = std::collections::BTreeMap::new();
+    for h in first.iter().chain(&second).chain([&"k".to_string()]) {
+        logs.insert(
+            h.clone(),
+            probe::server(&mut lab, h, "0.0.0.0", PORT, 16).unwrap(),
+        );
+    }
+    // Sites are discovered in the background (probes, UPnP): the choice
+    // settles once every member knows every site.
+    let want = |c: Site, s: Site| -> &'static str {
+        match (c, s) {
+            (_, Pub) => "direct",
+            (_, Upnp) => "upnp",
+            (Sym, _) => "relay",
+            (_, Fwl) => "ttcp",
+            (_, Fws | Cone) => "punch",
+            (Pub | Upnp, Sym) => "reversal",
+            (_, Sym) => "relay",
+        }
+    };
+    let mut cells = Vec::new();
+    for (ci, c) in kinds.iter().enumerate() {
+        for (si, s) in kinds.iter().enumerate() {
+            cells.push((*c, *s, first[ci].clone(), second[si].clone()));
+        }
+    }
+    pvc_lab::wait_until(
+        std::time::Duration::from_secs(30),
+        "every agent to pick its techniques",
+        || {
+            cells
+                .iter()
+                .all(|(c, s, from, to)| technique(&lab, from, to).as_deref() == Some(want(*c, *s)))
+                .then_some(())
+        },
+    )
+    .unwrap_or_else(|e| {
+        let wrong: Vec<String> = cells
+            .iter()
+            .filter_map(|(c, s, from, to)| {
+                let got = technique(&lab, from, to);
+                (got.as_deref() != Some(want(*c, *s)))
+                    .then(|| format!("{}->{}: {got:?}, want {}", c.name(), s.name(), want(*c, *s)))
+            })
+            .collect();
+        panic!("{e}: {wrong:#?}\n{}", lab.status("a").unwrap())
+    });
+    assert_eq!(technique(&lab, "j", "k").as_deref(), Some("lan"));
+
+    let mut table = String::from("| client \\ server |");
+    for s in kinds {
+        table += &format!(" {} |", s.name());
+    }
+    table += "\n|---|";
+    table += &"---|".repeat(kinds.len());
+    let mut failures = Vec::new();
+    for (ci, c) in kinds.iter().enumerate() {
+        table += &format!("\n| **{}** |", c.name());
+        for (si, s) in kinds.iter().enumerate() {
+            let (from, to) = (&first[ci], &second[si]);
+            let before = opened(&lab, from, want(*c, *s));
+            let r = connect_once(&lab, from, to, PORT);
+            let took = opened(&lab, from, want(*c, *s)) > before;
+            // Both ends see only virtual addresses.
+            let (cv, sv) = (lab.host(from).virtual_ip, lab.host(to).virtual_ip);
+            let seen = probe::accepted(&logs[to]);
+            let virtual_both_ways = r["local"] == cv.to_string().as_str()
+                && r["peer"] == sv.to_string().as_str()
+                && seen.iter().any(|a| {
+                    a["peer"] == cv.to_string().as_str() && a["local"] == sv.to_string().as_str()
+                });
+            let ok = r["reply"] == "echo:hello" && took && virtual_both_ways;
+            let ms = r["ms"].as_f64().unwrap_or(f64::NAN);
+            table += &format!(
+                " {} {:.0} ms{} |",
+                want(*c, *s),
+                ms,
+                if ok { "" } else { " FAILED" }
+            );
+            if !ok {
+                failures.push(format!(
+                    "{}->{} ({}, flow opened with it: {took}, server saw {seen:?}): {r}\n--- {from}\n{}\n--- {to}\n{}",
+                    c.name(),
+                    s.name(),
+                    want(*c, *s),
+                    lab.agent_log(from),
+                    lab.agent_log(to)
+                ));
+            }
+        }
+    }
+    let r = connect_once(&lab, "j", "k", PORT);
+    table += &format!(
+        "\n\nTwo members behind one cone NAT: lan {:.0} ms{}",
+        r["ms"].as_f64().unwrap_or(f64::NAN),
+        if r["reply"] == "echo:hello" {
+            ""
+        } else {
+            " FAILED"
+        }
+    );
+    if r["reply"] != "echo:hello" {
+        failures.push(format!("j->k (lan): {r}"));
+    }
+    println!("{table}");
+    let _ = std::fs::write(
+        std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("traversal-matrix.md"),
+        &table,
+    );
+    assert!(failures.is_empty(), "{table}\n\n{}", failures.join("\n\n"));
+    assert_eq!(
+        lab.leaks().unwrap(),
+        0,
+        "private or virtual addresses crossed the core"
+    );
 }

@@ -172,6 +172,7 @@ mod tests {
             (sym, upnp, Upnp),
             (sym, sym, Relay),
             (upnp, cone, Punch),
+            (upnp, sym, Reversal),
         ] {
             assert_eq!(
                 choose_for(me, peer(them), far.clone()),

@@ -68,6 +68,8 @@ pub(super) struct Agent {
     pub probed_at: Option<Instant>,
     /// The UPnP gateway's forward of the PVC port, if one was granted.
     pub upnp: Option<crate::connectivity::upnp::Mapping>,
+    /// Flows carried by a broker's relay.
+    pub relaying: super::relay::Relaying,
 }
 
 impl Agent {
@@ -99,7 +101,13 @@ impl Agent {
             } => {
                 let vip = session.peer;
                 let result = async {
-                    self.route(vip, session.peer_real).await?;
+                    if path.technique == pvc_common::Technique::Relay {
+                        self.vias.remove(&vip);
+                        virtualization::set_relay_route(&self.handle, vip, self.config.virtual_ip)
+                            .await?;
+                    } else {
+                        self.route(vip, session.peer_real).await?;
+                    }
                     let entry = super::core::kernel_path(&session, &path);
                     self.datapath.maps.set_peer(vip, entry)
                 }
@@ -121,6 +129,15 @@ impl Agent {
                     warn!(%vip, "cannot route to the member: {e:#}");
                 }
             }
+            Effect::RelayRoute(vip) => {
+                self.vias.remove(&vip);
+                if let Err(e) =
+                    virtualization::set_relay_route(&self.handle, vip, self.config.virtual_ip).await
+                {
+                    warn!(%vip, "cannot route the member through the relay: {e:#}");
+                }
+            }
+            Effect::AcceptRelay(a) => self.accept_relay(a),
             Effect::RemoveRoute(vip) => {
                 self.vias.remove(&vip);
                 if let Err(e) = virtualization::remove_peer_route(&self.handle, vip).await {
@@ -136,7 +153,6 @@ impl Agent {
                     warn!("{e:#}");
                 }
             }
-            Effect::ClearFlowFlag { key, flag } => self.datapath.maps.clear_flow_flag(key, flag),
             Effect::SendPacket(packet) => {
                 if let Err(e) = self.injector.send_packet(&packet) {
                     warn!("cannot send a packet of a traversal: {e}");
@@ -248,7 +264,9 @@ impl Agent {
                 BrokerMessage::Left { virtual_ip, clean } => {
                     self.core.left(&broker, virtual_ip, clean, now)
                 }
-                BrokerMessage::Relayed { from, payload } => self.core.relayed(from, &payload, now),
+                BrokerMessage::Relayed { from, payload } => {
+                    self.core.relayed(from, Some(&broker), &payload, now)
+                }
                 BrokerMessage::Undeliverable { to } => self.core.undeliverable(to, now),
                 BrokerMessage::Revocations(r) => self.core.revocations(&r),
                 BrokerMessage::Policy(p) => self.core.global_policy(&p),
@@ -287,6 +305,9 @@ impl Agent {
                 remote,
                 technique,
             } => {
+                if outbound && technique.is_some_and(|t| t.per_flow()) {
+                    self.core.traversed(*remote.ip(), local.port());
+                }
                 let technique = technique.map_or("unknown", |t| t.name());
                 *self.flows_opened.entry(technique.to_string()).or_default() += 1;
                 debug!(proto, outbound, %local, %remote, technique, "flow opened");
@@ -491,6 +512,8 @@ impl Agent {
                 // A broker's TCP probe: reaching us was the point.
                 Ok(_) = probes.tcp.accept() => {}
                 Some(result) = upnp_rx.recv() => self.upnp_done(result).await,
+                Ok((app, _)) = self.relaying.listener.accept() => self.relay_accepted(app).await,
+                Some((id, result)) = self.relaying.done_rx.recv() => self.relay_done(id, result),
                 _ = upnp_renewal.tick() => self.renew_upnp().await,
                 _ = reprobe.tick() => {
                     if let Some(b) = self.core.brokers.keys().next().cloned()

@@ -86,18 +86,14 @@ pub enum Effect {
         to: pvc_common::Masquerade,
         twin_flags: u8,
     },
-    /// Clears `flag` on a flow's entry (a traversal step is done).
-    ClearFlowFlag {
-        key: pvc_common::FlowKey,
-        flag: u8,
-    },
-    /// Sends a packet the agent made (a punch SYN), as it is.
     /// Makes sure the member's route goes via the next hop of `real` (a path
     /// taken over from the previous agent).
-    Route {
-        vip: Ipv4Addr,
-        real: Ipv4Addr,
-    },
+    Route { vip: Ipv4Addr, real: Ipv4Addr },
+    /// Makes the member's address local: flows to it go through the relay.
+    RelayRoute(Ipv4Addr),
+    /// Joins a relayed flow a member opened (`coordinator::relay`).
+    AcceptRelay(super::relay::RelayAccept),
+    /// Sends a packet the agent made (a punch SYN), as it is.
     SendPacket(Vec<u8>),
     /// Removes the route of a member no flow uses any more.
     RemoveRoute(Ipv4Addr),
@@ -143,6 +139,10 @@ pub(super) struct Peer {
     pub exchange: Option<(ExchangeId, Exchange, Instant)>,
     pub held: Vec<Vec<u8>>,
     pub failed_at: Option<Instant>,
+    /// The pair went to the relay although its sites promised a direct
+    /// path (a traversal did not complete, or the member chose the relay):
+    /// since when. Direct is tried again later, once no flow is relayed.
+    pub relay_since: Option<Instant>,
     /// When a refused tag last made us authenticate the path again.
     pub reauthenticated_at: Option<Instant>,
 }
@@ -159,6 +159,7 @@ impl Peer {
             exchange: None,
             held: Vec::new(),
             failed_at: None,
+            relay_since: None,
             reauthenticated_at: None,
         }
     }
@@ -291,13 +292,44 @@ impl Core {
         let Some(p) = self.peers.get(&vip) else {
             return;
         };
-        let path = connectivity::choose(&connectivity::Pair {
+        let mut path = connectivity::choose(&connectivity::Pair {
             networks: &self.me.networks,
             real_ip: self.me.real_ip,
             me: &self.site,
             member: &p.member,
             peer: &p.info,
         });
+        let their_choice_is_relay = || {
+            // Relay is a property of the pair (the member's address is made
+            // local on each side): if the member can reach us only through
+            // it, we use it too, or its replies to our direct flows would
+            // stay on its host.
+            self.own.as_ref().is_some_and(|own| {
+                let us = Member {
+                    addresses: self.me.advertised.clone(),
+                    ..own.clone()
+                };
+                connectivity::choose(&connectivity::Pair {
+                    networks: &[],
+                    real_ip: p
+                        .member
+                        .addresses
+                        .first()
+                        .copied()
+                        .unwrap_or(Ipv4Addr::UNSPECIFIED),
+                    me: &p.info,
+                    member: &us,
+                    peer: &self.site,
+                })
+                .is_some_and(|c| c.technique == Technique::Relay)
+            })
+        };
+        if let Some(path) = path.as_mut()
+            && path.technique != Technique::Lan
+            && (p.relay_since.is_some() || their_choice_is_relay())
+        {
+            path.technique = Technique::Relay;
+        }
         if path == p.path {
             return;
         }

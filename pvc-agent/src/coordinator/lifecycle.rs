@@ -180,6 +180,8 @@ enum Admission {
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let _claim = claim::Claim::take(&config)?;
     let host = HostSetup::prepare(&config).await?;
+    // Before any broker session: a broker's probe must find them open.
+    let probes = super::site::ProbeSockets::open(host.real_ip, config.connectivity.port)?;
     let trust = Trust::new(config.master_key);
     let registration = Registration {
         cluster: trust.cluster,
@@ -224,6 +226,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             return Err(e);
         }
     };
+    let relay_listener = match crate::connectivity::relay::listen()
+        .and_then(|l| datapath.maps.set_relay_listener(&l).map(|()| l))
+    {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = datapath.remove();
+            tasks.stop().await;
+            let _ = std::fs::remove_file(config.control_socket());
+            return Err(e);
+        }
+    };
     let events = datapath.take_events().expect("events are taken once");
     let cgroup = host.cgroup.clone();
     let core = Core::new(
@@ -262,6 +275,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         discovery: crate::connectivity::discovery::Discovery::new(config_port, local_addrs),
         probed_at: None,
         upnp: None,
+        relaying: super::relay::Relaying::new(relay_listener),
     };
     let mut result = configure(&mut agent, welcome.is_none()).await;
     if result.is_ok() {
@@ -282,25 +296,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     }
     if result.is_ok() {
-        result = match super::site::ProbeSockets::open(
-            agent.core.identity().real_ip,
-            agent.config.connectivity.port,
-        ) {
-            Ok(probes) => {
-                let (upnp_tx, upnp_rx) = mpsc::channel(1);
-                if agent.config.connectivity.upnp {
-                    super::site::start_upnp(
-                        agent.core.identity().real_ip,
-                        agent.config.connectivity.port,
-                        agent.config.instance.clone(),
-                        agent.config.upnp_record(),
-                        upnp_tx,
-                    );
-                }
-                agent.serve(events, &mut tasks, probes, upnp_rx).await
-            }
-            Err(e) => Err(e),
-        };
+        let (upnp_tx, upnp_rx) = mpsc::channel(1);
+        if agent.config.connectivity.upnp {
+            super::site::start_upnp(
+                agent.core.identity().real_ip,
+                agent.config.connectivity.port,
+                agent.config.instance.clone(),
+                agent.config.upnp_record(),
+                upnp_tx,
+            );
+        }
+        result = agent.serve(events, &mut tasks, probes, upnp_rx).await;
     }
     tasks.stop().await;
     let teardown = agent.teardown().await;

@@ -18,6 +18,7 @@ pub mod core;
 mod lifecycle;
 mod members;
 mod paths;
+pub mod relay;
 mod site;
 mod status;
 #[cfg(test)]

@@ -25,15 +25,15 @@ impl Core {
             return out;
         };
         if p.session.is_some() {
-            let per_flow =
-                p.technique().per_flow() || p.technique() == pvc_common::Technique::Relay;
+            let per_flow = p.technique().per_flow();
             if let Some(packet) = packet {
                 if per_flow {
                     // A flow to a member behind a NAT or firewall: the
                     // agents open the way for this one.
                     self.start_flow(peer, packet, now, &mut out);
                 } else {
-                    // The path came up between the packet and this event.
+                    // The path came up (or the member's address became
+                    // local, for the relay) between the packet and this event.
                     out.push(Effect::Resend(packet));
                     self.count("held_resent");
                 }
@@ -119,7 +119,14 @@ impl Core {
 
     /// A handshake message relayed by the broker. Its claims are checked
     /// against the master-signed record of the member it says it is from.
-    pub fn relayed(&mut self, from: Ipv4Addr, payload: &[u8], now: Instant) -> Vec<Effect> {
+    /// `via`: the broker it came through (a relayed flow joins there).
+    pub fn relayed(
+        &mut self,
+        from: Ipv4Addr,
+        via: Option<&str>,
+        payload: &[u8],
+        now: Instant,
+    ) -> Vec<Effect> {
         let mut out = Vec::new();
         let Some(msg) = Handshake::decode(payload) else {
             warn!(%from, "ignoring a relayed message that does not decode");
@@ -195,6 +202,7 @@ impl Core {
             }
             Handshake::Traverse(t) => self.traverse(from, t, now, &mut out),
             Handshake::Punched(p) => self.punched(from, p, now, &mut out),
+            Handshake::RelayFlow(r) => self.relay_in(from, via, r, &mut out),
         }
         out
     }
@@ -299,11 +307,12 @@ impl Core {
             since: now,
         });
         p.failed_at = None;
-        let per_flow = p.technique().per_flow() || p.technique() == pvc_common::Technique::Relay;
+        let per_flow = p.technique().per_flow();
         let held = std::mem::take(&mut p.held);
         for packet in held {
             if per_flow {
-                // Every flow to this member needs a traversal: now it can start.
+                // Every flow to this member needs a traversal: now it can
+                // start. (Relayed ones go again, now to a local address.)
                 self.start_flow(vip, packet, now, &mut out);
             } else {
                 self.count("held_resent");

@@ -90,6 +90,7 @@ impl Agent {
                     .session
                     .as_ref()
                     .map(|s| (s.session.peer_real, p.technique().name().to_string())),
+                technique: p.path.map(|path| path.technique.name().to_string()),
                 session_age_secs: p.session.as_ref().map(|s| s.since.elapsed().as_secs()),
             })
             .collect();

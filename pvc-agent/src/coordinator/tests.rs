@@ -182,7 +182,7 @@ fn run(
             Effect::Send { to, message, .. } => {
                 let from = cores[i].identity().virtual_ip;
                 let j = index(cores, to);
-                for e in cores[j].relayed(from, &message.encode(), now) {
+                for e in cores[j].relayed(from, None, &message.encode(), now) {
                     queue.push_back((j, e));
                 }
             }
@@ -273,7 +273,7 @@ fn a_refused_exchange_refuses_the_held_syns_and_new_ones_for_a_moment() {
         id: init.id(),
         reason: "no".into(),
     };
-    let out = a.relayed(b, &refusal.encode(), t);
+    let out = a.relayed(b, None, &refusal.encode(), t);
     assert_eq!(refused(&out), vec![syn(1), syn(2)]);
     // Within the failure memory: refused at once, no exchange.
     let soon = a.held(b, Some(syn(3)), t + FAILURE_MEMORY / 2);
@@ -472,19 +472,19 @@ fn messages_of_unknown_exchanges_and_strangers_change_nothing() {
     let t = Instant::now();
     let (mut a, mut b) = (c.core(0, t), c.core(1, t));
     let init = sends(&a.held(c.hosts[1].vip, Some(syn(1)), t)).remove(0).1;
-    let reply = sends(&b.relayed(c.hosts[0].vip, &init.encode(), t))
+    let reply = sends(&b.relayed(c.hosts[0].vip, None, &init.encode(), t))
         .remove(0)
         .1;
     // The reply, as if from a third address: the exchange is found by its
     // id, so it proceeds; a garbled payload is ignored.
-    assert!(a.relayed(c.hosts[1].vip, b"garbage", t).is_empty());
+    assert!(a.relayed(c.hosts[1].vip, None, b"garbage", t).is_empty());
     // An exchange claiming to come from an address no member holds.
     let stranger = Ipv4Addr::new(240, 0, 0, 77);
     let Handshake::Init(mut from_stranger) = init.clone() else {
         unreachable!()
     };
     from_stranger.initiator = stranger;
-    let out = b.relayed(stranger, &Handshake::Init(from_stranger).encode(), t);
+    let out = b.relayed(stranger, None, &Handshake::Init(from_stranger).encode(), t);
     assert!(matches!(sends(&out)[..], [(to, Handshake::Refused { .. })] if to == stranger));
     assert!(installs(&out).is_empty());
     let Handshake::Reply(mut forged) = reply.clone() else {
@@ -492,11 +492,11 @@ fn messages_of_unknown_exchanges_and_strangers_change_nothing() {
     };
     forged.id = [9; 16];
     assert!(
-        a.relayed(c.hosts[1].vip, &Handshake::Reply(forged).encode(), t)
+        a.relayed(c.hosts[1].vip, None, &Handshake::Reply(forged).encode(), t)
             .is_empty()
     );
     // The real reply still completes the exchange.
-    let out = a.relayed(c.hosts[1].vip, &reply.encode(), t);
+    let out = a.relayed(c.hosts[1].vip, None, &reply.encode(), t);
     assert!(matches!(sends(&out)[..], [(_, Handshake::Confirm(_))]));
 }
 

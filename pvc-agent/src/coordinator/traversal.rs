@@ -13,9 +13,10 @@ use std::{
 };
 
 use pvc_common::{
-    DIRECTION_EGRESS, DIRECTION_INGRESS, FLOW_AWAIT_SYNACK, FLOW_HOLD_SYNACK, FlowKey, IPPROTO_TCP,
-    Masquerade, Technique,
+    DIRECTION_EGRESS, DIRECTION_INGRESS, FLOW_AWAIT_SYN, FLOW_AWAIT_SYNACK, FLOW_HOLD_SYNACK,
+    FlowKey, IPPROTO_TCP, Masquerade, Technique,
 };
+use pvc_proto::Nat;
 use pvc_proto::handshake::{Handshake, Punched, Traverse};
 use tracing::{debug, info, warn};
 
@@ -27,7 +28,9 @@ use crate::{
 };
 
 /// How long a flow's traversal may take before its SYN is refused.
-pub const TRAVERSAL_TIMEOUT: Duration = Duration::from_secs(3);
+/// (A direct path takes one broker round trip; the relay must still fit
+/// in the application's patience.)
+pub const TRAVERSAL_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// A flow's traversal, on either side.
 pub(super) struct Flow {
@@ -35,11 +38,20 @@ pub(super) struct Flow {
     pub technique: Technique,
     pub since: Instant,
     pub side: Side,
+    /// The client's SYN went out on the opened way; the flow ends when our
+    /// kernel sees the answer (`traversed`), or fails at the timeout.
+    pub completing: bool,
 }
 
 pub(super) enum Side {
-    /// We opened it: the application's SYN waits here.
-    Client { syn: Vec<u8>, sport: u16 },
+    /// We opened it: the application's SYN waits here. `wire_port`: the
+    /// flow's port on our uplink (the application's, or the PVC port when
+    /// the member reaches us through our UPnP forward).
+    Client {
+        syn: Vec<u8>,
+        sport: u16,
+        wire_port: u16,
+    },
     /// The member opened it: our stack's answer will come to us (punch).
     Server {
         client: SocketAddrV4,
@@ -86,15 +98,25 @@ impl Core {
         let (Some(path), Some(session)) = (p.path, p.session.as_ref()) else {
             return;
         };
-        if path.technique == Technique::Relay {
-            // Not carried yet: the connect() fails at once rather than hang.
-            warn!(name = p.member.name, %peer, "no direct path to the member, and the relay does not carry flows yet: refused");
-            self.count("relay_refused");
-            out.push(Effect::Refuse(packet));
+        if self.flows.values().any(|f| {
+            f.peer == peer && matches!(f.side, Side::Client { sport, .. } if sport == syn.sport)
+        }) {
+            // The application's TCP retransmitted its SYN: the traversal
+            // under way carries the first.
             return;
         }
         let id = random_id();
-        let client = SocketAddrV4::new(path.local, syn.sport);
+        // Where the member's punch must go to reach this flow: our public
+        // endpoint for the application's port, or, for a reversal from
+        // behind our NAT, our UPnP forward (the PVC port).
+        let (client, wire_port) = match self.site.upnp {
+            Some(forward)
+                if path.technique == Technique::Reversal && self.site.nat != Nat::None =>
+            {
+                (forward, self.site.port)
+            }
+            _ => (SocketAddrV4::new(path.local, syn.sport), syn.sport),
+        };
         let mut t = Traverse {
             id,
             technique: path.technique as u8,
@@ -140,7 +162,10 @@ impl Core {
                 side: Side::Client {
                     syn: packet,
                     sport: syn.sport,
+                    wire_port,
                 },
+                // Traversing-TCP: our SYN is out already.
+                completing: path.technique == Technique::Ttcp,
             },
         );
     }
@@ -168,9 +193,9 @@ impl Core {
         let syn = Syn::parse(&t.syn);
         let valid = control_mac_valid(&session.tag_key, &t.signed_part(), &t.mac)
             && technique.is_some()
-            && syn.is_some_and(|s| {
-                s.saddr == from && s.daddr == self.me.virtual_ip && s.sport == t.client.port()
-            });
+            // (The client's port on the wire may differ from its
+            // application's: a reversal through its UPnP forward.)
+            && syn.is_some_and(|s| s.saddr == from && s.daddr == self.me.virtual_ip);
         let (Some(technique), Some(syn), true) = (technique, syn, valid) else {
             warn!(%from, "refused a traversal request that does not check (forged or altered)");
             self.count("traversals_refused");
@@ -191,6 +216,7 @@ impl Core {
             IPPROTO_TCP,
             DIRECTION_INGRESS,
         );
+        let punching = technique != Technique::Ttcp;
         let mut to = entry(
             from,
             technique,
@@ -198,7 +224,11 @@ impl Core {
             SocketAddrV4::new(self.me.virtual_ip, syn.dport),
         );
         to.peer = from.octets();
-        let punching = technique != Technique::Ttcp;
+        if punching {
+            // The client's SYN, when it comes, keeps this entry (and its
+            // virtual port); until then a RST is our punch's rejection.
+            to.flags = FLOW_AWAIT_SYN;
+        }
         out.push(Effect::InstallFlow {
             key,
             to,
@@ -220,6 +250,7 @@ impl Core {
                         vport: syn.dport,
                         cport: syn.sport,
                     },
+                    completing: false,
                 },
             );
         }
@@ -254,18 +285,11 @@ impl Core {
         else {
             return out;
         };
-        let egress = FlowKey::new(
-            answer.saddr.octets(),
-            answer.daddr.octets(),
-            answer.sport,
-            answer.dport,
-            IPPROTO_TCP,
-            DIRECTION_EGRESS,
-        );
-        out.push(Effect::ClearFlowFlag {
-            key: egress,
-            flag: FLOW_HOLD_SYNACK,
-        });
+        // The answer stays held (and its retransmissions too) until the
+        // client's SYN arrives: its NAT would find a SYN/ACK after our
+        // punch SYN invalid, and could let it out untranslated. Our
+        // ingress then rewrites the entries, and our stack answers the
+        // client's SYN at once, as a retransmission.
         let punch = punch::Punch {
             from: SocketAddrV4::new(self.me.real_ip, answer.sport),
             to: client,
@@ -310,12 +334,11 @@ impl Core {
             warn!(%from, "ignored a punch notice that does not check");
             return;
         }
-        if !matches!(self.flows.get(&p.id), Some(f) if f.peer == from) {
+        if !matches!(self.flows.get(&p.id), Some(f) if f.peer == from && !f.completing) {
             // Already on its way (the punch SYN told us first), or over.
             return;
         }
-        let flow = self.flows.remove(&p.id).expect("checked");
-        self.complete_flow(flow, p.server, out);
+        self.complete_flow(p.id, p.server, out);
     }
 
     /// A member's punch SYN reached our kernel, which handed it over: it
@@ -335,33 +358,46 @@ impl Core {
             Ipv4Addr::new(packet[12], packet[13], packet[14], packet[15]),
             u16::from_be_bytes([packet[ihl], packet[ihl + 1]]),
         );
-        let dport = u16::from_be_bytes([packet[ihl + 2], packet[ihl + 3]]);
-        let Some(vsrc) = tag_source(packet, ihl) else {
+        let Some((vsrc, vport)) = tag_source(packet, ihl) else {
             return out;
         };
         let found = self.flows.iter().find_map(|(id, f)| match f.side {
-            Side::Client { sport, .. } if f.peer == vsrc && sport == dport => Some(*id),
+            Side::Client { sport, .. } if f.peer == vsrc && sport == vport => {
+                Some((*id, f.completing))
+            }
             _ => None,
         });
-        let Some(id) = found else {
-            self.count("punches_unexpected");
-            return out;
-        };
-        let flow = self.flows.remove(&id).expect("found");
-        self.count("punches_received");
-        self.complete_flow(flow, src, &mut out);
+        match found {
+            Some((id, false)) => {
+                self.count("punches_received");
+                self.complete_flow(id, src, &mut out);
+            }
+            // The member's notice came first.
+            Some((_, true)) => {}
+            None => self.count("punches_unexpected"),
+        }
         out
     }
 
     /// The client's last step: the flow's entries toward `server` (where
     /// the member's NAT expects us), then the application's SYN.
-    fn complete_flow(&mut self, flow: Flow, server: SocketAddrV4, out: &mut Vec<Effect>) {
-        let Side::Client { syn: packet, sport } = flow.side else {
+    fn complete_flow(&mut self, id: u64, server: SocketAddrV4, out: &mut Vec<Effect>) {
+        let Some(flow) = self.flows.get_mut(&id) else {
             return;
         };
-        let Some(syn) = Syn::parse(&packet) else {
+        let Side::Client {
+            syn: ref packet,
+            sport,
+            wire_port,
+        } = flow.side
+        else {
             return;
         };
+        let Some(syn) = Syn::parse(packet) else {
+            return;
+        };
+        flow.completing = true;
+        let (peer, technique, packet) = (flow.peer, flow.technique, packet.clone());
         let key = FlowKey::new(
             syn.saddr.octets(),
             syn.daddr.octets(),
@@ -371,18 +407,28 @@ impl Core {
             DIRECTION_EGRESS,
         );
         let to = entry(
-            flow.peer,
-            flow.technique,
-            SocketAddrV4::new(self.me.real_ip, sport),
+            peer,
+            technique,
+            SocketAddrV4::new(self.me.real_ip, wire_port),
             server,
         );
+        // Our kernel reports the flow when the member's SYN/ACK arrives
+        // (`traversed`); RSTs before it are not for the socket.
         out.push(Effect::InstallFlow {
             key,
             to,
-            twin_flags: 0,
+            twin_flags: FLOW_AWAIT_SYNACK,
         });
         out.push(Effect::Resend(packet));
         self.count("traversals_completed");
+    }
+
+    /// Our kernel saw the member's SYN/ACK for a flow we opened with a
+    /// traversal: it is done (Traversing-TCP has no other sign of it).
+    pub fn traversed(&mut self, peer: Ipv4Addr, sport: u16) {
+        self.flows.retain(|_, f| {
+            !(f.peer == peer && matches!(f.side, Side::Client { sport: s, .. } if s == sport))
+        });
     }
 
     /// Traversals that did not complete in time: their SYNs are refused
@@ -397,19 +443,34 @@ impl Core {
         for id in stale {
             let flow = self.flows.remove(&id).expect("listed");
             if let Side::Client { syn, .. } = flow.side {
-                warn!(peer = %flow.peer, technique = flow.technique.name(), "a flow's traversal did not complete within {TRAVERSAL_TIMEOUT:?}: refused");
                 self.count("traversals_failed");
-                out.push(Effect::Refuse(syn));
+                if self.active.contains(&flow.peer) {
+                    // Flows on the direct path run: moving the pair to the
+                    // relay would break them.
+                    warn!(peer = %flow.peer, technique = flow.technique.name(), "a flow's traversal did not complete within {TRAVERSAL_TIMEOUT:?}: refused");
+                    out.push(Effect::Refuse(syn));
+                } else {
+                    warn!(peer = %flow.peer, technique = flow.technique.name(), "a flow's traversal did not complete within {TRAVERSAL_TIMEOUT:?}: the member is reached through the relay from now on");
+                    self.use_relay(flow.peer, out);
+                    // Now to a local address: the relay takes it.
+                    out.push(Effect::Resend(syn));
+                }
             }
         }
     }
 }
 
-/// The virtual source a SYN's PVC tag names (the tag is its last option).
-fn tag_source(packet: &[u8], ihl: usize) -> Option<Ipv4Addr> {
+/// The virtual source and port a punch SYN's PVC tag names (the tag is
+/// its last option; a punch names the client's port of the flow).
+fn tag_source(packet: &[u8], ihl: usize) -> Option<(Ipv4Addr, u16)> {
     let tcp = packet.get(ihl..)?;
     let hlen = (*tcp.get(12)? >> 4) as usize * 4;
     let len = pvc_common::TAG_LEN as usize;
     let tag = tcp.get(hlen.checked_sub(len)?..hlen)?;
-    (tag[0] == pvc_common::TAG_KIND).then(|| Ipv4Addr::new(tag[4], tag[5], tag[6], tag[7]))
+    (tag[0] == pvc_common::TAG_KIND).then(|| {
+        (
+            Ipv4Addr::new(tag[4], tag[5], tag[6], tag[7]),
+            u16::from_be_bytes([tag[8], tag[9]]),
+        )
+    })
 }

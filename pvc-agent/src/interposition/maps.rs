@@ -26,6 +26,7 @@ pub struct Maps {
     policy: LpmTrie<MapData, PolicyKey, u8>,
     drops: PerCpuArray<MapData, u64>,
     traffic: PerCpuArray<MapData, Traffic>,
+    relay_listener: aya::maps::SockMap<MapData>,
     /// Entries the masquerading map holds at most (two per flow).
     pub capacity: u32,
     /// The cgroup whose processes use the virtual network.
@@ -64,11 +65,23 @@ impl Maps {
             policy: take(ebpf, names::POLICY)?,
             drops: take(ebpf, names::DROPS)?,
             traffic: take(ebpf, names::TRAFFIC)?,
+            relay_listener: take(ebpf, names::RELAY_LISTENER)?,
             capacity,
             cgroup,
         };
         let events: RingBuf<MapData> = take(ebpf, names::EVENTS)?;
         Ok((maps, EventStream::new(events)?))
+    }
+
+    /// The agent's relay listener, where sk_lookup sends connections to
+    /// members reached through the relay.
+    pub fn set_relay_listener(
+        &mut self,
+        listener: &impl std::os::fd::AsRawFd,
+    ) -> anyhow::Result<()> {
+        self.relay_listener
+            .set(0, listener, 0)
+            .context("cannot put the relay listener in its sockmap")
     }
 
     /// Tells the programs who this host is, and which directions the policy
@@ -110,14 +123,6 @@ impl Maps {
         self.masquerading
             .insert(key, to, 0)
             .context("cannot install a flow (is the masquerading map full?)")
-    }
-
-    /// Clears `flag` on a flow's entry.
-    pub fn clear_flow_flag(&mut self, key: FlowKey, flag: u8) {
-        if let Ok(mut m) = self.masquerading.get(&key, 0) {
-            m.flags &= !flag;
-            let _ = self.masquerading.insert(key, m, 0);
-        }
     }
 
     /// Whether the programs know who this host is (the settings were written).

@@ -26,7 +26,7 @@ use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
     programs::{
-        CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier, TcAttachType,
+        CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier, SkLookup, TcAttachType,
         links::{FdLink, PinnedLink},
         tc::{SchedClassifierLink, TcAttachOptions},
     },
@@ -44,7 +44,8 @@ use pvc_common::maps::ALL as MAP_NAMES;
 const CONNECT4: &str = "pvc_connect4";
 const EGRESS: &str = "pvc_egress";
 const INGRESS: &str = "pvc_ingress";
-pub const PROGRAM_NAMES: [&str; 3] = [CONNECT4, EGRESS, INGRESS];
+const RELAY_LOOKUP: &str = "pvc_relay_lookup";
+pub const PROGRAM_NAMES: [&str; 4] = [CONNECT4, EGRESS, INGRESS, RELAY_LOOKUP];
 
 /// Where the data path is attached.
 #[derive(Debug, Clone)]
@@ -167,6 +168,16 @@ impl Datapath {
             old.unpin()?;
         }
         link.pin(&pin)?;
+
+        // Not pinned: relayed flows live in the agent, and a link that
+        // outlived it would only steer connections to a closed listener.
+        let netns = fs::File::open("/proc/self/ns/net")
+            .context("cannot open this process's network namespace")?;
+        let prog: &mut SkLookup = self.program(RELAY_LOOKUP)?.try_into()?;
+        prog.load()
+            .with_context(|| format!("the kernel refused program {RELAY_LOOKUP}"))?;
+        prog.attach(netns.as_fd())
+            .context("cannot attach the relay's sk_lookup program to the network namespace")?;
         Ok(())
     }
 
@@ -244,11 +255,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_object_has_exactly_the_maps_the_agent_pins_and_takes() {
+    fn the_object_has_exactly_the_maps_and_programs_the_agent_takes() {
         let obj = aya_obj::Object::parse(OBJECT).expect("the embedded eBPF object parses");
         let in_object: BTreeSet<&str> = obj.maps.keys().map(String::as_str).collect();
-        let pinned: BTreeSet<&str> = MAP_NAMES.into_iter().collect();
-        assert_eq!(in_object, pinned);
+        let mut taken: BTreeSet<&str> = MAP_NAMES.into_iter().collect();
+        taken.insert(pvc_common::maps::RELAY_LISTENER);
+        assert_eq!(in_object, taken);
         let programs: BTreeSet<&str> = obj.programs.keys().map(String::as_str).collect();
         assert_eq!(programs, PROGRAM_NAMES.into_iter().collect());
     }

@@ -20,7 +20,7 @@ use netlink_packet_route::{
     address::AddressAttribute,
     link::LinkAttribute,
     neighbour::NeighbourState,
-    route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol},
+    route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType},
 };
 use rtnetlink::{Handle, RouteMessageBuilder};
 use tracing::info;
@@ -173,6 +173,8 @@ pub async fn set_peer_route(
     uplink: u32,
     virtual_ip: Ipv4Addr,
 ) -> anyhow::Result<()> {
+    // A local route (the relay) would take precedence.
+    remove_route_in(handle, peer, Some(LOCAL_TABLE)).await?;
     handle
         .route()
         .add(route((peer, 32), via, uplink, virtual_ip))
@@ -182,12 +184,56 @@ pub async fn set_peer_route(
         .with_context(|| format!("cannot route {peer} via {via}"))
 }
 
-pub async fn remove_peer_route(handle: &Handle, peer: Ipv4Addr) -> anyhow::Result<()> {
+/// The kernel's table of local routes.
+const LOCAL_TABLE: u32 = 255;
+
+/// Makes a member reached through the relay local: the application's
+/// connection arrives on `lo` (where the relay's sk_lookup program hands
+/// it to the agent), from our virtual address. Replaces a route via the
+/// uplink, so that no packet of a new flow to the member leaves on the wire.
+pub async fn set_relay_route(
+    handle: &Handle,
+    peer: Ipv4Addr,
+    virtual_ip: Ipv4Addr,
+) -> anyhow::Result<()> {
+    remove_route_in(handle, peer, None).await?;
+    let (lo, _) = link_index(handle, "lo").await?;
     let msg = RouteMessageBuilder::<Ipv4Addr>::new()
         .destination_prefix(peer, 32)
+        .kind(RouteType::Local)
+        .scope(RouteScope::Host)
+        .table_id(LOCAL_TABLE)
+        .output_interface(lo)
+        .pref_source(virtual_ip)
         .protocol(ROUTE_PROTOCOL)
         .build();
-    match handle.route().del(msg).execute().await {
+    handle
+        .route()
+        .add(msg)
+        .replace()
+        .execute()
+        .await
+        .with_context(|| format!("cannot make {peer} local for the relay"))
+}
+
+/// Removes a member's route, via the uplink or local (relay).
+pub async fn remove_peer_route(handle: &Handle, peer: Ipv4Addr) -> anyhow::Result<()> {
+    remove_route_in(handle, peer, None).await?;
+    remove_route_in(handle, peer, Some(LOCAL_TABLE)).await
+}
+
+async fn remove_route_in(
+    handle: &Handle,
+    peer: Ipv4Addr,
+    table: Option<u32>,
+) -> anyhow::Result<()> {
+    let mut msg = RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(peer, 32)
+        .protocol(ROUTE_PROTOCOL);
+    if let Some(t) = table {
+        msg = msg.table_id(t).kind(RouteType::Local);
+    }
+    match handle.route().del(msg.build()).execute().await {
         Err(e) if !is_gone(&e) => {
             Err(e).with_context(|| format!("cannot remove the route to {peer}"))
         }
