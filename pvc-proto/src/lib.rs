@@ -61,9 +61,10 @@ pub const PING_INTERVAL: Duration = Duration::from_millis(PING_MS);
 /// (three pings unanswered): a broker whose host is gone, or whose link is
 /// cut, is noticed within seconds even if its socket never closes.
 pub const BROKER_SILENCE_LIMIT: Duration = Duration::from_millis(3 * PING_MS);
-/// A broker closes a session it has heard nothing on for this long (ten
-/// pings missed).
-pub const AGENT_IDLE_TIMEOUT: Duration = Duration::from_millis(10 * PING_MS);
+/// A broker closes a session it has heard nothing on for this long (four
+/// pings missed): the other members learn soon that this broker no longer
+/// reaches the agent, and talk to it through another.
+pub const AGENT_IDLE_TIMEOUT: Duration = Duration::from_millis(4 * PING_MS);
 
 /// What an agent (or the master) tells a broker.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]

@@ -306,3 +306,106 @@ fn every_pair_of_sites_connects_with_the_technique_that_fits() {
         "private or virtual addresses crossed the core"
     );
 }
+
+/// The UPnP forward of the PVC port exists while the agent runs, is gone
+/// after a clean stop, and after a kill -9 the next start removes what the
+/// dead agent left (here with UPnP turned off meanwhile, so that nothing
+/// new hides the leftover).
+#[test]
+fn upnp_forwards_are_removed_at_stop_and_after_a_crash() {
+    require_tools(&["iptables", "miniupnpd", "nft"]);
+    let mut lab = Lab::internet(&[(Site::Upnp, 1), (Site::Pub, 1)]).unwrap();
+    lab.start_all().unwrap();
+    let forwarded = |lab: &Lab| {
+        lab.upnp_mappings(0)
+            .unwrap()
+            .iter()
+            .filter(|m| m.contains("7101"))
+            .count()
+    };
+    let wait_forwards = |lab: &Lab, n: usize, what: &str| {
+        pvc_lab::wait_until(std::time::Duration::from_secs(15), what, || {
+            (forwarded(lab) == n).then_some(())
+        })
+        .unwrap_or_else(|e| panic!("{e}: {:?}\n{}", lab.upnp_mappings(0), lab.agent_log("a")))
+    };
+    wait_forwards(&lab, 1, "the forward");
+    lab.stop_agent("a").unwrap();
+    wait_forwards(&lab, 0, "the forward to go at the clean stop");
+
+    lab.start_agent("a").unwrap();
+    wait_forwards(&lab, 1, "the forward again");
+    lab.kill_agent("a");
+    assert_eq!(forwarded(&lab), 1, "a killed agent cannot clean up");
+    lab.write_config(0, "[connectivity]\nupnp = false\n")
+        .unwrap();
+    lab.start_agent("a").unwrap();
+    wait_forwards(&lab, 0, "the next start to remove the leftover");
+    assert!(
+        lab.agent_log("a")
+            .contains("removed the UPnP forward a previous agent left"),
+        "{}",
+        lab.agent_log("a")
+    );
+    assert_eq!(lab.leaks().unwrap(), 0);
+}
+
+/// A traversal that cannot complete (here the server's NAT drops the
+/// punch) falls back to the relay within the bound: the application's
+/// connect() succeeds, and the pair stays on the relay for the next flows,
+/// in both directions.
+#[test]
+fn a_traversal_that_fails_falls_back_to_the_relay_within_two_seconds() {
+    require_tools(&["iptables", "python3"]);
+    let mut lab = Lab::internet(&[(Site::Cone, 1), (Site::Cone, 1)]).unwrap();
+    lab.start_all().unwrap();
+    probe::server(&mut lab, "a", "0.0.0.0", 7500, 10).unwrap();
+    probe::server(&mut lab, "b", "0.0.0.0", 7500, 10).unwrap();
+    pvc_lab::wait_until(
+        std::time::Duration::from_secs(15),
+        "a to pick the punch",
+        || (technique(&lab, "a", "b").as_deref() == Some("punch")).then_some(()),
+    )
+    .unwrap();
+    // b's NAT lets no connection request out to a's site: its punch
+    // never leaves (the brokers it still reaches).
+    let router = lab.router_netns(1).unwrap();
+    let a_site = lab.site_wan(0).to_string();
+    Lab::command_in(&router, None, "iptables")
+        .unwrap()
+        .args([
+            "-I", "FORWARD", "-o", "wan", "-d", &a_site, "-p", "tcp", "--syn", "-j", "DROP",
+        ])
+        .ok()
+        .unwrap();
+    let first = connect_once(&lab, "a", "b", 7500);
+    assert_eq!(
+        first["reply"],
+        "echo:hello",
+        "{first}\n{}",
+        lab.agent_log("a")
+    );
+    let ms = first["ms"].as_f64().unwrap();
+    println!("first connection through the fallback: {ms:.0} ms");
+    assert!(ms < 2000.0, "{ms} ms");
+    assert_eq!(opened(&lab, "a", "relay"), 1);
+    assert_eq!(technique(&lab, "a", "b").as_deref(), Some("relay"));
+    assert!(
+        lab.agent_log("a")
+            .contains("the member is reached through the relay from now on"),
+        "{}",
+        lab.agent_log("a")
+    );
+    // The next flows take the relay at once, both ways.
+    let again = connect_once(&lab, "a", "b", 7500);
+    assert_eq!(again["reply"], "echo:hello", "{again}");
+    let back = connect_once(&lab, "b", "a", 7500);
+    assert_eq!(
+        back["reply"],
+        "echo:hello",
+        "{back}\n{}",
+        lab.agent_log("b")
+    );
+    assert_eq!(opened(&lab, "a", "relay"), 3);
+    assert_eq!(lab.leaks().unwrap(), 0);
+}

@@ -98,6 +98,11 @@ impl Discovery {
         }
     }
 
+    /// Whether a probe is waiting for its broker's answer.
+    pub fn probing(&self) -> bool {
+        self.pending.is_some()
+    }
+
     /// A broker's answer to the probe: the site, if it changed.
     pub fn probe_result(&mut self, nonce: u64, tcp: bool) -> Option<SiteInfo> {
         let (pending, udp) = self.pending?;

@@ -42,7 +42,9 @@ const QUIET_EVENTS_TICK: Duration = Duration::from_millis(250);
 /// Refusals logged one by one per GC pass; the rest are counted.
 const REFUSALS_LOGGED: u32 = 20;
 /// How often the brokers are asked again what reaches this host.
-const REPROBE: Duration = Duration::from_secs(300);
+pub(super) const REPROBE: Duration = Duration::from_secs(300);
+/// A probe a broker has not answered in this long is asked of another.
+pub(super) const PROBE_PATIENCE: Duration = Duration::from_secs(3);
 
 pub(super) struct Agent {
     pub config: Config,
@@ -66,6 +68,8 @@ pub(super) struct Agent {
     pub discovery: crate::connectivity::discovery::Discovery,
     /// When the brokers were last asked to probe this host.
     pub probed_at: Option<Instant>,
+    /// ...and which one.
+    pub probed_via: Option<String>,
     /// The UPnP gateway's forward of the PVC port, if one was granted.
     pub upnp: Option<crate::connectivity::upnp::Mapping>,
     /// Flows carried by a broker's relay.
@@ -470,7 +474,7 @@ impl Agent {
     ) -> anyhow::Result<()> {
         let mut gc = interval(self.config.gc_interval());
         let mut upnp_renewal = interval(crate::connectivity::upnp::LEASE / 2);
-        let mut reprobe = interval(REPROBE);
+        let mut probe_check = interval(PROBE_PATIENCE / 3);
         let mut datagram = [0u8; 64];
         let mut refresh = interval(NEXT_HOP_REFRESH);
         let mut security = interval(SECURITY_TICK);
@@ -515,13 +519,7 @@ impl Agent {
                 Ok((app, _)) = self.relaying.listener.accept() => self.relay_accepted(app).await,
                 Some((id, result)) = self.relaying.done_rx.recv() => self.relay_done(id, result),
                 _ = upnp_renewal.tick() => self.renew_upnp().await,
-                _ = reprobe.tick() => {
-                    if let Some(b) = self.core.brokers.keys().next().cloned()
-                        && self.probed_at.is_some_and(|t| t.elapsed() >= REPROBE)
-                    {
-                        self.probe(&b);
-                    }
-                }
+                _ = probe_check.tick() => self.check_probe(),
                 r = &mut tasks.control => return match r {
                     Ok(Err(e)) => Err(e),
                     _ => Err(anyhow::anyhow!("control socket stopped")),

@@ -139,6 +139,9 @@ pub(super) struct Peer {
     pub exchange: Option<(ExchangeId, Exchange, Instant)>,
     pub held: Vec<Vec<u8>>,
     pub failed_at: Option<Instant>,
+    /// The broker its last message came through: it reaches the member
+    /// now, where another one listing it may have lost it without knowing.
+    pub last_via: Option<String>,
     /// The pair went to the relay although its sites promised a direct
     /// path (a traversal did not complete, or the member chose the relay):
     /// since when. Direct is tried again later, once no flow is relayed.
@@ -159,6 +162,7 @@ impl Peer {
             exchange: None,
             held: Vec::new(),
             failed_at: None,
+            last_via: None,
             relay_since: None,
             reauthenticated_at: None,
         }
@@ -477,7 +481,12 @@ impl Core {
         let via = self
             .peers
             .get(&to)
-            .and_then(|p| p.present_on.iter().find(|b| self.brokers.contains_key(*b)))
+            .and_then(|p| {
+                p.last_via
+                    .iter()
+                    .chain(&p.present_on)
+                    .find(|b| self.brokers.contains_key(*b))
+            })
             .or_else(|| self.brokers.keys().next())
             .cloned();
         out.push(Effect::Send { to, via, message });

@@ -274,6 +274,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         broker_refusal: None,
         discovery: crate::connectivity::discovery::Discovery::new(config_port, local_addrs),
         probed_at: None,
+        probed_via: None,
         upnp: None,
         relaying: super::relay::Relaying::new(relay_listener),
     };
@@ -297,15 +298,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     if result.is_ok() {
         let (upnp_tx, upnp_rx) = mpsc::channel(1);
-        if agent.config.connectivity.upnp {
-            super::site::start_upnp(
-                agent.core.identity().real_ip,
-                agent.config.connectivity.port,
-                agent.config.instance.clone(),
-                agent.config.upnp_record(),
-                upnp_tx,
-            );
-        }
+        super::site::start_upnp(
+            agent.core.identity().real_ip,
+            agent.config.connectivity.port,
+            agent.config.instance.clone(),
+            agent.config.upnp_record(),
+            agent.config.connectivity.upnp,
+            upnp_tx,
+        );
         result = agent.serve(events, &mut tasks, probes, upnp_rx).await;
     }
     tasks.stop().await;

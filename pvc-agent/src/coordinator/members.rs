@@ -167,12 +167,14 @@ impl Core {
                 info!(%vip, "member left");
                 self.forget(vip, false, &mut out);
             }
-        } else if let Some(p) = self.peers.get_mut(&vip)
-            && p.present_on.remove(broker)
-            && p.present_on.is_empty()
-        {
-            info!(%vip, "member lost its broker sessions; keeping its path for {:?}", self.limits.absence_grace);
-            p.absent_since.get_or_insert(now);
+        } else if let Some(p) = self.peers.get_mut(&vip) {
+            if p.last_via.as_deref() == Some(broker) {
+                p.last_via = None;
+            }
+            if p.present_on.remove(broker) && p.present_on.is_empty() {
+                info!(%vip, "member lost its broker sessions; keeping its path for {:?}", self.limits.absence_grace);
+                p.absent_since.get_or_insert(now);
+            }
         }
         out
     }

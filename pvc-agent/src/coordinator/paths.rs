@@ -128,6 +128,9 @@ impl Core {
         now: Instant,
     ) -> Vec<Effect> {
         let mut out = Vec::new();
+        if let (Some(via), Some(p)) = (via, self.peers.get_mut(&from)) {
+            p.last_via = Some(via.to_string());
+        }
         let Some(msg) = Handshake::decode(payload) else {
             warn!(%from, "ignoring a relayed message that does not decode");
             return out;

@@ -46,19 +46,23 @@ impl ProbeSockets {
 
 /// Looks for a UPnP gateway and asks it to forward the PVC port, in the
 /// background (a search takes seconds); the result comes back on `done`.
-/// First removes what a crashed predecessor left.
+/// First removes what a crashed predecessor left (also when this agent is
+/// not to `map` anything: UPnP was turned off after the crash).
 pub(super) fn start_upnp(
     local: std::net::Ipv4Addr,
     port: u16,
     instance: String,
     record: std::path::PathBuf,
+    map: bool,
     done: mpsc::Sender<anyhow::Result<Mapping>>,
 ) {
     tokio::spawn(async move {
         upnp::remove_leftover(&record, local).await;
-        let _ = done
-            .send(upnp::map(local, port, &instance, &record).await)
-            .await;
+        if map {
+            let _ = done
+                .send(upnp::map(local, port, &instance, &record).await)
+                .await;
+        }
     });
 }
 
@@ -103,6 +107,7 @@ impl Agent {
     pub(super) fn probe(&mut self, broker: &str) {
         let nonce = self.discovery.start_probe();
         self.probed_at = Some(Instant::now());
+        self.probed_via = Some(broker.to_string());
         let _ = self.outgoing.try_send(Outgoing {
             broker: Some(broker.to_string()),
             msg: AgentMessage::Probe {
@@ -110,6 +115,29 @@ impl Agent {
                 nonce,
             },
         });
+    }
+
+    /// Probes again: through another broker if the last did not answer
+    /// (it may be the one that is gone), and now and then in case the
+    /// network changed.
+    pub(super) fn check_probe(&mut self) {
+        let Some(at) = self.probed_at else {
+            return;
+        };
+        let unanswered = self.discovery.probing() && at.elapsed() >= super::agent::PROBE_PATIENCE;
+        if !unanswered && at.elapsed() < super::agent::REPROBE {
+            return;
+        }
+        let next = self
+            .core
+            .brokers
+            .keys()
+            .find(|b| Some(*b) != self.probed_via.as_ref())
+            .or_else(|| self.core.brokers.keys().next())
+            .cloned();
+        if let Some(b) = next {
+            self.probe(&b);
+        }
     }
 
     pub(super) async fn probe_result(&mut self, nonce: u64, reached: bool) {
