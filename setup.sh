@@ -2,8 +2,9 @@
 # Installs what PVC needs on a Debian 12 machine, idempotently: the Debian
 # Rust compiler that has a prebuilt `core` for the BPF target, LLVM 22 and
 # bpf-linker (to link the eBPF object), bpftool, the programs the tests, the
-# demo and the benchmark run (NetPIPE, iperf3, a font for the plots), and
-# cargo-fuzz. Safe to run again: it only adds what is missing.
+# demo and the benchmark run (NetPIPE, iperf3, a font for the plots; the
+# simulated Internet's NATs and firewalls, a real miniupnpd and its client),
+# and cargo-fuzz. Safe to run again: it only adds what is missing.
 set -eu
 
 SUDO=""
@@ -11,7 +12,8 @@ if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 
 PACKAGES="rustc-web libstd-rust-web-dev-bpf llvm-22-dev libbpf-dev bpftool
   iproute2 iputils-ping ethtool tcpdump iperf3 socat netcat-openbsd curl python3 systemd
-  netpipe-tcp fonts-dejavu-core ca-certificates"
+  netpipe-tcp fonts-dejavu-core ca-certificates
+  iptables nftables conntrack miniupnpd miniupnpd-nftables miniupnpc"
 
 missing=""
 for p in $PACKAGES; do
