@@ -63,6 +63,9 @@ pub struct Status {
     pub policy_version: u64,
     pub peers: Vec<PeerStatus>,
     pub flows: Vec<FlowEntry>,
+    /// Flows carried by a broker's relay (no masquerading entries).
+    #[serde(default)]
+    pub relayed: Vec<crate::coordinator::relay::RelayedFlow>,
     /// Entries the masquerading map can hold (two per flow; `flows` lists
     /// those in use). New flows are refused when it is full.
     pub flow_capacity: u32,

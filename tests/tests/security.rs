@@ -493,3 +493,102 @@ fn authenticated_paths_expire_and_are_proven_again_while_in_use() {
     // New connections still work on the renewed path.
     assert_eq!(connects(&lab, "a", "b", 7970)["reply"], "hello");
 }
+
+/// A broker that says a member sits at a third host's address (and that
+/// it sees it there) sends nobody's flows to that host: the exchange binds
+/// the addresses the path uses, and the member refuses an address that is
+/// not its own.
+#[test]
+fn a_broker_cannot_send_a_members_flows_to_a_third_host() {
+    require_tools(&["python3"]);
+    let mut lab = Lab::lan(3).unwrap();
+    let c_real = lab.host("c").real.to_string();
+    lab.start_evil_broker(&[
+        "--mode",
+        "third-endpoint",
+        "--target",
+        "240.0.0.2",
+        "--at",
+        &c_real,
+    ])
+    .unwrap();
+    // c is no member: a plain host of the LAN, listening on the port.
+    lab.admit("a", &[]).unwrap();
+    lab.admit("b", &[]).unwrap();
+    lab.start_agent("a").unwrap();
+    lab.start_agent("b").unwrap();
+    lab.wait_for_peers("a", 1).unwrap();
+    lab.wait_for_peers("b", 1).unwrap();
+    let at_c = probe::server(&mut lab, "c", "0.0.0.0", 7950, 5).unwrap();
+    let at_b = probe::server(&mut lab, "b", "0.0.0.0", 7950, 5).unwrap();
+    let r = connects(&lab, "a", "b", 7950);
+    assert_eq!(r["errno"], ECONNREFUSED, "{r}");
+    let b_log = lab.agent_log("b");
+    assert!(
+        b_log.contains("refusing an exchange"),
+        "b must refuse a path to an address not its own: {b_log}"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        probe::accepted(&at_c).is_empty(),
+        "a reached the third host"
+    );
+    assert!(probe::accepted(&at_b).is_empty());
+}
+
+/// A broker that asks an agent to inject a SYN, or to join a relayed
+/// flow, for a non-member or in a member's name without the pair's key,
+/// gets nothing: the requests are dropped and counted, no application
+/// sees a connection.
+#[test]
+fn a_broker_cannot_make_an_agent_inject_syns_or_join_relays() {
+    require_tools(&["python3"]);
+    let mut lab = evil_lab(&[
+        "--mode",
+        "inject",
+        "--target",
+        "240.0.0.1",
+        "--with",
+        "240.0.0.2",
+    ]);
+    for h in ["a", "b", "c"] {
+        lab.wait_for_peers(h, 2).unwrap();
+    }
+    // The port the injected SYNs are for.
+    let ssh = probe::server(&mut lab, "a", "0.0.0.0", 22, 5).unwrap();
+    let counter = |lab: &Lab, name: &str| {
+        lab.status("a").unwrap()["agent_counters"][name]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    wait_until(Duration::from_secs(10), "a to refuse the requests", || {
+        (counter(&lab, "traversals_refused") >= 4 && counter(&lab, "relays_refused") >= 4)
+            .then_some(())
+    })
+    .unwrap();
+    // b authenticates its path to a: requests in b's name still fail
+    // their MACs.
+    probe::server(&mut lab, "a", "0.0.0.0", 7960, 1).unwrap();
+    assert_eq!(connects(&lab, "b", "a", 7960)["reply"], "echo:hello");
+    wait_until(
+        Duration::from_secs(10),
+        "MAC checks to refuse b's name",
+        || {
+            let log = lab.agent_log("a");
+            (log.contains("refused a traversal request that does not check")
+                && log.contains("refused a relayed flow whose request does not check"))
+            .then_some(())
+        },
+    )
+    .unwrap();
+    let log = lab.agent_log("a");
+    assert!(
+        log.contains("refused a traversal request from a member without an authenticated path"),
+        "{log}"
+    );
+    assert!(probe::accepted(&ssh).is_empty(), "a SYN was injected");
+    let status = lab.status("a").unwrap();
+    assert!(status["flows_opened"]["relay"].is_null(), "{status}");
+    assert_eq!(counter(&lab, "traversals_served"), 0);
+    assert_eq!(counter(&lab, "relays_served"), 0);
+}

@@ -349,16 +349,18 @@ fn print_status(s: &Status) {
 
 fn print_peers(s: &Status) {
     println!(
-        "{:<20} {:<16} {:<16} {:<10} GROUPS",
+        "{:<20} {:<16} {:<16} {:<22} GROUPS",
         "NAME", "VIRTUAL", "REAL", "PATH"
     );
     for p in &s.peers {
-        let (real, path) = match &p.path {
-            Some((r, t)) => (r.to_string(), t.clone()),
-            None => ("-".to_string(), "not yet".to_string()),
+        // An authenticated path, or the technique the first flow will try.
+        let (real, path) = match (&p.path, &p.technique) {
+            (Some((r, t)), _) => (r.to_string(), t.clone()),
+            (None, Some(t)) => ("-".to_string(), format!("{t} (not yet)")),
+            (None, None) => ("-".to_string(), "none".to_string()),
         };
         println!(
-            "{:<20} {:<16} {:<16} {:<10} {}",
+            "{:<20} {:<16} {:<16} {:<22} {}",
             p.name,
             p.virtual_ip,
             real,
@@ -370,18 +372,29 @@ fn print_peers(s: &Status) {
 
 fn print_flows(s: &Status) {
     println!(
-        "{:<5} {:<8} {:<46} {:<46}   IDLE",
-        "PROTO", "DIR", "MATCH", "REWRITE"
+        "{:<5} {:<8} {:<9} {:<46} {:<46}   IDLE",
+        "PROTO", "DIR", "TECHNIQUE", "MATCH", "REWRITE"
     );
     for f in &s.flows {
         println!(
-            "{:<5} {:<8} {:<46} {:<46} {:>5}s{}",
+            "{:<5} {:<8} {:<9} {:<46} {:<46} {:>5}s{}",
             f.proto,
             f.direction,
+            f.technique,
             f.from,
             f.to,
             f.idle_secs,
             if f.closing { " closing" } else { "" }
+        );
+    }
+    for r in &s.relayed {
+        println!(
+            "{:<5} {:<8} {:<9} {:<46} {:<46}",
+            "tcp",
+            if r.outbound { "out" } else { "in" },
+            "relay",
+            format!("{} -> {}", r.local, r.remote),
+            format!("via broker {}", r.broker),
         );
     }
 }

@@ -223,6 +223,8 @@ pub struct Core {
     pub(super) routed: BTreeSet<Ipv4Addr>,
     /// Peers with flows in the masquerading map, as of the last GC pass.
     pub(super) active: BTreeSet<Ipv4Addr>,
+    /// Members with relayed flows running (the agent's relay tasks).
+    pub(super) relayed: BTreeSet<Ipv4Addr>,
     /// The brokers this agent has a session with, and where each sees it.
     pub brokers: BTreeMap<String, std::net::SocketAddrV4>,
     /// What the core did with held packets, for `pvc status`.
@@ -247,6 +249,7 @@ impl Core {
             inherited: BTreeMap::new(),
             routed: BTreeSet::new(),
             active: BTreeSet::new(),
+            relayed: BTreeSet::new(),
             brokers: BTreeMap::new(),
             counters: BTreeMap::new(),
             site: Default::default(),
@@ -338,10 +341,22 @@ impl Core {
             return;
         }
         let p = self.peers.get_mut(&vip).expect("looked up");
+        let was_relay = p.technique() == Technique::Relay;
         p.path = path;
         match (&p.session, path) {
             (Some(s), Some(path)) if path.real == s.session.peer_real => {
                 tracing::info!(name = p.member.name, %vip, technique = path.technique.name(), "path to member changed technique");
+                // The route follows: local for the relay, via the uplink
+                // otherwise.
+                let relay = path.technique == Technique::Relay;
+                if relay && !was_relay {
+                    out.push(Effect::RelayRoute(vip));
+                } else if was_relay && !relay {
+                    out.push(Effect::Route {
+                        vip,
+                        real: s.session.peer_real,
+                    });
+                }
                 out.push(Effect::SetPeer(vip, kernel_path(&s.session, &path)));
             }
             (Some(_), _) => {
@@ -374,6 +389,11 @@ impl Core {
     /// Peers with flows in the masquerading map (from the agent's GC pass).
     pub fn set_active(&mut self, active: BTreeSet<Ipv4Addr>) {
         self.active = active;
+    }
+
+    /// Members with relayed flows (from the agent's relay tasks).
+    pub fn set_relayed(&mut self, relayed: BTreeSet<Ipv4Addr>) {
+        self.relayed = relayed;
     }
 
     pub(super) fn count(&mut self, what: &'static str) {

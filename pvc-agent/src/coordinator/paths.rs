@@ -310,6 +310,16 @@ impl Core {
             since: now,
         });
         p.failed_at = None;
+        if p.relay_since.is_some() && !self.relayed.contains(&vip) {
+            // A new exchange (an agent restarted, a session renewed) with
+            // no relayed flow running: both ends try the direct technique
+            // their sites allow again, and fall back again if it fails.
+            p.relay_since = None;
+            self.choose_path(vip, &mut out);
+        }
+        let Some(p) = self.peers.get_mut(&vip) else {
+            return out;
+        };
         let per_flow = p.technique().per_flow();
         let held = std::mem::take(&mut p.held);
         for packet in held {

@@ -203,6 +203,11 @@ impl Relaying {
         }
     }
 
+    /// Members with relayed flows running.
+    pub fn peers(&self) -> std::collections::BTreeSet<Ipv4Addr> {
+        self.flows.values().map(|f| f.peer).collect()
+    }
+
     fn start<F>(&mut self, flow: RelayedFlow, task: F)
     where
         F: std::future::Future<Output = anyhow::Result<(u64, u64)>> + Send + 'static,
@@ -252,6 +257,7 @@ impl super::agent::Agent {
         self.relaying.start(flow, async move {
             connectivity::relay::client(app, &broker, token, key).await
         });
+        self.core.set_relayed(self.relaying.peers());
     }
 
     pub(super) fn accept_relay(&mut self, a: RelayAccept) {
@@ -266,12 +272,14 @@ impl super::agent::Agent {
         self.relaying.start(flow, async move {
             connectivity::relay::server(&a.broker, a.token, a.key, a.client, a.server).await
         });
+        self.core.set_relayed(self.relaying.peers());
     }
 
     pub(super) fn relay_done(&mut self, id: u64, result: anyhow::Result<(u64, u64)>) {
         let Some(flow) = self.relaying.flows.remove(&id) else {
             return;
         };
+        self.core.set_relayed(self.relaying.peers());
         match result {
             Ok((sent, received)) => {
                 tracing::debug!(peer = %flow.peer, sent, received, "relayed flow ended")

@@ -42,6 +42,7 @@ pub(super) fn base(
         policy_version: trust.policy.version,
         peers: Vec::new(),
         flows: Vec::new(),
+        relayed: Vec::new(),
         flow_capacity: config.interposition.max_flows.saturating_mul(2),
         flows_opened: BTreeMap::new(),
         agent_counters: BTreeMap::new(),
@@ -95,6 +96,7 @@ impl Agent {
             })
             .collect();
         s.flows = self.datapath.maps.flows();
+        s.relayed = self.relaying.flows.values().cloned().collect();
         s.flow_capacity = self.datapath.maps.capacity;
         s.flows_opened = self.flows_opened.clone();
         s.agent_counters = core

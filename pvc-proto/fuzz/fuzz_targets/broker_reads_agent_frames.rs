@@ -30,7 +30,12 @@ fuzz_target!(|data: &[u8]| {
             AgentMessage::Relay { payload, .. } => {
                 let _ = Handshake::decode(payload);
             }
-            AgentMessage::Ping { .. } | AgentMessage::Leave => {}
+            AgentMessage::Ping { .. }
+            | AgentMessage::Leave
+            | AgentMessage::Site(_)
+            | AgentMessage::Probe { .. }
+            | AgentMessage::RelayOffer { .. }
+            | AgentMessage::RelayJoin { .. } => {}
         }
         let mut again = BytesMut::new();
         AgentCodec::default()

@@ -12,7 +12,12 @@
 //! - `impersonate`: answers the handshakes meant for `--target` itself,
 //!   claiming the target's key but signing with its own;
 //! - `replay`: records the answer of the first exchange between two members
-//!   and plays it back, once, in place of the answer of the next one.
+//!   and plays it back, once, in place of the answer of the next one;
+//! - `third-endpoint`: tells everyone that `--target` sits at `--at` (a
+//!   third host's real address) and sees it there;
+//! - `inject`: keeps asking `--target`'s agent to open traversals and
+//!   relayed flows: for a non-member (240.0.0.9), and for `--with` with
+//!   requests whose MACs it cannot make.
 
 use std::{
     collections::HashMap,
@@ -38,6 +43,8 @@ enum Mode {
     Substitute,
     Impersonate,
     Replay,
+    ThirdEndpoint,
+    Inject,
 }
 
 #[derive(Parser)]
@@ -52,12 +59,16 @@ struct Args {
     target: Option<Ipv4Addr>,
     #[arg(long)]
     with: Option<Ipv4Addr>,
+    /// third-endpoint: the address to claim for the target.
+    #[arg(long)]
+    at: Option<Ipv4Addr>,
 }
 
 struct Evil {
     mode: Mode,
     target: Option<Ipv4Addr>,
     with: Option<Ipv4Addr>,
+    at: Option<Ipv4Addr>,
     key: Ed25519KeyPair,
     /// Genuine records seen, by virtual address.
     records: Mutex<HashMap<Ipv4Addr, MemberInfo>>,
@@ -126,7 +137,18 @@ impl Evil {
                     }
                 }
             }
-            Mode::Impersonate | Mode::Replay => {}
+            Mode::ThirdEndpoint => {
+                for m in members.iter_mut() {
+                    if record_of(m).is_some_and(|r| Some(r.virtual_ip) == self.target)
+                        && let Some(at) = self.at
+                    {
+                        m.addresses = vec![at];
+                        m.observed = Some(std::net::SocketAddrV4::new(at, 7101));
+                        m.site.public = Some(at);
+                    }
+                }
+            }
+            Mode::Impersonate | Mode::Replay | Mode::Inject => {}
         }
     }
 
@@ -217,13 +239,64 @@ impl Evil {
     }
 }
 
+/// inject: requests to open the way into `target` that no member made: a
+/// traversal and a relayed flow "from" a non-member, and from `with` with
+/// MACs the broker cannot compute.
+fn injections(target: Ipv4Addr, with: Option<Ipv4Addr>) -> Vec<BrokerMessage> {
+    use pvc_proto::handshake::{RelayFlow, Traverse};
+    let stranger = Ipv4Addr::new(240, 0, 0, 9);
+    let mut out = Vec::new();
+    for from in [Some(stranger), with].into_iter().flatten() {
+        // A SYN from `from` to the target's port 22, as a stack sends it.
+        let mut syn = vec![0u8; 40];
+        syn[0] = 0x45;
+        syn[2..4].copy_from_slice(&40u16.to_be_bytes());
+        syn[8] = 64;
+        syn[9] = 6;
+        syn[12..16].copy_from_slice(&from.octets());
+        syn[16..20].copy_from_slice(&target.octets());
+        syn[20..22].copy_from_slice(&40000u16.to_be_bytes());
+        syn[22..24].copy_from_slice(&22u16.to_be_bytes());
+        syn[32] = 0x50;
+        syn[33] = 0x02;
+        let traverse = Traverse {
+            id: 1,
+            technique: 4, // hole punching
+            syn,
+            client: std::net::SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 66), 40000),
+            mac: [0; 32],
+        };
+        let relay = RelayFlow {
+            token: [3; 16],
+            client: from,
+            server: target,
+            client_port: 40001,
+            port: 22,
+            mac: [0; 32],
+        };
+        for h in [Handshake::Traverse(traverse), Handshake::RelayFlow(relay)] {
+            out.push(BrokerMessage::Relayed {
+                from,
+                payload: h.encode(),
+            });
+        }
+    }
+    out
+}
+
 async fn session(evil: Arc<Evil>, client: TcpStream, upstream: SocketAddr) -> anyhow::Result<()> {
     let server = TcpStream::connect(upstream).await?;
     let mut down = Framed::new(client, BrokerCodec::default());
     let mut up = Framed::new(server, AgentCodec::default());
     let mut me: Option<Ipv4Addr> = None;
+    let mut inject = tokio::time::interval(std::time::Duration::from_millis(500));
     loop {
         tokio::select! {
+            _ = inject.tick(), if evil.mode == Mode::Inject && me.is_some() && me == evil.target => {
+                for msg in injections(me.unwrap(), evil.with) {
+                    down.send(msg).await?;
+                }
+            }
             from_agent = down.next() => match from_agent {
                 Some(Ok(mut msg)) => {
                     if let AgentMessage::Relay { to, payload } = &mut msg {
@@ -259,6 +332,7 @@ async fn main() -> anyhow::Result<()> {
         mode: args.mode,
         target: args.target,
         with: args.with,
+        at: args.at,
         key: keypair(),
         records: Mutex::default(),
         replies: Mutex::default(),
