@@ -526,6 +526,8 @@ pub fn run(opts: &Options, out: &Path) -> anyhow::Result<Report> {
 
     eprintln!("bench: broker with {} simulated agents", opts.load_agents);
     let broker_load = broker_load(&mut bench.lab, opts)?;
+    drop(bench);
+    let sites = super::sites::measure(opts)?;
 
     let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
         .unwrap_or_default()
@@ -548,9 +550,9 @@ pub fn run(opts: &Options, out: &Path) -> anyhow::Result<Report> {
         broker,
         pvc_bytes,
         broker_load,
+        sites,
         seconds: started.elapsed().as_secs_f64(),
     };
-    drop(bench);
     write(&report, &bare_np, &pvc_np, out)?;
     Ok(report)
 }

@@ -10,7 +10,8 @@
 //! gives medians and PVC/bare ratios.
 
 //!
-//! `measure` runs the lab and the measurements, `report` turns them into
+//! `measure` runs the lab and the measurements (`sites` the pairs across
+//! NATs, in the simulated Internet), `report` turns them into
 //! medians, ratios, targets and the markdown report, `plot` draws the
 //! figures; `floor` loads the empty tc program that measures what any
 //! program costs on this machine.
@@ -19,6 +20,7 @@ mod floor;
 mod measure;
 mod plot;
 mod report;
+mod sites;
 pub mod smoke;
 
 pub use measure::{Options, run};

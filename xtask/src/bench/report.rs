@@ -109,6 +109,8 @@ pub struct Report {
     /// Bytes the PVC path carried during the data-path phases (both hosts).
     pub pvc_bytes: u64,
     pub broker_load: Value,
+    /// Across NATs: a hole-punched and a relayed pair (`sites`).
+    pub sites: Vec<super::sites::SiteCell>,
     pub seconds: f64,
 }
 
@@ -374,6 +376,32 @@ pub fn markdown(r: &Report) -> String {
             c.cpu_secs,
             c.rss_kib as f64 / 1024.0,
             c.peak_rss_kib as f64 / 1024.0
+        );
+    }
+    let _ = writeln!(
+        m,
+        "\n## Across NATs\n\nThe lab's simulated Internet: each pair's bare path is the same client \
+         reaching the same server through the same NAT boxes by a port forward set by hand on the \
+         server's NAT. \"First byte\": a new connection up to its first byte echoed back (the \
+         traversal or the relay's setup included; a relayed connect() itself returns as soon as \
+         the local agent accepts). Medians; iperf3 {} s.\n\n\
+         | pair | technique | iperf3 bare / PVC Gbit/s | PVC/bare | first byte bare / PVC µs | round trip bare / PVC µs |\n\
+         |---|---|---|---|---|---|",
+        r.options.iperf_seconds
+    );
+    for c in &r.sites {
+        let _ = writeln!(
+            m,
+            "| {} | {} | {:.2} / {:.2} | {:.3} | {:.0} / {:.0} | {:.0} / {:.0} |",
+            c.name,
+            c.technique,
+            c.iperf.bare_gbps,
+            c.iperf.pvc_gbps,
+            c.iperf.ratio,
+            c.first_byte_bare_us.median,
+            c.first_byte_pvc_us.median,
+            c.round_trip_bare_us.median,
+            c.round_trip_pvc_us.median
         );
     }
     let l = &r.broker_load;

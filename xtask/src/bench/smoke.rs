@@ -96,6 +96,32 @@ fn check(r: &Report, opts: &Options, out: &Path) -> anyhow::Result<()> {
         "{load}"
     );
 
+    ensure!(r.sites.len() == 2, "{:?}", r.sites);
+    for c in &r.sites {
+        for (what, s) in [
+            ("first byte bare", &c.first_byte_bare_us),
+            ("first byte PVC", &c.first_byte_pvc_us),
+        ] {
+            ensure!(s.samples == connects, "{}: {what}: {s:?}", c.name);
+        }
+        for (what, s) in [
+            ("round trip bare", &c.round_trip_bare_us),
+            ("round trip PVC", &c.round_trip_pvc_us),
+        ] {
+            ensure!(
+                s.samples == round_trips && s.median > 0.0,
+                "{}: {what}: {s:?}",
+                c.name
+            );
+        }
+        ensure!(
+            c.iperf.bare_gbps > 0.01 && c.iperf.pvc_gbps > 0.01,
+            "{}: {:?}",
+            c.name,
+            c.iperf
+        );
+    }
+
     let md = fs::read_to_string(out.join("bench.md"))?;
     for section in [
         "## Targets",
@@ -105,6 +131,7 @@ fn check(r: &Report, opts: &Options, out: &Path) -> anyhow::Result<()> {
         "## Round trip",
         "## eBPF programs",
         "## Broker under load",
+        "## Across NATs",
     ] {
         ensure!(md.contains(section), "bench.md lacks {section}:\n{md}");
     }

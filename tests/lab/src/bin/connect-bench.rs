@@ -2,8 +2,10 @@
 //! accepts and closes connections (backlog 4096, so that no SYN waits for a
 //! full queue); `connect ADDR PORT COUNT` times COUNT sequential connect()s;
 //! `echo PORT` echoes every byte back; `rtt ADDR PORT COUNT` times COUNT
-//! one-byte round trips over one connection. Durations are printed in
-//! microseconds, as JSON.
+//! one-byte round trips over one connection; `first ADDR PORT COUNT` times
+//! COUNT sequential connections to an echo server up to their first byte
+//! back (what a relayed connect() hides: its connect() returns when the
+//! local agent accepts). Durations are printed in microseconds, as JSON.
 
 use std::{
     io::{Read as _, Write as _},
@@ -74,23 +76,40 @@ fn connect(addr: Ipv4Addr, port: u16, count: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn first(addr: Ipv4Addr, port: u16, count: usize) -> anyhow::Result<()> {
+    let mut us = Vec::with_capacity(count);
+    let mut buf = [0u8; 1];
+    for _ in 0..count {
+        let t = Instant::now();
+        let mut s = TcpStream::connect((addr, port))
+            .with_context(|| format!("connect to {addr}:{port}"))?;
+        s.set_nodelay(true)?;
+        s.write_all(b"x")?;
+        s.read_exact(&mut buf).context("the echo server closed")?;
+        us.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    println!("{}", serde_json::json!({ "us": us }));
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
         Some("serve") => serve(args.get(2).context("port")?.parse()?),
         Some("echo") => echo(args.get(2).context("port")?.parse()?),
-        Some(mode @ ("connect" | "rtt")) => {
+        Some(mode @ ("connect" | "rtt" | "first")) => {
             let addr = args.get(2).context("address")?.parse()?;
             let port = args.get(3).context("port")?.parse()?;
             let count = args.get(4).context("count")?.parse()?;
-            if mode == "connect" {
-                connect(addr, port, count)
-            } else {
-                rtt(addr, port, count)
+            match mode {
+                "connect" => connect(addr, port, count),
+                "rtt" => rtt(addr, port, count),
+                _ => first(addr, port, count),
             }
         }
         _ => bail!(
-            "usage: connect-bench serve PORT | connect ADDR PORT COUNT | echo PORT | rtt ADDR PORT COUNT"
+            "usage: connect-bench serve PORT | connect ADDR PORT COUNT | echo PORT | \
+             rtt ADDR PORT COUNT | first ADDR PORT COUNT"
         ),
     }
 }
