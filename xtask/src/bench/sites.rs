@@ -135,13 +135,11 @@ fn measure_pair(
             .ok()?;
     }
     let connect_bench = bin("connect-bench").display().to_string();
-    for (mode, port) in [("echo", ECHO)] {
-        lab.spawn(p.server, &connect_bench, &[mode, &port.to_string()])?;
-        let bare = (port + BARE_OFFSET).to_string();
-        lab.spawn_outside(p.server, &connect_bench, &[mode, &bare])?;
-        lab.wait_listening(p.server, port)?;
-        lab.wait_listening(p.server, port + BARE_OFFSET)?;
-    }
+    lab.spawn(p.server, &connect_bench, &["echo", &ECHO.to_string()])?;
+    let bare = (ECHO + BARE_OFFSET).to_string();
+    lab.spawn_outside(p.server, &connect_bench, &["echo", &bare])?;
+    lab.wait_listening(p.server, ECHO)?;
+    lab.wait_listening(p.server, ECHO + BARE_OFFSET)?;
     let bare_dst = lab.site_wan(p.site);
     let before = opened(lab, p.client, technique);
 
