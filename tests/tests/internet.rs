@@ -409,3 +409,53 @@ fn a_traversal_that_fails_falls_back_to_the_relay_within_two_seconds() {
     assert_eq!(opened(&lab, "a", "relay"), 3);
     assert_eq!(lab.leaks().unwrap(), 0);
 }
+
+/// Traversing-TCP through a firewall that rejects connection requests with
+/// a RST (instead of dropping them): the RST is the firewall's, not the
+/// server's answer, and never reaches the client's socket; the connection
+/// completes through the SYN the agents carried.
+#[test]
+fn a_firewalls_reset_of_a_traversing_syn_never_reaches_the_client() {
+    require_tools(&["iptables", "python3"]);
+    let mut lab = Lab::internet(&[(Site::Pub, 1), (Site::Fwl, 1)]).unwrap();
+    // b's firewall answers inbound SYNs with a RST from b's address.
+    let router = lab.router_netns(1).unwrap();
+    for chain in ["FORWARD", "INPUT"] {
+        Lab::command_in(&router, None, "iptables")
+            .unwrap()
+            .args([
+                "-I",
+                chain,
+                "-i",
+                "wan",
+                "-p",
+                "tcp",
+                "--syn",
+                "-j",
+                "REJECT",
+                "--reject-with",
+                "tcp-reset",
+            ])
+            .ok()
+            .unwrap();
+    }
+    lab.start_all().unwrap();
+    probe::server(&mut lab, "b", "0.0.0.0", 7600, 5).unwrap();
+    pvc_lab::wait_until(
+        std::time::Duration::from_secs(15),
+        "a to pick Traversing-TCP",
+        || (technique(&lab, "a", "b").as_deref() == Some("ttcp")).then_some(()),
+    )
+    .unwrap();
+    let r = connect_once(&lab, "a", "b", 7600);
+    assert_eq!(r["reply"], "echo:hello", "{r}\n{}", lab.agent_log("a"));
+    assert_eq!(opened(&lab, "a", "ttcp"), 1);
+    let resets = lab.status("a").unwrap()["drops"]["traversal_reset"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(
+        resets >= 1,
+        "the firewall's RST was not seen (or not kept from the socket)"
+    );
+    assert_eq!(lab.leaks().unwrap(), 0);
+}
