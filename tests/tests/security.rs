@@ -592,3 +592,42 @@ fn a_broker_cannot_make_an_agent_inject_syns_or_join_relays() {
     assert_eq!(counter(&lab, "traversals_served"), 0);
     assert_eq!(counter(&lab, "relays_served"), 0);
 }
+
+/// A broker that does not pair relayed connections as asked (it answers
+/// them itself, as the other end) connects nobody: each agent checks, on
+/// the relayed connection, that the other end holds the pair's key before
+/// any byte of the flow passes; the client's connection is reset and the
+/// server's application never sees one.
+#[test]
+fn a_broker_that_misroutes_relayed_connections_connects_nobody() {
+    require_tools(&["iptables", "python3"]);
+    // Two members behind symmetric NATs (the relay is their only path);
+    // broker 0, the one relayed flows go through first, tampers.
+    let mut lab =
+        pvc_lab::Lab::internet(&[(pvc_lab::Site::Sym, 1), (pvc_lab::Site::Sym, 1)]).unwrap();
+    lab.start_evil_broker_at(0, &["--mode", "misroute-relay"])
+        .unwrap();
+    lab.start_broker_at(1).unwrap();
+    lab.admit_all().unwrap();
+    lab.start_agents().unwrap();
+    lab.wait_for_peers("a", 1).unwrap();
+    lab.wait_for_peers("b", 1).unwrap();
+    let served = probe::server(&mut lab, "b", "0.0.0.0", 7970, 5).unwrap();
+    wait_until(Duration::from_secs(15), "a to pick the relay", || {
+        let s = lab.status("a").ok()?;
+        (s["peers"][0]["technique"] == "relay").then_some(())
+    })
+    .unwrap();
+    let r = connects(&lab, "a", "b", 7970);
+    assert_ne!(r["reply"], "echo:hello", "{r}");
+    let log = lab.agent_log("a");
+    assert!(
+        log.contains("does not hold the pair's key: not the member"),
+        "{log}"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        probe::accepted(&served).is_empty(),
+        "b's server saw a connection"
+    );
+}

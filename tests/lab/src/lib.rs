@@ -598,16 +598,22 @@ max_flows = 4096
     /// A malicious broker (the `evil-broker` test double) where agents and
     /// the master expect the broker, in front of a real one.
     pub fn start_evil_broker(&mut self, mode: &[&str]) -> anyhow::Result<()> {
+        self.start_evil_broker_at(0, mode)
+    }
+
+    /// The same, where the agents expect broker `i`.
+    pub fn start_evil_broker_at(&mut self, i: usize, mode: &[&str]) -> anyhow::Result<()> {
         const UPSTREAM: u16 = BROKER_PORT + 1;
-        self.start_broker_on(0, UPSTREAM)?;
-        let mut p = Self::command_in(&self.brokers[0].netns, None, bin("evil-broker"))?;
+        self.start_broker_on(i, UPSTREAM)?;
+        let ip = self.brokers[i].addr;
+        let mut p = Self::command_in(&self.brokers[i].netns, None, bin("evil-broker"))?;
         p.cmd
-            .args(["--listen", &format!("{BROKER_IP}:{BROKER_PORT}")])
-            .args(["--upstream", &format!("{BROKER_IP}:{UPSTREAM}")])
+            .args(["--listen", &format!("{ip}:{BROKER_PORT}")])
+            .args(["--upstream", &format!("{ip}:{UPSTREAM}")])
             .args(mode);
         let child = p.spawn_logged(&self.dir.join("evil-broker.log"))?;
         self.children.push(child);
-        self.wait_port(&self.brokers[0].netns.clone(), BROKER_PORT)
+        self.wait_port(&self.brokers[i].netns.clone(), BROKER_PORT)
     }
 
     /// Another broker in the broker's namespace, on `port`, with its own

@@ -17,7 +17,9 @@
 //!   third host's real address) and sees it there;
 //! - `inject`: keeps asking `--target`'s agent to open traversals and
 //!   relayed flows: for a non-member (240.0.0.9), and for `--with` with
-//!   requests whose MACs it cannot make.
+//!   requests whose MACs it cannot make;
+//! - `misroute-relay`: pairs no relay connection with the other agent's:
+//!   it answers each one itself, as the other end.
 
 use std::{
     collections::HashMap,
@@ -45,6 +47,7 @@ enum Mode {
     Replay,
     ThirdEndpoint,
     Inject,
+    MisrouteRelay,
 }
 
 #[derive(Parser)]
@@ -148,7 +151,7 @@ impl Evil {
                     }
                 }
             }
-            Mode::Impersonate | Mode::Replay | Mode::Inject => {}
+            Mode::Impersonate | Mode::Replay | Mode::Inject | Mode::MisrouteRelay => {}
         }
     }
 
@@ -289,6 +292,23 @@ async fn session(evil: Arc<Evil>, client: TcpStream, upstream: SocketAddr) -> an
     let mut down = Framed::new(client, BrokerCodec::default());
     let mut up = Framed::new(server, AgentCodec::default());
     let mut me: Option<Ipv4Addr> = None;
+    if evil.mode == Mode::MisrouteRelay {
+        match down.next().await {
+            Some(Ok(AgentMessage::RelayJoin { .. })) => {
+                // Plays the other agent: a hello and "connected".
+                use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+                let mut stream = down.into_inner();
+                stream.write_all(&[0x5a; 32]).await?;
+                stream.write_all(&[0]).await?;
+                eprintln!("evil-broker: answered a relay connection itself");
+                let mut sink = [0u8; 4096];
+                while stream.read(&mut sink).await? > 0 {}
+                return Ok(());
+            }
+            Some(Ok(first)) => up.send(first).await?,
+            _ => return Ok(()),
+        }
+    }
     let mut inject = tokio::time::interval(std::time::Duration::from_millis(500));
     loop {
         tokio::select! {
