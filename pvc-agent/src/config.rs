@@ -67,6 +67,9 @@ pub struct Connectivity {
     /// Look for a UPnP gateway on the LAN and ask it to forward the port.
     #[serde(default = "default_true")]
     pub upnp: bool,
+    /// The forward's lease, seconds; renewed at half of it.
+    #[serde(default = "default_upnp_lease")]
+    pub upnp_lease_secs: u32,
 }
 
 impl Default for Connectivity {
@@ -74,12 +77,16 @@ impl Default for Connectivity {
         Self {
             port: default_port(),
             upnp: true,
+            upnp_lease_secs: default_upnp_lease(),
         }
     }
 }
 
 fn default_port() -> u16 {
     pvc_proto::DEFAULT_AGENT_PORT
+}
+fn default_upnp_lease() -> u32 {
+    600
 }
 fn default_true() -> bool {
     true
@@ -246,6 +253,12 @@ impl Config {
         }
         if self.flows.gc_interval_secs == 0 {
             bail!("flows.gc_interval_secs must be at least 1");
+        }
+        if self.connectivity.upnp_lease_secs < 2 {
+            bail!("connectivity.upnp_lease_secs must be at least 2 (renewed at half of it)");
+        }
+        if self.connectivity.port == 0 {
+            bail!("connectivity.port: name a port (the brokers probe it, UPnP forwards it)");
         }
         Ok(())
     }

@@ -459,3 +459,47 @@ fn a_firewalls_reset_of_a_traversing_syn_never_reaches_the_client() {
     );
     assert_eq!(lab.leaks().unwrap(), 0);
 }
+
+/// The UPnP forward is renewed before its lease ends (here a 4 s lease):
+/// it outlives several leases while the agent runs; stopped (SIGSTOP), the
+/// agent renews nothing and the gateway drops the forward at the lease's
+/// end; resumed, it asks again.
+#[test]
+fn upnp_forwards_are_renewed_before_their_lease_ends() {
+    require_tools(&["iptables", "miniupnpd", "nft"]);
+    let mut lab = Lab::internet(&[(Site::Upnp, 1), (Site::Pub, 1)]).unwrap();
+    lab.write_config(0, "[connectivity]\nupnp_lease_secs = 4\n")
+        .unwrap();
+    lab.start_all().unwrap();
+    let forwarded = |lab: &Lab| {
+        lab.upnp_mappings(0)
+            .unwrap()
+            .iter()
+            .any(|m| m.contains("7101"))
+    };
+    let wait = |lab: &Lab, want: bool, what: &str| {
+        pvc_lab::wait_until(std::time::Duration::from_secs(20), what, || {
+            (forwarded(lab) == want).then_some(())
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", lab.agent_log("a")))
+    };
+    wait(&lab, true, "the forward");
+    for _ in 0..10 {
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        assert!(forwarded(&lab), "the forward lapsed while the agent ran");
+    }
+    let pid = lab.agent_pid("a").unwrap().to_string();
+    let signal = |sig: &str| {
+        assert!(
+            std::process::Command::new("kill")
+                .args([sig, &pid])
+                .status()
+                .unwrap()
+                .success()
+        )
+    };
+    signal("-STOP");
+    wait(&lab, false, "the gateway to drop the unrenewed forward");
+    signal("-CONT");
+    wait(&lab, true, "the resumed agent to renew it");
+}

@@ -35,8 +35,6 @@ pub fn path(pair: &Pair<'_>) -> Option<super::Path> {
     })
 }
 
-/// How long a forward lasts unless renewed; renewed at half of it.
-pub const LEASE: Duration = Duration::from_secs(600);
 const SEARCH_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// What this instance asked a gateway to forward, kept on disk until it is
@@ -54,6 +52,7 @@ pub struct Mapping {
     gateway: Gateway<Tokio>,
     record: Record,
     record_file: PathBuf,
+    lease: Duration,
     /// The public endpoint members reach this host at.
     pub external: SocketAddrV4,
 }
@@ -109,6 +108,7 @@ pub async fn map(
     port: u16,
     instance: &str,
     record_file: &Path,
+    lease: Duration,
 ) -> anyhow::Result<Mapping> {
     let gateway = search(local).await?;
     let internal = SocketAddrV4::new(local, port);
@@ -117,7 +117,7 @@ pub async fn map(
             PortMappingProtocol::TCP,
             port,
             SocketAddr::V4(internal),
-            LEASE.as_secs() as u32,
+            lease.as_secs() as u32,
             &description(instance),
         )
         .await
@@ -157,6 +157,7 @@ pub async fn map(
         gateway,
         record,
         record_file: record_file.to_path_buf(),
+        lease,
         external,
     })
 }
@@ -169,7 +170,7 @@ impl Mapping {
                 PortMappingProtocol::TCP,
                 self.record.external_port,
                 SocketAddr::V4(self.record.internal),
-                LEASE.as_secs() as u32,
+                self.lease.as_secs() as u32,
                 &description(instance),
             )
             .await

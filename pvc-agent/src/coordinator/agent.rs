@@ -473,7 +473,8 @@ impl Agent {
         mut upnp_rx: mpsc::Receiver<anyhow::Result<crate::connectivity::upnp::Mapping>>,
     ) -> anyhow::Result<()> {
         let mut gc = interval(self.config.gc_interval());
-        let mut upnp_renewal = interval(crate::connectivity::upnp::LEASE / 2);
+        let lease = Duration::from_secs(self.config.connectivity.upnp_lease_secs.into());
+        let mut upnp_renewal = interval(lease / 2);
         let mut probe_check = interval(PROBE_PATIENCE / 3);
         let mut datagram = [0u8; 64];
         let mut refresh = interval(NEXT_HOP_REFRESH);

@@ -304,6 +304,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             agent.config.instance.clone(),
             agent.config.upnp_record(),
             agent.config.connectivity.upnp,
+            Duration::from_secs(agent.config.connectivity.upnp_lease_secs.into()),
             upnp_tx,
         );
         result = agent.serve(events, &mut tasks, probes, upnp_rx).await;

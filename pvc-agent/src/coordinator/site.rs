@@ -54,13 +54,14 @@ pub(super) fn start_upnp(
     instance: String,
     record: std::path::PathBuf,
     map: bool,
+    lease: std::time::Duration,
     done: mpsc::Sender<anyhow::Result<Mapping>>,
 ) {
     tokio::spawn(async move {
         upnp::remove_leftover(&record, local).await;
         if map {
             let _ = done
-                .send(upnp::map(local, port, &instance, &record).await)
+                .send(upnp::map(local, port, &instance, &record, lease).await)
                 .await;
         }
     });
