@@ -515,3 +515,70 @@ fn a_burst_of_held_packets_is_kept_up_to_the_limit() {
     let log = run(&mut [&mut a, &mut b], vec![(0, first)], t);
     assert_eq!(resent(&log[0]).len(), super::core::MAX_HELD);
 }
+
+/// Packets the kernel hands the agent come from the wire (a punch SYN) or
+/// from local stacks: whatever their bytes, the parsers and the core take
+/// them without panicking. Mutations of well-formed packets (and random
+/// ones), deterministic, many thousands.
+#[test]
+fn packets_from_the_kernel_never_panic_the_core() {
+    use crate::{
+        connectivity::punch,
+        interposition::inject::{Syn, SynAck},
+    };
+    let c = Cluster::new(2);
+    let t = Instant::now();
+    let mut a = c.core(0, t);
+    let vb = c.hosts[1].vip;
+    // A SYN with options and a PVC tag, as a punch arrives, and a SYN/ACK.
+    let mut syn = vec![1u8; 20 + 60];
+    syn[0] = 0x45;
+    syn[2..4].copy_from_slice(&80u16.to_be_bytes());
+    syn[9] = 6;
+    syn[12..16].copy_from_slice(&[198, 18, 0, 2]);
+    syn[16..20].copy_from_slice(&[198, 18, 0, 1]);
+    syn[32] = 0xf0;
+    syn[33] = 0x02;
+    // MSS, NOPs, then the tag in the last 20 bytes of options.
+    syn[40..44].copy_from_slice(&[2, 4, 5, 180]);
+    syn[60..64].copy_from_slice(&[253, 20, b'P', b'V']);
+    syn[64..68].copy_from_slice(&vb.octets());
+    let mut answer = syn.clone();
+    answer[33] = 0x12;
+    let p = punch::Punch {
+        from: "198.18.0.1:80".parse().unwrap(),
+        to: "198.18.0.2:4000".parse().unwrap(),
+        vsrc: c.hosts[0].vip,
+        vdst: vb,
+        vport: 4000,
+        tag_key: [1; 16],
+    };
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    for i in 0..20_000 {
+        let mut packet = match i % 3 {
+            0 => syn.clone(),
+            1 => answer.clone(),
+            _ => (0..next() % 80).map(|_| next() as u8).collect(),
+        };
+        for _ in 0..(next() % 4) {
+            if packet.is_empty() {
+                break;
+            }
+            let at = next() as usize % packet.len();
+            packet[at] = next() as u8;
+        }
+        packet.truncate(next() as usize % 96);
+        let _ = Syn::parse(&packet);
+        let _ = SynAck::parse(&packet);
+        let _ = punch::syn(&packet, &p);
+        let _ = a.punch_arrived(&packet);
+        let _ = a.answer_held(&packet, t);
+        let _ = a.held(vb, Some(packet), t);
+    }
+}
