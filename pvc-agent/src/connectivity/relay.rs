@@ -94,8 +94,10 @@ async fn join(broker: &str, token: Token) -> anyhow::Result<TcpStream> {
         .await
         .context("cannot join the broker's relay")?;
     let parts = link.into_parts();
-    // The broker sends nothing before it pairs us: nothing was read ahead.
-    debug_assert!(parts.read_buf.is_empty());
+    // Nothing was read yet: a broker sends nothing before it pairs us.
+    if !parts.read_buf.is_empty() {
+        bail!("the broker sent bytes on a relay connection before pairing it");
+    }
     Ok(parts.io)
 }
 
