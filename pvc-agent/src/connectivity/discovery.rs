@@ -5,7 +5,10 @@
 //! datagram to its PVC port). A UPnP gateway, when there is one, is asked
 //! to forward the PVC port (`upnp`).
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    time::{Duration, Instant},
+};
 
 use pvc_proto::{Inbound, Nat, SiteInfo};
 
@@ -57,13 +60,26 @@ pub fn classify(
 pub struct Discovery {
     port: u16,
     local: Vec<Ipv4Addr>,
-    /// The probe asked for, and whether its datagram arrived.
-    pending: Option<(u64, bool)>,
+    /// The probe asked for.
+    pending: Option<Pending>,
     probe: Option<Probe>,
     upnp: Option<SocketAddrV4>,
     observed: Vec<SocketAddrV4>,
     pub site: SiteInfo,
 }
+
+struct Pending {
+    nonce: u64,
+    /// Its datagram arrived.
+    udp: bool,
+    /// The broker could not connect, since then: its datagram, sent first,
+    /// may still be on its way (a firewall that answers SYNs with a RST
+    /// makes the connection fail at once).
+    refused_at: Option<Instant>,
+}
+
+/// How long a refused probe waits for its datagram.
+pub const DATAGRAM_GRACE: Duration = Duration::from_millis(500);
 
 impl Discovery {
     pub fn new(port: u16, local: Vec<Ipv4Addr>) -> Self {
@@ -81,36 +97,62 @@ impl Discovery {
     /// A probe to ask a broker for: its nonce.
     pub fn start_probe(&mut self) -> u64 {
         let nonce = rand_nonce();
-        self.pending = Some((nonce, false));
+        self.pending = Some(Pending {
+            nonce,
+            udp: false,
+            refused_at: None,
+        });
         nonce
     }
 
-    /// A datagram arrived on the PVC port: a probe's, maybe.
-    pub fn datagram(&mut self, bytes: &[u8]) {
-        let Some((nonce, udp)) = self.pending.as_mut() else {
-            return;
-        };
+    /// A datagram arrived on the PVC port: a probe's, maybe. The site, if
+    /// this settles a probe and changes it.
+    pub fn datagram(&mut self, bytes: &[u8]) -> Option<SiteInfo> {
+        let p = self.pending.as_mut()?;
         if bytes.len() == pvc_proto::PROBE_MAGIC.len() + 8
             && bytes.starts_with(pvc_proto::PROBE_MAGIC)
-            && bytes[pvc_proto::PROBE_MAGIC.len()..] == nonce.to_be_bytes()
+            && bytes[pvc_proto::PROBE_MAGIC.len()..] == p.nonce.to_be_bytes()
         {
-            *udp = true;
+            p.udp = true;
+            if p.refused_at.is_some() {
+                return self.settle_probe(false);
+            }
         }
+        None
     }
 
     /// Whether a probe is waiting for its broker's answer.
     pub fn probing(&self) -> bool {
-        self.pending.is_some()
+        self.pending
+            .as_ref()
+            .is_some_and(|p| p.refused_at.is_none())
     }
 
     /// A broker's answer to the probe: the site, if it changed.
-    pub fn probe_result(&mut self, nonce: u64, tcp: bool) -> Option<SiteInfo> {
-        let (pending, udp) = self.pending?;
-        if pending != nonce {
+    pub fn probe_result(&mut self, nonce: u64, tcp: bool, now: Instant) -> Option<SiteInfo> {
+        let p = self.pending.as_mut()?;
+        if p.nonce != nonce {
             return None;
         }
-        self.pending = None;
-        self.probe = Some(Probe { tcp, udp });
+        if !tcp && !p.udp {
+            p.refused_at = Some(now);
+            return None;
+        }
+        self.settle_probe(tcp)
+    }
+
+    /// A refused probe whose datagram did not come within the grace: the
+    /// site, if it changed.
+    pub fn settle(&mut self, now: Instant) -> Option<SiteInfo> {
+        let at = self.pending.as_ref()?.refused_at?;
+        (now.saturating_duration_since(at) >= DATAGRAM_GRACE)
+            .then(|| self.settle_probe(false))
+            .flatten()
+    }
+
+    fn settle_probe(&mut self, tcp: bool) -> Option<SiteInfo> {
+        let p = self.pending.take()?;
+        self.probe = Some(Probe { tcp, udp: p.udp });
         self.reclassify()
     }
 
@@ -207,13 +249,29 @@ mod tests {
             Some(Nat::None)
         );
         let nonce = d.start_probe();
-        d.datagram(b"PVCPROBE\0\0\0\0\0\0\0\0");
+        let t = Instant::now();
+        assert_eq!(d.datagram(b"PVCPROBE\0\0\0\0\0\0\0\0"), None);
         let mut ours = pvc_proto::PROBE_MAGIC.to_vec();
         ours.extend_from_slice(&nonce.to_be_bytes());
-        d.datagram(&ours);
-        assert_eq!(d.probe_result(nonce.wrapping_add(1), false), None);
-        let site = d.probe_result(nonce, false).unwrap();
+        assert_eq!(d.datagram(&ours), None);
+        assert_eq!(d.probe_result(nonce.wrapping_add(1), false, t), None);
+        let site = d.probe_result(nonce, false, t).unwrap();
         assert_eq!(site.inbound, Inbound::SynFiltered);
+        // Refused before its datagram arrived (a RST is quicker than a
+        // datagram is read): the datagram still counts.
+        let nonce = d.start_probe();
+        assert_eq!(d.probe_result(nonce, false, t), None);
+        assert!(!d.probing(), "answered");
+        let mut ours = pvc_proto::PROBE_MAGIC.to_vec();
+        ours.extend_from_slice(&nonce.to_be_bytes());
+        assert_eq!(d.datagram(&ours), None, "unchanged: still SYN-filtered");
+        assert!(d.settle(t + DATAGRAM_GRACE).is_none());
+        // No datagram within the grace: filtered.
+        let nonce = d.start_probe();
+        assert_eq!(d.probe_result(nonce, false, t), None);
+        assert_eq!(d.settle(t), None, "within the grace");
+        let site = d.settle(t + DATAGRAM_GRACE).unwrap();
+        assert_eq!(site.inbound, Inbound::Filtered);
         let upnp = at(PUBLIC, 7101);
         assert_eq!(d.upnp(Some(upnp)).unwrap().upnp, Some(upnp));
         assert_eq!(d.upnp(Some(upnp)), None, "unchanged");

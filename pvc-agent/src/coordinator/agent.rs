@@ -475,7 +475,7 @@ impl Agent {
         let mut gc = interval(self.config.gc_interval());
         let lease = Duration::from_secs(self.config.connectivity.upnp_lease_secs.into());
         let mut upnp_renewal = interval(lease / 2);
-        let mut probe_check = interval(PROBE_PATIENCE / 3);
+        let mut probe_check = interval(crate::connectivity::discovery::DATAGRAM_GRACE / 2);
         let mut datagram = [0u8; 64];
         let mut refresh = interval(NEXT_HOP_REFRESH);
         let mut security = interval(SECURITY_TICK);
@@ -513,14 +513,16 @@ impl Agent {
                     self.apply(effects).await;
                 }
                 _ = refresh.tick() => self.refresh_next_hops().await,
-                Ok((n, _)) = probes.udp.recv_from(&mut datagram) => self.probe_datagram(&datagram[..n]),
+                Ok((n, _)) = probes.udp.recv_from(&mut datagram) => {
+                    self.probe_datagram(&datagram[..n]).await;
+                }
                 // A broker's TCP probe: reaching us was the point.
                 Ok(_) = probes.tcp.accept() => {}
                 Some(result) = upnp_rx.recv() => self.upnp_done(result).await,
                 Ok((app, _)) = self.relaying.listener.accept() => self.relay_accepted(app).await,
                 Some((id, result)) = self.relaying.done_rx.recv() => self.relay_done(id, result),
                 _ = upnp_renewal.tick() => self.renew_upnp().await,
-                _ = probe_check.tick() => self.check_probe(),
+                _ = probe_check.tick() => self.check_probe().await,
                 r = &mut tasks.control => return match r {
                     Ok(Err(e)) => Err(e),
                     _ => Err(anyhow::anyhow!("control socket stopped")),

@@ -121,7 +121,10 @@ impl Agent {
     /// Probes again: through another broker if the last did not answer
     /// (it may be the one that is gone), and now and then in case the
     /// network changed.
-    pub(super) fn check_probe(&mut self) {
+    pub(super) async fn check_probe(&mut self) {
+        if let Some(site) = self.discovery.settle(Instant::now()) {
+            self.publish_site(site).await;
+        }
         let Some(at) = self.probed_at else {
             return;
         };
@@ -142,13 +145,15 @@ impl Agent {
     }
 
     pub(super) async fn probe_result(&mut self, nonce: u64, reached: bool) {
-        if let Some(site) = self.discovery.probe_result(nonce, reached) {
+        if let Some(site) = self.discovery.probe_result(nonce, reached, Instant::now()) {
             self.publish_site(site).await;
         }
     }
 
-    pub(super) fn probe_datagram(&mut self, bytes: &[u8]) {
-        self.discovery.datagram(bytes);
+    pub(super) async fn probe_datagram(&mut self, bytes: &[u8]) {
+        if let Some(site) = self.discovery.datagram(bytes) {
+            self.publish_site(site).await;
+        }
     }
 
     pub(super) async fn upnp_done(&mut self, result: anyhow::Result<Mapping>) {
