@@ -5,7 +5,7 @@ use aya_ebpf::{bindings::BPF_RB_FORCE_WAKEUP, helpers::bpf_skb_load_bytes, progr
 use pvc_common::{
     DIRECTION_EGRESS, DropReason, EVENT_ANSWER_HELD, EVENT_FLOW_CREATED, EVENT_PACKET_HELD,
     EVENT_PACKET_REFUSED, EVENT_PUNCH, Event, FlowKey, HELD_BYTES, HeldPacket, Masquerade,
-    PeerPath, siphash24_16, tag_message,
+    PeerPath, Settings, siphash24_16, tag_message,
 };
 
 use crate::{
@@ -95,6 +95,21 @@ pub fn close(key: &FlowKey) {
         let _ = MASQUERADING.remove(&twin);
         let _ = MASQUERADING.remove(key);
     }
+}
+
+/// The egress value of this host's TCP flow from `sport` to the member at
+/// `peer`, as its path says: to its real address, and to the path's wire
+/// port when it has one (a UPnP forward), else the flow's own `dport`.
+#[inline(always)]
+pub fn outbound(
+    s: &Settings,
+    path: &PeerPath,
+    peer: [u8; 4],
+    sport: u16,
+    dport: u16,
+) -> Masquerade {
+    let wire_port = if path.port != 0 { path.port } else { dport };
+    entry(s.real_addr, path.real, sport, wire_port, peer, path)
 }
 
 /// The masquerading value for a new flow towards/from `peer`.

@@ -174,15 +174,7 @@ fn egress_tcp(ctx: &TcContext, ip: &Ipv4, s: &Settings) -> Result<i32, DropReaso
                 // A connection request always gets fresh entries in both
                 // directions: whatever an earlier flow with this tuple left
                 // is replaced.
-                let wire_port = if path.port != 0 { path.port } else { tcp.dport };
-                let m = flow::entry(
-                    s.real_addr,
-                    path.real,
-                    tcp.sport,
-                    wire_port,
-                    ip.daddr,
-                    &path,
-                );
+                let m = flow::outbound(s, &path, ip.daddr, tcp.sport, tcp.dport);
                 // A connection between the real addresses may use this tuple.
                 let real = sockets::tcp_use(ctx, m.saddr, m.sport, m.daddr, m.dport);
                 flow::may_take(ctx, ip, real)?;
@@ -205,15 +197,7 @@ fn egress_tcp(ctx: &TcContext, ip: &Ipv4, s: &Settings) -> Result<i32, DropReaso
                 let path = peer(ip.daddr)
                     .filter(|p| p.state == PEER_READY && p.flags & PATH_PER_FLOW == 0)
                     .ok_or(DropReason::UnknownPeer)?;
-                let wire_port = if path.port != 0 { path.port } else { tcp.dport };
-                let m = flow::entry(
-                    s.real_addr,
-                    path.real,
-                    tcp.sport,
-                    wire_port,
-                    ip.daddr,
-                    &path,
-                );
+                let m = flow::outbound(s, &path, ip.daddr, tcp.sport, tcp.dport);
                 // Not over a connection between the real addresses that
                 // took the tuple meanwhile: its packets would become ours.
                 if sockets::tcp_use(ctx, m.saddr, m.sport, m.daddr, m.dport) != Use::Free {

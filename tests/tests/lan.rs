@@ -212,29 +212,6 @@ fn many_short_connections_all_succeed() {
     );
 }
 
-/// Connections from `host`'s network namespace but outside its cgroup.
-fn outsider_connects(lab: &Lab, host: &str, dst: Ipv4Addr, port: u16) -> serde_json::Value {
-    let script = format!(
-        r#"
-import socket, json, time
-t = time.time()
-try:
-    s = socket.create_connection(("{dst}", {port}), timeout=5)
-    s.sendall(b"hello")
-    print(json.dumps({{"reply": s.recv(100).decode(), "secs": time.time() - t}}))
-except OSError as e:
-    print(json.dumps({{"errno": e.errno, "error": str(e), "secs": time.time() - t}}))
-"#
-    );
-    let netns = lab.host(host).netns.clone();
-    let out = Lab::command_in(&netns, None, "python3")
-        .unwrap()
-        .args(["-c", &script])
-        .ok()
-        .unwrap();
-    serde_json::from_str(out.trim()).unwrap()
-}
-
 #[test]
 fn processes_outside_the_cgroup_do_not_use_the_virtual_network() {
     const ECONNREFUSED: i64 = 111;
@@ -252,7 +229,8 @@ fn processes_outside_the_cgroup_do_not_use_the_virtual_network() {
         "hello"
     );
     for dst in [vb, vc, nobody] {
-        let got = outsider_connects(&lab, "a", dst, 7500);
+        // From a's network namespace but outside its cgroup.
+        let got = probe::timed(&lab, "a", dst, 7500, false).unwrap();
         assert_eq!(got["errno"], ECONNREFUSED, "to {dst}: {got}");
     }
     assert!(

@@ -96,7 +96,8 @@ impl Discovery {
 
     /// A probe to ask a broker for: its nonce.
     pub fn start_probe(&mut self) -> u64 {
-        let nonce = rand_nonce();
+        // A probe's nonce only tells its datagram from a stray one.
+        let nonce = u64::from_ne_bytes(crate::security::challenge::random().unwrap_or_default());
         self.pending = Some(Pending {
             nonce,
             udp: false,
@@ -181,14 +182,6 @@ impl Discovery {
             site
         })
     }
-}
-
-fn rand_nonce() -> u64 {
-    use ring::rand::SecureRandom as _;
-    let mut b = [0u8; 8];
-    // A probe's nonce only tells its datagram from a stray one.
-    let _ = ring::rand::SystemRandom::new().fill(&mut b);
-    u64::from_ne_bytes(b)
 }
 
 #[cfg(test)]

@@ -499,17 +499,20 @@ impl Core {
     /// (any of ours, if none is known: the broker answers Undeliverable).
     pub(super) fn send(&self, to: Ipv4Addr, message: Handshake, out: &mut Vec<Effect>) {
         let via = self
-            .peers
-            .get(&to)
-            .and_then(|p| {
-                p.last_via
-                    .iter()
-                    .chain(&p.present_on)
-                    .find(|b| self.brokers.contains_key(*b))
-            })
-            .or_else(|| self.brokers.keys().next())
-            .cloned();
+            .broker_for(to)
+            .or_else(|| self.brokers.keys().next().cloned());
         out.push(Effect::Send { to, via, message });
+    }
+
+    /// A connected broker member `to` is on: the one it last spoke through
+    /// first (its answers come back the same way).
+    pub(super) fn broker_for(&self, to: Ipv4Addr) -> Option<String> {
+        let p = self.peers.get(&to)?;
+        p.last_via
+            .iter()
+            .chain(&p.present_on)
+            .find(|b| self.brokers.contains_key(*b))
+            .cloned()
     }
 
     /// Refuses every packet waiting for `p`'s path.

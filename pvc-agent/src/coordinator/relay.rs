@@ -12,7 +12,7 @@ use tracing::{info, warn};
 use super::core::{Core, Effect};
 use crate::{
     connectivity::{self, relay::Token},
-    security::challenge::{control_mac, control_mac_valid},
+    security::challenge::{self, control_mac, control_mac_valid},
 };
 
 /// A relayed flow this host opens: join `broker` with `token`, after
@@ -34,13 +34,6 @@ pub struct RelayAccept {
     pub server: SocketAddrV4,
 }
 
-fn random_token() -> Token {
-    use ring::rand::SecureRandom as _;
-    let mut t = [0u8; 16];
-    let _ = ring::rand::SystemRandom::new().fill(&mut t);
-    t
-}
-
 impl Core {
     /// An application connected to `server`:`port`, a member reached
     /// through the relay, from `client_port` (the kernel already checked
@@ -56,12 +49,8 @@ impl Core {
         if p.technique() != Technique::Relay {
             return None;
         }
-        let broker = p
-            .present_on
-            .iter()
-            .find(|b| self.brokers.contains_key(*b))?
-            .clone();
-        let token = random_token();
+        let broker = self.broker_for(server)?;
+        let token: Token = challenge::random().unwrap_or_default();
         let mut r = RelayFlow {
             token,
             client: self.me.virtual_ip,

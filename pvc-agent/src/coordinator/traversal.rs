@@ -24,7 +24,7 @@ use super::core::{Core, Effect};
 use crate::{
     connectivity::punch,
     interposition::inject::{Syn, SynAck},
-    security::challenge::{control_mac, control_mac_valid},
+    security::challenge::{self, control_mac, control_mac_valid},
 };
 
 /// How long a flow's traversal may take before its SYN is refused.
@@ -58,13 +58,6 @@ pub(super) enum Side {
         vport: u16,
         cport: u16,
     },
-}
-
-fn random_id() -> u64 {
-    use ring::rand::SecureRandom as _;
-    let mut b = [0u8; 8];
-    let _ = ring::rand::SystemRandom::new().fill(&mut b);
-    u64::from_ne_bytes(b)
 }
 
 /// The entry of a flow as this host's egress sees it, rewritten to the
@@ -105,7 +98,7 @@ impl Core {
             // under way carries the first.
             return;
         }
-        let id = random_id();
+        let id = u64::from_ne_bytes(challenge::random().unwrap_or_default());
         // Where the member's punch must go to reach this flow: our public
         // endpoint for the application's port, or, for a reversal from
         // behind our NAT, our UPnP forward (the PVC port).

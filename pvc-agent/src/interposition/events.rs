@@ -160,6 +160,17 @@ fn read_all(ring: &mut RingBuf<MapData>) -> Vec<FlowEvent> {
 mod tests {
     use super::*;
 
+    fn held_bytes(e: &HeldPacket) -> Vec<u8> {
+        // SAFETY: HeldPacket is repr(C) plain data.
+        unsafe {
+            std::slice::from_raw_parts(
+                (e as *const HeldPacket).cast::<u8>(),
+                size_of::<HeldPacket>(),
+            )
+        }
+        .to_vec()
+    }
+
     fn bytes(e: &Event) -> Vec<u8> {
         // SAFETY: Event is repr(C) plain data without padding.
         unsafe { std::slice::from_raw_parts((e as *const Event).cast::<u8>(), size_of::<Event>()) }
@@ -219,13 +230,7 @@ mod tests {
             packet: [0; pvc_common::HELD_BYTES],
         };
         e.packet[..3].copy_from_slice(&[0x45, 1, 2]);
-        // SAFETY: HeldPacket is repr(C) plain data.
-        let bytes = unsafe {
-            std::slice::from_raw_parts(
-                (&e as *const HeldPacket).cast::<u8>(),
-                size_of::<HeldPacket>(),
-            )
-        };
+        let bytes = &held_bytes(&e);
         assert_eq!(
             FlowEvent::parse(bytes),
             Some(FlowEvent::Held {
@@ -237,13 +242,7 @@ mod tests {
 
         e.kind = EVENT_PACKET_REFUSED;
         e.reason = DropReason::FlowTableFull as u32;
-        // SAFETY: as above.
-        let bytes = unsafe {
-            std::slice::from_raw_parts(
-                (&e as *const HeldPacket).cast::<u8>(),
-                size_of::<HeldPacket>(),
-            )
-        };
+        let bytes = &held_bytes(&e);
         assert_eq!(
             FlowEvent::parse(bytes),
             Some(FlowEvent::PacketRefused {

@@ -64,7 +64,7 @@ impl std::fmt::Debug for Session {
     }
 }
 
-fn random<const N: usize>() -> Result<[u8; N], ChallengeError> {
+pub(crate) fn random<const N: usize>() -> Result<[u8; N], ChallengeError> {
     let mut b = [0u8; N];
     SystemRandom::new()
         .fill(&mut b)
@@ -134,11 +134,7 @@ fn derive(
 /// from the pair's SYN-tag key, so that a path a restarted agent took over
 /// from the kernel can use it too.
 pub fn control_mac(tag_key: &[u8; 16], message: &[u8]) -> [u8; 32] {
-    let key = hmac::sign(
-        &hmac::Key::new(hmac::HMAC_SHA256, tag_key),
-        b"pvc control v1",
-    );
-    let tag = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, key.as_ref()), message);
+    let tag = hmac::sign(&control_key(tag_key), message);
     let mut m = [0u8; 32];
     m.copy_from_slice(tag.as_ref());
     m
@@ -146,16 +142,15 @@ pub fn control_mac(tag_key: &[u8; 16], message: &[u8]) -> [u8; 32] {
 
 /// Checks a control MAC in constant time.
 pub fn control_mac_valid(tag_key: &[u8; 16], message: &[u8], mac: &[u8; 32]) -> bool {
+    hmac::verify(&control_key(tag_key), message, mac).is_ok()
+}
+
+fn control_key(tag_key: &[u8; 16]) -> hmac::Key {
     let key = hmac::sign(
         &hmac::Key::new(hmac::HMAC_SHA256, tag_key),
         b"pvc control v1",
     );
-    hmac::verify(
-        &hmac::Key::new(hmac::HMAC_SHA256, key.as_ref()),
-        message,
-        mac,
-    )
-    .is_ok()
+    hmac::Key::new(hmac::HMAC_SHA256, key.as_ref())
 }
 
 /// Checks a Done's MAC in constant time (a comparison that stops at the

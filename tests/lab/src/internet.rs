@@ -305,35 +305,22 @@ impl Lab {
 
     /// The NAT and firewall rules of a site's box (like netlab's nat.sh).
     fn firewall(&self, router: &str, kind: Site) -> anyhow::Result<()> {
-        match kind {
-            Site::Cone | Site::Upnp => ipt(
-                router,
-                &[
-                    "-t",
-                    "nat",
-                    "-A",
-                    "POSTROUTING",
-                    "-o",
-                    "wan",
-                    "-j",
-                    "MASQUERADE",
-                ],
-            )?,
-            Site::Sym => ipt(
-                router,
-                &[
-                    "-t",
-                    "nat",
-                    "-A",
-                    "POSTROUTING",
-                    "-o",
-                    "wan",
-                    "-j",
-                    "MASQUERADE",
-                    "--random-fully",
-                ],
-            )?,
-            _ => {}
+        if kind.nat() {
+            let mut masquerade = vec![
+                "-t",
+                "nat",
+                "-A",
+                "POSTROUTING",
+                "-o",
+                "wan",
+                "-j",
+                "MASQUERADE",
+            ];
+            if kind == Site::Sym {
+                // A new port for every destination: a symmetric NAT.
+                masquerade.push("--random-fully");
+            }
+            ipt(router, &masquerade)?;
         }
         for chain in ["INPUT", "FORWARD"] {
             match kind {
@@ -343,37 +330,24 @@ impl Lab {
                     &["-A", chain, "-i", "wan", "-p", "tcp", "--syn", "-j", "DROP"],
                 )?,
                 Site::Fws | Site::Cone | Site::Upnp | Site::Sym => {
-                    ipt(
-                        router,
-                        &[
-                            "-A",
-                            chain,
-                            "-i",
-                            "wan",
-                            "-m",
-                            "conntrack",
-                            "--ctstate",
-                            "ESTABLISHED,RELATED",
-                            "-j",
-                            "ACCEPT",
-                        ],
-                    )?;
-                    // Port forwards (UPnP mappings).
-                    ipt(
-                        router,
-                        &[
-                            "-A",
-                            chain,
-                            "-i",
-                            "wan",
-                            "-m",
-                            "conntrack",
-                            "--ctstate",
-                            "DNAT",
-                            "-j",
-                            "ACCEPT",
-                        ],
-                    )?;
+                    // Answers, and port forwards (UPnP mappings).
+                    for state in ["ESTABLISHED,RELATED", "DNAT"] {
+                        ipt(
+                            router,
+                            &[
+                                "-A",
+                                chain,
+                                "-i",
+                                "wan",
+                                "-m",
+                                "conntrack",
+                                "--ctstate",
+                                state,
+                                "-j",
+                                "ACCEPT",
+                            ],
+                        )?;
+                    }
                     if kind == Site::Upnp && chain == "INPUT" {
                         // miniupnpd learns its external address by STUN.
                         ipt(

@@ -1149,6 +1149,39 @@ except OSError as e:
             .with_context(|| format!("chatter said: {out}"))
     }
 
+    /// One connection from `host` to dst:port, in the host's cgroup or
+    /// outside it, sending "hello": {"reply", "ms" (connect() to the reply),
+    /// "local", "peer"} as the socket calls returned them, or {"errno",
+    /// "error", "ms"}.
+    pub fn timed(
+        lab: &Lab,
+        host: &str,
+        dst: Ipv4Addr,
+        port: u16,
+        in_cgroup: bool,
+    ) -> anyhow::Result<Value> {
+        let script = format!(
+            r#"
+import socket, json, time
+t = time.monotonic()
+try:
+    s = socket.create_connection(("{dst}", {port}), timeout=8)
+    s.sendall(b"hello")
+    r = s.recv(100)
+    ms = (time.monotonic() - t) * 1000
+    print(json.dumps({{"reply": r.decode(), "ms": ms, "local": s.getsockname()[0], "peer": s.getpeername()[0]}}))
+except OSError as e:
+    print(json.dumps({{"errno": e.errno, "error": str(e), "ms": (time.monotonic() - t) * 1000}}))
+"#
+        );
+        let h = lab.host(host);
+        let cgroup = in_cgroup.then_some(h.cgroup.as_path());
+        let out = Lab::command_in(&h.netns, cgroup, "python3")?
+            .args(["-c", &script])
+            .ok()?;
+        Ok(serde_json::from_str(out.trim())?)
+    }
+
     pub fn client(lab: &Lab, host: &str, dst: Ipv4Addr, port: u16) -> anyhow::Result<Value> {
         Ok(clients(lab, host, dst, port, 1)?.remove(0))
     }

@@ -192,11 +192,7 @@ impl Bench<'_> {
             .args(["-c", &dst, "-p", &port, "-t", &secs, "-O", "1", "-J"])
             .ok()
             .with_context(|| format!("iperf3 {from}->{to} over the {} path", route.name()))?;
-        let v: Value = serde_json::from_str(&out)?;
-        let bps = v["end"]["sum_received"]["bits_per_second"]
-            .as_f64()
-            .ok_or_else(|| anyhow!("iperf3 reported no throughput: {out}"))?;
-        Ok(bps / 1e9)
+        iperf_gbps(&out)
     }
 
     /// `sample` on both paths, interleaved, `reps` times; pooled per path.
@@ -238,19 +234,7 @@ impl Bench<'_> {
             ])
             .ok()
             .with_context(|| format!("connect-bench {mode} over the {} path", route.name()))?;
-        let v: Value = serde_json::from_str(out.trim())?;
-        let us: Vec<f64> = v["us"]
-            .as_array()
-            .ok_or_else(|| anyhow!("connect-bench said: {out}"))?
-            .iter()
-            .filter_map(Value::as_f64)
-            .collect();
-        ensure!(
-            us.len() == count,
-            "connect-bench timed {} of {count}",
-            us.len()
-        );
-        Ok(us)
+        connect_bench_us(&out, count)
     }
 
     fn programs(&self) -> anyhow::Result<BTreeMap<String, (u64, u64)>> {
@@ -317,6 +301,32 @@ impl Bench<'_> {
         programs.insert(name.to_string(), costs);
         Ok(result)
     }
+}
+
+/// connect-bench's durations, microseconds; exactly `count` of them.
+pub(super) fn connect_bench_us(out: &str, count: usize) -> anyhow::Result<Vec<f64>> {
+    let v: Value = serde_json::from_str(out.trim())?;
+    let us: Vec<f64> = v["us"]
+        .as_array()
+        .ok_or_else(|| anyhow!("connect-bench said: {out}"))?
+        .iter()
+        .filter_map(Value::as_f64)
+        .collect();
+    ensure!(
+        us.len() == count,
+        "connect-bench timed {} of {count}",
+        us.len()
+    );
+    Ok(us)
+}
+
+/// The throughput iperf3's JSON report gives, Gbit/s.
+pub(super) fn iperf_gbps(out: &str) -> anyhow::Result<f64> {
+    let v: Value = serde_json::from_str(out)?;
+    let bps = v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .ok_or_else(|| anyhow!("iperf3 reported no throughput: {out}"))?;
+    Ok(bps / 1e9)
 }
 
 /// NetPIPE's output file: "bytes Mbps seconds" per line (one-way time).

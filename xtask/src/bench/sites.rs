@@ -10,10 +10,9 @@ use std::time::Duration;
 use anyhow::{Context as _, anyhow, ensure};
 use pvc_lab::{Lab, Site, bin, wait_until};
 use serde::Serialize;
-use serde_json::Value;
 
 use super::{
-    measure::Options,
+    measure::{Options, connect_bench_us, iperf_gbps},
     report::{Spread, Throughput, median},
 };
 
@@ -160,19 +159,7 @@ fn measure_pair(
                     count.to_string(),
                 ])
                 .ok()?;
-            let v: Value = serde_json::from_str(out.trim())?;
-            let us: Vec<f64> = v["us"]
-                .as_array()
-                .ok_or_else(|| anyhow!("connect-bench said: {out}"))?
-                .iter()
-                .filter_map(Value::as_f64)
-                .collect();
-            ensure!(
-                us.len() == count,
-                "connect-bench timed {} of {count}",
-                us.len()
-            );
-            Ok(us)
+            connect_bench_us(&out, count)
         };
     let (mut cb, mut cp, mut rb, mut rp, mut ib, mut ip) = (
         Vec::new(),
@@ -270,9 +257,5 @@ fn iperf(
         ])
         .ok()
         .with_context(|| format!("iperf3 over the {} path", if bare { "bare" } else { "PVC" }))?;
-    let v: Value = serde_json::from_str(&out)?;
-    let bps = v["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .ok_or_else(|| anyhow!("iperf3 reported no throughput: {out}"))?;
-    Ok(bps / 1e9)
+    iperf_gbps(&out)
 }
