@@ -130,27 +130,7 @@ fn each_agent_finds_out_what_kind_of_site_it_sits_in() {
 /// One connection from `client` to `server`'s virtual address: the echo's
 /// reply and how long connect() and the first exchange took, or the errno.
 fn connect_once(lab: &Lab, client: &str, server: &str, port: u16) -> serde_json::Value {
-    let dst = lab.host(server).virtual_ip;
-    let script = format!(
-        r#"
-import socket, json, time
-t = time.monotonic()
-try:
-    s = socket.create_connection(("{dst}", {port}), timeout=8)
-    s.sendall(b"hello")
-    r = s.recv(100)
-    ms = (time.monotonic() - t) * 1000
-    print(json.dumps({{"reply": r.decode(), "ms": ms, "local": s.getsockname()[0], "peer": s.getpeername()[0]}}))
-except OSError as e:
-    print(json.dumps({{"errno": e.errno, "error": str(e), "ms": (time.monotonic() - t) * 1000}}))
-"#
-    );
-    let out = lab
-        .app(client, "python3")
-        .args(["-c", &script])
-        .ok()
-        .unwrap();
-    serde_json::from_str(out.trim()).unwrap()
+    probe::timed(lab, client, lab.host(server).virtual_ip, port, true).unwrap()
 }
 
 /// Flows `host`'s agent opened with `technique` so far.
@@ -407,6 +387,30 @@ fn a_traversal_that_fails_falls_back_to_the_relay_within_two_seconds() {
         lab.agent_log("b")
     );
     assert_eq!(opened(&lab, "a", "relay"), 3);
+    // The agents' periodic check of their next hops (every 30 s) leaves
+    // the relay's local route alone, and it is the member's only route.
+    std::thread::sleep(std::time::Duration::from_secs(32));
+    fn routes(lab: &Lab, host: &str, dst: &str) -> String {
+        lab.app(host, "ip")
+            .args(["route", "show", "table", "all", "proto", "80", "root", dst])
+            .ok()
+            .unwrap()
+    }
+    for (client, server) in [("a", "b"), ("b", "a")] {
+        let vip = lab.host(server).virtual_ip.to_string();
+        let route = routes(&lab, client, &vip);
+        assert!(
+            route.trim().starts_with("local ") && route.trim().lines().count() == 1,
+            "{client}'s routes to {server} 32 s later: {route}\n{}",
+            lab.agent_log(client)
+        );
+        let later = connect_once(&lab, client, server, 7500);
+        assert_eq!(later["reply"], "echo:hello", "{later}");
+    }
+    // A stopped agent leaves no route behind, local ones included.
+    lab.stop_agent("a").unwrap();
+    let left = routes(&lab, "a", "240.0.0.0/4");
+    assert!(left.trim().is_empty(), "routes left: {left}");
     assert_eq!(lab.leaks().unwrap(), 0);
 }
 

@@ -429,7 +429,7 @@ impl Agent {
 
     /// Follows changes of the host's routing (a new gateway, a moved LAN).
     async fn refresh_next_hops(&mut self) {
-        for (vip, real) in self.core.sessions() {
+        for (vip, real) in self.core.routed_sessions() {
             match virtualization::next_hop(&self.handle, real).await {
                 Ok((now, oif)) if self.vias.get(&vip) != Some(&now) && oif == self.uplink.index => {
                     info!(%vip, "next hop of {real} is now {now}");

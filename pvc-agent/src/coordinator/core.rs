@@ -439,10 +439,13 @@ impl Core {
         out
     }
 
-    /// Members with an authenticated path: (virtual, real) address.
-    pub fn sessions(&self) -> Vec<(Ipv4Addr, Ipv4Addr)> {
+    /// Members with an authenticated path routed via the uplink: (virtual,
+    /// real) address.
+    pub fn routed_sessions(&self) -> Vec<(Ipv4Addr, Ipv4Addr)> {
         self.peers
             .iter()
+            // A relayed member's route is local: no next hop to follow.
+            .filter(|(_, p)| p.technique() != Technique::Relay)
             .filter_map(|(vip, p)| p.session.as_ref().map(|s| (*vip, s.session.peer_real)))
             .collect()
     }

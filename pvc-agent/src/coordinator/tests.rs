@@ -386,7 +386,7 @@ fn a_path_left_by_the_previous_agent_is_taken_over_and_dropped_if_never_confirme
         real: c.hosts[1].real
     }));
     assert_eq!(resent(&a.held(vb, Some(syn(1)), t)), vec![syn(1)]);
-    assert_eq!(a.sessions(), vec![(vb, c.hosts[1].real)]);
+    assert_eq!(a.routed_sessions(), vec![(vb, c.hosts[1].real)]);
     // c is never confirmed: after the grace period its entry goes, and its
     // route once no flow uses it.
     let grace = Limits::new(HANDSHAKE, LIFETIME).absence_grace;
@@ -443,7 +443,7 @@ fn a_revoked_member_is_forgotten_and_its_flows_are_cut() {
     let out = a.revocations(&Signed::sign(&list, &c.master.pair));
     assert!(out.contains(&Effect::RemovePeer(vb)));
     assert!(out.contains(&Effect::CloseFlows(vb)));
-    assert!(a.sessions().is_empty());
+    assert!(a.routed_sessions().is_empty());
     // A broker that relays the revoked record again is not believed.
     assert!(a.joined("broker", &c.info(1), t, unix_now()).is_empty());
 }
@@ -459,7 +459,7 @@ fn a_changed_record_is_authenticated_again() {
     let out = a.joined("broker", &moved, t, unix_now());
     let entry = kernel_entry(&out, vb).unwrap();
     assert_eq!((entry.state, entry.real), (PEER_MEMBER, [198, 18, 0, 99]));
-    assert!(a.sessions().is_empty());
+    assert!(a.routed_sessions().is_empty());
     assert!(matches!(
         sends(&a.held(vb, Some(syn(1)), t))[..],
         [(_, Handshake::Init(_))]

@@ -231,7 +231,12 @@ async fn remove_route_in(
         .destination_prefix(peer, 32)
         .protocol(ROUTE_PROTOCOL);
     if let Some(t) = table {
-        msg = msg.table_id(t).kind(RouteType::Local);
+        // The kernel matches the scope of a deleted route unless it is
+        // "nowhere": a local route's (host) never matches the default.
+        msg = msg
+            .table_id(t)
+            .kind(RouteType::Local)
+            .scope(RouteScope::NoWhere);
     }
     match handle.route().del(msg.build()).execute().await {
         Err(e) if !is_gone(&e) => {
