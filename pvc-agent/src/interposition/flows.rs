@@ -4,7 +4,8 @@
 use std::{collections::BTreeSet, net::Ipv4Addr, time::Duration};
 
 use pvc_common::{
-    DIRECTION_EGRESS, FlowKey, IPPROTO_ICMP, IPPROTO_TCP, Masquerade, TCP_FIN, TCP_RST, Technique,
+    DIRECTION_EGRESS, FLOW_AWAIT_SYN, FLOW_AWAIT_SYNACK, FlowKey, IPPROTO_ICMP, IPPROTO_TCP,
+    Masquerade, TCP_FIN, TCP_RST, Technique,
 };
 use serde::{Deserialize, Serialize};
 
@@ -59,10 +60,19 @@ fn proto_name(p: u8) -> String {
     }
 }
 
+/// How long an entry may wait for a traversal's handshake (the agents give
+/// a traversal 1 s before the relay takes over).
+const TRAVERSAL_LEFTOVER: Duration = Duration::from_secs(10);
+
 fn expired(k: &FlowKey, m: &Masquerade, now: u64, t: &Timeouts) -> bool {
     let idle = Duration::from_nanos(now.saturating_sub(m.last_seen_ns));
     let limit = if k.proto == IPPROTO_ICMP {
         t.icmp
+    } else if m.flags & (FLOW_AWAIT_SYN | FLOW_AWAIT_SYNACK) != 0 {
+        // A traversal the agents installed that never completed (its
+        // handshake clears the flag within a round trip): left, it would
+        // keep the member looking busy for the idle timeout.
+        TRAVERSAL_LEFTOVER
     } else if m.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
         t.closed
     } else {
@@ -186,6 +196,17 @@ mod tests {
         assert!(expired(&key(IPPROTO_TCP), &m(11, TCP_FIN), now, &t));
         assert!(expired(&key(IPPROTO_TCP), &m(11, TCP_RST), now, &t));
         assert!(expired(&key(IPPROTO_ICMP), &m(6, 0), now, &t));
+        // A traversal that never completed goes long before the idle
+        // timeout; a completed one (flag cleared) stays.
+        let waiting = |idle: u64, flags: u8| Masquerade {
+            flags,
+            ..m(idle, 0)
+        };
+        for flag in [FLOW_AWAIT_SYN, FLOW_AWAIT_SYNACK] {
+            assert!(!expired(&key(IPPROTO_TCP), &waiting(5, flag), now, &t));
+            assert!(expired(&key(IPPROTO_TCP), &waiting(11, flag), now, &t));
+        }
+        assert!(!expired(&key(IPPROTO_TCP), &waiting(11, 0), now, &t));
         // An entry touched after the agent read the clock is not expired.
         let future = Masquerade {
             last_seen_ns: now + s,
