@@ -37,6 +37,30 @@ pub fn sender_in_cgroup(ctx: &TcContext, s: &Settings) -> bool {
         || unsafe { bpf_skb_ancestor_cgroup_id(ctx.skb.skb, s.cgroup_level as i32) } == s.cgroup_id
 }
 
+/// Whether a SYN/ACK this host sends answers for the cgroup PVC serves.
+/// One sent with a SYN cookie (under a SYN flood, or with a full accept
+/// queue) has no socket, and tc cannot read a listener's cgroup: a cookie
+/// answering for a listener passes (its client's SYN passed the tag and
+/// policy checks).
+#[inline(always)]
+pub fn answer_in_cgroup(
+    ctx: &TcContext,
+    s: &Settings,
+    local: [u8; 4],
+    lport: u16,
+    remote: [u8; 4],
+    rport: u16,
+) -> bool {
+    if s.cgroup_id == 0 || from_agent(ctx) {
+        return true;
+    }
+    // SAFETY: the context's own skb, for a helper.
+    match unsafe { bpf_skb_ancestor_cgroup_id(ctx.skb.skb, s.cgroup_level as i32) } {
+        0 => tcp_state(ctx, local, lport, remote, rport) == Some(BPF_TCP_LISTEN),
+        id => id == s.cgroup_id,
+    }
+}
+
 /// The tuple a lookup takes: named as a packet arriving at the socket.
 #[inline(always)]
 fn tuple(local: [u8; 4], lport: u16, remote: [u8; 4], rport: u16) -> bpf_sock_tuple {
@@ -64,10 +88,16 @@ pub enum Use {
     Live,
 }
 
-/// How a TCP connection of this host between `local:lport` and
-/// `remote:rport` uses that tuple. A listener is not a connection.
+/// The state of the socket of this host that a packet from `remote:rport`
+/// to `local:lport` would reach: a connection's, else a listener's.
 #[inline(always)]
-pub fn tcp_use(ctx: &TcContext, local: [u8; 4], lport: u16, remote: [u8; 4], rport: u16) -> Use {
+fn tcp_state(
+    ctx: &TcContext,
+    local: [u8; 4],
+    lport: u16,
+    remote: [u8; 4],
+    rport: u16,
+) -> Option<u32> {
     let mut tuple = tuple(local, lport, remote, rport);
     // SAFETY: the context is this program's skb and the tuple lives on the
     // stack for the call; the size names its IPv4 part only.
@@ -81,13 +111,23 @@ pub fn tcp_use(ctx: &TcContext, local: [u8; 4], lport: u16, remote: [u8; 4], rpo
         )
     };
     if sk.is_null() {
-        return Use::Free;
+        return None;
     }
     // SAFETY: a non-null socket from the lookup, released exactly once below;
     // `state` is readable on every socket kind the lookup returns.
     let state = unsafe { (*sk).state };
     // SAFETY: releases the reference the lookup took, once.
     unsafe { bpf_sk_release(sk as *mut _) };
+    Some(state)
+}
+
+/// How a TCP connection of this host between `local:lport` and
+/// `remote:rport` uses that tuple. A listener is not a connection.
+#[inline(always)]
+pub fn tcp_use(ctx: &TcContext, local: [u8; 4], lport: u16, remote: [u8; 4], rport: u16) -> Use {
+    let Some(state) = tcp_state(ctx, local, lport, remote, rport) else {
+        return Use::Free;
+    };
     match state {
         // An orphaned FIN_WAIT2 also reads as TIME_WAIT (the kernel keeps it
         // as a time-wait socket): its application is done with it.

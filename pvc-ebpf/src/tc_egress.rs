@@ -139,7 +139,10 @@ fn egress_tcp(ctx: &TcContext, ip: &Ipv4, s: &Settings) -> Result<i32, DropReaso
     // The agent's own packets (held SYNs re-sent, answers it injected)
     // passed these checks when an application sent them.
     let agent = sockets::from_agent(ctx);
-    if tcp.is_syn_ack() && !agent && !sockets::sender_in_cgroup(ctx, s) {
+    if tcp.is_syn_ack()
+        && !agent
+        && !sockets::answer_in_cgroup(ctx, s, ip.saddr, tcp.sport, ip.daddr, tcp.dport)
+    {
         // A server outside the cgroup PVC serves is not on the virtual
         // network: its answer to a member's SYN becomes a refusal (the agent
         // resets both ends), so the member's connect() fails at once.

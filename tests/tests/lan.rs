@@ -259,3 +259,34 @@ fn processes_outside_the_cgroup_do_not_use_the_virtual_network() {
     let b = lab.status("b").unwrap();
     assert!(b["drops"]["outside_cgroup"].as_u64().unwrap() >= 1, "{b}");
 }
+
+/// A server whose kernel answers with SYN cookies (under a SYN flood or a
+/// full accept queue; forced here) sends its SYN/ACK without a socket: it is
+/// still the cgroup's listener answering, and the connection completes.
+#[test]
+fn a_server_answering_with_syn_cookies_is_reached() {
+    require_tools(&["python3", "sysctl"]);
+    let mut lab = Lab::lan(2).unwrap();
+    lab.start_all().unwrap();
+    let b = lab.host("b").virtual_ip;
+    lab.app("b", "sysctl")
+        .args(["-qw", "net.ipv4.tcp_syncookies=2"])
+        .ok()
+        .unwrap();
+    probe::server(&mut lab, "b", "0.0.0.0", 7000, 3).unwrap();
+    for _ in 0..3 {
+        let got = probe::client(&lab, "a", b, 7000).unwrap();
+        assert_eq!(got["reply"], "echo:hello", "{got}\n{}", lab.agent_log("b"));
+    }
+    let cookies = lab
+        .app("b", "nstat")
+        .args(["-az", "TcpExtSyncookiesSent"])
+        .ok()
+        .unwrap();
+    let sent: u64 = cookies
+        .lines()
+        .find_map(|l| l.strip_prefix("TcpExtSyncookiesSent"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    assert!(sent >= 3, "the server sent no SYN cookies: {cookies}");
+}
