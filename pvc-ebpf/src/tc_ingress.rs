@@ -4,7 +4,7 @@
 //! to its virtual address receives them.
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT},
     macros::classifier,
     programs::TcContext,
 };
@@ -110,14 +110,14 @@ fn ingress_tcp(ctx: &TcContext, ip: &Ipv4, s: &Settings) -> Result<i32, DropReas
         if flow::tag_mac(&path, tag.vsrc, s.virtual_addr, tag.vdport, tag.flags, &tcp) != tag.mac {
             return refuse(DropReason::BadTag);
         }
+        if replayed(&tag, ip, &tcp) {
+            return refuse(DropReason::Replay);
+        }
         if tag.flags & TAG_PUNCH != 0 {
             // The member's agent opened its NAT toward us for a flow our
             // agent is completing: the agent learns the port its NAT
             // picked; no socket of ours ever sees this SYN.
             return Err(flow::punch_received(ctx, ip));
-        }
-        if replayed(&tag, ip, &tcp) {
-            return refuse(DropReason::Replay);
         }
         if !allowed(s, POLICY_INBOUND, tag.vsrc, tag.vdport) {
             return refuse(DropReason::PolicyInbound);
@@ -203,14 +203,16 @@ fn replayed(tag: &Tag, ip: &Ipv4, tcp: &Tcp) -> bool {
         sport: tcp.sport,
         _pad: 0,
     };
+    // Claimed first: two copies on two CPUs cannot both see it unclaimed.
+    if REPLAY.insert(&key, &from, BPF_NOEXIST as u64).is_ok() {
+        return false;
+    }
     // SAFETY: a copy of the value, read under RCU.
     match unsafe { REPLAY.get(&key) }.copied() {
         // A retransmission of the same SYN.
         Some(seen) => seen != from,
-        None => {
-            let _ = REPLAY.insert(&key, &from, 0);
-            false
-        }
+        // Evicted meanwhile (or no room): nothing to compare with.
+        None => false,
     }
 }
 

@@ -722,3 +722,46 @@ async fn policy_is_enforced_on_syns_in_both_directions() {
         .unwrap();
     assert_eq!(host.run(INGRESS, &web).0, TC_ACT_OK);
 }
+
+/// A punch SYN tells our agent which port the member's NAT opened: a copy
+/// sent from another port (the MAC covers what NATs leave alone) must not
+/// redirect the flow.
+#[tokio::test]
+async fn a_replayed_punch_syn_is_refused() {
+    let host = Host::new();
+    // B's stack answered A's SYN; B's agent sends that answer out as a punch.
+    let answer = tcp_frame(B_R, A_R, 8080, 40000, false, &[]);
+    let mut answer = answer[14..].to_vec();
+    answer[33] |= 0x02; // SYN/ACK
+    let punch = crate::connectivity::punch::syn(
+        &answer,
+        &crate::connectivity::punch::Punch {
+            from: std::net::SocketAddrV4::new(B_R.into(), 8080),
+            to: std::net::SocketAddrV4::new(A_R.into(), 40000),
+            vsrc: B_V.into(),
+            vdst: A_V.into(),
+            vport: 40000,
+            tag_key: KEY,
+        },
+    )
+    .expect("a punch SYN");
+    let frame = |packet: &[u8]| {
+        let mut f = vec![2, 0, 0, 0, 0, 2, 2, 0, 0, 0, 0, 1, 0x08, 0x00];
+        f.extend_from_slice(packet);
+        f
+    };
+    assert_eq!(host.run(INGRESS, &frame(&punch)).0, TC_ACT_SHOT);
+    assert_eq!(host.drops(DropReason::Punch), 1);
+    // A retransmission is still the member's punch.
+    assert_eq!(host.run(INGRESS, &frame(&punch)).0, TC_ACT_SHOT);
+    assert_eq!(host.drops(DropReason::Punch), 2);
+    let mut replayed = punch.clone();
+    replayed[20..22].copy_from_slice(&9999u16.to_be_bytes());
+    assert_eq!(host.run(INGRESS, &frame(&replayed)).0, TC_ACT_SHOT);
+    assert_eq!(
+        host.drops(DropReason::Punch),
+        2,
+        "the copy reached the agent"
+    );
+    assert_eq!(host.drops(DropReason::Replay), 1);
+}
