@@ -195,10 +195,14 @@ fn egress_tcp(ctx: &TcContext, ip: &Ipv4, s: &Settings) -> Result<i32, DropReaso
             Some(m) => m,
             None => {
                 // An entry expired under a live flow: the peer's path says
-                // how to reach it, the kernel needs no agent (a traversed
-                // flow's ports are gone with its entry, though).
+                // how to reach it, the kernel needs no agent. Not when its
+                // ports are not the flow's own: a traversed flow's are gone
+                // with its entry, and a UPnP forward's port is only right
+                // for flows we opened, which a reply cannot tell apart.
                 let path = peer(ip.daddr)
-                    .filter(|p| p.state == PEER_READY && p.flags & PATH_PER_FLOW == 0)
+                    .filter(|p| {
+                        p.state == PEER_READY && p.flags & PATH_PER_FLOW == 0 && p.port == 0
+                    })
                     .ok_or(DropReason::UnknownPeer)?;
                 let m = flow::outbound(s, &path, ip.daddr, tcp.sport, tcp.dport);
                 // Not over a connection between the real addresses that

@@ -765,3 +765,29 @@ async fn a_replayed_punch_syn_is_refused() {
     );
     assert_eq!(host.drops(DropReason::Replay), 1);
 }
+
+/// An entry that expired under a live flow is rebuilt from the member's
+/// path, but a path through a UPnP forward names the forward's port, which
+/// is only right for flows we opened: the reply of a flow the member opened
+/// must not go there.
+#[tokio::test]
+async fn an_expired_flow_is_not_rebuilt_towards_a_forwarded_port() {
+    let mut host = Host::new();
+    host.maps
+        .set_peer(
+            B_V.into(),
+            PeerPath::ready(B_R, Technique::Upnp as u8, 7777, 0, KEY),
+        )
+        .unwrap();
+    // Our server's reply, no entry left: sent to port 7777 it would reach
+    // another flow of the member, or none.
+    let (verdict, out) = host.run(EGRESS, &tcp_frame(A_V, B_V, 8080, 50000, false, &[]));
+    if verdict == TC_ACT_OK {
+        assert_eq!(
+            check(&out).tcp_ports(),
+            (8080, 50000),
+            "rebuilt to the forward"
+        );
+    }
+    assert_eq!(verdict, TC_ACT_SHOT);
+}
