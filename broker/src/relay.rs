@@ -89,34 +89,54 @@ impl Relays {
     /// first if second, closed if the token was never offered.
     pub async fn join(&self, token: [u8; 16], stream: TcpStream, leftover: BytesMut) {
         let deadline = Instant::now() + OFFER_WAIT;
+        let mut stream = Some((stream, leftover));
         let first = loop {
             let notified = self.offered.notified();
-            {
+            let parked = {
                 let mut tickets = self.tickets.lock().unwrap();
-                if let Some(t) = tickets.get_mut(&token) {
-                    match t.waiting.take() {
+                match tickets.get_mut(&token) {
+                    Some(t) => match t.waiting.take() {
                         None => {
-                            t.waiting = Some((stream, leftover));
-                            return;
+                            t.waiting = stream.take();
+                            Some(t.expires)
                         }
                         Some(first) => {
                             tickets.remove(&token);
                             break first;
                         }
-                    }
+                    },
+                    None => None,
                 }
+            };
+            if let Some(expires) = parked {
+                self.close_unjoined(token, expires).await;
+                return;
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
                 debug!("a relay join with a token nobody offered: closed");
                 return;
             }
         };
+        let Some(second) = stream else { return };
         self.active.fetch_add(1, Ordering::Relaxed);
-        if let Err(e) = splice_pair(first, (stream, leftover)).await {
+        if let Err(e) = splice_pair(first, second).await {
             debug!("relay ended: {e}");
         }
         self.active.fetch_sub(1, Ordering::Relaxed);
         self.completed.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl Relays {
+    /// A parked connection whose other side never joined is closed when its
+    /// offer expires (not at the next offer, which may never come).
+    async fn close_unjoined(&self, token: [u8; 16], expires: Instant) {
+        tokio::time::sleep_until(expires).await;
+        let mut tickets = self.tickets.lock().unwrap();
+        if tickets.get(&token).is_some_and(|t| t.waiting.is_some()) {
+            tickets.remove(&token);
+            debug!("a relay's other side never joined: closed");
+        }
     }
 }
 
@@ -138,4 +158,32 @@ async fn splice_pair(
         })?;
     debug!(ab, ba, "relayed flow closed");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::{io::AsyncReadExt as _, net::TcpListener};
+
+    #[tokio::test(start_paused = true)]
+    async fn a_half_joined_relay_is_closed_when_its_offer_expires() {
+        let relays = std::sync::Arc::new(Relays::default());
+        let cluster = ClusterId([7; 16]);
+        relays
+            .offer(cluster, Ipv4Addr::new(240, 0, 0, 1), [1; 16])
+            .unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut agent = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (parked, _) = listener.accept().await.unwrap();
+        let r = relays.clone();
+        tokio::spawn(async move { r.join([1; 16], parked, BytesMut::new()).await });
+        let mut buf = [0u8; 1];
+        let read = tokio::time::timeout(TICKET_LIFETIME * 3, agent.read(&mut buf))
+            .await
+            .expect("the parked connection is closed when its offer expires");
+        assert_eq!(read.unwrap(), 0);
+        assert!(relays.tickets.lock().unwrap().is_empty());
+    }
 }
