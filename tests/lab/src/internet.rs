@@ -115,14 +115,17 @@ impl Lab {
         self.add_ns(&inet)?;
         sysctl(&inet, "net.ipv4.ip_forward=1")?;
         // Leaks: a private source or destination, or a virtual address,
-        // crossing the core. The core has no route to the private space, so
-        // such packets cannot go anywhere anyway: count them.
-        ipt(&inet, &["-N", LEAK_CHAIN])?;
-        ipt(&inet, &["-A", "FORWARD", "-j", LEAK_CHAIN])?;
-        ipt(&inet, &["-A", "INPUT", "-j", LEAK_CHAIN])?;
+        // reaching the core. The core has no route to the private space, so
+        // such packets cannot go anywhere anyway: count them, before routing
+        // drops those it has no route for.
+        ipt(&inet, &["-t", "raw", "-N", LEAK_CHAIN])?;
+        ipt(&inet, &["-t", "raw", "-A", "PREROUTING", "-j", LEAK_CHAIN])?;
         for dir in ["-s", "-d"] {
             for net in ["198.18.0.0/16", "240.0.0.0/4"] {
-                ipt(&inet, &["-A", LEAK_CHAIN, dir, net, "-j", "DROP"])?;
+                ipt(
+                    &inet,
+                    &["-t", "raw", "-A", LEAK_CHAIN, dir, net, "-j", "DROP"],
+                )?;
             }
         }
         self.internet = Some(Internet {
@@ -453,7 +456,7 @@ impl Lab {
     /// virtual address: leaks. Must stay 0.
     pub fn leaks(&self) -> anyhow::Result<u64> {
         let out = Self::command_in(self.inet_ns(), None, "iptables")?
-            .args(["-L", LEAK_CHAIN, "-v", "-n", "-x"])
+            .args(["-t", "raw", "-L", LEAK_CHAIN, "-v", "-n", "-x"])
             .ok()?;
         Ok(out
             .lines()
