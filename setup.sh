@@ -3,7 +3,8 @@
 # Rust compiler that has a prebuilt `core` for the BPF target, LLVM 22 and
 # bpf-linker (to link the eBPF object), bpftool, the programs the tests, the
 # demo and the benchmark run (NetPIPE, iperf3, a font for the plots; the
-# simulated Internet's NATs and firewalls, a real miniupnpd and its client),
+# simulated Internet's NATs and firewalls, a real miniupnpd and its client,
+# Prometheus to scrape the lab's metrics),
 # and cargo-fuzz. Safe to run again: it only adds what is missing.
 set -eu
 
@@ -13,7 +14,7 @@ if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 PACKAGES="rustc-web libstd-rust-web-dev-bpf llvm-22-dev libbpf-dev bpftool
   iproute2 iputils-ping ethtool tcpdump iperf3 socat netcat-openbsd curl python3 systemd
   netpipe-tcp fonts-dejavu-core ca-certificates
-  iptables nftables conntrack miniupnpd miniupnpd-nftables miniupnpc"
+  iptables nftables conntrack miniupnpd miniupnpd-nftables miniupnpc prometheus"
 
 missing=""
 for p in $PACKAGES; do

@@ -9,6 +9,7 @@
 //! It never sees data-path traffic of a direct path, so killing it does not
 //! break established flows.
 
+pub mod metrics;
 mod relay;
 mod store;
 
@@ -142,6 +143,7 @@ pub struct Broker {
     store: Option<Store>,
     next_id: AtomicU64,
     relays: relay::Relays,
+    metrics: metrics::BrokerMetrics,
 }
 
 impl Broker {
@@ -153,6 +155,7 @@ impl Broker {
             store: None,
             next_id: AtomicU64::new(1),
             relays: relay::Relays::default(),
+            metrics: Default::default(),
         })
     }
 
@@ -175,6 +178,7 @@ impl Broker {
             store: Some(store),
             next_id: AtomicU64::new(1),
             relays: relay::Relays::default(),
+            metrics: Default::default(),
         }))
     }
 
@@ -231,22 +235,25 @@ impl Broker {
                     "expected Register, Publish or RelayJoin first, got {}",
                     kind(&other)
                 );
-                refuse(&mut framed, peer, ErrorCode::NotRegistered, msg).await;
+                self.refuse(&mut framed, peer, ErrorCode::NotRegistered, msg)
+                    .await;
                 return;
             }
             Ok(Some(Err(e))) => {
-                refuse(&mut framed, peer, e.code(), e.to_string()).await;
+                self.refuse(&mut framed, peer, e.code(), e.to_string())
+                    .await;
                 return;
             }
             Ok(None) => return,
             Err(_) => {
                 let msg = "no Register within the time limit".into();
-                refuse(&mut framed, peer, ErrorCode::Timeout, msg).await;
+                self.refuse(&mut framed, peer, ErrorCode::Timeout, msg)
+                    .await;
                 return;
             }
         };
         if let Err(e) = registration.validate(unix_now()) {
-            refuse(
+            self.refuse(
                 &mut framed,
                 peer,
                 ErrorCode::InvalidRegistration,
@@ -263,7 +270,8 @@ impl Broker {
                 Some(ip) => std::net::SocketAddrV4::new(ip, v6.port()),
                 None => {
                     let msg = "agents connect over IPv4".into();
-                    refuse(&mut framed, peer, ErrorCode::InvalidRegistration, msg).await;
+                    self.refuse(&mut framed, peer, ErrorCode::InvalidRegistration, msg)
+                        .await;
                     return;
                 }
             },
@@ -271,7 +279,7 @@ impl Broker {
         let welcome = match self.admit(&registration, id, observed, tx.clone()) {
             Ok(w) => w,
             Err((code, message)) => {
-                refuse(&mut framed, peer, code, message).await;
+                self.refuse(&mut framed, peer, code, message).await;
                 return;
             }
         };
@@ -354,11 +362,11 @@ impl Broker {
                         }
                         Some(Ok(other)) => {
                             let msg = format!("{} is not allowed in a registered session", kind(&other));
-                            refuse(framed, peer, ErrorCode::NotRegistered, msg).await;
+                            self.refuse(framed, peer, ErrorCode::NotRegistered, msg).await;
                             return ("protocol violation", false);
                         }
                         Some(Err(e)) => {
-                            refuse(framed, peer, e.code(), e.to_string()).await;
+                            self.refuse(framed, peer, e.code(), e.to_string()).await;
                             return ("bad frame", false);
                         }
                         None => return ("agent closed the session", false),
@@ -378,7 +386,7 @@ impl Broker {
                     None => return ("agent too slow", false),
                 },
                 _ = tokio::time::sleep_until(deadline) => {
-                    refuse(framed, peer, ErrorCode::Timeout, "no ping for too long".into()).await;
+                    self.refuse(framed, peer, ErrorCode::Timeout, "no ping for too long".into()).await;
                     return ("idle timeout", false);
                 }
             }
@@ -457,16 +465,17 @@ impl Broker {
         }
         let mut state = self.state.lock().unwrap();
         let target = state.clusters.get_mut(cluster)?.sessions.get(&to);
-        match target {
-            Some(s)
-                if s.tx
-                    .try_send(BrokerMessage::Relayed { from, payload })
-                    .is_ok() =>
-            {
-                None
-            }
-            _ => Some(BrokerMessage::Undeliverable { to }),
-        }
+        let delivered = target.is_some_and(|s| {
+            s.tx.try_send(BrokerMessage::Relayed { from, payload })
+                .is_ok()
+        });
+        let outcome = if delivered {
+            "delivered"
+        } else {
+            "undeliverable"
+        };
+        self.metrics.messages.with_label_values(&[outcome]).inc();
+        (!delivered).then_some(BrokerMessage::Undeliverable { to })
     }
 
     /// A member tells what it found out about its network: the others learn
@@ -491,14 +500,6 @@ impl Broker {
             return Err("the other member has no session on this broker");
         }
         self.relays.offer(*cluster, me, token)
-    }
-
-    /// Relayed flows running now, and ended since the start.
-    pub fn relay_counts(&self) -> (u64, u64) {
-        (
-            self.relays.active.load(Ordering::Relaxed),
-            self.relays.completed.load(Ordering::Relaxed),
-        )
     }
 
     fn site(&self, cluster: &ClusterId, vip: Ipv4Addr, site: pvc_proto::SiteInfo) {
@@ -558,7 +559,8 @@ impl Broker {
                     }
                 }
                 Err(message) => {
-                    refuse(framed, peer, ErrorCode::BadPublication, message).await;
+                    self.refuse(framed, peer, ErrorCode::BadPublication, message)
+                        .await;
                     return;
                 }
             }
@@ -566,11 +568,12 @@ impl Broker {
                 Ok(Some(Ok(AgentMessage::Publish(p)))) => Some(p),
                 Ok(Some(Ok(other))) => {
                     let msg = format!("a master session only publishes, got {}", kind(&other));
-                    refuse(framed, peer, ErrorCode::NotRegistered, msg).await;
+                    self.refuse(framed, peer, ErrorCode::NotRegistered, msg)
+                        .await;
                     None
                 }
                 Ok(Some(Err(e))) => {
-                    refuse(framed, peer, e.code(), e.to_string()).await;
+                    self.refuse(framed, peer, e.code(), e.to_string()).await;
                     None
                 }
                 _ => None,
@@ -751,16 +754,23 @@ fn drop_slow(cluster: &mut Cluster, mut slow: Vec<Ipv4Addr>) {
     }
 }
 
-async fn refuse(
-    framed: &mut Framed<TcpStream, BrokerCodec>,
-    peer: SocketAddr,
-    code: ErrorCode,
-    message: String,
-) {
-    warn!(%peer, ?code, "closing session: {message}");
-    let _ = timeout(
-        Duration::from_secs(2),
-        framed.send(BrokerMessage::Error { code, message }),
-    )
-    .await;
+impl Broker {
+    async fn refuse(
+        &self,
+        framed: &mut Framed<TcpStream, BrokerCodec>,
+        peer: SocketAddr,
+        code: ErrorCode,
+        message: String,
+    ) {
+        self.metrics
+            .refusals
+            .with_label_values(&[&metrics::reason(code)])
+            .inc();
+        warn!(%peer, ?code, "closing session: {message}");
+        let _ = timeout(
+            Duration::from_secs(2),
+            framed.send(BrokerMessage::Error { code, message }),
+        )
+        .await;
+    }
 }

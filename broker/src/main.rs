@@ -22,7 +22,13 @@ struct Args {
     /// across restarts (default: memory only).
     #[arg(long)]
     state: Option<std::path::PathBuf>,
+    /// Where Prometheus metrics are served (`GET /metrics`); "" serves none.
+    #[arg(long, default_value_t = format!("127.0.0.1:{DEFAULT_METRICS_PORT}"))]
+    metrics_listen: String,
 }
+
+/// Loopback: the metrics name clusters and their load; expose them on purpose.
+const DEFAULT_METRICS_PORT: u16 = 9598;
 
 #[tokio::main]
 async fn main() {
@@ -55,10 +61,33 @@ async fn run() -> anyhow::Result<()> {
             args.listen
         )
     })?;
+    let metrics = if args.metrics_listen.is_empty() {
+        None
+    } else {
+        let addr: SocketAddr = args.metrics_listen.parse().with_context(|| {
+            format!(
+                "--metrics-listen {:?}: not an address:port (or \"\" for no metrics)",
+                args.metrics_listen
+            )
+        })?;
+        let listener = pvc_proto::metrics::bind(addr).await?;
+        let b = broker.clone();
+        info!(%addr, "serving Prometheus metrics at /metrics");
+        Some(tokio::spawn(pvc_proto::metrics::serve(
+            listener,
+            move || {
+                let b = b.clone();
+                async move { b.render_metrics() }
+            },
+        )))
+    };
     info!(listen = %args.listen, name, "broker ready");
     tokio::select! {
         r = broker.serve(listener) => r.context("accepting agents failed")?,
         _ = shutdown() => info!("broker stopping"),
+    }
+    if let Some(m) = metrics {
+        m.abort();
     }
     Ok(())
 }

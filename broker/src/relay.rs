@@ -44,6 +44,8 @@ pub struct Relays {
     offered: Notify,
     pub active: AtomicU64,
     pub completed: AtomicU64,
+    /// Bytes moved by relayed flows that ended, both directions.
+    pub bytes: AtomicU64,
 }
 
 impl Relays {
@@ -119,8 +121,11 @@ impl Relays {
         };
         let Some(second) = stream else { return };
         self.active.fetch_add(1, Ordering::Relaxed);
-        if let Err(e) = splice_pair(first, second).await {
-            debug!("relay ended: {e}");
+        match splice_pair(first, second).await {
+            Ok(moved) => {
+                self.bytes.fetch_add(moved, Ordering::Relaxed);
+            }
+            Err(e) => debug!("relay ended: {e}"),
         }
         self.active.fetch_sub(1, Ordering::Relaxed);
         self.completed.fetch_add(1, Ordering::Relaxed);
@@ -143,7 +148,7 @@ impl Relays {
 async fn splice_pair(
     (mut a, a_rest): (TcpStream, BytesMut),
     (mut b, b_rest): (TcpStream, BytesMut),
-) -> std::io::Result<()> {
+) -> std::io::Result<u64> {
     // What each side sent right after its join frame was read with it.
     if !a_rest.is_empty() {
         b.write_all(&a_rest).await?;
@@ -157,7 +162,7 @@ async fn splice_pair(
             warn!("a relayed flow broke: {e}");
         })?;
     debug!(ab, ba, "relayed flow closed");
-    Ok(())
+    Ok((a_rest.len() + b_rest.len()) as u64 + ab + ba)
 }
 
 #[cfg(test)]

@@ -47,12 +47,63 @@ pub struct Config {
     pub security: Security,
     #[serde(default)]
     pub connectivity: Connectivity,
+    #[serde(default)]
+    pub metrics: Metrics,
     #[serde(default = "default_run_dir")]
     pub run_dir: PathBuf,
     /// Where the agent keeps what must outlive it (the record of its UPnP
     /// forward, removed by the next start after a crash).
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
+}
+
+/// The Prometheus endpoint.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Metrics {
+    /// Where `GET /metrics` is served; "" serves nothing.
+    #[serde(
+        default = "default_metrics_listen",
+        deserialize_with = "optional_address"
+    )]
+    pub listen: Option<std::net::SocketAddr>,
+    /// Have the kernel count each eBPF program's runs and run time while the
+    /// agent runs (BPF_ENABLE_STATS). Costs two clock reads per program run
+    /// (tens of ns per packet): for measuring, not for always.
+    #[serde(default)]
+    pub program_stats: bool,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            listen: default_metrics_listen(),
+            program_stats: false,
+        }
+    }
+}
+
+/// Loopback: metrics say who talks to whom; expose them on purpose.
+pub const DEFAULT_METRICS_PORT: u16 = 9597;
+fn default_metrics_listen() -> Option<std::net::SocketAddr> {
+    Some(std::net::SocketAddr::from((
+        Ipv4Addr::LOCALHOST,
+        DEFAULT_METRICS_PORT,
+    )))
+}
+
+fn optional_address<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<std::net::SocketAddr>, D::Error> {
+    let s = String::deserialize(d)?;
+    if s.is_empty() {
+        return Ok(None);
+    }
+    s.parse().map(Some).map_err(|_| {
+        serde::de::Error::custom(format!(
+            "{s:?} is not an address:port (e.g. \"127.0.0.1:{DEFAULT_METRICS_PORT}\"), or \"\" for no metrics"
+        ))
+    })
 }
 
 /// How this agent reaches members behind NATs and firewalls.

@@ -23,6 +23,8 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use tokio_util::codec::{Decoder, Encoder};
 
 pub mod handshake;
+#[cfg(feature = "metrics")]
+pub mod metrics;
 pub mod records;
 mod registration;
 pub mod relay;

@@ -310,7 +310,8 @@ impl Agent {
                 technique,
             } => {
                 if outbound && technique.is_some_and(|t| t.per_flow()) {
-                    self.core.traversed(*remote.ip(), local.port());
+                    self.core
+                        .traversed(*remote.ip(), local.port(), Instant::now());
                 }
                 let technique = technique.map_or("unknown", |t| t.name());
                 *self.flows_opened.entry(technique.to_string()).or_default() += 1;

@@ -148,6 +148,8 @@ pub(super) struct Peer {
     pub relay_since: Option<Instant>,
     /// When a refused tag last made us authenticate the path again.
     pub reauthenticated_at: Option<Instant>,
+    /// When the authentication under way (or the last one) started.
+    pub auth_started: Option<Instant>,
 }
 
 impl Peer {
@@ -165,6 +167,7 @@ impl Peer {
             last_via: None,
             relay_since: None,
             reauthenticated_at: None,
+            auth_started: None,
         }
     }
 
@@ -233,6 +236,8 @@ pub struct Core {
     pub(super) site: pvc_proto::SiteInfo,
     /// Traversals of single flows under way, by id.
     pub(super) flows: HashMap<u64, super::traversal::Flow>,
+    /// Handshakes and connection set-up times, for the metrics.
+    pub metrics: super::metrics::CoreMetrics,
 }
 
 impl Core {
@@ -254,6 +259,7 @@ impl Core {
             counters: BTreeMap::new(),
             site: Default::default(),
             flows: HashMap::new(),
+            metrics: Default::default(),
         }
     }
 
@@ -482,6 +488,7 @@ impl Core {
         if let Some((id, e)) = exchange {
             self.exchanges.insert(id, vip);
             p.exchange = Some((id, e, now));
+            p.auth_started.get_or_insert(now);
         }
     }
 

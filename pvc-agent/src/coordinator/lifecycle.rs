@@ -22,6 +22,7 @@ use super::{
     broker::{self, BrokerEvent, Identity as Registration, Outgoing},
     claim,
     core::{Core, Identity, Limits},
+    metrics::{CoreMetrics, Metrics},
     status,
 };
 use crate::{
@@ -118,11 +119,18 @@ pub(super) struct Tasks {
     leave: CancellationToken,
     pub query_rx: mpsc::Receiver<Query>,
     pub control: JoinHandle<anyhow::Result<()>>,
+    metrics: Option<JoinHandle<()>>,
+    /// Held while the kernel counts program statistics for us.
+    _program_stats: Option<std::os::fd::OwnedFd>,
     pub term: tokio::signal::unix::Signal,
 }
 
 impl Tasks {
-    fn start(config: &Config, registration: Registration) -> anyhow::Result<Self> {
+    fn start(
+        config: &Config,
+        registration: Registration,
+        core_metrics: &CoreMetrics,
+    ) -> anyhow::Result<Self> {
         let (event_tx, broker_rx) = mpsc::channel(256);
         let (outgoing, outgoing_rx) = mpsc::channel(256);
         let leave = CancellationToken::new();
@@ -134,6 +142,38 @@ impl Tasks {
             leave.clone(),
         ));
         let (query_tx, query_rx) = mpsc::channel::<Query>(16);
+        let program_stats = if config.metrics.program_stats {
+            let fd = aya::sys::enable_stats(aya::sys::Stats::RunTime).context(
+                "metrics.program_stats: the kernel refused to count program statistics \
+                 (BPF_ENABLE_STATS needs Linux >= 5.8 and CAP_SYS_ADMIN)",
+            )?;
+            info!("the kernel counts eBPF program runs and run time while the agent runs");
+            Some(fd)
+        } else {
+            None
+        };
+        let metrics = match config.metrics.listen {
+            Some(addr) => {
+                let listener = std::net::TcpListener::bind(addr)
+                    .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                    .and_then(tokio::net::TcpListener::from_std)
+                    .with_context(|| {
+                        format!(
+                            "cannot serve metrics on {addr}: set metrics.listen to a free \
+                             address (another instance on this host?), or \"\" to serve none"
+                        )
+                    })?;
+                info!(%addr, "serving Prometheus metrics at /metrics");
+                let render = scrape(
+                    query_tx.clone(),
+                    Arc::new(Metrics::new(core_metrics)),
+                    config.broker_addresses(),
+                    program_stats.is_some(),
+                );
+                Some(tokio::spawn(pvc_proto::metrics::serve(listener, render)))
+            }
+            None => None,
+        };
         let control = tokio::spawn(control::serve(config.control_socket(), query_tx));
         let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         Ok(Self {
@@ -143,6 +183,8 @@ impl Tasks {
             leave,
             query_rx,
             control,
+            metrics,
+            _program_stats: program_stats,
             term,
         })
     }
@@ -158,6 +200,40 @@ impl Tasks {
             self.brokers.abort();
         }
         self.control.abort();
+        if let Some(m) = self.metrics {
+            m.abort();
+        }
+    }
+}
+
+/// One scrape: the agent's status at this moment, as metrics.
+fn scrape(
+    query: mpsc::Sender<Query>,
+    metrics: Arc<Metrics>,
+    brokers: Vec<String>,
+    stats_held: bool,
+) -> impl Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = String> + Send>>
++ Clone
++ Send
++ Sync
++ 'static {
+    move || {
+        let (query, metrics, brokers) = (query.clone(), metrics.clone(), brokers.clone());
+        Box::pin(async move {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            if query.send((Request::Status, tx)).await.is_err() {
+                return "# the agent is stopping\n".into();
+            }
+            match rx.await {
+                Ok(status) => {
+                    let stats = stats_held
+                        || std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled")
+                            .is_ok_and(|v| v.trim() == "1");
+                    metrics.render(&status, &brokers, stats)
+                }
+                Err(_) => "# the agent is stopping\n".into(),
+            }
+        })
     }
 }
 
@@ -190,7 +266,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         software: format!("pvc-agent {}", env!("CARGO_PKG_VERSION")),
         port: Some(config.connectivity.port),
     };
-    let mut tasks = Tasks::start(&config, registration)?;
+    let core_metrics = CoreMetrics::default();
+    let mut tasks = Tasks::start(&config, registration, &core_metrics)?;
     let welcome = if interposition::has_pins(&config.pin_dir()) {
         info!(pins = %config.pin_dir().display(), "taking over the data path a previous agent left");
         None
@@ -239,7 +316,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     };
     let events = datapath.take_events().expect("events are taken once");
     let cgroup = host.cgroup.clone();
-    let core = Core::new(
+    let mut core = Core::new(
         Identity {
             name: config.name.clone(),
             virtual_ip: config.virtual_ip,
@@ -255,6 +332,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         trust,
         host.local_policy,
     );
+    core.metrics = core_metrics;
     let config_port = config.connectivity.port;
     let local_addrs: Vec<Ipv4Addr> = host.uplink.networks.iter().map(|n| n.address).collect();
     let mut agent = Agent {

@@ -17,6 +17,7 @@ mod claim;
 pub mod core;
 mod lifecycle;
 mod members;
+pub mod metrics;
 mod paths;
 pub mod relay;
 mod site;

@@ -310,6 +310,14 @@ impl Core {
             since: now,
         });
         p.failed_at = None;
+        if let Some(started) = p.auth_started.take() {
+            let took = now.saturating_duration_since(started);
+            self.metrics.handshake(true, took);
+            if !p.held.is_empty() && !p.technique().per_flow() {
+                // The held SYNs go out now (traversals report their own).
+                self.metrics.connection_setup(p.technique().name(), took);
+            }
+        }
         if p.relay_since.is_some() && !self.relayed.contains(&vip) {
             // A new exchange (an agent restarted, a session renewed) with
             // no relayed flow running: both ends try the direct technique
@@ -352,6 +360,10 @@ impl Core {
         let had_exchange = p.exchange.is_some();
         if let Some((id, _, _)) = p.exchange.take() {
             self.exchanges.remove(&id);
+        }
+        if let Some(started) = p.auth_started.take() {
+            self.metrics
+                .handshake(false, now.saturating_duration_since(started));
         }
         if had_exchange || !p.held.is_empty() {
             warn!(name = p.member.name, %peer, "could not authenticate the path to the member: {why}");

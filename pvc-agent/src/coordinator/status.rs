@@ -121,3 +121,37 @@ impl Agent {
         s
     }
 }
+
+/// An empty status, for tests of what reads one.
+#[cfg(test)]
+pub(super) fn base_for_tests() -> Status {
+    let any = Ipv4Addr::UNSPECIFIED;
+    Status {
+        state: control::STATE_RUNNING.into(),
+        instance: "test".into(),
+        cluster: String::new(),
+        host_key: String::new(),
+        name: "test".into(),
+        virtual_ip: any,
+        uplink: "eth0".into(),
+        real_ip: any,
+        advertised: Vec::new(),
+        broker: None,
+        brokers: Vec::new(),
+        site: Default::default(),
+        broker_refusal: None,
+        takeover: false,
+        admitted: false,
+        revocations_version: 0,
+        policy_version: 0,
+        peers: Vec::new(),
+        flows: Vec::new(),
+        relayed: Vec::new(),
+        flow_capacity: 0,
+        flows_opened: BTreeMap::new(),
+        agent_counters: BTreeMap::new(),
+        drops: BTreeMap::new(),
+        traffic: Default::default(),
+        programs: BTreeMap::new(),
+    }
+}

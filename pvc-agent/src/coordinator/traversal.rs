@@ -418,9 +418,16 @@ impl Core {
 
     /// Our kernel saw the member's SYN/ACK for a flow we opened with a
     /// traversal: it is done (Traversing-TCP has no other sign of it).
-    pub fn traversed(&mut self, peer: Ipv4Addr, sport: u16) {
+    pub fn traversed(&mut self, peer: Ipv4Addr, sport: u16, now: Instant) {
+        let metrics = &self.metrics;
         self.flows.retain(|_, f| {
-            !(f.peer == peer && matches!(f.side, Side::Client { sport: s, .. } if s == sport))
+            let done =
+                f.peer == peer && matches!(f.side, Side::Client { sport: s, .. } if s == sport);
+            if done {
+                metrics
+                    .connection_setup(f.technique.name(), now.saturating_duration_since(f.since));
+            }
+            !done
         });
     }
 

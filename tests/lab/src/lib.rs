@@ -31,6 +31,10 @@ use serde_json::Value;
 
 pub const BROKER_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 254);
 pub const BROKER_PORT: u16 = 7100;
+/// Where the lab's agents and brokers serve their metrics (on their own
+/// addresses, for a Prometheus in another namespace to scrape).
+pub const AGENT_METRICS_PORT: u16 = 9597;
+pub const BROKER_METRICS_PORT: u16 = 9598;
 
 static LABS: AtomicU32 = AtomicU32::new(0);
 
@@ -390,7 +394,8 @@ state_dir = "{dir}"
 uplink = "eth0"
 cgroup = "{cgroup}"
 max_flows = 4096
-{extra}"#,
+{extra}
+{metrics}"#,
             instance = h.instance,
             master_key = self.master_key,
             key_file = h.key_file.display(),
@@ -399,6 +404,13 @@ max_flows = 4096
             dir = self.dir.display(),
             cgroup = h.cgroup.display(),
             brokers = self.broker_list(),
+            // On the host's own address (unless the test says otherwise),
+            // for a Prometheus in another namespace.
+            metrics = if extra.contains("[metrics]") {
+                String::new()
+            } else {
+                format!("[metrics]\nlisten = \"{}:{AGENT_METRICS_PORT}\"\n", h.real)
+            },
         );
         fs::write(&h.config, text)?;
         Ok(())
@@ -510,6 +522,13 @@ max_flows = 4096
         Ok(Spawned { pid, log })
     }
 
+    /// A long-running program in the (first) broker's namespace, which
+    /// reaches every host of the lab; killed with the lab.
+    pub fn spawn_beside_broker(&mut self, program: &str, args: &[&str]) -> anyhow::Result<Spawned> {
+        let p = self.in_broker_netns(program);
+        self.spawn_prepared(p, "broker-ns", program, args)
+    }
+
     /// Waits for a spawned program to exit; returns its output.
     pub fn wait(&mut self, s: &Spawned, limit: Duration) -> anyhow::Result<String> {
         let child = self
@@ -550,7 +569,11 @@ max_flows = 4096
         // Its state file keeps what the master published across a restart.
         p.cmd
             .args(["--listen", &format!("{}:{port}", b.addr), "--state"])
-            .arg(self.dir.join(Self::broker_file(i, "redb")));
+            .arg(self.dir.join(Self::broker_file(i, "redb")))
+            .args([
+                "--metrics-listen",
+                &format!("{}:{BROKER_METRICS_PORT}", b.addr),
+            ]);
         let child = p.spawn_logged(&self.dir.join(Self::broker_file(i, "log")))?;
         self.brokers[i].child = Some(child);
         self.wait_port(&self.brokers[i].netns.clone(), port)
@@ -622,7 +645,8 @@ max_flows = 4096
         let mut p = Self::command_in(&self.brokers[0].netns, None, bin("pvc-broker"))?;
         p.cmd
             .args(["--listen", &format!("{BROKER_IP}:{port}"), "--state"])
-            .arg(self.dir.join(format!("broker-{port}.redb")));
+            .arg(self.dir.join(format!("broker-{port}.redb")))
+            .args(["--metrics-listen", ""]);
         let child = p.spawn_logged(&self.dir.join(format!("broker-{port}.log")))?;
         let pid = child.id();
         self.children.push(child);

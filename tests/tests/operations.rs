@@ -1,0 +1,231 @@
+//! What operators run PVC with: Prometheus metrics from agents and brokers,
+//! read by a real Prometheus, and the Grafana dashboard's queries.
+
+use std::time::Duration;
+
+use pvc_lab::{AGENT_METRICS_PORT, BROKER_IP, BROKER_METRICS_PORT, Lab, probe, require_tools};
+use serde_json::Value;
+
+const DASHBOARD: &str = include_str!("../../deploy/grafana/pvc-dashboard.json");
+const PROMETHEUS: &str = "127.0.0.1:9090";
+
+/// A PromQL query through Prometheus' HTTP API, from the broker's namespace.
+fn query(lab: &Lab, expr: &str) -> Value {
+    let out = lab
+        .in_broker_netns("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "5",
+            "-G",
+            &format!("http://{PROMETHEUS}/api/v1/query"),
+            "--data-urlencode",
+            &format!("query={expr}"),
+        ])
+        .ok()
+        .unwrap_or_default();
+    serde_json::from_str(&out).unwrap_or(Value::Null)
+}
+
+fn series(v: &Value) -> usize {
+    v["data"]["result"].as_array().map_or(0, Vec::len)
+}
+
+/// The dashboard's variables, as Grafana would fill them in.
+fn substitute(expr: &str) -> String {
+    expr.replace("$__rate_interval", "15s")
+        .replace("$instance", ".*")
+        .replace("$floor_ns", "62")
+}
+
+fn dashboard_queries(d: &Value) -> Vec<(String, String)> {
+    d["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| {
+            let title = p["title"].as_str().unwrap_or("").to_string();
+            p["targets"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .map(move |t| (title.clone(), t["expr"].as_str().unwrap().to_string()))
+        })
+        .collect()
+}
+
+#[test]
+fn the_dashboard_is_importable_with_unique_ids_and_a_data_source_variable() {
+    let d: Value = serde_json::from_str(DASHBOARD).expect("the dashboard is JSON");
+    let panels = d["panels"].as_array().unwrap();
+    let mut ids: Vec<u64> = panels.iter().map(|p| p["id"].as_u64().unwrap()).collect();
+    let n = ids.len();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), n, "panel ids repeat");
+    let vars = d["templating"]["list"].as_array().unwrap();
+    let ds = vars
+        .iter()
+        .find(|v| v["type"] == "datasource")
+        .expect("a data-source variable");
+    assert_eq!(ds["query"], "prometheus");
+    let name = ds["name"].as_str().unwrap();
+    for p in panels.iter().filter(|p| p["type"] != "row") {
+        assert_eq!(
+            p["datasource"]["uid"],
+            format!("${{{name}}}"),
+            "panel {} does not use the data-source variable",
+            p["title"]
+        );
+        assert!(
+            !p["targets"].as_array().unwrap().is_empty(),
+            "panel {} has no query",
+            p["title"]
+        );
+    }
+    assert!(
+        d.get("__inputs")
+            .is_some_and(|i| i.as_array().unwrap().is_empty())
+    );
+}
+
+#[test]
+fn prometheus_scrapes_agents_and_brokers_and_every_dashboard_query_returns_data() {
+    require_tools(&["prometheus", "curl", "python3"]);
+    let mut lab = Lab::lan(3).unwrap();
+    for i in 0..3 {
+        let real = lab.hosts[i].real;
+        lab.write_config(
+            i,
+            &format!("[metrics]\nlisten = \"{real}:{AGENT_METRICS_PORT}\"\nprogram_stats = true\n"),
+        )
+        .unwrap();
+    }
+    lab.start_all().unwrap();
+
+    let config = lab.dir.join("prometheus.yml");
+    let agents: Vec<String> = lab
+        .hosts
+        .iter()
+        .map(|h| format!("\"{}:{AGENT_METRICS_PORT}\"", h.real))
+        .collect();
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: pvc-agent\n    \
+             static_configs:\n      - targets: [{}]\n  - job_name: pvc-broker\n    \
+             static_configs:\n      - targets: [\"{BROKER_IP}:{BROKER_METRICS_PORT}\"]\n",
+            agents.join(", ")
+        ),
+    )
+    .unwrap();
+    let tsdb = lab.dir.join("tsdb");
+    lab.spawn_beside_broker(
+        "prometheus",
+        &[
+            &format!("--config.file={}", config.display()),
+            &format!("--storage.tsdb.path={}", tsdb.display()),
+            &format!("--web.listen-address={PROMETHEUS}"),
+        ],
+    )
+    .unwrap();
+
+    // Traffic for every panel: connections among the members (handshakes
+    // through the broker, flows, set-up times), and a session the broker
+    // refuses.
+    for (server, _) in [("a", 0), ("b", 1), ("c", 2)] {
+        probe::server(&mut lab, server, "0.0.0.0", 7300, 100).unwrap();
+    }
+    let traffic = |lab: &Lab| {
+        for (client, server) in [("a", "b"), ("b", "c"), ("c", "a")] {
+            let dst = lab.host(server).virtual_ip;
+            let got = probe::client(lab, client, dst, 7300).unwrap();
+            assert_eq!(got["reply"], "echo:hello", "{got}");
+        }
+    };
+    traffic(&lab);
+    let garbage = lab
+        .in_broker_netns("python3")
+        .args([
+            "-c",
+            &format!(
+                "import socket; s=socket.create_connection(('{BROKER_IP}', {})); \
+                 s.sendall(b'\\xff'*64); s.settimeout(3)\ntry: s.recv(100)\nexcept Exception: pass",
+                pvc_lab::BROKER_PORT
+            ),
+        ])
+        .output()
+        .unwrap();
+    assert!(garbage.status.success(), "{garbage:?}");
+
+    pvc_lab::wait_until(
+        Duration::from_secs(30),
+        "Prometheus to scrape 4 targets",
+        || {
+            let up = query(&lab, "up == 1");
+            (series(&up) == 4).then_some(())
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}: {}", query(&lab, "up")));
+    // Enough samples for rates over the dashboard's windows.
+    for _ in 0..4 {
+        std::thread::sleep(Duration::from_secs(2));
+        traffic(&lab);
+    }
+
+    let d: Value = serde_json::from_str(DASHBOARD).unwrap();
+    let queries = dashboard_queries(&d);
+    assert!(queries.len() >= 20, "{}", queries.len());
+    let mut empty = Vec::new();
+    for (title, expr) in &queries {
+        let expr = substitute(expr);
+        let got = pvc_lab::wait_until(Duration::from_secs(10), "data", || {
+            let v = query(&lab, &expr);
+            (v["status"] == "success" && series(&v) > 0).then_some(v)
+        });
+        if got.is_err() {
+            empty.push(format!("{title}: {expr} -> {}", query(&lab, &expr)));
+        }
+    }
+    assert!(
+        empty.is_empty(),
+        "queries without data:\n{}",
+        empty.join("\n")
+    );
+
+    // The per-program cost the dashboard shows is the kernel's figure.
+    let cost = query(
+        &lab,
+        "sum by (program) (rate(pvc_program_run_time_nanoseconds_total[15s])) / \
+         sum by (program) (rate(pvc_program_runs_total[15s]))",
+    );
+    let programs: Vec<String> = cost["data"]["result"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["metric"]["program"].as_str().unwrap_or("").to_string())
+        .collect();
+    for p in ["pvc_egress", "pvc_ingress"] {
+        assert!(programs.iter().any(|x| x == p), "{p} missing: {cost}");
+    }
+    // What the agents counted reached Prometheus: three handshakes at least
+    // (each pair authenticated once, counted on both ends), and the
+    // broker's refusal by its reason.
+    let handshakes = query(&lab, "sum(pvc_handshakes_total{outcome=\"succeeded\"})");
+    let n: f64 = handshakes["data"]["result"][0]["value"][1]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(n >= 6.0, "{handshakes}");
+    let refusals = query(&lab, "pvc_broker_refusals_total");
+    assert!(series(&refusals) >= 1, "{refusals}");
+    let opened = query(&lab, "sum(pvc_flows_opened_total{technique=\"lan\"})");
+    let n: f64 = opened["data"]["result"][0]["value"][1]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(n >= 15.0, "{opened}");
+}
