@@ -229,3 +229,35 @@ fn prometheus_scrapes_agents_and_brokers_and_every_dashboard_query_returns_data(
         .unwrap();
     assert!(n >= 15.0, "{opened}");
 }
+
+/// `pvc flows | head -1`: a reader that stops early ends the output quietly;
+/// and the master's listing says dates, not Unix seconds.
+#[test]
+fn the_cli_survives_a_closed_pipe_and_says_dates_in_words() {
+    let mut lab = Lab::lan(2).unwrap();
+    lab.start_all().unwrap();
+    let socket = lab.host("a").socket.display().to_string();
+    let pvc = pvc_lab::bin("pvc").display().to_string();
+    for command in ["status --json", "flows", "peers"] {
+        // `true` reads nothing and is gone before pvc writes.
+        let out = lab
+            .app("a", "sh")
+            .args(["-c", &format!("{pvc} {command} --socket {socket} | true")])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.trim().is_empty(), "pvc {command}: {stderr}");
+    }
+    let list = lab.master(&["list"]).unwrap();
+    assert!(list.contains("VALID UNTIL"), "{list}");
+    let year = list
+        .lines()
+        .find(|l| l.contains("host-a"))
+        .and_then(|l| {
+            l.split_whitespace()
+                .find(|w| w.len() == 10 && w.starts_with("20"))
+        })
+        .unwrap_or_else(|| panic!("no date in {list}"));
+    assert_eq!(&year[4..5], "-", "{list}");
+    assert!(list.contains(" UTC"), "{list}");
+}

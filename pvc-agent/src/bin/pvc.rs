@@ -140,6 +140,11 @@ enum MasterCommand {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
+    // Like every Unix tool: a closed pipe (`pvc flows | head -1`) ends the
+    // output quietly, instead of a failed write.
+    // SAFETY: restores the default disposition, before any thread starts
+    // writing.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     if let Err(e) = run(Args::parse()).await {
         eprintln!("pvc: {e:#}");
         std::process::exit(1);
@@ -230,7 +235,10 @@ async fn master_command(cmd: MasterCommand) -> anyhow::Result<()> {
             let r = signed.verify(&m.key.public).expect("just signed");
             println!(
                 "admitted {} as {} (serial {}, valid until {})",
-                r.name, r.virtual_ip, r.serial, r.not_after
+                r.name,
+                r.virtual_ip,
+                r.serial,
+                human_date(r.not_after)
             );
             publish_to(&m, &brokers).await?;
         }
@@ -265,8 +273,8 @@ async fn master_command(cmd: MasterCommand) -> anyhow::Result<()> {
         MasterCommand::List { dir } => {
             let m = Master::open(&dir.dir)?;
             println!(
-                "{:<6} {:<20} {:<16} {:<10} {:<12} HOST KEY",
-                "SERIAL", "NAME", "VIRTUAL", "STATE", "GROUPS"
+                "{:<6} {:<20} {:<16} {:<10} {:<20} {:<12} HOST KEY",
+                "SERIAL", "NAME", "VIRTUAL", "STATE", "VALID UNTIL", "GROUPS"
             );
             for e in m.entries()? {
                 let state = if e.revoked {
@@ -277,11 +285,12 @@ async fn master_command(cmd: MasterCommand) -> anyhow::Result<()> {
                     "admitted"
                 };
                 println!(
-                    "{:<6} {:<20} {:<16} {:<10} {:<12} {}",
+                    "{:<6} {:<20} {:<16} {:<10} {:<20} {:<12} {}",
                     e.record.serial,
                     e.record.name,
                     e.record.virtual_ip,
                     state,
+                    human_date(e.record.not_after),
                     e.record.groups.join(","),
                     e.record.host_key
                 );
@@ -396,5 +405,20 @@ fn print_flows(s: &Status) {
             format!("{} -> {}", r.local, r.remote),
             format!("via broker {}", r.broker),
         );
+    }
+}
+
+/// A Unix time as people read it: "2027-11-30 14:05 UTC".
+fn human_date(unix: u64) -> String {
+    match time::OffsetDateTime::from_unix_timestamp(unix.min(i64::MAX as u64) as i64) {
+        Ok(t) => format!(
+            "{:04}-{:02}-{:02} {:02}:{:02} UTC",
+            t.year(),
+            u8::from(t.month()),
+            t.day(),
+            t.hour(),
+            t.minute()
+        ),
+        Err(_) => format!("{unix} (Unix time)"),
     }
 }
