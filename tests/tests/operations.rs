@@ -261,3 +261,38 @@ fn the_cli_survives_a_closed_pipe_and_says_dates_in_words() {
     assert_eq!(&year[4..5], "-", "{list}");
     assert!(list.contains(" UTC"), "{list}");
 }
+
+/// `pvc ping`: the first ping authenticates the path and says what it cost,
+/// the next finds it ready; both time round trips; an unknown name is an
+/// error that says where to look.
+#[test]
+fn pvc_ping_authenticates_then_times_round_trips() {
+    let mut lab = Lab::lan(2).unwrap();
+    lab.start_all().unwrap();
+    lab.wait_for_peers("a", 1).unwrap();
+    let socket = lab.host("a").socket.display().to_string();
+    let ping = |lab: &Lab, target: &str| {
+        lab.app("a", &pvc_lab::bin("pvc").display().to_string())
+            .args(["ping", target, "--socket", &socket, "--json"])
+            .output()
+            .unwrap()
+    };
+    let out = ping(&lab, "host-b");
+    assert!(out.status.success(), "{out:?}\n{}", lab.agent_log("a"));
+    let first: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(first["technique"], "lan", "{first}");
+    assert_eq!(first["virtual_ip"], lab.host("b").virtual_ip.to_string());
+    assert_eq!(first["authenticated_now"], true, "{first}");
+    assert!(first["setup_ms"].as_f64().unwrap() > 0.0, "{first}");
+    assert_eq!(first["round_trips_ms"].as_array().unwrap().len(), 3);
+    let b = lab.host("b").virtual_ip.to_string();
+    let again: Value = serde_json::from_slice(&ping(&lab, &b).stdout).unwrap();
+    assert_eq!(again["authenticated_now"], false, "{again}");
+    assert!(again["setup_ms"].is_null(), "{again}");
+    let unknown = ping(&lab, "nobody");
+    assert_eq!(unknown.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&unknown.stderr).contains("pvc peers"),
+        "{unknown:?}"
+    );
+}

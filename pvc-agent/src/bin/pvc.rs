@@ -42,6 +42,21 @@ enum Command {
     Peers(AgentSocket),
     /// Flows in the masquerading map.
     Flows(AgentSocket),
+    /// Reaches a member by name or virtual address: authenticates the path
+    /// if needed, then times TCP round trips (SYN to SYN/ACK or RST) to it.
+    Ping {
+        /// The member's name or virtual address.
+        member: String,
+        /// Round trips to time after the first connection.
+        #[arg(long, default_value_t = 3)]
+        count: u32,
+        /// The member's port to knock at (a closed port answers too; its
+        /// inbound policy must let it through). Default: its PVC port.
+        #[arg(long, default_value_t = pvc_proto::DEFAULT_AGENT_PORT)]
+        port: u16,
+        #[command(flatten)]
+        socket: AgentSocket,
+    },
     /// Creates this host's key pair (mode 0600) and prints its public key.
     Keygen {
         #[arg(long, default_value = keys::DEFAULT_KEY_FILE)]
@@ -195,6 +210,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 print_flows(&st);
             }
         }
+        Command::Ping {
+            member,
+            count,
+            port,
+            socket,
+        } => ping(&member, count, port, &socket).await?,
         Command::Keygen { key } => {
             let k = KeyPair::create(&key)?;
             println!("{}", k.public);
@@ -421,4 +442,87 @@ fn human_date(unix: u64) -> String {
         ),
         Err(_) => format!("{unix} (Unix time)"),
     }
+}
+
+/// One TCP connection attempt to `to`: how long until the member's kernel
+/// answered (a SYN/ACK, or a RST from a closed port).
+async fn knock(to: std::net::SocketAddr) -> anyhow::Result<Duration> {
+    let started = std::time::Instant::now();
+    match tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(to)).await {
+        Ok(Ok(_)) => Ok(started.elapsed()),
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => Ok(started.elapsed()),
+        Ok(Err(e)) => Err(e).with_context(|| format!("cannot reach {to}")),
+        Err(_) => anyhow::bail!(
+            "no answer from {to} within 5 s (the member's inbound policy may drop this port: \
+             try --port)"
+        ),
+    }
+}
+
+async fn ping(member: &str, count: u32, port: u16, s: &AgentSocket) -> anyhow::Result<()> {
+    let before = status(s).await?;
+    let find = |st: &Status| {
+        st.peers
+            .iter()
+            .find(|p| p.name == member || p.virtual_ip.to_string() == member)
+            .cloned()
+    };
+    let peer = find(&before).ok_or_else(|| {
+        anyhow::anyhow!("no member named {member} is known to this agent (`pvc peers` lists them)")
+    })?;
+    let to = std::net::SocketAddr::from((peer.virtual_ip, port));
+    let first = knock(to).await?;
+    let mut rtts = Vec::new();
+    for _ in 0..count {
+        rtts.push(knock(to).await?);
+    }
+    rtts.sort();
+    let median = rtts.get(rtts.len() / 2).copied().unwrap_or(first);
+    let after = find(&status(s).await?).unwrap_or(peer.clone());
+    let (real, technique) = after
+        .path
+        .clone()
+        .unwrap_or((Ipv4Addr::UNSPECIFIED, "none".into()));
+    // The first connection paid for what the path needed first.
+    let setup = (!peer.authenticated).then(|| first.saturating_sub(median));
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    if s.json {
+        let v = serde_json::json!({
+            "name": after.name,
+            "virtual_ip": after.virtual_ip,
+            "real": real,
+            "technique": technique,
+            "authenticated_now": !peer.authenticated,
+            "first_connection_ms": ms(first),
+            "setup_ms": setup.map(ms),
+            "round_trips_ms": rtts.iter().map(|d| ms(*d)).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!(
+        "{} ({}): path via {technique} to {real}",
+        after.name, after.virtual_ip
+    );
+    match setup {
+        Some(d) => println!(
+            "  authenticated now: first connection {:.2} ms, of which set-up {:.2} ms",
+            ms(first),
+            ms(d)
+        ),
+        None => println!(
+            "  path already authenticated: first connection {:.2} ms",
+            ms(first)
+        ),
+    }
+    if let (Some(min), Some(max)) = (rtts.first(), rtts.last()) {
+        println!(
+            "  tcp round trip to port {port}: min {:.3} ms, median {:.3} ms, max {:.3} ms ({} connections)",
+            ms(*min),
+            ms(median),
+            ms(*max),
+            rtts.len()
+        );
+    }
+    Ok(())
 }
