@@ -15,7 +15,7 @@ use crate::security::policy::LocalPolicyConfig;
 
 pub const DEFAULT_PATH: &str = "/etc/pvc/agent.toml";
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Names what this agent sets up on the host: pins under
@@ -49,6 +49,10 @@ pub struct Config {
     pub connectivity: Connectivity,
     #[serde(default)]
     pub metrics: Metrics,
+    /// What to log: a tracing filter ("info", "debug", "pvc_agent=debug").
+    /// `PVC_LOG` in the environment wins over it.
+    #[serde(default = "default_log")]
+    pub log: String,
     #[serde(default = "default_run_dir")]
     pub run_dir: PathBuf,
     /// Where the agent keeps what must outlive it (the record of its UPnP
@@ -58,7 +62,7 @@ pub struct Config {
 }
 
 /// The Prometheus endpoint.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Metrics {
     /// Where `GET /metrics` is served; "" serves nothing.
@@ -107,7 +111,7 @@ fn optional_address<'de, D: Deserializer<'de>>(
 }
 
 /// How this agent reaches members behind NATs and firewalls.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Connectivity {
     /// The agent's PVC port: its broker sessions leave from it (so that the
@@ -143,7 +147,7 @@ fn default_true() -> bool {
     true
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Security {
     /// An authenticated path is proven again after this many seconds (and
@@ -180,7 +184,7 @@ fn public_key<'de, D: Deserializer<'de>>(d: D) -> Result<PublicKey, D::Error> {
     s.parse().map_err(serde::de::Error::custom)
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Interposition {
     /// The interface that carries real traffic to the other members.
@@ -196,7 +200,7 @@ pub struct Interposition {
     pub bpffs: PathBuf,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Flows {
     /// An idle flow's entries are removed after this many seconds.
@@ -223,6 +227,9 @@ impl Default for Flows {
     }
 }
 
+fn default_log() -> String {
+    "info".into()
+}
 fn default_instance() -> String {
     "default".into()
 }
@@ -288,6 +295,12 @@ impl Config {
             );
         }
         self.policy.parse()?;
+        tracing_subscriber::EnvFilter::try_new(&self.log).map_err(|e| {
+            anyhow::anyhow!(
+                "log {:?} is not a log filter (e.g. \"info\", \"pvc_agent=debug\"): {e}",
+                self.log
+            )
+        })?;
         if self.security.session_lifetime_secs < 10 {
             bail!("security.session_lifetime_secs must be at least 10");
         }

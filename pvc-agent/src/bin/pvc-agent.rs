@@ -22,7 +22,10 @@ async fn main() {
     let args = Args::parse();
     let result = match Config::load(&args.config) {
         Ok(config) if args.cleanup => coordinator::cleanup(&config).await,
-        Ok(config) => coordinator::run(config).await,
+        Ok(config) => match pvc_agent::set_log_filter(&config.log) {
+            Ok(()) => coordinator::run(config, &args.config).await,
+            Err(e) => Err(e),
+        },
         Err(e) => Err(e),
     };
     if let Err(e) = result {

@@ -74,6 +74,10 @@ pub(super) struct Agent {
     pub upnp: Option<crate::connectivity::upnp::Mapping>,
     /// Flows carried by a broker's relay.
     pub relaying: super::relay::Relaying,
+    /// Where the configuration is read again on SIGHUP.
+    pub config_path: std::path::PathBuf,
+    /// Whether the service manager was told the agent is ready.
+    pub ready_told: bool,
 }
 
 impl Agent {
@@ -481,6 +485,9 @@ impl Agent {
         let mut refresh = interval(NEXT_HOP_REFRESH);
         let mut security = interval(SECURITY_TICK);
         let mut quiet_events = interval(QUIET_EVENTS_TICK);
+        let watchdog_period = super::service::watchdog_period();
+        let mut watchdog = interval(watchdog_period.unwrap_or(Duration::from_secs(3600)));
+        self.tell_service_manager();
         let timeouts = Timeouts {
             idle: Duration::from_secs(self.config.flows.idle_timeout_secs),
             closed: Duration::from_secs(self.config.flows.closed_timeout_secs),
@@ -489,7 +496,10 @@ impl Agent {
 
         loop {
             tokio::select! {
-                Some(event) = tasks.broker_rx.recv() => self.on_broker(event).await?,
+                Some(event) = tasks.broker_rx.recv() => {
+                    self.on_broker(event).await?;
+                    self.tell_service_manager();
+                }
                 batch = events.next_batch() => {
                     for e in batch.context("cannot read kernel events")? {
                         self.on_event(e).await;
@@ -508,7 +518,14 @@ impl Agent {
                         self.on_event(e).await;
                     }
                 }
-                _ = gc.tick() => self.collect_garbage(&timeouts).await,
+                _ = gc.tick() => {
+                    self.collect_garbage(&timeouts).await;
+                    self.tell_service_manager();
+                }
+                _ = watchdog.tick(), if watchdog_period.is_some() => {
+                    super::service::notify(&[sd_notify::NotifyState::Watchdog]);
+                }
+                _ = tasks.hangup.recv() => self.reload(tasks).await,
                 _ = security.tick() => {
                     let effects = self.core.check_sessions(Instant::now());
                     self.apply(effects).await;

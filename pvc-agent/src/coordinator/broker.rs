@@ -77,46 +77,65 @@ pub struct Identity {
 }
 
 /// Runs one session per broker until `stop` is cancelled: then every
-/// broker is told that this member leaves for good.
+/// broker is told that this member leaves for good. A new list on
+/// `reconfigure` (a reload) ends the sessions with brokers no longer listed
+/// (each is told this member leaves it) and starts the new ones; the others
+/// carry on untouched.
 pub async fn run(
     brokers: Vec<String>,
     me: Identity,
     events: mpsc::Sender<BrokerEvent>,
     mut outgoing: mpsc::Receiver<Outgoing>,
+    mut reconfigure: mpsc::Receiver<Vec<String>>,
     stop: CancellationToken,
 ) {
     let me = Arc::new(me);
     let mut lanes = BTreeMap::new();
     let mut tasks = JoinSet::new();
-    for broker in brokers {
+    let mut start = |broker: String, lanes: &mut BTreeMap<_, _>| {
         let (tx, rx) = mpsc::channel(256);
-        lanes.insert(broker.clone(), tx);
-        tasks.spawn(sessions(
-            broker,
-            Arc::clone(&me),
-            events.clone(),
-            rx,
-            stop.clone(),
-        ));
+        let own = stop.child_token();
+        lanes.insert(broker.clone(), (tx, own.clone()));
+        tasks.spawn(sessions(broker, Arc::clone(&me), events.clone(), rx, own));
+    };
+    for broker in brokers {
+        start(broker, &mut lanes);
     }
     loop {
         tokio::select! {
             out = outgoing.recv() => match out {
                 Some(Outgoing { broker: Some(b), msg }) => {
-                    if let Some(lane) = lanes.get(&b) {
+                    if let Some((lane, _)) = lanes.get(&b) {
                         let _ = lane.try_send(msg);
                     }
                 }
                 Some(Outgoing { broker: None, msg }) => {
-                    for lane in lanes.values() {
+                    for (lane, _) in lanes.values() {
                         let _ = lane.try_send(msg.clone());
                     }
                 }
                 None => break,
             },
+            Some(list) = reconfigure.recv() => {
+                lanes.retain(|b, (_, own)| {
+                    let keep = list.contains(b);
+                    if !keep {
+                        info!(broker = %b, "no longer configured: leaving it");
+                        own.cancel();
+                    }
+                    keep
+                });
+                for b in list {
+                    if !lanes.contains_key(&b) {
+                        info!(broker = %b, "newly configured: connecting");
+                        start(b, &mut lanes);
+                    }
+                }
+            }
             _ = stop.cancelled() => break,
         }
     }
+    drop(start);
     // Every session says Leave, or gives up trying.
     while tasks.join_next().await.is_some() {}
 }

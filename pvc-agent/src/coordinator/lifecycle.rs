@@ -15,7 +15,7 @@ use pvc_proto::{ErrorCode, MembershipRecord, SignedRecord, unix_now};
 use rtnetlink::Handle;
 use tokio::{sync::mpsc, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use super::{
     agent::Agent,
@@ -119,10 +119,23 @@ pub(super) struct Tasks {
     leave: CancellationToken,
     pub query_rx: mpsc::Receiver<Query>,
     pub control: JoinHandle<anyhow::Result<()>>,
+    /// A new broker list for the sessions (a reload).
+    pub reconfigure_brokers: mpsc::Sender<Vec<String>>,
     metrics: Option<JoinHandle<()>>,
+    scrape: Scrape,
     /// Held while the kernel counts program statistics for us.
     _program_stats: Option<std::os::fd::OwnedFd>,
     pub term: tokio::signal::unix::Signal,
+    pub hangup: tokio::signal::unix::Signal,
+}
+
+/// What a scrape needs: the agent's status, on request, as metrics.
+#[derive(Clone)]
+struct Scrape {
+    query: mpsc::Sender<Query>,
+    metrics: Arc<Metrics>,
+    brokers: Arc<std::sync::Mutex<Vec<String>>>,
+    stats_held: bool,
 }
 
 impl Tasks {
@@ -133,12 +146,14 @@ impl Tasks {
     ) -> anyhow::Result<Self> {
         let (event_tx, broker_rx) = mpsc::channel(256);
         let (outgoing, outgoing_rx) = mpsc::channel(256);
+        let (reconfigure_brokers, reconfigure_rx) = mpsc::channel(4);
         let leave = CancellationToken::new();
         let brokers = tokio::spawn(broker::run(
             config.broker_addresses(),
             registration,
             event_tx,
             outgoing_rx,
+            reconfigure_rx,
             leave.clone(),
         ));
         let (query_tx, query_rx) = mpsc::channel::<Query>(16);
@@ -152,41 +167,31 @@ impl Tasks {
         } else {
             None
         };
-        let metrics = match config.metrics.listen {
-            Some(addr) => {
-                let listener = std::net::TcpListener::bind(addr)
-                    .and_then(|l| l.set_nonblocking(true).map(|()| l))
-                    .and_then(tokio::net::TcpListener::from_std)
-                    .with_context(|| {
-                        format!(
-                            "cannot serve metrics on {addr}: set metrics.listen to a free \
-                             address (another instance on this host?), or \"\" to serve none"
-                        )
-                    })?;
-                info!(%addr, "serving Prometheus metrics at /metrics");
-                let render = scrape(
-                    query_tx.clone(),
-                    Arc::new(Metrics::new(core_metrics)),
-                    config.broker_addresses(),
-                    program_stats.is_some(),
-                );
-                Some(tokio::spawn(pvc_proto::metrics::serve(listener, render)))
-            }
-            None => None,
+        let scrape = Scrape {
+            query: query_tx.clone(),
+            metrics: Arc::new(Metrics::new(core_metrics)),
+            brokers: Arc::new(std::sync::Mutex::new(config.broker_addresses())),
+            stats_held: program_stats.is_some(),
         };
         let control = tokio::spawn(control::serve(config.control_socket(), query_tx));
         let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        Ok(Self {
+        let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+        let mut tasks = Self {
             broker_rx,
             outgoing,
             brokers,
             leave,
             query_rx,
             control,
-            metrics,
+            reconfigure_brokers,
+            metrics: None,
+            scrape,
             _program_stats: program_stats,
             term,
-        })
+            hangup,
+        };
+        tasks.serve_metrics(config.metrics.listen)?;
+        Ok(tasks)
     }
 
     /// Tells the broker this member leaves (members may forget it at once,
@@ -204,32 +209,63 @@ impl Tasks {
             m.abort();
         }
     }
+
+    /// Serves the metrics on `listen` (none: stops serving them), in place
+    /// of the endpoint served so far.
+    pub fn serve_metrics(&mut self, listen: Option<std::net::SocketAddr>) -> anyhow::Result<()> {
+        let listener = listen
+            .map(|addr| {
+                std::net::TcpListener::bind(addr)
+                    .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                    .and_then(tokio::net::TcpListener::from_std)
+                    .with_context(|| {
+                        format!(
+                            "cannot serve metrics on {addr}: set metrics.listen to a free \
+                             address (another instance on this host?), or \"\" to serve none"
+                        )
+                    })
+                    .map(|l| (addr, l))
+            })
+            .transpose()?;
+        if let Some(old) = self.metrics.take() {
+            old.abort();
+        }
+        if let Some((addr, listener)) = listener {
+            info!(%addr, "serving Prometheus metrics at /metrics");
+            let render = scrape(self.scrape.clone());
+            self.metrics = Some(tokio::spawn(pvc_proto::metrics::serve(listener, render)));
+        }
+        Ok(())
+    }
+
+    /// The brokers the metrics report sessions with.
+    pub fn set_metrics_brokers(&self, brokers: Vec<String>) {
+        *self.scrape.brokers.lock().unwrap() = brokers;
+    }
 }
 
 /// One scrape: the agent's status at this moment, as metrics.
 fn scrape(
-    query: mpsc::Sender<Query>,
-    metrics: Arc<Metrics>,
-    brokers: Vec<String>,
-    stats_held: bool,
+    s: Scrape,
 ) -> impl Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = String> + Send>>
 + Clone
 + Send
 + Sync
 + 'static {
     move || {
-        let (query, metrics, brokers) = (query.clone(), metrics.clone(), brokers.clone());
+        let s = s.clone();
         Box::pin(async move {
             let (tx, rx) = tokio::sync::oneshot::channel();
-            if query.send((Request::Status, tx)).await.is_err() {
+            if s.query.send((Request::Status, tx)).await.is_err() {
                 return "# the agent is stopping\n".into();
             }
             match rx.await {
                 Ok(status) => {
-                    let stats = stats_held
+                    let stats = s.stats_held
                         || std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled")
                             .is_ok_and(|v| v.trim() == "1");
-                    metrics.render(&status, &brokers, stats)
+                    let brokers = s.brokers.lock().unwrap().clone();
+                    s.metrics.render(&status, &brokers, stats)
                 }
                 Err(_) => "# the agent is stopping\n".into(),
             }
@@ -253,7 +289,7 @@ enum Admission {
 /// (not admitted, another cluster's key) leaves the host as it was. An agent
 /// that finds its predecessor's pins (a crash, an upgrade) takes them over at
 /// once, so established flows never wait for a broker.
-pub async fn run(config: Config) -> anyhow::Result<()> {
+pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
     let _claim = claim::Claim::take(&config)?;
     let host = HostSetup::prepare(&config).await?;
     // Before any broker session: a broker's probe must find them open.
@@ -355,6 +391,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         probed_via: None,
         upnp: None,
         relaying: super::relay::Relaying::new(relay_listener),
+        config_path: config_path.to_path_buf(),
+        ready_told: false,
     };
     let mut result = configure(&mut agent, welcome.is_none()).await;
     if result.is_ok() {
@@ -437,8 +475,19 @@ async fn wait_for_admission(
     let brokers: BTreeSet<String> = config.broker_addresses().into_iter().collect();
     let mut foreign = BTreeMap::new();
     let mut last_refusal = None;
+    super::service::notify(&[sd_notify::NotifyState::Status(
+        "waiting for a broker to confirm this host's membership (nothing attached yet)",
+    )]);
+    let watchdog_period = super::service::watchdog_period();
+    let mut watchdog = tokio::time::interval(watchdog_period.unwrap_or(Duration::from_secs(3600)));
     loop {
         tokio::select! {
+            _ = watchdog.tick(), if watchdog_period.is_some() => {
+                super::service::notify(&[sd_notify::NotifyState::Watchdog]);
+            }
+            _ = tasks.hangup.recv() => {
+                warn!("SIGHUP while waiting for admission: ignored (nothing runs yet); send it again once the agent runs");
+            }
             Some(event) = tasks.broker_rx.recv() => match event {
                 BrokerEvent::Connected { ref you, .. } => {
                     if verify_own_record(trust, &host.key, config, you)?.is_some() {

@@ -20,6 +20,7 @@ mod members;
 pub mod metrics;
 mod paths;
 pub mod relay;
+mod service;
 mod site;
 mod status;
 #[cfg(test)]

@@ -15,7 +15,7 @@ use super::membership::Member;
 
 /// `[policy]` in the agent's configuration. A direction with no rule is not
 /// restricted locally.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LocalPolicyConfig {
     /// Who may open flows to this host, on which of its ports.
@@ -26,7 +26,7 @@ pub struct LocalPolicyConfig {
     pub outbound: Vec<RuleConfig>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RuleConfig {
     /// "*", "group:NAME" or a member name.

@@ -183,6 +183,8 @@ pub struct Host {
     pub public_key: String,
     /// The site of the simulated Internet it sits in (`Lab::internet`).
     pub site: Option<usize>,
+    /// More environment for its agent (as systemd would give it).
+    pub agent_env: Vec<(String, String)>,
     agent: Option<Child>,
 }
 
@@ -370,6 +372,7 @@ impl Lab {
             key_file,
             public_key,
             site,
+            agent_env: Vec::new(),
             agent: None,
         };
         self.hosts.push(host);
@@ -715,7 +718,8 @@ max_flows = 4096
         p.cmd
             .args(["--config"])
             .arg(&h.config)
-            .env("PVC_LOG", "info,pvc_agent=debug");
+            .env("PVC_LOG", "info,pvc_agent=debug")
+            .envs(h.agent_env.iter().map(|(k, v)| (k, v)));
         let child = p.spawn_logged(&log)?;
         self.hosts[i].agent = Some(child);
         let socket = self.hosts[i].socket.clone();

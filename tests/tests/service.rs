@@ -1,0 +1,130 @@
+//! The agent as systemd runs it: readiness, status and watchdog over the
+//! notify socket, and SIGHUP reloading the configuration while flows run.
+
+use std::{
+    os::unix::net::UnixDatagram,
+    time::{Duration, Instant},
+};
+
+use pvc_lab::{Lab, probe, require_tools};
+
+fn hangup(lab: &Lab, name: &str) {
+    let pid = lab.agent_pid(name).expect("agent running").to_string();
+    let done = std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap();
+    assert!(done.success());
+}
+
+/// What the agent told the "service manager" until `until` was said.
+fn read_until(socket: &UnixDatagram, until: &str, limit: Duration) -> Vec<String> {
+    socket.set_read_timeout(Some(limit)).unwrap();
+    let mut said = Vec::new();
+    let end = Instant::now() + limit;
+    let mut buf = [0u8; 4096];
+    while Instant::now() < end {
+        let Ok(n) = socket.recv(&mut buf) else { break };
+        let text = String::from_utf8_lossy(&buf[..n]).to_string();
+        let done = text.lines().any(|l| l == until);
+        said.push(text);
+        if done {
+            break;
+        }
+    }
+    said
+}
+
+#[test]
+fn the_agent_tells_systemd_it_is_ready_its_status_and_pings_the_watchdog() {
+    let mut lab = Lab::lan(2).unwrap();
+    let path = lab.dir.join("notify.sock");
+    let socket = UnixDatagram::bind(&path).unwrap();
+    lab.hosts[0].agent_env = vec![
+        ("NOTIFY_SOCKET".into(), path.display().to_string()),
+        ("WATCHDOG_USEC".into(), "400000".into()),
+    ];
+    lab.start_all().unwrap();
+    let said = read_until(&socket, "READY=1", Duration::from_secs(10));
+    assert!(
+        said.iter().any(|s| s.lines().any(|l| l == "READY=1")),
+        "{said:?}\n{}",
+        lab.agent_log("a")
+    );
+    // Ready once the data path is attached and a broker session is up.
+    let status = lab.status("a").unwrap();
+    assert_eq!(status["state"], "running");
+    assert!(!status["brokers"].as_array().unwrap().is_empty());
+    assert!(
+        said.iter()
+            .any(|s| s.contains("STATUS=") && s.contains("brokers 1/1")),
+        "{said:?}"
+    );
+    // Pings at half the watchdog period.
+    let pings = read_until(&socket, "never", Duration::from_secs(1))
+        .iter()
+        .filter(|s| s.lines().any(|l| l == "WATCHDOG=1"))
+        .count();
+    assert!((3..=8).contains(&pings), "{pings} watchdog pings in 1 s");
+    // A reload is announced and ends ready again.
+    hangup(&lab, "a");
+    let said = read_until(&socket, "READY=1", Duration::from_secs(5));
+    let lines: Vec<&str> = said.iter().flat_map(|s| s.lines()).collect();
+    let reloading = lines.iter().position(|l| *l == "RELOADING=1");
+    let ready = lines.iter().rposition(|l| *l == "READY=1");
+    assert!(
+        matches!((reloading, ready), (Some(r), Some(d)) if r < d),
+        "{lines:?}"
+    );
+}
+
+#[test]
+fn sighup_applies_a_new_local_policy_within_a_second_and_established_flows_survive() {
+    require_tools(&["python3"]);
+    let mut lab = Lab::lan(2).unwrap();
+    lab.start_all().unwrap();
+    let b = lab.host("b").virtual_ip;
+    probe::echo_server(&mut lab, "b", 7400).unwrap();
+    probe::server(&mut lab, "b", "0.0.0.0", 7401, 100).unwrap();
+    let before = probe::client(&lab, "a", b, 7401).unwrap();
+    assert_eq!(before["reply"], "echo:hello", "{before}");
+    let chatter = probe::chatter(&mut lab, "a", b, 7400, 5).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+
+    // b now lets in port 7400 only.
+    lab.write_config(
+        1,
+        "[policy]\ninbound = [{ peers = [\"*\"], ports = [\"7400\"] }]\n",
+    )
+    .unwrap();
+    hangup(&lab, "b");
+    // One second later the new policy holds: b drops the connection
+    // request (inbound refusals are silent), a's connect() times out.
+    std::thread::sleep(Duration::from_secs(1));
+    let refused = probe::client(&lab, "a", b, 7401).unwrap();
+    assert!(
+        refused.get("reply").is_none(),
+        "{refused}\n{}",
+        lab.agent_log("b")
+    );
+    assert!(lab.agent_log("b").contains("local policy reloaded"));
+    // The allowed port still opens new flows, and the flow that ran all
+    // along never noticed.
+    let allowed = probe::client(&lab, "a", b, 7400).unwrap();
+    assert!(allowed.get("errno").is_none(), "{allowed}");
+    let result = probe::chatter_result(&mut lab, &chatter).unwrap();
+    assert_eq!(result["ok"], true, "{result}");
+
+    // A configuration that does not load changes nothing.
+    std::fs::write(&lab.host("b").config, "this is not toml [").unwrap();
+    hangup(&lab, "b");
+    pvc_lab::wait_until(Duration::from_secs(3), "the refused reload", || {
+        lab.agent_log("b")
+            .contains("the configuration was not reloaded")
+            .then_some(())
+    })
+    .unwrap();
+    let still = probe::client(&lab, "a", b, 7401).unwrap();
+    assert!(still.get("reply").is_none(), "{still}");
+    assert_eq!(lab.status("b").unwrap()["state"], "running");
+}
