@@ -135,7 +135,6 @@ pub async fn run(
             _ = stop.cancelled() => break,
         }
     }
-    drop(start);
     // Every session says Leave, or gives up trying.
     while tasks.join_next().await.is_some() {}
 }
