@@ -128,3 +128,51 @@ fn sighup_applies_a_new_local_policy_within_a_second_and_established_flows_survi
     assert!(still.get("reply").is_none(), "{still}");
     assert_eq!(lab.status("b").unwrap()["state"], "running");
 }
+
+/// SIGHUP with another broker list: the new broker's session starts, the
+/// one no longer listed ends, and members still meet.
+#[test]
+fn sighup_moves_the_agent_to_the_brokers_its_configuration_lists() {
+    require_tools(&["python3"]);
+    let mut lab = Lab::lan(2).unwrap();
+    lab.start_all().unwrap();
+    lab.start_extra_broker(7200).unwrap();
+    let extra = format!("{}:7200", pvc_lab::BROKER_IP);
+    lab.master(&["publish", "--broker", &extra]).unwrap();
+    let first = format!("{}:{}", pvc_lab::BROKER_IP, pvc_lab::BROKER_PORT);
+    let config = lab.host("b").config.clone();
+    let text = std::fs::read_to_string(&config).unwrap();
+    let brokers_line = text
+        .lines()
+        .find(|l| l.starts_with("brokers"))
+        .unwrap()
+        .to_string();
+    let connected = |lab: &Lab| -> Vec<String> {
+        lab.status("b").unwrap()["brokers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["broker"].as_str().unwrap().to_string())
+            .collect()
+    };
+    for (list, want) in [
+        (
+            format!("brokers = [\"{first}\", \"{extra}\"]"),
+            vec![first.clone(), extra.clone()],
+        ),
+        (format!("brokers = [\"{extra}\"]"), vec![extra.clone()]),
+    ] {
+        std::fs::write(&config, text.replace(&brokers_line, &list)).unwrap();
+        hangup(&lab, "b");
+        pvc_lab::wait_until(Duration::from_secs(5), "the new broker list", || {
+            let mut now = connected(&lab);
+            now.sort();
+            (now == want).then_some(())
+        })
+        .unwrap_or_else(|e| panic!("{e}: {:?}\n{}", connected(&lab), lab.agent_log("b")));
+    }
+    assert!(
+        lab.agent_log("b")
+            .contains("no longer configured: leaving it")
+    );
+}

@@ -151,7 +151,17 @@ async fn sessions(
     loop {
         let started = Instant::now();
         let (reason, refusal) = match session(&broker, &me, &events, &mut outgoing, &stop).await {
-            Ok(()) => return, // leaving, or the coordinator is gone
+            Ok(()) => {
+                // Leaving: the agent stops (nobody reads this any more), or
+                // this broker is no longer configured (the coordinator
+                // forgets the session).
+                let _ = events.try_send(BrokerEvent::Disconnected {
+                    broker: broker.clone(),
+                    reason: "left: no longer configured, or the agent stops".into(),
+                    refusal: None,
+                });
+                return;
+            }
             Err(e) => (
                 format!("{e:#}"),
                 e.downcast_ref::<Refused>().map(|r| r.code),
