@@ -59,6 +59,10 @@ pub struct Status {
     pub takeover: bool,
     /// Whether a broker handed over this host's record and it verified.
     pub admitted: bool,
+    /// "member", or "revoked" / "expired" (connect() to members fails with
+    /// EKEYREVOKED / EKEYEXPIRED).
+    #[serde(default)]
+    pub standing: String,
     pub revocations_version: u64,
     pub policy_version: u64,
     pub peers: Vec<PeerStatus>,

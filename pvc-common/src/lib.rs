@@ -311,7 +311,10 @@ pub struct Settings {
     pub policy_out: u8,
     /// 1 when a policy restricts inbound flows.
     pub policy_in: u8,
-    pub _pad: u8,
+    /// `STANDING_*`: whether this host is still a member. Revoked or
+    /// expired, connect() to members fails at once with an errno that says
+    /// so (members refuse it anyway).
+    pub standing: u8,
     /// The depth of `cgroup_id` in the cgroup v2 hierarchy.
     pub cgroup_level: u32,
     /// The cgroup v2 whose processes (and their descendants) use the
@@ -320,6 +323,13 @@ pub struct Settings {
     /// from a member to a server outside it.
     pub cgroup_id: u64,
 }
+
+/// `Settings::standing`: admitted (or not known otherwise).
+pub const STANDING_MEMBER: u8 = 0;
+/// `Settings::standing`: the master revoked this host (EKEYREVOKED).
+pub const STANDING_REVOKED: u8 = 1;
+/// `Settings::standing`: this host's record expired (EKEYEXPIRED).
+pub const STANDING_EXPIRED: u8 = 2;
 
 /// `skb->mark` of the packets the agent itself puts on the wire (held SYNs
 /// re-sent, answers, probes): tc knows them from an application's, whatever
@@ -455,9 +465,13 @@ drop_reasons! {
     Replay = 23, "replay", "a tagged SYN replayed from another address";
     /// A SYN/ACK the agent needs before the wire (hole punching).
     HeldAnswer = 24, "held_answer", "a server's SYN/ACK handed to the agent (hole punching)";
+    /// connect() to a member from a host whose membership was revoked or
+    /// expired (refused with EKEYREVOKED or EKEYEXPIRED).
+    NotAMember = 25, "not_a_member",
+        "this host's membership was revoked or has expired: ask the cluster's administrator";
 }
 
-pub const DROP_REASON_COUNT: u32 = 25;
+pub const DROP_REASON_COUNT: u32 = 26;
 
 /// Masqueraded packets and bytes in one direction, per CPU. Both in one
 /// value: a packet's accounting touches one cache line, not two.

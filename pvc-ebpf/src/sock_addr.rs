@@ -7,15 +7,19 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use pvc_common::{
-    DropReason, EVENT_CONNECT_REFUSED, Event, IPPROTO_TCP, POLICY_OUTBOUND, is_virtual,
+    DropReason, EVENT_CONNECT_REFUSED, Event, IPPROTO_TCP, POLICY_OUTBOUND, STANDING_EXPIRED,
+    STANDING_REVOKED, is_virtual,
 };
 
 use crate::maps::{allowed, count_drop, emit, peer, settings};
 
 const EPERM: i32 = 1;
 const EHOSTUNREACH: i32 = 113;
+const EKEYEXPIRED: i32 = 127;
+const EKEYREVOKED: i32 = 128;
 
 /// Refuses at once, with a real errno, a connect() that cannot succeed:
+/// EKEYREVOKED / EKEYEXPIRED when this host is no longer a member,
 /// EHOSTUNREACH to a virtual address no member holds, EPERM when the policy
 /// forbids the flow. Without this the SYN would be dropped on egress and the
 /// application would wait for TCP's timeouts.
@@ -34,7 +38,11 @@ pub fn pvc_connect4(ctx: SockAddrContext) -> i32 {
         return 1;
     }
     let dport = u16::from_be(sa.user_port as u16);
-    let (reason, errno) = if peer(daddr).is_none() {
+    let (reason, errno) = if s.standing == STANDING_REVOKED {
+        (DropReason::NotAMember, EKEYREVOKED)
+    } else if s.standing == STANDING_EXPIRED {
+        (DropReason::NotAMember, EKEYEXPIRED)
+    } else if peer(daddr).is_none() {
         (DropReason::ConnectNoMember, EHOSTUNREACH)
     } else if sa.protocol == IPPROTO_TCP as u32 && !allowed(&s, POLICY_OUTBOUND, daddr, dport) {
         (DropReason::PolicyOutbound, EPERM)

@@ -11,6 +11,8 @@ const EPERM: i64 = 1;
 const ECONNREFUSED: i64 = 111;
 const EHOSTUNREACH: i64 = 113;
 const ENETUNREACH: i64 = 101;
+const EKEYEXPIRED: i64 = 127;
+const EKEYREVOKED: i64 = 128;
 
 fn connects(lab: &Lab, client: &str, server: &str, port: u16) -> Value {
     probe::client(lab, client, lab.host(server).virtual_ip, port).unwrap()
@@ -382,9 +384,21 @@ fn a_revoked_member_is_refused_within_seconds_and_its_flows_are_cut() {
         result["ok"], false,
         "the established flow was cut: {result}"
     );
-    // c cannot open flows to members either.
-    let got = connects(&lab, "c", "b", 7951);
-    assert_ne!(got["reply"], "hello", "{got}");
+    // c cannot open flows to members either, and is told so: its agent
+    // says it, and its connect() fails at once with EKEYREVOKED.
+    wait_until(Duration::from_secs(5), "c to know it is revoked", || {
+        (lab.status("c").ok()?["standing"] == "revoked").then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", lab.agent_log("c")));
+    assert!(
+        lab.agent_log("c")
+            .contains("the master revoked this host's membership"),
+        "{}",
+        lab.agent_log("c")
+    );
+    let got = probe::timed(&lab, "c", lab.host("b").virtual_ip, 7951, true).unwrap();
+    assert_eq!(got["errno"], EKEYREVOKED, "{got}");
+    assert!(got["ms"].as_f64().unwrap() < 100.0, "{got}");
     // The others are unaffected.
     assert_eq!(connects(&lab, "a", "b", 7951)["reply"], "hello");
     let status = lab.status("b").unwrap();
@@ -415,6 +429,15 @@ fn an_expired_record_ends_membership() {
     .unwrap();
     assert!(lab.agent_log("a").contains("member's record expired"));
     assert_eq!(connects(&lab, "a", "b", 7960)["errno"], EHOSTUNREACH);
+    // b is told: its status and log say so, its connect() fails at once.
+    assert_eq!(lab.status("b").unwrap()["standing"], "expired");
+    assert!(
+        lab.agent_log("b")
+            .contains("this host's membership expired")
+    );
+    let got = probe::timed(&lab, "b", lab.host("a").virtual_ip, 7960, true).unwrap();
+    assert_eq!(got["errno"], EKEYEXPIRED, "{got}");
+    assert!(got["ms"].as_f64().unwrap() < 100.0, "{got}");
 }
 
 #[test]

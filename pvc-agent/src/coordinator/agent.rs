@@ -78,6 +78,8 @@ pub(super) struct Agent {
     pub config_path: std::path::PathBuf,
     /// Whether the service manager was told the agent is ready.
     pub ready_told: bool,
+    /// This host's own membership as the kernel knows it (`STANDING_*`).
+    pub standing: u8,
 }
 
 impl Agent {
@@ -498,6 +500,7 @@ impl Agent {
             tokio::select! {
                 Some(event) = tasks.broker_rx.recv() => {
                     self.on_broker(event).await?;
+                    self.check_standing();
                     self.tell_service_manager();
                 }
                 batch = events.next_batch() => {
@@ -529,6 +532,7 @@ impl Agent {
                 _ = security.tick() => {
                     let effects = self.core.check_sessions(Instant::now());
                     self.apply(effects).await;
+                    self.check_standing();
                 }
                 _ = refresh.tick() => self.refresh_next_hops().await,
                 Ok((n, _)) = probes.udp.recv_from(&mut datagram) => {

@@ -393,6 +393,7 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
         relaying: super::relay::Relaying::new(relay_listener),
         config_path: config_path.to_path_buf(),
         ready_told: false,
+        standing: pvc_common::STANDING_MEMBER,
     };
     let mut result = configure(&mut agent, welcome.is_none()).await;
     if result.is_ok() {

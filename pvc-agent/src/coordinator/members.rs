@@ -179,6 +179,16 @@ impl Core {
         out
     }
 
+    /// Whether this host is still a member (`STANDING_*`), by what the
+    /// master signed: its own record's expiry and the revocation list.
+    pub fn standing(&self, unix_now: u64) -> u8 {
+        match &self.own {
+            Some(o) if self.trust.is_revoked(o.serial) => pvc_common::STANDING_REVOKED,
+            Some(o) if o.not_after <= unix_now => pvc_common::STANDING_EXPIRED,
+            _ => pvc_common::STANDING_MEMBER,
+        }
+    }
+
     /// A newer revocation list: revoked members are forgotten and their
     /// established flows cut.
     pub fn revocations(&mut self, signed: &SignedRevocations) -> Vec<Effect> {

@@ -31,7 +31,42 @@ pub(super) fn watchdog_period() -> Option<Duration> {
     (usec > 0).then(|| Duration::from_micros(usec / 2))
 }
 
+/// What a standing means, for logs and `pvc status`.
+pub(super) fn standing_name(standing: u8) -> &'static str {
+    match standing {
+        pvc_common::STANDING_REVOKED => "revoked",
+        pvc_common::STANDING_EXPIRED => "expired",
+        _ => "member",
+    }
+}
+
 impl Agent {
+    /// Follows this host's own membership: revoked or expired, connect()
+    /// to members fails at once (EKEYREVOKED / EKEYEXPIRED) instead of
+    /// waiting for members that refuse it; admitted again, it works again.
+    pub(super) fn check_standing(&mut self) {
+        let standing = self.core.standing(pvc_proto::unix_now());
+        if standing == self.standing {
+            return;
+        }
+        self.standing = standing;
+        if let Err(e) = self.datapath.maps.set_standing(standing) {
+            warn!("cannot tell the kernel this host's standing: {e:#}");
+        }
+        match standing {
+            pvc_common::STANDING_REVOKED => error!(
+                "the master revoked this host's membership: connections to members now fail \
+                 with EKEYREVOKED; the cluster's administrator can admit it again (`pvc master admit`)"
+            ),
+            pvc_common::STANDING_EXPIRED => error!(
+                "this host's membership expired: connections to members now fail with \
+                 EKEYEXPIRED; the cluster's administrator can admit it again (`pvc master admit`)"
+            ),
+            _ => info!("this host is a member again: connections to members work"),
+        }
+        self.tell_service_manager();
+    }
+
     /// The one-line state `systemctl status` shows; READY=1 the first time
     /// a broker session is up (the data path is attached by then).
     pub(super) fn tell_service_manager(&mut self) {
@@ -42,12 +77,19 @@ impl Agent {
             .values()
             .filter(|p| p.session.is_some())
             .count();
-        let line = format!(
-            "{} members known, {authenticated} with an authenticated path; brokers {}/{}",
-            peers,
-            self.core.brokers.len(),
-            self.config.brokers.len()
-        );
+        let line = if self.standing != pvc_common::STANDING_MEMBER {
+            format!(
+                "membership {}: connections to members are refused",
+                standing_name(self.standing)
+            )
+        } else {
+            format!(
+                "{} members known, {authenticated} with an authenticated path; brokers {}/{}",
+                peers,
+                self.core.brokers.len(),
+                self.config.brokers.len()
+            )
+        };
         if !self.ready_told && !self.core.brokers.is_empty() {
             self.ready_told = true;
             notify(&[NotifyState::Ready, NotifyState::Status(&line)]);

@@ -38,6 +38,7 @@ pub(super) fn base(
         broker_refusal: None,
         takeover: false,
         admitted: false,
+        standing: "member".into(),
         revocations_version: trust.revocations.version,
         policy_version: trust.policy.version,
         peers: Vec::new(),
@@ -78,6 +79,7 @@ impl Agent {
         s.site = self.discovery.site;
         s.takeover = self.datapath.reused;
         s.admitted = core.own.is_some();
+        s.standing = super::service::standing_name(self.standing).into();
         s.peers = core
             .peers
             .values()
@@ -142,6 +144,7 @@ pub(super) fn base_for_tests() -> Status {
         broker_refusal: None,
         takeover: false,
         admitted: false,
+        standing: "member".into(),
         revocations_version: 0,
         policy_version: 0,
         peers: Vec::new(),

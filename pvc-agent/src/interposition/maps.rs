@@ -31,6 +31,8 @@ pub struct Maps {
     pub capacity: u32,
     /// The cgroup whose processes use the virtual network.
     pub cgroup: pins::CgroupScope,
+    /// Whether this host is still a member (`STANDING_*`).
+    standing: u8,
 }
 
 /// Masqueraded traffic since the maps were created.
@@ -68,6 +70,7 @@ impl Maps {
             relay_listener: take(ebpf, names::RELAY_LISTENER)?,
             capacity,
             cgroup,
+            standing: pvc_common::STANDING_MEMBER,
         };
         let events: RingBuf<MapData> = take(ebpf, names::EVENTS)?;
         Ok((maps, EventStream::new(events)?))
@@ -98,10 +101,23 @@ impl Maps {
             ready: 1,
             policy_out: policy.restrict_out as u8,
             policy_in: policy.restrict_in as u8,
-            _pad: 0,
+            standing: self.standing,
             cgroup_level: self.cgroup.level,
             cgroup_id: self.cgroup.id,
         };
+        self.settings
+            .set(0, s, 0)
+            .context("cannot write the settings map")
+    }
+
+    /// Whether this host is still a member (`STANDING_*`), for connect().
+    pub fn set_standing(&mut self, standing: u8) -> anyhow::Result<()> {
+        self.standing = standing;
+        let mut s = self
+            .settings
+            .get(&0, 0)
+            .context("cannot read the settings map")?;
+        s.standing = standing;
         self.settings
             .set(0, s, 0)
             .context("cannot write the settings map")
