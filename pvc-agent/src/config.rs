@@ -49,6 +49,8 @@ pub struct Config {
     pub connectivity: Connectivity,
     #[serde(default)]
     pub metrics: Metrics,
+    #[serde(default)]
+    pub dns: DnsConfig,
     /// What to log: a tracing filter ("info", "debug", "pvc_agent=debug").
     /// `PVC_LOG` in the environment wins over it.
     #[serde(default = "default_log")]
@@ -59,6 +61,51 @@ pub struct Config {
     /// forward, removed by the next start after a crash).
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
+}
+
+/// The virtual DNS: member names as `NAME.DOMAIN`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsConfig {
+    #[serde(default = "default_true")]
+    pub enable: bool,
+    /// The domain member names live in.
+    #[serde(default = "default_domain")]
+    pub domain: String,
+    /// How the host's resolver reaches it.
+    #[serde(default)]
+    pub resolver: DnsResolver,
+    /// The hosts file the names are kept in, without systemd-resolved.
+    #[serde(default = "default_hosts_file")]
+    pub hosts_file: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DnsResolver {
+    /// systemd-resolved where it runs, else the hosts file.
+    #[default]
+    Auto,
+    Resolved,
+    Hosts,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        Self {
+            enable: true,
+            domain: default_domain(),
+            resolver: DnsResolver::Auto,
+            hosts_file: default_hosts_file(),
+        }
+    }
+}
+
+fn default_domain() -> String {
+    "pvc".into()
+}
+fn default_hosts_file() -> PathBuf {
+    "/etc/hosts".into()
 }
 
 /// The Prometheus endpoint.
@@ -320,6 +367,18 @@ impl Config {
         }
         if self.connectivity.upnp_lease_secs < 2 {
             bail!("connectivity.upnp_lease_secs must be at least 2 (renewed at half of it)");
+        }
+        let domain = self.dns.domain.trim_matches('.');
+        if domain.is_empty()
+            || domain.len() > 200
+            || !domain
+                .split('.')
+                .all(|l| pvc_proto::dns::label(l).is_some())
+        {
+            bail!(
+                "dns.domain {:?}: use DNS labels separated by dots, e.g. \"pvc\" or \"cluster.example.org\"",
+                self.dns.domain
+            );
         }
         if self.connectivity.port == 0 {
             bail!("connectivity.port: name a port (the brokers probe it, UPnP forwards it)");

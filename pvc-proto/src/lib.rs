@@ -22,6 +22,7 @@ use bytes::{Buf, BufMut, BytesMut};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use tokio_util::codec::{Decoder, Encoder};
 
+pub mod dns;
 pub mod handshake;
 #[cfg(feature = "metrics")]
 pub mod metrics;

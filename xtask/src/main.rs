@@ -54,10 +54,11 @@ enum Cmd {
     },
 }
 
-const FUZZ_TARGETS: [&str; 3] = [
+const FUZZ_TARGETS: [&str; 4] = [
     "broker_reads_agent_frames",
     "agent_reads_broker_frames",
     "agent_reads_handshakes",
+    "agent_answers_dns",
 ];
 
 fn root() -> PathBuf {

@@ -80,6 +80,8 @@ pub(super) struct Agent {
     pub ready_told: bool,
     /// This host's own membership as the kernel knows it (`STANDING_*`).
     pub standing: u8,
+    /// The virtual DNS, when enabled.
+    pub dns: Option<virtualization::dns::Dns>,
 }
 
 impl Agent {
@@ -501,6 +503,7 @@ impl Agent {
                 Some(event) = tasks.broker_rx.recv() => {
                     self.on_broker(event).await?;
                     self.check_standing();
+                    self.sync_dns();
                     self.tell_service_manager();
                 }
                 batch = events.next_batch() => {
@@ -533,6 +536,7 @@ impl Agent {
                     let effects = self.core.check_sessions(Instant::now());
                     self.apply(effects).await;
                     self.check_standing();
+                    self.sync_dns();
                 }
                 _ = refresh.tick() => self.refresh_next_hops().await,
                 Ok((n, _)) = probes.udp.recv_from(&mut datagram) => {
@@ -555,6 +559,13 @@ impl Agent {
         }
     }
 
+    /// The virtual DNS answers with the members known now.
+    pub fn sync_dns(&mut self) {
+        if let Some(dns) = self.dns.as_mut() {
+            dns.set_names(self.core.member_names());
+        }
+    }
+
     /// Undoes everything, in reverse order: host configuration (so nothing
     /// is routed to 240/4 any more), then the data path and the socket.
     pub async fn teardown(self) -> anyhow::Result<()> {
@@ -564,8 +575,12 @@ impl Agent {
             uplink,
             datapath,
             upnp,
+            dns,
             ..
         } = self;
+        if let Some(dns) = dns {
+            dns.stop(&handle).await;
+        }
         if let Some(m) = upnp {
             // Bounded: a gateway that stopped answering must not hold the stop.
             let _ = tokio::time::timeout(Duration::from_secs(3), m.remove()).await;

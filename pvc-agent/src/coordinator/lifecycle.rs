@@ -394,6 +394,7 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
         config_path: config_path.to_path_buf(),
         ready_told: false,
         standing: pvc_common::STANDING_MEMBER,
+        dns: None,
     };
     let mut result = configure(&mut agent, welcome.is_none()).await;
     if result.is_ok() {
@@ -454,7 +455,21 @@ async fn configure(agent: &mut Agent, takeover: bool) -> anyhow::Result<()> {
         let policy = agent.core.policy();
         agent.apply(policy).await;
     }
-    virtualization::configure(&agent.handle, &agent.uplink, agent.config.virtual_ip).await
+    virtualization::configure(&agent.handle, &agent.uplink, agent.config.virtual_ip).await?;
+    // On the virtual address, which exists from here on.
+    if agent.config.dns.enable {
+        agent.dns = Some(
+            virtualization::dns::Dns::start(
+                &agent.config.dns,
+                agent.config.virtual_ip,
+                &agent.config.instance,
+                &agent.handle,
+            )
+            .await?,
+        );
+        agent.sync_dns();
+    }
+    Ok(())
 }
 
 /// Waits until a broker hands over this host's record and it checks, while
@@ -597,6 +612,7 @@ pub async fn cleanup(config: &Config) -> anyhow::Result<()> {
     let uplink = virtualization::uplink(&handle, &config.interposition.uplink)
         .await
         .ok();
+    virtualization::dns::cleanup(&config.dns, &config.instance, &handle).await;
     virtualization::deconfigure(&handle, uplink.map(|u| u.index), config.virtual_ip).await?;
     interposition::remove_instance(&config.pin_dir())?;
     let _ = std::fs::remove_file(config.control_socket());

@@ -179,6 +179,17 @@ impl Core {
         out
     }
 
+    /// Names for the virtual DNS: every member whose record verified, and
+    /// this host once admitted.
+    pub fn member_names(&self) -> std::collections::BTreeMap<String, Ipv4Addr> {
+        self.peers
+            .values()
+            .map(|p| &p.member)
+            .chain(self.own.as_ref())
+            .filter_map(|m| Some((pvc_proto::dns::label(&m.name)?, m.virtual_ip)))
+            .collect()
+    }
+
     /// Whether this host is still a member (`STANDING_*`), by what the
     /// master signed: its own record's expiry and the revocation list.
     pub fn standing(&self, unix_now: u64) -> u8 {

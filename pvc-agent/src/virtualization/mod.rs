@@ -25,6 +25,8 @@ use netlink_packet_route::{
 use rtnetlink::{Handle, RouteMessageBuilder};
 use tracing::info;
 
+pub mod dns;
+
 /// The prefix of the virtual network.
 pub const VIRTUAL_NET: (Ipv4Addr, u8) = (Ipv4Addr::new(240, 0, 0, 0), 4);
 /// Placeholder next hop of the 240.0.0.0/4 route (never a member's address).
@@ -353,6 +355,20 @@ pub async fn deconfigure(
         bail!("could not remove: {}", failures.join("; "));
     }
     Ok(())
+}
+
+/// Removes a link by name (gone already is fine).
+pub async fn remove_link(handle: &Handle, name: &str) -> anyhow::Result<()> {
+    let mut links = handle.link().get().match_name(name.to_string()).execute();
+    match links.try_next().await {
+        Ok(Some(link)) => handle
+            .link()
+            .del(link.header.index)
+            .execute()
+            .await
+            .with_context(|| format!("cannot remove the link {name}")),
+        _ => Ok(()),
+    }
 }
 
 #[cfg(test)]

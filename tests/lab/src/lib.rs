@@ -398,7 +398,7 @@ uplink = "eth0"
 cgroup = "{cgroup}"
 max_flows = 4096
 {extra}
-{metrics}"#,
+{metrics}{dns}"#,
             instance = h.instance,
             master_key = self.master_key,
             key_file = h.key_file.display(),
@@ -409,6 +409,15 @@ max_flows = 4096
             brokers = self.broker_list(),
             // On the host's own address (unless the test says otherwise),
             // for a Prometheus in another namespace.
+            // The host's own hosts file: never the machine's /etc/hosts.
+            dns = if extra.contains("[dns]") {
+                String::new()
+            } else {
+                format!(
+                    "[dns]\nresolver = \"hosts\"\nhosts_file = \"{}\"\n",
+                    self.hosts_file(&h.name).display()
+                )
+            },
             metrics = if extra.contains("[metrics]") {
                 String::new()
             } else {
@@ -739,6 +748,11 @@ max_flows = 4096
             },
         )?;
         Ok(())
+    }
+
+    /// The hosts file host `name`'s agent keeps member names in.
+    pub fn hosts_file(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("hosts-{name}"))
     }
 
     /// Runs `pvc master <args>` as the administrator, publishing to the
