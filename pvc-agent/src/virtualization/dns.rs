@@ -72,16 +72,29 @@ impl Dns {
             DnsResolver::Hosts => false,
             DnsResolver::Auto => resolved_runs(),
         };
-        let integration = if resolved {
-            let link = link_name(instance);
-            resolved_link(handle, &link, vip, &domain)
-                .await
-                .with_context(|| {
-                    format!(
+        let link = link_name(instance);
+        let routed = if resolved {
+            match resolved_link(handle, &link, vip, &domain).await {
+                Ok(()) => true,
+                // Asked for explicitly: say why it cannot be.
+                Err(e) if config.resolver == DnsResolver::Resolved => {
+                    return Err(e.context(format!(
                         "cannot route the domain {domain} to the virtual DNS through \
                          systemd-resolved (set [dns] resolver = \"hosts\" to use the hosts file)"
-                    )
-                })?;
+                    )));
+                }
+                Err(e) => {
+                    warn!(
+                        "systemd-resolved runs but cannot be given the domain ({e:#}): using the hosts file"
+                    );
+                    let _ = super::remove_link(handle, &link).await;
+                    false
+                }
+            }
+        } else {
+            false
+        };
+        let integration = if routed {
             info!(
                 domain,
                 link, "systemd-resolved sends the domain's names to the virtual DNS"
@@ -257,7 +270,8 @@ fn resolved_runs() -> bool {
 }
 
 /// The dummy link that carries the domain's DNS route for systemd-resolved
-/// (interface names have at most 15 bytes).
+/// (interface names have at most 15 bytes). Kernels without dummy devices
+/// fall back to the hosts file.
 fn link_name(instance: &str) -> String {
     let mut name = format!("pvc-{instance}");
     name.truncate(15);
