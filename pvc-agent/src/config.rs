@@ -234,7 +234,10 @@ fn public_key<'de, D: Deserializer<'de>>(d: D) -> Result<PublicKey, D::Error> {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Interposition {
-    /// The interface that carries real traffic to the other members.
+    /// The interface that carries real traffic to the other members;
+    /// "auto": the interface of the IPv4 default route, followed when it
+    /// changes.
+    #[serde(default = "default_uplink")]
     pub uplink: String,
     /// cgroup v2 folder whose processes (and descendants) use the virtual
     /// network. Default: the root of the cgroup v2 hierarchy.
@@ -274,6 +277,9 @@ impl Default for Flows {
     }
 }
 
+fn default_uplink() -> String {
+    crate::virtualization::AUTO_UPLINK.into()
+}
 fn default_log() -> String {
     "info".into()
 }

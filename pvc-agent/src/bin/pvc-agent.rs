@@ -16,6 +16,21 @@ struct Args {
     cleanup: bool,
 }
 
+/// Runs this program again in place (same process id, for systemd and
+/// whoever watches it), to set up on the host's new network from scratch.
+/// Returns only if that fails.
+fn start_over() -> anyhow::Error {
+    use std::os::unix::process::CommandExt as _;
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => return anyhow::anyhow!("cannot start over: {e}"),
+    };
+    let e = std::process::Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .exec();
+    anyhow::anyhow!("cannot start over: {e}")
+}
+
 #[tokio::main]
 async fn main() {
     pvc_agent::init_logging();
@@ -23,7 +38,11 @@ async fn main() {
     let result = match Config::load(&args.config) {
         Ok(config) if args.cleanup => coordinator::cleanup(&config).await,
         Ok(config) => match pvc_agent::set_log_filter(&config.log) {
-            Ok(()) => coordinator::run(config, &args.config).await,
+            Ok(()) => match coordinator::run(config, &args.config).await {
+                Ok(coordinator::Ending::Stopped) => Ok(()),
+                Ok(coordinator::Ending::NetworkMoved) => Err(start_over()),
+                Err(e) => Err(e),
+            },
             Err(e) => Err(e),
         },
         Err(e) => Err(e),

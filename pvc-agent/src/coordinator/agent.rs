@@ -32,6 +32,9 @@ use crate::{
     virtualization::{self, Uplink},
 };
 
+/// How often the host's default route and uplink address are checked
+/// (`uplink = "auto"`).
+const NETWORK_CHECK: Duration = Duration::from_secs(1);
 /// How often next hops are checked against the host's routing table.
 const NEXT_HOP_REFRESH: Duration = Duration::from_secs(30);
 /// How often exchanges and sessions are checked for timeouts and expiry.
@@ -480,8 +483,9 @@ impl Agent {
         tasks: &mut Tasks,
         probes: super::site::ProbeSockets,
         mut upnp_rx: mpsc::Receiver<anyhow::Result<crate::connectivity::upnp::Mapping>>,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<super::Ending> {
         let mut gc = interval(self.config.gc_interval());
+        let mut network = interval(NETWORK_CHECK);
         let lease = Duration::from_secs(self.config.connectivity.upnp_lease_secs.into());
         let mut upnp_renewal = interval(lease / 2);
         let mut probe_check = interval(crate::connectivity::discovery::DATAGRAM_GRACE / 2);
@@ -553,9 +557,38 @@ impl Agent {
                     Ok(Err(e)) => Err(e),
                     _ => Err(anyhow::anyhow!("control socket stopped")),
                 },
-                _ = tokio::signal::ctrl_c() => { info!("SIGINT: stopping"); return Ok(()) }
-                _ = tasks.term.recv() => { info!("SIGTERM: stopping"); return Ok(()) }
+                _ = network.tick(), if self.config.interposition.uplink == virtualization::AUTO_UPLINK => {
+                    if let Some(why) = self.network_moved().await {
+                        warn!("{why}: starting over on the host's new network; flows over the old one end");
+                        end_virtual_connections(self.config.virtual_ip);
+                        return Ok(super::Ending::NetworkMoved);
+                    }
+                }
+                _ = tokio::signal::ctrl_c() => { info!("SIGINT: stopping"); return Ok(super::Ending::Stopped) }
+                _ = tasks.term.recv() => { info!("SIGTERM: stopping"); return Ok(super::Ending::Stopped) }
             }
+        }
+    }
+
+    /// Whether the host moved: the default route on another interface, or
+    /// the uplink without the address this agent registered with. `None`
+    /// while the network is not usable (no default route, no address yet:
+    /// a DHCP renewal, a resume): the agent waits for the new one.
+    async fn network_moved(&self) -> Option<String> {
+        let now = virtualization::resolve_uplink(&self.handle, &self.config.interposition.uplink)
+            .await
+            .ok()?;
+        let first = now.networks.first()?.address;
+        let real = self.core.identity().real_ip;
+        if now.index != self.uplink.index {
+            Some(format!(
+                "the default route moved from {} to {} ({first})",
+                self.uplink.name, now.name
+            ))
+        } else if !now.networks.iter().any(|n| n.address == real) {
+            Some(format!("{} has {first} instead of {real}", now.name))
+        } else {
+            None
         }
     }
 
@@ -591,5 +624,29 @@ impl Agent {
         net.and(pins)?;
         info!("agent stopped; virtual address, routes and eBPF programs removed");
         Ok(())
+    }
+}
+
+/// Ends this host's connections over the virtual network at once (their
+/// applications see ECONNABORTED), through the kernel's socket destruction
+/// (`ss -K`): their wire tuples used an address the host no longer has.
+fn end_virtual_connections(virtual_ip: Ipv4Addr) {
+    let vip = virtual_ip.to_string();
+    match std::process::Command::new("ss")
+        .args(["-K", "-t", "-n", "src", &vip])
+        .output()
+    {
+        Ok(o) if o.status.success() => {
+            let ended = String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .count()
+                .saturating_sub(1);
+            info!(ended, "connections over the virtual network ended");
+        }
+        Ok(o) => warn!(
+            "cannot end the connections over the virtual network: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        ),
+        Err(e) => warn!("cannot run ss to end the connections over the virtual network: {e}"),
     }
 }

@@ -77,7 +77,7 @@ impl HostSetup {
         let key = Arc::new(KeyPair::load_or_create(&config.key_file)?);
         let local_policy = config.policy.parse()?;
         let handle = virtualization::connect()?;
-        let uplink = virtualization::uplink(&handle, &config.interposition.uplink).await?;
+        let uplink = virtualization::resolve_uplink(&handle, &config.interposition.uplink).await?;
         let real_ip = uplink
             .networks
             .first()
@@ -289,7 +289,17 @@ enum Admission {
 /// (not admitted, another cluster's key) leaves the host as it was. An agent
 /// that finds its predecessor's pins (a crash, an upgrade) takes them over at
 /// once, so established flows never wait for a broker.
-pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
+/// Why the agent stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// SIGINT or SIGTERM: everything undone.
+    Stopped,
+    /// The host moved to another uplink or address (`uplink = "auto"`):
+    /// everything undone, to start over on the new one.
+    NetworkMoved,
+}
+
+pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<Ending> {
     let _claim = claim::Claim::take(&config)?;
     let host = HostSetup::prepare(&config).await?;
     // Before any broker session: a broker's probe must find them open.
@@ -313,7 +323,7 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
             Ok(Admission::Stopped) => {
                 tasks.stop().await;
                 let _ = std::fs::remove_file(config.control_socket());
-                return Ok(());
+                return Ok(Ending::Stopped);
             }
             Err(e) => {
                 tasks.stop().await;
@@ -396,6 +406,7 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
         standing: pvc_common::STANDING_MEMBER,
         dns: None,
     };
+    let mut ending = Ending::Stopped;
     let mut result = configure(&mut agent, welcome.is_none()).await;
     if result.is_ok() {
         let me = agent.core.identity();
@@ -425,11 +436,14 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
             Duration::from_secs(agent.config.connectivity.upnp_lease_secs.into()),
             upnp_tx,
         );
-        result = agent.serve(events, &mut tasks, probes, upnp_rx).await;
+        match agent.serve(events, &mut tasks, probes, upnp_rx).await {
+            Ok(e) => ending = e,
+            Err(e) => result = Err(e),
+        }
     }
     tasks.stop().await;
     let teardown = agent.teardown().await;
-    result.and(teardown)
+    result.and(teardown).map(|()| ending)
 }
 
 /// Takes over what a previous agent of this instance left (its paths,
@@ -609,7 +623,7 @@ fn waiting_status(config: &Config, host: &HostSetup, trust: &Trust) -> Status {
 pub async fn cleanup(config: &Config) -> anyhow::Result<()> {
     let _claim = claim::Claim::take(config)?;
     let handle = virtualization::connect()?;
-    let uplink = virtualization::uplink(&handle, &config.interposition.uplink)
+    let uplink = virtualization::resolve_uplink(&handle, &config.interposition.uplink)
         .await
         .ok();
     virtualization::dns::cleanup(&config.dns, &config.instance, &handle).await;

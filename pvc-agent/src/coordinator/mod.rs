@@ -27,4 +27,4 @@ mod status;
 mod tests;
 mod traversal;
 
-pub use lifecycle::{cleanup, default_cgroup, run};
+pub use lifecycle::{Ending, cleanup, default_cgroup, run};

@@ -79,6 +79,68 @@ async fn link_index(handle: &Handle, name: &str) -> anyhow::Result<(u32, Vec<Lin
     Ok((link.header.index, link.attributes))
 }
 
+/// `interposition.uplink` that follows the host's default route.
+pub const AUTO_UPLINK: &str = "auto";
+
+/// The uplink the configuration names, or (`auto`) the interface of the
+/// IPv4 default route.
+pub async fn resolve_uplink(handle: &Handle, configured: &str) -> anyhow::Result<Uplink> {
+    if configured != AUTO_UPLINK {
+        return uplink(handle, configured).await;
+    }
+    let name = default_route_interface(handle).await?.ok_or_else(|| {
+        anyhow!(
+            "interposition.uplink = \"auto\" follows the IPv4 default route, and this host has \
+             none: connect it, or name the uplink (interposition.uplink = \"eth0\")"
+        )
+    })?;
+    uplink(handle, &name).await
+}
+
+/// The interface of the IPv4 default route (the lowest metric), if any.
+async fn default_route_interface(handle: &Handle) -> anyhow::Result<Option<String>> {
+    let mut routes = handle
+        .route()
+        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+        .execute();
+    let mut best: Option<(u32, u32)> = None;
+    while let Some(r) = routes.try_next().await.context("cannot list routes")? {
+        if r.header.destination_prefix_length != 0
+            || r.header.table != netlink_packet_route::route::RouteHeader::RT_TABLE_MAIN
+        {
+            continue;
+        }
+        let oif = r.attributes.iter().find_map(|a| match a {
+            RouteAttribute::Oif(i) => Some(*i),
+            _ => None,
+        });
+        let metric = r
+            .attributes
+            .iter()
+            .find_map(|a| match a {
+                RouteAttribute::Priority(p) => Some(*p),
+                _ => None,
+            })
+            .unwrap_or(0);
+        if let Some(oif) = oif
+            && best.is_none_or(|(m, _)| metric < m)
+        {
+            best = Some((metric, oif));
+        }
+    }
+    let Some((_, index)) = best else {
+        return Ok(None);
+    };
+    let mut links = handle.link().get().match_index(index).execute();
+    let link = links.try_next().await.context("cannot read the link")?;
+    Ok(link.and_then(|l| {
+        l.attributes.into_iter().find_map(|a| match a {
+            LinkAttribute::IfName(n) => Some(n),
+            _ => None,
+        })
+    }))
+}
+
 pub async fn uplink(handle: &Handle, name: &str) -> anyhow::Result<Uplink> {
     let (index, attributes) = link_index(handle, name).await?;
     let mac = attributes

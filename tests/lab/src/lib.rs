@@ -690,6 +690,14 @@ max_flows = 4096
         Ok(())
     }
 
+    /// Another link of host `name` to the LAN (as a laptop's second
+    /// interface), with `addr`/24, up.
+    pub fn add_lan_link(&mut self, name: &str, dev: &str, addr: Ipv4Addr) -> anyhow::Result<()> {
+        let h = self.host(name);
+        let port = format!("{}-{dev}", h.name);
+        self.plug_into("br0", &h.netns.clone(), &port, dev, addr)
+    }
+
     fn bare_ip_of(i: usize) -> Ipv4Addr {
         Ipv4Addr::new(198, 19, 0, i as u8 + 1)
     }

@@ -105,6 +105,22 @@ pub(super) struct Bench<'a> {
     pub lab: Lab,
     opts: &'a Options,
     port: u16,
+    /// Per phase, per program: ns per run as Prometheus, scraping the
+    /// agents' metrics, saw it over the same PVC run.
+    prometheus: BTreeMap<String, BTreeMap<String, f64>>,
+}
+
+/// Where the bench's Prometheus answers (in the broker's namespace).
+const PROMETHEUS: &str = "127.0.0.1:9090";
+/// Long enough for Prometheus (1 s scrapes) to have scraped a quiet moment.
+const SCRAPE_SETTLE: Duration = Duration::from_millis(2500);
+
+/// Unix time, seconds, as Prometheus' API takes it.
+fn unix_secs() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64()
 }
 
 pub(super) const A: &str = "a";
@@ -254,6 +270,48 @@ impl Bench<'_> {
         Ok(total)
     }
 
+    /// The agents' program totals (ns, runs) as Prometheus held them at
+    /// `at`, summed over both agents.
+    fn prometheus_programs(&self, at: f64) -> anyhow::Result<BTreeMap<String, (f64, f64)>> {
+        let mut totals: BTreeMap<String, (f64, f64)> = BTreeMap::new();
+        for (metric, slot) in [
+            ("pvc_program_run_time_nanoseconds_total", 0),
+            ("pvc_program_runs_total", 1),
+        ] {
+            let out = self
+                .lab
+                .in_broker_netns("curl")
+                .args([
+                    "-sS",
+                    "--max-time",
+                    "5",
+                    "-G",
+                    &format!("http://{PROMETHEUS}/api/v1/query"),
+                    "--data-urlencode",
+                    &format!("query=sum by (program) ({metric}{{job=\"pvc-agent\"}})"),
+                    "--data-urlencode",
+                    &format!("time={at:.3}"),
+                ])
+                .ok()
+                .context("querying the bench's Prometheus")?;
+            let v: Value = serde_json::from_str(&out)?;
+            let results = v["data"]["result"]
+                .as_array()
+                .ok_or_else(|| anyhow!("Prometheus answered: {out}"))?;
+            for r in results {
+                let program = r["metric"]["program"].as_str().unwrap_or("").to_string();
+                let value: f64 = r["value"][1].as_str().unwrap_or("0").parse()?;
+                let e = totals.entry(program).or_default();
+                if slot == 0 {
+                    e.0 = value;
+                } else {
+                    e.1 = value;
+                }
+            }
+        }
+        Ok(totals)
+    }
+
     fn pvc_bytes(&self) -> anyhow::Result<u64> {
         let mut bytes = 0;
         for h in [A, B] {
@@ -278,10 +336,27 @@ impl Bench<'_> {
         eprintln!("bench: {name}");
         let result = phase(self)?;
         let stats = enable_bpf_stats()?;
+        // Prometheus scrapes a quiet moment on either side of the sample.
+        std::thread::sleep(SCRAPE_SETTLE);
+        let from = unix_secs();
         let before = self.programs()?;
         pvc_sample(self)?;
         let after = self.programs()?;
+        std::thread::sleep(SCRAPE_SETTLE);
+        let to = unix_secs();
+        let (p0, p1) = (
+            self.prometheus_programs(from)?,
+            self.prometheus_programs(to)?,
+        );
         drop(stats);
+        let seen = p1
+            .iter()
+            .filter_map(|(prog, &(ns, runs))| {
+                let (ns0, runs0) = p0.get(prog).copied().unwrap_or((0.0, 0.0));
+                (runs > runs0).then(|| (prog.clone(), (ns - ns0) / (runs - runs0)))
+            })
+            .collect();
+        self.prometheus.insert(name.to_string(), seen);
         let costs = after
             .iter()
             .map(|(prog, &(ns, runs))| {
@@ -356,7 +431,7 @@ fn enable_bpf_stats() -> anyhow::Result<std::os::fd::OwnedFd> {
 /// Runs the whole benchmark and writes the report, the plots and the raw
 /// numbers to `out`.
 pub fn run(opts: &Options, out: &Path) -> anyhow::Result<Report> {
-    require_tools(&["NPtcp", "iperf3", "ip", "nsenter"]);
+    require_tools(&["NPtcp", "iperf3", "ip", "nsenter", "prometheus", "curl"]);
     let started = Instant::now();
     fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     // Fail early, with the reason, on a kernel without BPF_ENABLE_STATS.
@@ -365,10 +440,12 @@ pub fn run(opts: &Options, out: &Path) -> anyhow::Result<Report> {
     let mut lab = Lab::lan(2)?;
     lab.add_bare_lan()?;
     lab.start_all()?;
+    start_prometheus(&mut lab)?;
     let mut bench = Bench {
         lab,
         opts,
         port: 20000,
+        prometheus: BTreeMap::new(),
     };
     let mut programs = BTreeMap::new();
 
@@ -536,6 +613,7 @@ pub fn run(opts: &Options, out: &Path) -> anyhow::Result<Report> {
 
     eprintln!("bench: broker with {} simulated agents", opts.load_agents);
     let broker_load = broker_load(&mut bench.lab, opts)?;
+    let programs_prometheus = std::mem::take(&mut bench.prometheus);
     drop(bench);
     let sites = super::sites::measure(opts)?;
 
@@ -555,6 +633,7 @@ pub fn run(opts: &Options, out: &Path) -> anyhow::Result<Report> {
         round_trip_bare_us: round_trip_bare,
         round_trip_pvc_us: round_trip_pvc,
         programs,
+        programs_prometheus,
         empty_program,
         agents,
         broker,
@@ -565,6 +644,59 @@ pub fn run(opts: &Options, out: &Path) -> anyhow::Result<Report> {
     };
     write(&report, &bare_np, &pvc_np, out)?;
     Ok(report)
+}
+
+/// Debian's Prometheus in the broker's namespace, scraping both agents'
+/// and the broker's metrics every second, for the bench to read back.
+fn start_prometheus(lab: &mut Lab) -> anyhow::Result<()> {
+    let agents: Vec<String> = lab
+        .hosts
+        .iter()
+        .map(|h| format!("\"{}:{}\"", h.real, pvc_lab::AGENT_METRICS_PORT))
+        .collect();
+    let config = lab.dir.join("prometheus.yml");
+    fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: pvc-agent\n    \
+             static_configs:\n      - targets: [{}]\n  - job_name: pvc-broker\n    \
+             static_configs:\n      - targets: [\"{}:{}\"]\n",
+            agents.join(", "),
+            pvc_lab::BROKER_IP,
+            pvc_lab::BROKER_METRICS_PORT
+        ),
+    )?;
+    let tsdb = lab.dir.join("tsdb");
+    lab.spawn_beside_broker(
+        "prometheus",
+        &[
+            &format!("--config.file={}", config.display()),
+            &format!("--storage.tsdb.path={}", tsdb.display()),
+            &format!("--web.listen-address={PROMETHEUS}"),
+        ],
+    )?;
+    wait_until(
+        Duration::from_secs(30),
+        "Prometheus scraping 3 targets",
+        || {
+            let out = lab
+                .in_broker_netns("curl")
+                .args([
+                    "-sS",
+                    "--max-time",
+                    "2",
+                    "-G",
+                    &format!("http://{PROMETHEUS}/api/v1/query"),
+                    "--data-urlencode",
+                    "query=count(up == 1)",
+                ])
+                .ok()
+                .ok()?;
+            let v: Value = serde_json::from_str(&out).ok()?;
+            (v["data"]["result"][0]["value"][1] == "3").then_some(())
+        },
+    )?;
+    Ok(())
 }
 
 fn cost(before: Usage, after: Usage) -> ProcessCost {

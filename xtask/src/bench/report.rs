@@ -100,6 +100,10 @@ pub struct Report {
     pub round_trip_pvc_us: Spread,
     /// Per phase ("netpipe", "iperf3", "connect"), per program.
     pub programs: BTreeMap<String, BTreeMap<String, ProgramCost>>,
+    /// The same, ns per run, as a Prometheus scraping the agents' metrics
+    /// saw it over the same runs.
+    #[serde(default)]
+    pub programs_prometheus: BTreeMap<String, BTreeMap<String, f64>>,
     /// A program that does nothing, on both ends of the bare path during
     /// iperf3 in both directions: what any tc program costs on this machine.
     pub empty_program: ProgramCost,
@@ -347,13 +351,21 @@ pub fn markdown(r: &Report) -> String {
         "\n## eBPF programs (kernel run-time statistics, both hosts)\n\n\
          Statistics add two clock reads to every program run, so the comparisons above ran \
          without them; these come from one more PVC run of each phase, with them on.\n\n\
-         | phase | program | runs | ns per run | above the empty program |\n|---|---|---|---|---|"
+         The last column is the same figure read back from Prometheus, which scraped the \
+         agents' metrics (`pvc_program_run_time_nanoseconds_total / pvc_program_runs_total`) \
+         every second during the run.\n\n\
+         | phase | program | runs | ns per run | above the empty program | Prometheus, ns per run |\n|---|---|---|---|---|---|"
     );
     for (phase, progs) in &r.programs {
         for (name, c) in progs {
+            let prom = r
+                .programs_prometheus
+                .get(phase)
+                .and_then(|p| p.get(name))
+                .map_or("-".to_string(), |v| format!("{v:.0}"));
             let _ = writeln!(
                 m,
-                "| {phase} | {name} | {} | {:.0} | {:.0} |",
+                "| {phase} | {name} | {} | {:.0} | {:.0} | {prom} |",
                 c.runs,
                 c.ns_per_run,
                 c.ns_per_run - r.empty_program.ns_per_run
@@ -362,7 +374,7 @@ pub fn markdown(r: &Report) -> String {
     }
     let _ = writeln!(
         m,
-        "| iperf3, bare path | an empty program (the floor: dispatch, statistics, cold caches) | {} | {:.0} | 0 |",
+        "| iperf3, bare path | an empty program (the floor: dispatch, statistics, cold caches) | {} | {:.0} | 0 | - |",
         r.empty_program.runs, r.empty_program.ns_per_run
     );
     let _ = writeln!(

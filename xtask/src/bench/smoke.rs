@@ -71,6 +71,19 @@ fn check(r: &Report, opts: &Options, out: &Path) -> anyhow::Result<()> {
         for prog in ["pvc_egress", "pvc_ingress"] {
             let c = progs.get(prog).context(prog)?;
             ensure!(c.runs > 0 && c.ns_per_run > 0.0, "{phase}/{prog}: {c:?}");
+            // Prometheus, scraping the agents, read back the same cost
+            // (its window also holds a few background packets).
+            let prom = r
+                .programs_prometheus
+                .get(phase)
+                .and_then(|p| p.get(prog))
+                .with_context(|| format!("{phase}/{prog} missing from Prometheus"))?;
+            // Over a few hundred runs the background packets weigh.
+            ensure!(
+                c.runs < 1000 || (prom / c.ns_per_run - 1.0).abs() < 0.15,
+                "{phase}/{prog}: Prometheus says {prom:.0} ns per run, the kernel {:.0}",
+                c.ns_per_run
+            );
         }
     }
     let connect4 = &r.programs["connect"]["pvc_connect4"];
