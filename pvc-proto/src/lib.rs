@@ -98,8 +98,9 @@ pub enum AgentMessage {
     RelayOffer { token: [u8; 16], to: Ipv4Addr },
     /// First and only frame of a relay connection: pair it with the other
     /// connection that joins with the same offered `token`; from then on
-    /// the broker copies bytes between them (which the agents encrypt and
-    /// authenticate end to end).
+    /// the broker copies bytes between them. The agents prove the pair's
+    /// key to each other on the connection before any byte of the flow;
+    /// the bytes themselves are not encrypted (as on a direct path).
     RelayJoin { token: [u8; 16] },
 }
 

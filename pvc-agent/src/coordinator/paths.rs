@@ -5,7 +5,8 @@
 //! The first SYN to a member without such a path is held by tc egress and
 //! handed here; the exchange runs through the broker; once both sides have
 //! installed the path the SYN is re-sent, so the application's connect()
-//! completes as soon as the path exists. Later flows need no agent at all.
+//! completes as soon as the path exists. Later flows need no agent (on a
+//! path whose every flow needs a traversal, the agents open each one).
 
 use std::{net::Ipv4Addr, time::Instant};
 
