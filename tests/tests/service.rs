@@ -176,3 +176,48 @@ fn sighup_moves_the_agent_to_the_brokers_its_configuration_lists() {
             .contains("no longer configured: leaving it")
     );
 }
+
+/// SIGHUP with another metrics address: the endpoint moves.
+#[test]
+fn sighup_moves_the_metrics_endpoint() {
+    require_tools(&["curl"]);
+    let mut lab = Lab::lan(1).unwrap();
+    lab.start_all().unwrap();
+    let real = lab.host("a").real;
+    let scrape = |lab: &Lab, port: u16| {
+        lab.app("a", "curl")
+            .args(["-sS", "--max-time", "2"])
+            .args([format!("http://{real}:{port}/metrics")])
+            .output()
+            .unwrap()
+    };
+    let before = scrape(&lab, pvc_lab::AGENT_METRICS_PORT);
+    assert!(
+        String::from_utf8_lossy(&before.stdout).contains("pvc_admitted 1"),
+        "{before:?}"
+    );
+    let config = lab.host("a").config.clone();
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replace(
+            &format!("{real}:{}", pvc_lab::AGENT_METRICS_PORT),
+            &format!("{real}:9611"),
+        ),
+    )
+    .unwrap();
+    hangup(&lab, "a");
+    wait_until_scraped(&lab, || {
+        String::from_utf8_lossy(&scrape(&lab, 9611).stdout).contains("pvc_admitted 1")
+    });
+    assert!(!scrape(&lab, pvc_lab::AGENT_METRICS_PORT).status.success());
+}
+
+fn wait_until_scraped(lab: &Lab, mut ok: impl FnMut() -> bool) {
+    pvc_lab::wait_until(
+        Duration::from_secs(5),
+        "the metrics at the new address",
+        || ok().then_some(()),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", lab.agent_log("a")));
+}
