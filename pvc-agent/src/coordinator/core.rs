@@ -125,6 +125,10 @@ pub(super) struct Established {
     pub since: Instant,
 }
 
+/// Requests remembered per member (`Core::first_time`): far more than run
+/// at once (a traversal takes a second at most).
+const REMEMBERED_REQUESTS: usize = 4096;
+
 pub(super) struct Peer {
     pub member: Member,
     /// What the brokers say of it (its site, where they see it).
@@ -150,6 +154,9 @@ pub(super) struct Peer {
     pub reauthenticated_at: Option<Instant>,
     /// When the authentication under way (or the last one) started.
     pub auth_started: Option<Instant>,
+    /// Its latest traversal and relay requests served, by id: a broker
+    /// may deliver a copy again, which must not be served twice.
+    pub requests: std::collections::VecDeque<[u8; 16]>,
 }
 
 impl Peer {
@@ -168,6 +175,7 @@ impl Peer {
             relay_since: None,
             reauthenticated_at: None,
             auth_started: None,
+            requests: std::collections::VecDeque::new(),
         }
     }
 
@@ -503,6 +511,23 @@ impl Core {
                 None
             }
         }
+    }
+
+    /// Whether a member's traversal or relay request (by `id`) is served for
+    /// the first time. Its MAC proves the member made it, not that it is
+    /// new: the broker relaying it could deliver it again.
+    pub(super) fn first_time(&mut self, from: Ipv4Addr, id: [u8; 16]) -> bool {
+        let Some(p) = self.peers.get_mut(&from) else {
+            return false;
+        };
+        if p.requests.contains(&id) {
+            return false;
+        }
+        if p.requests.len() >= REMEMBERED_REQUESTS {
+            p.requests.pop_front();
+        }
+        p.requests.push_back(id);
+        true
     }
 
     /// A message for member `to`, through a broker it is connected to

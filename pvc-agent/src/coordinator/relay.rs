@@ -99,6 +99,14 @@ impl Core {
             self.count("relays_refused");
             return;
         }
+        if !self.first_time(from, r.token) {
+            warn!(%from, "refused a relayed flow whose request was served already (a replay?)");
+            self.count("relays_refused");
+            return;
+        }
+        let Some(p) = self.peers.get(&from) else {
+            return;
+        };
         let Some(broker) = via else {
             return;
         };

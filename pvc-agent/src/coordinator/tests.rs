@@ -582,3 +582,99 @@ fn packets_from_the_kernel_never_panic_the_core() {
         let _ = a.held(vb, Some(packet), t);
     }
 }
+
+/// A member's traversal request, as its agent would make it for a flow from
+/// its port 50000 to our port 22.
+fn traverse_request(c: &Cluster, core: &Core, id: u64) -> pvc_proto::handshake::Traverse {
+    let (va, vb) = (c.hosts[0].vip, c.hosts[1].vip);
+    let mut syn = vec![0u8; 40];
+    syn[0] = 0x45;
+    syn[2..4].copy_from_slice(&40u16.to_be_bytes());
+    syn[8] = 64;
+    syn[9] = 6;
+    syn[12..16].copy_from_slice(&vb.octets());
+    syn[16..20].copy_from_slice(&va.octets());
+    syn[20..22].copy_from_slice(&50000u16.to_be_bytes());
+    syn[22..24].copy_from_slice(&22u16.to_be_bytes());
+    syn[32] = 0x50;
+    syn[33] = 0x02;
+    let key = core.peers[&vb].session.as_ref().unwrap().session.tag_key;
+    let mut t = pvc_proto::handshake::Traverse {
+        id,
+        technique: pvc_common::Technique::Punch as u8,
+        syn,
+        client: std::net::SocketAddrV4::new(c.hosts[1].real, 50000),
+        mac: [0; 32],
+    };
+    t.mac = crate::security::challenge::control_mac(&key, &t.signed_part());
+    t
+}
+
+#[test]
+fn a_traversal_request_is_served_once_and_never_over_a_flow_of_ours() {
+    let c = Cluster::new(2);
+    let t = Instant::now();
+    let (mut a, _b) = paired(&c, t);
+    let vb = c.hosts[1].vip;
+    let mut out = Vec::new();
+    a.traverse(vb, traverse_request(&c, &a, 8), t, &mut out);
+    assert!(!out.is_empty(), "a fresh request is served");
+    // The broker delivers the same request again: refused.
+    let mut again = Vec::new();
+    a.traverse(vb, traverse_request(&c, &a, 8), t, &mut again);
+    assert!(again.is_empty(), "{again:?}");
+    // An id one of our own traversals uses: refused, ours untouched.
+    a.flows.insert(
+        9,
+        super::traversal::Flow {
+            peer: vb,
+            technique: pvc_common::Technique::Punch,
+            since: t,
+            side: super::traversal::Side::Client {
+                syn: syn(9),
+                sport: 40000,
+                wire_port: 40000,
+            },
+            completing: false,
+        },
+    );
+    let mut clash = Vec::new();
+    a.traverse(vb, traverse_request(&c, &a, 9), t, &mut clash);
+    assert!(clash.is_empty(), "{clash:?}");
+    assert!(matches!(
+        a.flows[&9].side,
+        super::traversal::Side::Client { sport: 40000, .. }
+    ));
+    assert_eq!(a.counters["traversals_refused"], 2);
+}
+
+#[test]
+fn a_relayed_flow_request_is_served_once() {
+    let c = Cluster::new(2);
+    let t = Instant::now();
+    let (mut a, _b) = paired(&c, t);
+    let (va, vb) = (c.hosts[0].vip, c.hosts[1].vip);
+    let key = a.peers[&vb].session.as_ref().unwrap().session.tag_key;
+    let mut r = pvc_proto::handshake::RelayFlow {
+        token: [5; 16],
+        client: vb,
+        server: va,
+        client_port: 50000,
+        port: 22,
+        mac: [0; 32],
+    };
+    r.mac = crate::security::challenge::control_mac(&key, &r.signed_part());
+    let accepts = |out: &[Effect]| {
+        out.iter()
+            .filter(|e| matches!(e, Effect::AcceptRelay(_)))
+            .count()
+    };
+    let mut out = Vec::new();
+    a.relay_in(vb, Some("broker"), r.clone(), &mut out);
+    assert_eq!(accepts(&out), 1, "{out:?}");
+    // The broker delivers it again: nothing more joins the relay.
+    let mut again = Vec::new();
+    a.relay_in(vb, Some("broker"), r, &mut again);
+    assert_eq!(accepts(&again), 0, "{again:?}");
+    assert_eq!(a.counters["relays_refused"], 1);
+}

@@ -194,6 +194,15 @@ impl Core {
             self.count("traversals_refused");
             return;
         };
+        // Server-side flows share the table with ours, keyed by the
+        // client's id: one in use is not taken over.
+        let mut id = [0u8; 16];
+        id[..8].copy_from_slice(&t.id.to_le_bytes());
+        if self.flows.contains_key(&t.id) || !self.first_time(from, id) {
+            warn!(%from, id = t.id, "refused a traversal request whose id was seen already (a replay?)");
+            self.count("traversals_refused");
+            return;
+        }
         if !self.allows_inbound(from, syn.dport) {
             info!(%from, port = syn.dport, "refused a traversal: the policy does not allow it");
             self.count("traversals_refused");
