@@ -2,7 +2,7 @@
 //! renewal), then another uplink (Wi-Fi to wired), while a member keeps
 //! connecting to it. With `uplink = "auto"` the agent follows the default
 //! route and starts over on the new network; its flows over the old one end
-//! at once, and members reach it again within seconds.
+//! at once on both ends, and members reach it again within seconds.
 
 use std::{
     net::Ipv4Addr,
@@ -70,7 +70,9 @@ fn an_agent_follows_its_host_to_a_new_address_and_a_new_uplink() {
 
     // 1. A new address on the same uplink (a DHCP renewal gave another).
     let a_vip = lab.host("a").virtual_ip;
+    probe::echo_server(&mut lab, "b", 7802).unwrap();
     let chatter = probe::chatter(&mut lab, "b", a_vip, 7801, 20).unwrap();
+    let towards = probe::chatter(&mut lab, "a", b_vip, 7802, 20).unwrap();
     std::thread::sleep(Duration::from_millis(500));
     ip(&lab, "b", &["addr", "del", "198.18.0.2/24", "dev", "eth0"]);
     ip(&lab, "b", &["addr", "add", "198.18.0.12/24", "dev", "eth0"]);
@@ -96,6 +98,15 @@ fn an_agent_follows_its_host_to_a_new_address_and_a_new_uplink() {
         ECONNABORTED,
         "{ended}\n{}",
         lab.agent_log("b")
+    );
+    // a's end of a connection to b's old address ends too, once b has
+    // re-registered from its new one.
+    let ended = probe::chatter_result(&mut lab, &towards).unwrap();
+    assert_eq!(
+        ended["errno"],
+        ECONNABORTED,
+        "{ended}\n{}",
+        lab.agent_log("a")
     );
     let after = reached_again(&lab, moved);
     println!("new address: a reaches b again {after:?} after the change");

@@ -185,6 +185,7 @@ impl Agent {
                 let _ = self.injector.refuse(&packet);
             }
             Effect::Send { to, via, message } => self.send(to, via, &message),
+            Effect::EndConnections(vip) => end_connections(&["dst", &vip.to_string()]),
             Effect::CloseFlows(vip) => {
                 let n = self.datapath.maps.close_flows_with(vip);
                 if n > 0 {
@@ -628,12 +629,18 @@ impl Agent {
 }
 
 /// Ends this host's connections over the virtual network at once (their
-/// applications see ECONNABORTED), through the kernel's socket destruction
-/// (`ss -K`): their wire tuples used an address the host no longer has.
+/// applications see ECONNABORTED): their wire tuples used an address the
+/// host no longer has.
 fn end_virtual_connections(virtual_ip: Ipv4Addr) {
-    let vip = virtual_ip.to_string();
+    end_connections(&["src", &virtual_ip.to_string()]);
+}
+
+/// Ends the TCP connections `filter` (an `ss` filter) selects, through the
+/// kernel's socket destruction (`ss -K`).
+fn end_connections(filter: &[&str]) {
     match std::process::Command::new("ss")
-        .args(["-K", "-t", "-n", "src", &vip])
+        .args(["-K", "-t", "-n"])
+        .args(filter)
         .output()
     {
         Ok(o) if o.status.success() => {
@@ -641,12 +648,15 @@ fn end_virtual_connections(virtual_ip: Ipv4Addr) {
                 .lines()
                 .count()
                 .saturating_sub(1);
-            info!(ended, "connections over the virtual network ended");
+            if ended > 0 {
+                info!(ended, filter = filter.join(" "), "connections ended");
+            }
         }
         Ok(o) => warn!(
-            "cannot end the connections over the virtual network: {}",
+            "cannot end connections ({}): {}",
+            filter.join(" "),
             String::from_utf8_lossy(&o.stderr).trim()
         ),
-        Err(e) => warn!("cannot run ss to end the connections over the virtual network: {e}"),
+        Err(e) => warn!("cannot run ss to end connections: {e}"),
     }
 }

@@ -110,6 +110,10 @@ pub enum Effect {
     },
     /// Removes every flow entry with the member (revocation, expiry).
     CloseFlows(Ipv4Addr),
+    /// Ends this host's connections with the member at once (the
+    /// applications see ECONNABORTED): it moved to another address, which
+    /// their wire tuples cannot follow.
+    EndConnections(Ipv4Addr),
     /// The compiled policy changed: the kernel's policy map and settings.
     Policy(Compiled),
 }
@@ -373,8 +377,11 @@ impl Core {
                 }
                 out.push(Effect::SetPeer(vip, kernel_path(&s.session, &path)));
             }
-            (Some(_), _) => {
+            (Some(s), new) => {
                 tracing::info!(name = p.member.name, %vip, "member's path moved; it will be authenticated again");
+                if new.is_some_and(|n| n.real != s.session.peer_real) {
+                    out.push(Effect::EndConnections(vip));
+                }
                 p.session = None;
                 if let Some((id, _, _)) = p.exchange.take() {
                     self.exchanges.remove(&id);

@@ -459,6 +459,8 @@ fn a_changed_record_is_authenticated_again() {
     let out = a.joined("broker", &moved, t, unix_now());
     let entry = kernel_entry(&out, vb).unwrap();
     assert_eq!((entry.state, entry.real), (PEER_MEMBER, [198, 18, 0, 99]));
+    // Connections over its old address cannot follow it: they end.
+    assert!(out.contains(&Effect::EndConnections(vb)), "{out:?}");
     assert!(a.routed_sessions().is_empty());
     assert!(matches!(
         sends(&a.held(vb, Some(syn(1)), t))[..],
