@@ -169,3 +169,71 @@ print(json.dumps(out))
     let text = std::fs::read_to_string(&kept).unwrap();
     assert!(!text.contains(".pvc"), "{text}");
 }
+
+/// With systemd-resolved, the agent hangs the domain's DNS route on a link
+/// of its own. systemd-resolved does not run on these machines: a
+/// `resolvectl` stand-in records what the agent asks of it (the real one is
+/// not tested here), the link is real.
+#[test]
+fn the_agent_gives_systemd_resolved_a_link_routed_to_the_domain() {
+    require_tools(&["python3"]);
+    let mut lab = Lab::lan(1).unwrap();
+    let bin = lab.dir.join("fakebin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let said = lab.dir.join("resolvectl.log");
+    let fake = bin.join("resolvectl");
+    std::fs::write(
+        &fake,
+        format!("#!/bin/sh\necho \"$@\" >> {}\n", said.display()),
+    )
+    .unwrap();
+    std::process::Command::new("chmod")
+        .args(["755"])
+        .arg(&fake)
+        .status()
+        .unwrap();
+    // (A hosts file of the lab's, should anything write one.)
+    let extra = format!(
+        "[dns]\nresolver = \"resolved\"\nhosts_file = \"{}\"\n",
+        lab.hosts_file("a").display()
+    );
+    lab.write_config(0, &extra).unwrap();
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    lab.hosts[0].agent_env = vec![("PATH".into(), path)];
+    lab.start_all().unwrap();
+    let mut link = format!("pvc-{}", lab.host("a").instance);
+    link.truncate(15);
+    let vip = lab.host("a").virtual_ip;
+    let asked = std::fs::read_to_string(&said).unwrap();
+    for line in [
+        format!("dns {link} {vip}"),
+        format!("domain {link} ~pvc"),
+        format!("default-route {link} false"),
+    ] {
+        assert!(asked.lines().any(|l| l == line), "{line} not in:\n{asked}");
+    }
+    let shown = lab
+        .app("a", "ip")
+        .args(["link", "show", &link])
+        .output()
+        .unwrap();
+    assert!(shown.status.success(), "{shown:?}");
+    // The hosts file is left alone.
+    assert!(
+        !lab.hosts_file("a").exists()
+            || !std::fs::read_to_string(lab.hosts_file("a"))
+                .unwrap()
+                .contains(".pvc")
+    );
+    lab.stop_agent("a").unwrap();
+    let gone = lab
+        .app("a", "ip")
+        .args(["link", "show", &link])
+        .output()
+        .unwrap();
+    assert!(!gone.status.success(), "the link outlived the agent");
+}

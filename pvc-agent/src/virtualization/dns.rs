@@ -20,7 +20,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use rtnetlink::{Handle, LinkDummy};
+use rtnetlink::{Handle, LinkDummy, LinkIfb};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{TcpListener, UdpSocket},
@@ -270,8 +270,7 @@ fn resolved_runs() -> bool {
 }
 
 /// The dummy link that carries the domain's DNS route for systemd-resolved
-/// (interface names have at most 15 bytes). Kernels without dummy devices
-/// fall back to the hosts file.
+/// (interface names have at most 15 bytes).
 fn link_name(instance: &str) -> String {
     let mut name = format!("pvc-{instance}");
     name.truncate(15);
@@ -285,12 +284,21 @@ async fn resolved_link(
     domain: &str,
 ) -> anyhow::Result<()> {
     let _ = super::remove_link(handle, link).await;
-    handle
+    let dummy = handle
         .link()
         .add(LinkDummy::new(link).up().build())
         .execute()
-        .await
-        .with_context(|| format!("cannot create the link {link}"))?;
+        .await;
+    if dummy.is_err() {
+        // Kernels without dummy devices: an ifb device carries the route
+        // as well (resolved only needs a link to hang it on).
+        handle
+            .link()
+            .add(LinkIfb::new(link).up().build())
+            .execute()
+            .await
+            .with_context(|| format!("cannot create the link {link} (dummy or ifb)"))?;
+    }
     for args in [
         vec!["dns", link, &vip.to_string()],
         vec!["domain", link, &format!("~{domain}")],
