@@ -22,8 +22,9 @@ static LOG_FILTER: std::sync::OnceLock<LogFilter> = std::sync::OnceLock::new();
 /// or the configuration's `log`, which a reload changes).
 pub fn init_logging() {
     use tracing_subscriber::{layer::SubscriberExt as _, util::SubscriberInitExt as _};
-    let filter = tracing_subscriber::EnvFilter::try_from_env("PVC_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = log_override()
+        .and_then(|v| tracing_subscriber::EnvFilter::try_new(v).ok())
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info"));
     let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
     tracing_subscriber::registry()
         .with(filter)
@@ -36,10 +37,17 @@ pub fn init_logging() {
     let _ = LOG_FILTER.set(handle);
 }
 
+/// `PVC_LOG`, when set to something.
+fn log_override() -> Option<String> {
+    std::env::var("PVC_LOG")
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+}
+
 /// Applies the configuration's log filter, unless `PVC_LOG` set one.
 pub fn set_log_filter(directives: &str) -> anyhow::Result<()> {
     use anyhow::Context as _;
-    if std::env::var_os("PVC_LOG").is_some() {
+    if log_override().is_some() {
         return Ok(());
     }
     let filter = tracing_subscriber::EnvFilter::try_new(directives).with_context(|| {

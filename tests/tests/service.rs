@@ -221,3 +221,30 @@ fn wait_until_scraped(lab: &Lab, mut ok: impl FnMut() -> bool) {
     )
     .unwrap_or_else(|e| panic!("{e}\n{}", lab.agent_log("a")));
 }
+
+/// SIGHUP with another `log` filter: the agent's log follows it (PVC_LOG
+/// unset, as under systemd).
+#[test]
+fn sighup_changes_the_log_filter() {
+    let mut lab = Lab::lan(1).unwrap();
+    lab.hosts[0].agent_env = vec![("PVC_LOG".into(), String::new())];
+    lab.write_config(0, "").unwrap();
+    let config = lab.host("a").config.clone();
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("log = \"warn\"\n{text}")).unwrap();
+    lab.start_all().unwrap();
+    // At "warn", not even "agent ready" is logged.
+    assert!(
+        !lab.agent_log("a").contains("agent ready"),
+        "{}",
+        lab.agent_log("a")
+    );
+    std::fs::write(&config, format!("log = \"info\"\n{text}")).unwrap();
+    hangup(&lab, "a");
+    pvc_lab::wait_until(Duration::from_secs(3), "info lines", || {
+        lab.agent_log("a")
+            .contains("log filter reloaded")
+            .then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", lab.agent_log("a")));
+}
