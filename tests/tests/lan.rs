@@ -290,3 +290,28 @@ fn a_server_answering_with_syn_cookies_is_reached() {
         .unwrap_or(0);
     assert!(sent >= 3, "the server sent no SYN cookies: {cookies}");
 }
+
+/// Each host of the lab has its own hostname, as separate machines do
+/// (software such as Slurm names nodes by gethostname()); the machine's own
+/// is untouched, and nothing is left when the lab goes.
+#[test]
+fn each_host_has_its_own_hostname() {
+    let ours = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    let lab = Lab::lan(2).unwrap();
+    for name in ["a", "b"] {
+        let said = lab.app(name, "hostname").ok().unwrap();
+        assert_eq!(said.trim(), format!("host-{name}"));
+    }
+    assert_eq!(
+        std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap(),
+        ours
+    );
+    let kept: Vec<std::path::PathBuf> = lab
+        .hosts
+        .iter()
+        .map(|h| std::path::Path::new("/run/pvc-lab").join(format!("{}.uts", h.netns)))
+        .collect();
+    assert!(kept.iter().all(|p| p.exists()));
+    drop(lab);
+    assert!(kept.iter().all(|p| !p.exists()), "{kept:?}");
+}

@@ -100,6 +100,26 @@ fn is_bpffs() -> bool {
 
 /// Where the workspace's binaries are: `PVC_BIN_DIR`, else the target folder
 /// of the running executable (target/<profile>/).
+/// Where a host's UTS namespace (its hostname) is kept, beside its netns.
+fn uts_file(netns: &str) -> PathBuf {
+    Path::new("/run/pvc-lab").join(format!("{netns}.uts"))
+}
+
+/// A UTS namespace for the host in `netns`, named `hostname`, kept by a
+/// bind mount until the lab goes.
+fn make_uts(netns: &str, hostname: &str) -> anyhow::Result<()> {
+    let file = uts_file(netns);
+    fs::create_dir_all(file.parent().expect("a folder"))?;
+    File::create(&file)?;
+    sh(&[
+        "unshare",
+        &format!("--uts={}", file.display()),
+        "hostname",
+        hostname,
+    ])?;
+    Ok(())
+}
+
 pub fn bin(name: &str) -> PathBuf {
     let dir = std::env::var_os("PVC_BIN_DIR")
         .map(PathBuf::from)
@@ -346,6 +366,8 @@ impl Lab {
         site: Option<usize>,
     ) -> anyhow::Result<String> {
         let i = self.hosts.len();
+        // Its own hostname, as a separate machine has (Slurm reads it).
+        make_uts(&netns, &format!("host-{name}"))?;
         let cgroup = self.cgroup_dir.join(&name);
         fs::create_dir_all(&cgroup)?;
         let instance = format!("{}-{name}", self.prefix);
@@ -450,6 +472,8 @@ max_flows = 4096
     ) -> anyhow::Result<Prepared> {
         let ns =
             File::open(format!("/run/netns/{netns}")).with_context(|| format!("netns {netns}"))?;
+        // A host's hostname (`make_uts`), for namespaces that have one.
+        let uts = File::open(uts_file(netns)).ok();
         let procs = match cgroup {
             Some(c) => Some(
                 OpenOptions::new()
@@ -460,6 +484,7 @@ max_flows = 4096
         };
         let mut cmd = Command::new(program);
         let ns_fd = ns.as_raw_fd();
+        let uts_fd = uts.as_ref().map(|f| f.as_raw_fd());
         let procs_fd = procs.as_ref().map(|f| f.as_raw_fd());
         // SAFETY: only async-signal-safe syscalls between fork and exec; the
         // fds stay open until spawn returns (Prepared owns them).
@@ -473,12 +498,18 @@ max_flows = 4096
                 if libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
+                if let Some(fd) = uts_fd
+                    && libc::setns(fd, libc::CLONE_NEWUTS) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
                 Ok(())
             });
         }
         Ok(Prepared {
             cmd,
             _ns: ns,
+            _uts: uts,
             _procs: procs,
         })
     }
@@ -957,6 +988,7 @@ pub struct Spawned {
 pub struct Prepared {
     pub cmd: Command,
     _ns: File,
+    _uts: Option<File>,
     _procs: Option<File>,
 }
 
@@ -1030,6 +1062,11 @@ impl Drop for Lab {
         }
         for ns in self.namespaces.iter().rev() {
             let _ = sh(&["ip", "netns", "del", ns]);
+            let uts = uts_file(ns);
+            if uts.exists() {
+                let _ = sh(&["umount", &uts.display().to_string()]);
+                let _ = fs::remove_file(&uts);
+            }
         }
         for h in &self.hosts {
             let _ = fs::remove_dir(&h.cgroup);
