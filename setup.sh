@@ -5,7 +5,8 @@
 # bpf-linker (to link the eBPF object), bpftool, the programs the tests, the
 # demo and the benchmark run (NetPIPE, iperf3, a font for the plots; the
 # simulated Internet's NATs and firewalls, a real miniupnpd and its client,
-# Prometheus to scrape the lab's metrics),
+# Prometheus to scrape the lab's metrics, Slurm and munge for the
+# cluster-software tests),
 # and cargo-fuzz. Safe to run again: it only adds what is missing.
 set -eu
 
@@ -16,7 +17,8 @@ PACKAGES="rustc-web cargo-web libstd-rust-web-dev-bpf llvm-22-dev libbpf-dev bpf
   gcc g++ libc6-dev libzstd-dev zlib1g-dev
   iproute2 iputils-ping ethtool tcpdump iperf3 socat netcat-openbsd curl python3 systemd
   netpipe-tcp fonts-dejavu-core ca-certificates
-  iptables nftables conntrack miniupnpd miniupnpd-nftables miniupnpc prometheus"
+  iptables nftables conntrack miniupnpd miniupnpd-nftables miniupnpc prometheus
+  slurm-wlm munge"
 
 missing=""
 for p in $PACKAGES; do
