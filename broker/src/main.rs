@@ -70,7 +70,7 @@ async fn run() -> anyhow::Result<()> {
                 args.metrics_listen
             )
         })?;
-        let listener = pvc_proto::metrics::bind(addr).await?;
+        let listener = pvc_proto::metrics::bind(addr, "--metrics-listen")?;
         let b = broker.clone();
         info!(%addr, "serving Prometheus metrics at /metrics");
         Some(tokio::spawn(pvc_proto::metrics::serve(

@@ -5,7 +5,7 @@
 use std::sync::atomic::Ordering;
 
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry, core::Collector};
-use pvc_proto::ErrorCode;
+use pvc_proto::{ErrorCode, metrics::set_total};
 
 use crate::Broker;
 
@@ -90,10 +90,6 @@ pub(crate) fn reason(code: ErrorCode) -> String {
         }
     }
     out
-}
-
-fn set_total(c: &IntCounter, total: u64) {
-    c.inc_by(total.saturating_sub(c.get()));
 }
 
 impl Broker {

@@ -85,6 +85,43 @@ pub struct Status {
     pub programs: BTreeMap<String, (u64, u64)>,
 }
 
+/// What an agent knows before it knows anything: no address, no member,
+/// nothing counted.
+impl Default for Status {
+    fn default() -> Self {
+        let none = Ipv4Addr::UNSPECIFIED;
+        Self {
+            state: STATE_WAITING.into(),
+            instance: String::new(),
+            cluster: String::new(),
+            host_key: String::new(),
+            name: String::new(),
+            virtual_ip: none,
+            uplink: String::new(),
+            real_ip: none,
+            advertised: Vec::new(),
+            broker: None,
+            brokers: Vec::new(),
+            site: Default::default(),
+            broker_refusal: None,
+            takeover: false,
+            admitted: false,
+            standing: "member".into(),
+            revocations_version: 0,
+            policy_version: 0,
+            peers: Vec::new(),
+            flows: Vec::new(),
+            relayed: Vec::new(),
+            flow_capacity: 0,
+            agent_counters: BTreeMap::new(),
+            flows_opened: BTreeMap::new(),
+            drops: BTreeMap::new(),
+            traffic: Default::default(),
+            programs: BTreeMap::new(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct BrokerStatus {
     pub broker: String,

@@ -9,6 +9,18 @@ use hyper_util::rt::TokioIo;
 use prometheus::{Encoder as _, Registry, TextEncoder};
 use tokio::net::TcpListener;
 
+/// Brings a counter to a total kept elsewhere (the kernel's, a daemon's
+/// atomic): only up, or from zero again when the source started over.
+pub fn set_total(c: &prometheus::IntCounter, total: u64) {
+    let now = c.get();
+    if total < now {
+        c.reset();
+        c.inc_by(total);
+    } else {
+        c.inc_by(total - now);
+    }
+}
+
 /// A registry's metrics in the text exposition format.
 pub fn encode(registry: &Registry) -> String {
     let mut out = Vec::new();
@@ -64,12 +76,34 @@ where
     r
 }
 
-/// Binds the metrics address, with a message that says what to change.
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await.map_err(|e| {
-        std::io::Error::new(
-            e.kind(),
-            format!("cannot serve metrics on {addr}: {e} (set metrics.listen to a free address, or \"\" to serve none)"),
-        )
-    })
+/// Binds the metrics address (inside a tokio runtime); the error says what
+/// to change: `setting` names the option that set the address.
+pub fn bind(addr: SocketAddr, setting: &str) -> std::io::Result<TcpListener> {
+    std::net::TcpListener::bind(addr)
+        .and_then(|l| l.set_nonblocking(true).map(|()| l))
+        .and_then(TcpListener::from_std)
+        .map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!(
+                    "cannot serve metrics on {addr}: {e} (set {setting} to a free address, \
+                     another instance on this host?, or \"\" to serve none)"
+                ),
+            )
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn totals_follow_the_source_and_start_over_with_it() {
+        let c = prometheus::IntCounter::new("t_total", "t").unwrap();
+        set_total(&c, 10);
+        set_total(&c, 25);
+        assert_eq!(c.get(), 25);
+        set_total(&c, 3);
+        assert_eq!(c.get(), 3);
+    }
 }

@@ -22,6 +22,23 @@ fn ip(lab: &Lab, host: &str, args: &[&str]) {
         .unwrap_or_else(|e| panic!("ip {args:?}: {e}"));
 }
 
+/// b's default route through the LAN's router address, on `dev`.
+fn default_route(lab: &Lab, dev: &str) {
+    ip(
+        lab,
+        "b",
+        &[
+            "route",
+            "replace",
+            "default",
+            "via",
+            "198.18.0.254",
+            "dev",
+            dev,
+        ],
+    );
+}
+
 /// How long until `a` connects to `b` again.
 fn reached_again(lab: &Lab, since: Instant) -> Duration {
     let b = lab.host("b").virtual_ip;
@@ -47,19 +64,7 @@ fn an_agent_follows_its_host_to_a_new_address_and_a_new_uplink() {
             "listen = \"127.0.0.1:",
         );
     std::fs::write(&config, text).unwrap();
-    ip(
-        &lab,
-        "b",
-        &[
-            "route",
-            "add",
-            "default",
-            "via",
-            "198.18.0.254",
-            "dev",
-            "eth0",
-        ],
-    );
+    default_route(&lab, "eth0");
     lab.start_all().unwrap();
     probe::server(&mut lab, "b", "0.0.0.0", 7800, 1000).unwrap();
     probe::echo_server(&mut lab, "a", 7801).unwrap();
@@ -76,19 +81,7 @@ fn an_agent_follows_its_host_to_a_new_address_and_a_new_uplink() {
     std::thread::sleep(Duration::from_millis(500));
     ip(&lab, "b", &["addr", "del", "198.18.0.2/24", "dev", "eth0"]);
     ip(&lab, "b", &["addr", "add", "198.18.0.12/24", "dev", "eth0"]);
-    ip(
-        &lab,
-        "b",
-        &[
-            "route",
-            "replace",
-            "default",
-            "via",
-            "198.18.0.254",
-            "dev",
-            "eth0",
-        ],
-    );
+    default_route(&lab, "eth0");
     let moved = Instant::now();
     // b's flow over the old address ends at once, cleanly.
     let ended = probe::chatter_result(&mut lab, &chatter).unwrap();
@@ -123,19 +116,7 @@ fn an_agent_follows_its_host_to_a_new_address_and_a_new_uplink() {
     // route; the first one goes down.
     lab.add_lan_link("b", "eth2", Ipv4Addr::new(198, 18, 0, 22))
         .unwrap();
-    ip(
-        &lab,
-        "b",
-        &[
-            "route",
-            "replace",
-            "default",
-            "via",
-            "198.18.0.254",
-            "dev",
-            "eth2",
-        ],
-    );
+    default_route(&lab, "eth2");
     ip(&lab, "b", &["link", "set", "eth0", "down"]);
     let moved = Instant::now();
     let after = reached_again(&lab, moved);

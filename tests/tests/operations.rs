@@ -3,32 +3,17 @@
 
 use std::time::Duration;
 
-use pvc_lab::{AGENT_METRICS_PORT, BROKER_IP, BROKER_METRICS_PORT, Lab, probe, require_tools};
+use pvc_lab::{
+    AGENT_METRICS_PORT, BROKER_IP, Lab, probe,
+    prometheus::{series, value},
+    require_tools,
+};
 use serde_json::Value;
 
 const DASHBOARD: &str = include_str!("../../deploy/grafana/pvc-dashboard.json");
-const PROMETHEUS: &str = "127.0.0.1:9090";
-
-/// A PromQL query through Prometheus' HTTP API, from the broker's namespace.
+/// A PromQL query now, or nothing if Prometheus does not answer.
 fn query(lab: &Lab, expr: &str) -> Value {
-    let out = lab
-        .in_broker_netns("curl")
-        .args([
-            "-sS",
-            "--max-time",
-            "5",
-            "-G",
-            &format!("http://{PROMETHEUS}/api/v1/query"),
-            "--data-urlencode",
-            &format!("query={expr}"),
-        ])
-        .ok()
-        .unwrap_or_default();
-    serde_json::from_str(&out).unwrap_or(Value::Null)
-}
-
-fn series(v: &Value) -> usize {
-    v["data"]["result"].as_array().map_or(0, Vec::len)
+    lab.prometheus_query(expr, None).unwrap_or(Value::Null)
 }
 
 /// The dashboard's variables, as Grafana would fill them in.
@@ -104,32 +89,7 @@ fn prometheus_scrapes_agents_and_brokers_and_every_dashboard_query_returns_data(
     }
     lab.start_all().unwrap();
 
-    let config = lab.dir.join("prometheus.yml");
-    let agents: Vec<String> = lab
-        .hosts
-        .iter()
-        .map(|h| format!("\"{}:{AGENT_METRICS_PORT}\"", h.real))
-        .collect();
-    std::fs::write(
-        &config,
-        format!(
-            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: pvc-agent\n    \
-             static_configs:\n      - targets: [{}]\n  - job_name: pvc-broker\n    \
-             static_configs:\n      - targets: [\"{BROKER_IP}:{BROKER_METRICS_PORT}\"]\n",
-            agents.join(", ")
-        ),
-    )
-    .unwrap();
-    let tsdb = lab.dir.join("tsdb");
-    lab.spawn_beside_broker(
-        "prometheus",
-        &[
-            &format!("--config.file={}", config.display()),
-            &format!("--storage.tsdb.path={}", tsdb.display()),
-            &format!("--web.listen-address={PROMETHEUS}"),
-        ],
-    )
-    .unwrap();
+    lab.start_prometheus().unwrap();
 
     // Traffic for every panel: connections among the members (handshakes
     // through the broker, flows, set-up times), and a session the broker
@@ -159,15 +119,6 @@ fn prometheus_scrapes_agents_and_brokers_and_every_dashboard_query_returns_data(
         .unwrap();
     assert!(garbage.status.success(), "{garbage:?}");
 
-    pvc_lab::wait_until(
-        Duration::from_secs(30),
-        "Prometheus to scrape 4 targets",
-        || {
-            let up = query(&lab, "up == 1");
-            (series(&up) == 4).then_some(())
-        },
-    )
-    .unwrap_or_else(|e| panic!("{e}: {}", query(&lab, "up")));
     // Enough samples for rates over the dashboard's windows.
     for _ in 0..4 {
         std::thread::sleep(Duration::from_secs(2));
@@ -182,7 +133,7 @@ fn prometheus_scrapes_agents_and_brokers_and_every_dashboard_query_returns_data(
         let expr = substitute(expr);
         let got = pvc_lab::wait_until(Duration::from_secs(10), "data", || {
             let v = query(&lab, &expr);
-            (v["status"] == "success" && series(&v) > 0).then_some(v)
+            (v["status"] == "success" && !series(&v).is_empty()).then_some(v)
         });
         if got.is_err() {
             empty.push(format!("{title}: {expr} -> {}", query(&lab, &expr)));
@@ -200,9 +151,7 @@ fn prometheus_scrapes_agents_and_brokers_and_every_dashboard_query_returns_data(
         "sum by (program) (rate(pvc_program_run_time_nanoseconds_total[15s])) / \
          sum by (program) (rate(pvc_program_runs_total[15s]))",
     );
-    let programs: Vec<String> = cost["data"]["result"]
-        .as_array()
-        .unwrap()
+    let programs: Vec<String> = series(&cost)
         .iter()
         .map(|r| r["metric"]["program"].as_str().unwrap_or("").to_string())
         .collect();
@@ -212,21 +161,15 @@ fn prometheus_scrapes_agents_and_brokers_and_every_dashboard_query_returns_data(
     // What the agents counted reached Prometheus: three handshakes at least
     // (each pair authenticated once, counted on both ends), and the
     // broker's refusal by its reason.
-    let handshakes = query(&lab, "sum(pvc_handshakes_total{outcome=\"succeeded\"})");
-    let n: f64 = handshakes["data"]["result"][0]["value"][1]
-        .as_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let total = |expr: &str| {
+        let v = query(&lab, expr);
+        (series(&v).first().and_then(value).unwrap_or(0.0), v)
+    };
+    let (n, handshakes) = total("sum(pvc_handshakes_total{outcome=\"succeeded\"})");
     assert!(n >= 6.0, "{handshakes}");
     let refusals = query(&lab, "pvc_broker_refusals_total");
-    assert!(series(&refusals) >= 1, "{refusals}");
-    let opened = query(&lab, "sum(pvc_flows_opened_total{technique=\"lan\"})");
-    let n: f64 = opened["data"]["result"][0]["value"][1]
-        .as_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    assert!(!series(&refusals).is_empty(), "{refusals}");
+    let (n, opened) = total("sum(pvc_flows_opened_total{technique=\"lan\"})");
     assert!(n >= 15.0, "{opened}");
 }
 

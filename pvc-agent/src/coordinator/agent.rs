@@ -530,7 +530,9 @@ impl Agent {
                     }
                 }
                 _ = gc.tick() => {
+                    // Members whose record expired go here.
                     self.collect_garbage(&timeouts).await;
+                    self.sync_dns();
                     self.tell_service_manager();
                 }
                 _ = watchdog.tick(), if watchdog_period.is_some() => {
@@ -541,7 +543,6 @@ impl Agent {
                     let effects = self.core.check_sessions(Instant::now());
                     self.apply(effects).await;
                     self.check_standing();
-                    self.sync_dns();
                 }
                 _ = refresh.tick() => self.refresh_next_hops().await,
                 Ok((n, _)) = probes.udp.recv_from(&mut datagram) => {

@@ -214,18 +214,7 @@ impl Tasks {
     /// of the endpoint served so far.
     pub fn serve_metrics(&mut self, listen: Option<std::net::SocketAddr>) -> anyhow::Result<()> {
         let listener = listen
-            .map(|addr| {
-                std::net::TcpListener::bind(addr)
-                    .and_then(|l| l.set_nonblocking(true).map(|()| l))
-                    .and_then(tokio::net::TcpListener::from_std)
-                    .with_context(|| {
-                        format!(
-                            "cannot serve metrics on {addr}: set metrics.listen to a free \
-                             address (another instance on this host?), or \"\" to serve none"
-                        )
-                    })
-                    .map(|l| (addr, l))
-            })
+            .map(|addr| pvc_proto::metrics::bind(addr, "metrics.listen").map(|l| (addr, l)))
             .transpose()?;
         if let Some(old) = self.metrics.take() {
             old.abort();

@@ -6,9 +6,11 @@
 use std::time::Duration;
 
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, core::Collector,
+    Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    core::Collector,
 };
+
+use pvc_proto::metrics::set_total;
 
 use crate::control::Status;
 
@@ -116,18 +118,6 @@ fn gauge(name: &str, help: &str) -> IntGauge {
     IntGauge::new(name, help).expect("valid metric")
 }
 
-/// Brings a counter to a total the kernel (or the agent) kept: only up, or
-/// from zero again when the source started over (a new data path).
-fn set_total(c: &IntCounter, total: u64) {
-    let now = c.get();
-    if total < now {
-        c.reset();
-        c.inc_by(total);
-    } else {
-        c.inc_by(total - now);
-    }
-}
-
 impl Metrics {
     pub fn new(core: &CoreMetrics) -> Self {
         let m = Self {
@@ -228,22 +218,14 @@ impl Metrics {
 
     /// The page for one scrape, from the agent's status at this moment.
     pub fn render(&self, s: &Status, brokers: &[String], program_stats: bool) -> String {
-        set_total(
-            &self.packets.with_label_values(&["egress"]),
-            s.traffic.egress_packets,
-        );
-        set_total(
-            &self.packets.with_label_values(&["ingress"]),
-            s.traffic.ingress_packets,
-        );
-        set_total(
-            &self.bytes.with_label_values(&["egress"]),
-            s.traffic.egress_bytes,
-        );
-        set_total(
-            &self.bytes.with_label_values(&["ingress"]),
-            s.traffic.ingress_bytes,
-        );
+        let t = &s.traffic;
+        for (direction, packets, bytes) in [
+            ("egress", t.egress_packets, t.egress_bytes),
+            ("ingress", t.ingress_packets, t.ingress_bytes),
+        ] {
+            set_total(&self.packets.with_label_values(&[direction]), packets);
+            set_total(&self.bytes.with_label_values(&[direction]), bytes);
+        }
         self.flows.reset();
         for f in s.flows.iter().filter(|f| f.direction == "egress") {
             let state = if f.closing { "closing" } else { "open" };
@@ -298,22 +280,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn totals_follow_the_source_and_start_over_with_it() {
-        let c = IntCounter::new("t_total", "t").unwrap();
-        set_total(&c, 10);
-        set_total(&c, 25);
-        assert_eq!(c.get(), 25);
-        set_total(&c, 3);
-        assert_eq!(c.get(), 3);
-    }
-
-    #[test]
     fn a_status_renders_with_conventional_names() {
         let core = CoreMetrics::default();
         core.handshake(true, Duration::from_millis(3));
         core.connection_setup("lan", Duration::from_millis(4));
         let m = Metrics::new(&core);
-        let mut s = crate::coordinator::status::base_for_tests();
+        let mut s = Status::default();
         s.drops.insert("policy_inbound".into(), 4);
         s.traffic.egress_packets = 7;
         let page = m.render(&s, &["b:7100".into()], false);

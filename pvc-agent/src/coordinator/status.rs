@@ -1,7 +1,7 @@
 //! What `pvc status` shows: the agent's identity and state, its members and
 //! their paths, the flows in the kernel and the counters.
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::net::Ipv4Addr;
 
 use pvc_proto::PublicKey;
 
@@ -32,24 +32,10 @@ pub(super) fn base(
         uplink: uplink.to_string(),
         real_ip,
         advertised: advertised.to_vec(),
-        broker: None,
-        brokers: Vec::new(),
-        site: Default::default(),
-        broker_refusal: None,
-        takeover: false,
-        admitted: false,
-        standing: "member".into(),
         revocations_version: trust.revocations.version,
         policy_version: trust.policy.version,
-        peers: Vec::new(),
-        flows: Vec::new(),
-        relayed: Vec::new(),
         flow_capacity: config.interposition.max_flows.saturating_mul(2),
-        flows_opened: BTreeMap::new(),
-        agent_counters: BTreeMap::new(),
-        drops: BTreeMap::new(),
-        traffic: Default::default(),
-        programs: BTreeMap::new(),
+        ..Status::default()
     }
 }
 
@@ -121,40 +107,5 @@ impl Agent {
             .map(|(name, ns, count)| (name, (ns, count)))
             .collect();
         s
-    }
-}
-
-/// An empty status, for tests of what reads one.
-#[cfg(test)]
-pub(super) fn base_for_tests() -> Status {
-    let any = Ipv4Addr::UNSPECIFIED;
-    Status {
-        state: control::STATE_RUNNING.into(),
-        instance: "test".into(),
-        cluster: String::new(),
-        host_key: String::new(),
-        name: "test".into(),
-        virtual_ip: any,
-        uplink: "eth0".into(),
-        real_ip: any,
-        advertised: Vec::new(),
-        broker: None,
-        brokers: Vec::new(),
-        site: Default::default(),
-        broker_refusal: None,
-        takeover: false,
-        admitted: false,
-        standing: "member".into(),
-        revocations_version: 0,
-        policy_version: 0,
-        peers: Vec::new(),
-        flows: Vec::new(),
-        relayed: Vec::new(),
-        flow_capacity: 0,
-        flows_opened: BTreeMap::new(),
-        agent_counters: BTreeMap::new(),
-        drops: BTreeMap::new(),
-        traffic: Default::default(),
-        programs: BTreeMap::new(),
     }
 }

@@ -26,6 +26,7 @@ use std::{
 use anyhow::{Context as _, anyhow, bail, ensure};
 
 mod internet;
+pub mod prometheus;
 pub use internet::Site;
 use serde_json::Value;
 

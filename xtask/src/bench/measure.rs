@@ -110,8 +110,6 @@ pub(super) struct Bench<'a> {
     prometheus: BTreeMap<String, BTreeMap<String, f64>>,
 }
 
-/// Where the bench's Prometheus answers (in the broker's namespace).
-const PROMETHEUS: &str = "127.0.0.1:9090";
 /// Long enough for Prometheus (1 s scrapes) to have scraped a quiet moment.
 const SCRAPE_SETTLE: Duration = Duration::from_millis(2500);
 
@@ -278,29 +276,14 @@ impl Bench<'_> {
             ("pvc_program_run_time_nanoseconds_total", 0),
             ("pvc_program_runs_total", 1),
         ] {
-            let out = self
-                .lab
-                .in_broker_netns("curl")
-                .args([
-                    "-sS",
-                    "--max-time",
-                    "5",
-                    "-G",
-                    &format!("http://{PROMETHEUS}/api/v1/query"),
-                    "--data-urlencode",
-                    &format!("query=sum by (program) ({metric}{{job=\"pvc-agent\"}})"),
-                    "--data-urlencode",
-                    &format!("time={at:.3}"),
-                ])
-                .ok()
-                .context("querying the bench's Prometheus")?;
-            let v: Value = serde_json::from_str(&out)?;
-            let results = v["data"]["result"]
-                .as_array()
-                .ok_or_else(|| anyhow!("Prometheus answered: {out}"))?;
+            let v = self.lab.prometheus_query(
+                &format!("sum by (program) ({metric}{{job=\"pvc-agent\"}})"),
+                Some(at),
+            )?;
+            let results = pvc_lab::prometheus::series(&v);
             for r in results {
                 let program = r["metric"]["program"].as_str().unwrap_or("").to_string();
-                let value: f64 = r["value"][1].as_str().unwrap_or("0").parse()?;
+                let value = pvc_lab::prometheus::value(r).unwrap_or(0.0);
                 let e = totals.entry(program).or_default();
                 if slot == 0 {
                     e.0 = value;
@@ -440,7 +423,7 @@ pub fn run(opts: &Options, out: &Path) -> anyhow::Result<Report> {
     let mut lab = Lab::lan(2)?;
     lab.add_bare_lan()?;
     lab.start_all()?;
-    start_prometheus(&mut lab)?;
+    lab.start_prometheus()?;
     let mut bench = Bench {
         lab,
         opts,
@@ -644,59 +627,6 @@ pub fn run(opts: &Options, out: &Path) -> anyhow::Result<Report> {
     };
     write(&report, &bare_np, &pvc_np, out)?;
     Ok(report)
-}
-
-/// Debian's Prometheus in the broker's namespace, scraping both agents'
-/// and the broker's metrics every second, for the bench to read back.
-fn start_prometheus(lab: &mut Lab) -> anyhow::Result<()> {
-    let agents: Vec<String> = lab
-        .hosts
-        .iter()
-        .map(|h| format!("\"{}:{}\"", h.real, pvc_lab::AGENT_METRICS_PORT))
-        .collect();
-    let config = lab.dir.join("prometheus.yml");
-    fs::write(
-        &config,
-        format!(
-            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: pvc-agent\n    \
-             static_configs:\n      - targets: [{}]\n  - job_name: pvc-broker\n    \
-             static_configs:\n      - targets: [\"{}:{}\"]\n",
-            agents.join(", "),
-            pvc_lab::BROKER_IP,
-            pvc_lab::BROKER_METRICS_PORT
-        ),
-    )?;
-    let tsdb = lab.dir.join("tsdb");
-    lab.spawn_beside_broker(
-        "prometheus",
-        &[
-            &format!("--config.file={}", config.display()),
-            &format!("--storage.tsdb.path={}", tsdb.display()),
-            &format!("--web.listen-address={PROMETHEUS}"),
-        ],
-    )?;
-    wait_until(
-        Duration::from_secs(30),
-        "Prometheus scraping 3 targets",
-        || {
-            let out = lab
-                .in_broker_netns("curl")
-                .args([
-                    "-sS",
-                    "--max-time",
-                    "2",
-                    "-G",
-                    &format!("http://{PROMETHEUS}/api/v1/query"),
-                    "--data-urlencode",
-                    "query=count(up == 1)",
-                ])
-                .ok()
-                .ok()?;
-            let v: Value = serde_json::from_str(&out).ok()?;
-            (v["data"]["result"][0]["value"][1] == "3").then_some(())
-        },
-    )?;
-    Ok(())
 }
 
 fn cost(before: Usage, after: Usage) -> ProcessCost {
