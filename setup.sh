@@ -5,7 +5,7 @@
 # bpf-linker (to link the eBPF object), bpftool, the programs the tests, the
 # demo and the benchmark run (NetPIPE, iperf3, a font for the plots; the
 # simulated Internet's NATs and firewalls, a real miniupnpd and its client,
-# Prometheus to scrape the lab's metrics, Slurm and munge for the
+# Prometheus to scrape the lab's metrics, Slurm, munge, aria2 and opentracker for the
 # cluster-software tests),
 # and cargo-fuzz. Safe to run again: it only adds what is missing.
 set -eu
@@ -18,7 +18,7 @@ PACKAGES="rustc-web cargo-web libstd-rust-web-dev-bpf llvm-22-dev libbpf-dev bpf
   iproute2 iputils-ping ethtool tcpdump iperf3 socat netcat-openbsd curl python3 systemd
   netpipe-tcp fonts-dejavu-core ca-certificates
   iptables nftables conntrack miniupnpd miniupnpd-nftables miniupnpc prometheus
-  slurm-wlm munge"
+  slurm-wlm munge aria2 opentracker"
 
 missing=""
 for p in $PACKAGES; do

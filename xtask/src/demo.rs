@@ -10,7 +10,11 @@ use std::{
 };
 
 use anyhow::Context as _;
-use pvc_lab::{BROKER_IP, BROKER_PORT, Lab, bin, probe, wait_until};
+use pvc_lab::{
+    BROKER_IP, BROKER_PORT, Lab, bin,
+    grid::{Route, Slurm, Swarm},
+    probe, wait_until,
+};
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
@@ -37,13 +41,18 @@ fn pvc(lab: &Lab, host: &str, args: &[&str]) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-pub fn run() -> anyhow::Result<()> {
+/// Ctrl-C ends the demo at the next step, cleaning up.
+fn stop_at_next_step_on_ctrl_c() {
     extern "C" fn on_signal(_: libc::c_int) {
         INTERRUPTED.store(true, Ordering::Relaxed);
     }
     unsafe {
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
     }
+}
+
+pub fn run() -> anyhow::Result<()> {
+    stop_at_next_step_on_ctrl_c();
     pvc_lab::require_tools(&["python3", "curl", "socat", "iperf3", "tcpdump"]);
 
     step("A LAN of three hosts, each in its own network namespace and cgroup");
@@ -227,5 +236,90 @@ pub fn run() -> anyhow::Result<()> {
     );
     drop(lab);
     println!("   done. To run PVC on real hosts, see \"Running a real cluster\" in README.md.");
+    Ok(())
+}
+
+/// `demo --grid`: unmodified cluster software across the virtual cluster:
+/// a Slurm cluster and a BitTorrent swarm on four hosts that know each
+/// other only by virtual addresses.
+pub fn grid() -> anyhow::Result<()> {
+    stop_at_next_step_on_ctrl_c();
+    step("Four hosts on a LAN, each with its own hostname, namespace, cgroup and pvc-agent");
+    let mut lab = Lab::lan(4)?;
+    lab.start_all()?;
+    for h in &lab.hosts {
+        println!("   host-{}: virtual address {}", h.name, h.virtual_ip);
+    }
+
+    step(
+        "Slurm: slurmctld on host-a, slurmd on host-b, -c, -d; slurm.conf names virtual addresses only",
+    );
+    let slurm = Slurm::start(&mut lab, Route::Pvc, "a", &["b", "c", "d"])?;
+    let conf = std::fs::read_to_string(&slurm.conf)?;
+    for line in conf
+        .lines()
+        .filter(|l| l.starts_with("SlurmctldHost") || l.starts_with("NodeName"))
+    {
+        show(line);
+    }
+    let slurm_cmd = |args: &[&str]| -> anyhow::Result<String> {
+        let (ok, out, err) = slurm.run(&lab, args[0], &args[1..]);
+        anyhow::ensure!(ok, "{}: {out}{err}", args.join(" "));
+        Ok(out)
+    };
+    println!("\n   $ sinfo -N");
+    show(&slurm_cmd(&["sinfo", "-N"])?);
+
+    step(
+        "srun -N3 hostname (on host-a): a job step on three members, slurmd connecting back to srun",
+    );
+    show(&slurm_cmd(&["srun", "-N3", "-l", "hostname"])?);
+
+    step("sbcast: an 8 MiB file from host-a to each node's own disk");
+    let file = lab.dir.join("dataset.bin");
+    let bytes: Vec<u8> = (0..8usize << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(&file, &bytes)?;
+    let took = slurm.sbcast(&lab, &file, "dataset.bin", 3)?;
+    for n in &slurm.nodes {
+        let same = std::fs::read(slurm.scratch(n).join("dataset.bin"))? == bytes;
+        println!(
+            "   host-{n}: a copy, {}",
+            if same { "identical" } else { "DIFFERENT" }
+        );
+    }
+    println!("   sbcast took {:.2} s", took.as_secs_f64());
+
+    step(
+        "BitTorrent: opentracker on host-a, aria2c seeding on host-a (at most 2 MiB/s, as from a home uplink), downloading on host-b, -c, -d",
+    );
+    let mut swarm = Swarm::start(&mut lab, Route::Pvc, "a", &file)?;
+    swarm.seed(&mut lab, "a", Some("2M"))?;
+    let run = swarm.distribute(&mut lab, &["b", "c", "d"], Duration::from_secs(60), true)?;
+    println!(
+        "   three identical copies in {:.2} s; the tracker saw these peers:",
+        run.took.as_secs_f64()
+    );
+    for p in swarm.announce(&lab, "a")? {
+        show(&p.to_string());
+    }
+    let mut between_nodes = 0;
+    let a = lab.host("a").virtual_ip;
+    for c in &run.connections {
+        if *c.peer.ip() != a {
+            between_nodes += c.received;
+        }
+    }
+    println!(
+        "   the nodes received {:.1} MiB from each other, not from the seed",
+        between_nodes as f64 / (1 << 20) as f64
+    );
+
+    step("pvc peers on host-a");
+    show(&pvc(&lab, "a", &["peers"])?);
+    step("Cleaning up");
+    drop(lab);
+    println!("   done. To run Slurm over PVC on real hosts, see \"Slurm over PVC\" in README.md.");
     Ok(())
 }

@@ -29,7 +29,12 @@ struct Args {
 enum Cmd {
     /// Build, then run a 3-host virtual cluster in network namespaces and show
     /// unmodified programs talking over virtual addresses. Cleans up after.
-    Demo,
+    Demo {
+        /// Instead: a Slurm cluster and a BitTorrent swarm on four hosts
+        /// that know each other by virtual addresses only.
+        #[arg(long)]
+        grid: bool,
+    },
     /// What CI runs: fmt, clippy, build, every test, a short fuzz run.
     Test {
         /// Seconds per fuzz target.
@@ -43,6 +48,10 @@ enum Cmd {
         /// A short run of every part (about a minute) instead of the full one.
         #[arg(long)]
         quick: bool,
+        /// Only the file distribution by Slurm and by BitTorrent (a few
+        /// minutes); prints its table, writes nothing.
+        #[arg(long)]
+        distribution: bool,
         #[arg(long, default_value = "results")]
         out: PathBuf,
     },
@@ -151,9 +160,9 @@ fn fuzz_run(target: &str) -> Command {
 
 fn main() -> anyhow::Result<()> {
     match Args::parse().command {
-        Cmd::Demo => {
+        Cmd::Demo { grid } => {
             run("build", &mut cargo(&["build"]))?;
-            demo::run()
+            if grid { demo::grid() } else { demo::run() }
         }
         Cmd::Test { fuzz_seconds } => {
             run("format", &mut cargo(&["fmt", "--all", "--check"]))?;
@@ -194,7 +203,11 @@ fn main() -> anyhow::Result<()> {
             eprintln!("\nall checks passed");
             Ok(())
         }
-        Cmd::Bench { quick, out } => {
+        Cmd::Bench {
+            quick,
+            distribution,
+            out,
+        } => {
             // Release binaries: the broker's and the tools' own speed count here.
             run("build (release)", &mut cargo(&["build", "--release"]))?;
             // SAFETY: single-threaded here; the lab reads it to find the binaries.
@@ -204,6 +217,10 @@ fn main() -> anyhow::Result<()> {
             } else {
                 Options::full()
             };
+            if distribution {
+                print!("{}", bench::distribution(&opts)?);
+                return Ok(());
+            }
             let out = root().join(out);
             let report = bench::run(&opts, &out)?;
             println!("{}", bench::markdown(&report));

@@ -11,6 +11,7 @@ use std::{
 };
 
 use anyhow::{Context as _, anyhow, ensure};
+pub(super) use pvc_lab::grid::Route;
 use pvc_lab::{BROKER_PORT, Lab, Usage, bin, require_tools, wait_until};
 use serde::Serialize;
 use serde_json::Value;
@@ -40,6 +41,10 @@ pub struct Options {
     pub load_agents: usize,
     pub load_clusters: usize,
     pub load_seconds: u64,
+    /// File distribution: node counts, file size, every host's uplink.
+    pub distribution_nodes: Vec<usize>,
+    pub distribution_mib: usize,
+    pub uplink_mbit: u32,
 }
 
 impl Options {
@@ -56,6 +61,9 @@ impl Options {
             load_agents: 10_000,
             load_clusters: 100,
             load_seconds: 20,
+            distribution_nodes: vec![1, 2, 4, 6],
+            distribution_mib: 24,
+            uplink_mbit: 100,
         }
     }
 
@@ -72,31 +80,9 @@ impl Options {
             load_agents: 300,
             load_clusters: 3,
             load_seconds: 2,
-        }
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub(super) enum Route {
-    Bare,
-    Pvc,
-}
-
-impl Route {
-    fn name(self) -> &'static str {
-        match self {
-            Route::Bare => "bare",
-            Route::Pvc => "PVC",
-        }
-    }
-
-    /// Both paths, the order alternating with the repetition.
-    fn interleaved(rep: usize) -> [Route; 2] {
-        if rep.is_multiple_of(2) {
-            [Route::Bare, Route::Pvc]
-        } else {
-            [Route::Pvc, Route::Bare]
+            distribution_nodes: vec![2],
+            distribution_mib: 2,
+            uplink_mbit: 200,
         }
     }
 }
@@ -126,10 +112,7 @@ pub(super) const B: &str = "b";
 
 impl Bench<'_> {
     fn addr(&self, host: &str, route: Route) -> Ipv4Addr {
-        match route {
-            Route::Bare => self.lab.bare_ip(host),
-            Route::Pvc => self.lab.host(host).virtual_ip,
-        }
+        route.addr(&self.lab, host)
     }
 
     /// A fresh port per server, so that no run waits for another's TIME_WAIT.
@@ -145,10 +128,7 @@ impl Bench<'_> {
         program: &str,
         args: &[&str],
     ) -> anyhow::Result<pvc_lab::Spawned> {
-        match route {
-            Route::Bare => self.lab.spawn_outside(host, program, args),
-            Route::Pvc => self.lab.spawn(host, program, args),
-        }
+        route.spawn(&mut self.lab, host, program, args)
     }
 
     fn command(
@@ -157,9 +137,7 @@ impl Bench<'_> {
         route: Route,
         program: impl AsRef<std::ffi::OsStr>,
     ) -> pvc_lab::Prepared {
-        let h = self.lab.host(host);
-        let cgroup = (route == Route::Pvc).then_some(h.cgroup.as_path());
-        Lab::command_in(&h.netns, cgroup, program).expect("prepare command")
+        route.command(&self.lab, host, program)
     }
 
     fn netpipe(&mut self, route: Route) -> anyhow::Result<Vec<Point>> {
@@ -233,7 +211,12 @@ impl Bench<'_> {
     }
 
     /// Times `count` one-byte round trips from a to b's echo server.
-    fn round_trips(&self, route: Route, port: u16, count: usize) -> anyhow::Result<Vec<f64>> {
+    fn round_trips(
+        &self,
+        route: Route,
+        port: u16,
+        count: usize,
+    ) -> anyhow::Result<Vec<f64>> {
         self.timed("rtt", route, port, count)
     }
 
@@ -599,6 +582,8 @@ pub fn run(opts: &Options, out: &Path) -> anyhow::Result<Report> {
     let programs_prometheus = std::mem::take(&mut bench.prometheus);
     drop(bench);
     let sites = super::sites::measure(opts)?;
+    eprintln!("bench: file distribution by Slurm and by BitTorrent");
+    let distribution = super::distribution::measure(opts)?;
 
     let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
         .unwrap_or_default()
@@ -623,6 +608,7 @@ pub fn run(opts: &Options, out: &Path) -> anyhow::Result<Report> {
         pvc_bytes,
         broker_load,
         sites,
+        distribution,
         seconds: started.elapsed().as_secs_f64(),
     };
     write(&report, &bare_np, &pvc_np, out)?;

@@ -16,6 +16,7 @@
 //! figures; `floor` loads the empty tc program that measures what any
 //! program costs on this machine.
 
+mod distribution;
 mod floor;
 mod measure;
 mod plot;
@@ -25,3 +26,11 @@ pub mod smoke;
 
 pub use measure::{Options, run};
 pub use report::markdown;
+
+/// Only the file distribution part, as markdown.
+pub fn distribution(opts: &Options) -> anyhow::Result<String> {
+    let cells = distribution::measure(opts)?;
+    let mut m = String::new();
+    distribution::markdown(opts, &cells, &mut m);
+    Ok(m)
+}

@@ -115,6 +115,9 @@ pub struct Report {
     pub broker_load: Value,
     /// Across NATs: a hole-punched and a relayed pair (`sites`).
     pub sites: Vec<super::sites::SiteCell>,
+    /// One file to N nodes by Slurm and by BitTorrent (`distribution`).
+    #[serde(default)]
+    pub distribution: Vec<super::distribution::DistributionCell>,
     pub seconds: f64,
 }
 
@@ -445,6 +448,7 @@ pub fn markdown(r: &Report) -> String {
         f("broker_peak_rss_kib") / 1024.0,
         (f("broker_rss_loaded_kib") - f("broker_rss_idle_kib")) / agents,
     );
+    super::distribution::markdown(&r.options, &r.distribution, &mut m);
     m
 }
 

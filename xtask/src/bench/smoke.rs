@@ -109,6 +109,21 @@ fn check(r: &Report, opts: &Options, out: &Path) -> anyhow::Result<()> {
         "{load}"
     );
 
+    ensure!(
+        r.distribution.len() == opts.distribution_nodes.len(),
+        "{:?}",
+        r.distribution
+    );
+    for c in &r.distribution {
+        for t in [
+            c.sbcast_bare_s,
+            c.sbcast_pvc_s,
+            c.torrent_bare_s,
+            c.torrent_pvc_s,
+        ] {
+            ensure!(t.is_finite() && t > 0.0, "file distribution: {c:?}");
+        }
+    }
     ensure!(r.sites.len() == 2, "{:?}", r.sites);
     for c in &r.sites {
         for (what, s) in [
