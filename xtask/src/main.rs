@@ -52,6 +52,11 @@ enum Cmd {
         /// minutes); prints its table, writes nothing.
         #[arg(long)]
         distribution: bool,
+        /// Only the per-packet cost: each tc program's ns per run beside
+        /// an empty program's, CPU per byte at a fixed rate and round trips
+        /// in paired blocks (a few minutes); prints, writes nothing.
+        #[arg(long)]
+        per_packet: bool,
         #[arg(long, default_value = "results")]
         out: PathBuf,
     },
@@ -206,6 +211,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Bench {
             quick,
             distribution,
+            per_packet,
             out,
         } => {
             // Release binaries: the broker's and the tools' own speed count here.
@@ -217,6 +223,10 @@ fn main() -> anyhow::Result<()> {
             } else {
                 Options::full()
             };
+            if per_packet {
+                print!("{}", bench::per_packet(&opts)?);
+                return Ok(());
+            }
             if distribution {
                 print!("{}", bench::distribution(&opts)?);
                 return Ok(());

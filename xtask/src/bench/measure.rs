@@ -41,6 +41,13 @@ pub struct Options {
     pub load_agents: usize,
     pub load_clusters: usize,
     pub load_seconds: u64,
+    /// CPU per byte: iperf3's fixed rate, seconds per run, paired runs.
+    pub cpu_rate_mbit: u32,
+    pub cpu_seconds: u32,
+    pub cpu_pairs: usize,
+    /// Round trips in paired blocks: blocks per path, round trips per block.
+    pub rtt_blocks: usize,
+    pub rtt_block: usize,
     /// File distribution: node counts, file size, every host's uplink.
     pub distribution_nodes: Vec<usize>,
     pub distribution_mib: usize,
@@ -61,6 +68,11 @@ impl Options {
             load_agents: 10_000,
             load_clusters: 100,
             load_seconds: 20,
+            cpu_rate_mbit: 2000,
+            cpu_seconds: 5,
+            cpu_pairs: 12,
+            rtt_blocks: 30,
+            rtt_block: 2000,
             distribution_nodes: vec![1, 2, 4, 6],
             distribution_mib: 24,
             uplink_mbit: 100,
@@ -80,6 +92,11 @@ impl Options {
             load_agents: 300,
             load_clusters: 3,
             load_seconds: 2,
+            cpu_rate_mbit: 500,
+            cpu_seconds: 1,
+            cpu_pairs: 2,
+            rtt_blocks: 2,
+            rtt_block: 100,
             distribution_nodes: vec![2],
             distribution_mib: 2,
             uplink_mbit: 200,
@@ -89,7 +106,7 @@ impl Options {
 
 pub(super) struct Bench<'a> {
     pub lab: Lab,
-    opts: &'a Options,
+    pub(super) opts: &'a Options,
     port: u16,
     /// Per phase, per program: ns per run as Prometheus, scraping the
     /// agents' metrics, saw it over the same PVC run.
@@ -110,18 +127,54 @@ fn unix_secs() -> f64 {
 pub(super) const A: &str = "a";
 pub(super) const B: &str = "b";
 
-impl Bench<'_> {
-    fn addr(&self, host: &str, route: Route) -> Ipv4Addr {
+impl<'a> Bench<'a> {
+    /// Two hosts with a bare and a PVC link, agents running, Prometheus
+    /// scraping them.
+    pub(super) fn new(opts: &'a Options) -> anyhow::Result<Bench<'a>> {
+        let mut lab = Lab::lan(2)?;
+        lab.add_bare_lan()?;
+        lab.start_all()?;
+        lab.start_prometheus()?;
+        Ok(Bench {
+            lab,
+            opts,
+            port: 20000,
+            prometheus: BTreeMap::new(),
+        })
+    }
+
+    /// connect-bench servers in `mode` ("serve", "echo") on b, one per path
+    /// (bare, PVC); the PVC one is reached once, which authenticates the
+    /// path: what follows is measured against an authenticated peer.
+    pub(super) fn servers(&mut self, mode: &str) -> anyhow::Result<(u16, u16)> {
+        let (bare, pvc) = (self.next_port(), self.next_port());
+        let connect_bench = bin("connect-bench").display().to_string();
+        for (route, port) in [(Route::Bare, bare), (Route::Pvc, pvc)] {
+            self.spawn(B, route, &connect_bench, &[mode, &port.to_string()])?;
+            self.lab.wait_listening(B, port)?;
+        }
+        let probe = if mode == "echo" { "rtt" } else { "connect" };
+        self.timed(probe, Route::Pvc, pvc, 1)?;
+        let vip_b = self.lab.host(B).virtual_ip;
+        wait_until(
+            Duration::from_secs(10),
+            "a's path to b authenticated",
+            || self.lab.authenticated(A, vip_b).then_some(()),
+        )?;
+        Ok((bare, pvc))
+    }
+
+    pub(super) fn addr(&self, host: &str, route: Route) -> Ipv4Addr {
         route.addr(&self.lab, host)
     }
 
     /// A fresh port per server, so that no run waits for another's TIME_WAIT.
-    fn next_port(&mut self) -> u16 {
+    pub(super) fn next_port(&mut self) -> u16 {
         self.port += 1;
         self.port
     }
 
-    fn spawn(
+    pub(super) fn spawn(
         &mut self,
         host: &str,
         route: Route,
@@ -131,7 +184,7 @@ impl Bench<'_> {
         route.spawn(&mut self.lab, host, program, args)
     }
 
-    fn command(
+    pub(super) fn command(
         &self,
         host: &str,
         route: Route,
@@ -211,7 +264,7 @@ impl Bench<'_> {
     }
 
     /// Times `count` one-byte round trips from a to b's echo server.
-    fn round_trips(
+    pub(super) fn round_trips(
         &self,
         route: Route,
         port: u16,
@@ -292,7 +345,7 @@ impl Bench<'_> {
     /// which only the PVC path would pay. Then runs `pvc_sample`, one PVC
     /// run of the same work, with statistics on, for what each program
     /// spent per run.
-    fn measured<T>(
+    pub(super) fn measured<T>(
         &mut self,
         name: &str,
         programs: &mut BTreeMap<String, BTreeMap<String, ProgramCost>>,
@@ -388,7 +441,7 @@ pub fn parse_netpipe(text: &str) -> anyhow::Result<Vec<Point>> {
 
 /// Enables the kernel's per-program run-time statistics for as long as the
 /// returned descriptor is open (BPF_ENABLE_STATS, not the global sysctl).
-fn enable_bpf_stats() -> anyhow::Result<std::os::fd::OwnedFd> {
+pub(super) fn enable_bpf_stats() -> anyhow::Result<std::os::fd::OwnedFd> {
     aya::sys::enable_stats(aya::sys::Stats::RunTime).map_err(|e| {
         anyhow!("cannot enable eBPF run-time statistics (BPF_ENABLE_STATS, Linux 5.8+): {e}")
     })
@@ -403,40 +456,11 @@ pub fn run(opts: &Options, out: &Path) -> anyhow::Result<Report> {
     // Fail early, with the reason, on a kernel without BPF_ENABLE_STATS.
     drop(enable_bpf_stats()?);
 
-    let mut lab = Lab::lan(2)?;
-    lab.add_bare_lan()?;
-    lab.start_all()?;
-    lab.start_prometheus()?;
-    let mut bench = Bench {
-        lab,
-        opts,
-        port: 20000,
-        prometheus: BTreeMap::new(),
-    };
+    let mut bench = Bench::new(opts)?;
     let mut programs = BTreeMap::new();
-
-    // Servers for the connection measurements, one per path.
-    let (bare_srv, pvc_srv) = (bench.next_port(), bench.next_port());
-    let (bare_echo, pvc_echo) = (bench.next_port(), bench.next_port());
-    let connect_bench = bin("connect-bench").display().to_string();
-    for (route, mode, port) in [
-        (Route::Bare, "serve", bare_srv),
-        (Route::Pvc, "serve", pvc_srv),
-        (Route::Bare, "echo", bare_echo),
-        (Route::Pvc, "echo", pvc_echo),
-    ] {
-        bench.spawn(B, route, &connect_bench, &[mode, &port.to_string()])?;
-        bench.lab.wait_listening(B, port)?;
-    }
-    // The first PVC connection authenticates the path; what follows is
-    // measured against an authenticated peer.
-    bench.connects(Route::Pvc, pvc_srv, 1)?;
+    let (bare_srv, pvc_srv) = bench.servers("serve")?;
+    let (bare_echo, pvc_echo) = bench.servers("echo")?;
     let vip_b = bench.lab.host(B).virtual_ip;
-    wait_until(
-        Duration::from_secs(10),
-        "a's path to b authenticated",
-        || bench.lab.authenticated(A, vip_b).then_some(()),
-    )?;
 
     let pids = [A, B].map(|h| bench.lab.agent_pid(h).expect("agent running"));
     let broker_pid = bench.lab.broker_pid().expect("broker running");
@@ -536,6 +560,11 @@ pub fn run(opts: &Options, out: &Path) -> anyhow::Result<Report> {
         },
     )?;
 
+    eprintln!("bench: CPU per byte at a fixed rate, paired runs");
+    let cpu_per_byte = bench.cpu_per_byte()?;
+    eprintln!("bench: round trips in paired blocks");
+    let round_trip_blocks = bench.round_trip_blocks(bare_echo, pvc_echo)?;
+
     let pvc_bytes = bench.pvc_bytes()? - bytes0;
     let agents = [A, B]
         .iter()
@@ -600,6 +629,8 @@ pub fn run(opts: &Options, out: &Path) -> anyhow::Result<Report> {
         first_connect_pvc_us: Spread::of(&first_pvc),
         round_trip_bare_us: round_trip_bare,
         round_trip_pvc_us: round_trip_pvc,
+        cpu_per_byte,
+        round_trip_blocks,
         programs,
         programs_prometheus,
         empty_program,

@@ -19,12 +19,14 @@
 mod distribution;
 mod floor;
 mod measure;
+mod paired;
 mod plot;
 mod report;
 mod sites;
 pub mod smoke;
 
 pub use measure::{Options, run};
+pub use paired::per_packet;
 pub use report::markdown;
 
 /// Only the file distribution part, as markdown.

@@ -98,6 +98,12 @@ pub struct Report {
     /// latency of the path with thousands of samples per run.
     pub round_trip_bare_us: Spread,
     pub round_trip_pvc_us: Spread,
+    /// The machine's CPU time per byte at a fixed rate, paired runs.
+    #[serde(default)]
+    pub cpu_per_byte: super::paired::Paired,
+    /// One-byte round trips in alternating paired blocks.
+    #[serde(default)]
+    pub round_trip_blocks: super::paired::Paired,
     /// Per phase ("netpipe", "iperf3", "connect"), per program.
     pub programs: BTreeMap<String, BTreeMap<String, ProgramCost>>,
     /// The same, ns per run, as a Prometheus scraping the agents' metrics
@@ -242,6 +248,38 @@ fn targets(r: &Report) -> Vec<Target> {
         met: worst_ns <= 60.0,
         miss: format!("{:.0} ns", worst_ns - 60.0),
     });
+    let floor = r.empty_program.ns_per_run * 1.5;
+    t.push(Target {
+        name: "tc programs <= 1.5x the empty program (issue 13)",
+        measured: format!(
+            "worst {worst_ns:.0} ns, {:.1}x the empty program",
+            worst_ns / r.empty_program.ns_per_run
+        ),
+        met: worst_ns <= floor,
+        miss: format!("{:.0} ns", worst_ns - floor),
+    });
+    for (name, p, limit) in [
+        (
+            "CPU per byte at a fixed rate <= 1.01x bare (issue 13)",
+            &r.cpu_per_byte,
+            1.01,
+        ),
+        (
+            "1-byte round trip <= 1.02x bare, paired blocks (issue 13)",
+            &r.round_trip_blocks,
+            1.02,
+        ),
+    ] {
+        t.push(Target {
+            name,
+            measured: format!(
+                "{:.4} ± {:.4} ({} pairs; bare {:.1}, PVC {:.1} {})",
+                p.ratio, p.ratio_ci95, p.pairs, p.bare, p.pvc, p.unit
+            ),
+            met: p.ratio + p.ratio_ci95 <= limit,
+            miss: format!("{:+.2} points", (p.ratio - limit) * 100.0),
+        });
+    }
     let added = r.connect_pvc_us.median - r.connect_bare_us.median;
     let connect4 = r
         .programs

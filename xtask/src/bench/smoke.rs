@@ -109,6 +109,15 @@ fn check(r: &Report, opts: &Options, out: &Path) -> anyhow::Result<()> {
         "{load}"
     );
 
+    for (p, pairs) in [
+        (&r.cpu_per_byte, opts.cpu_pairs),
+        (&r.round_trip_blocks, opts.rtt_blocks),
+    ] {
+        ensure!(
+            p.pairs == pairs && p.bare > 0.0 && p.pvc > 0.0 && p.ratio.is_finite(),
+            "paired measurement: {p:?}"
+        );
+    }
     ensure!(
         r.distribution.len() == opts.distribution_nodes.len(),
         "{:?}",

@@ -5,7 +5,11 @@
 //! one-byte round trips over one connection; `first ADDR PORT COUNT` times
 //! COUNT sequential connections to an echo server up to their first byte
 //! back (what a relayed connect() hides: its connect() returns when the
-//! local agent accepts). Durations are printed in microseconds, as JSON.
+//! local agent accepts); `rtt-pairs ADDR1 PORT1 ADDR2 PORT2 BLOCK BLOCKS`
+//! holds one connection to each echo server and times BLOCKS pairs of
+//! BLOCK round trips (each block's median), one block on each, the order
+//! alternating. Durations
+//! are printed in microseconds, as JSON.
 
 use std::{
     io::{Read as _, Write as _},
@@ -62,6 +66,57 @@ fn rtt(addr: Ipv4Addr, port: u16, count: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn echo_connection(addr: Ipv4Addr, port: u16) -> anyhow::Result<TcpStream> {
+    let s =
+        TcpStream::connect((addr, port)).with_context(|| format!("connect to {addr}:{port}"))?;
+    s.set_nodelay(true)?;
+    Ok(s)
+}
+
+/// Median µs of `count` one-byte round trips on `s`: a block's mean would
+/// follow the one round trip a preemption stretched.
+fn block(s: &mut TcpStream, count: usize) -> anyhow::Result<f64> {
+    let mut buf = [0u8; 1];
+    let mut us = Vec::with_capacity(count);
+    for _ in 0..count {
+        let t = Instant::now();
+        s.write_all(b"x")?;
+        s.read_exact(&mut buf).context("the echo server closed")?;
+        us.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    us.sort_by(f64::total_cmp);
+    Ok(us[us.len() / 2])
+}
+
+/// Both paths from one process, back to back: a block on one right after a
+/// block on the other sees the same machine (frequency, idle states,
+/// neighbours), which separate runs do not.
+fn rtt_pairs(
+    one: (Ipv4Addr, u16),
+    two: (Ipv4Addr, u16),
+    count: usize,
+    blocks: usize,
+) -> anyhow::Result<()> {
+    let mut conns = [
+        echo_connection(one.0, one.1)?,
+        echo_connection(two.0, two.1)?,
+    ];
+    for c in &mut conns {
+        block(c, count.min(500))?;
+    }
+    let mut pairs = Vec::with_capacity(blocks);
+    for k in 0..blocks {
+        let mut pair = [0.0; 2];
+        let order = if k % 2 == 0 { [0, 1] } else { [1, 0] };
+        for i in order {
+            pair[i] = block(&mut conns[i], count)?;
+        }
+        pairs.push(pair);
+    }
+    println!("{}", serde_json::json!({ "pairs": pairs }));
+    Ok(())
+}
+
 fn connect(addr: Ipv4Addr, port: u16, count: usize) -> anyhow::Result<()> {
     let mut us = Vec::with_capacity(count);
     for _ in 0..count {
@@ -107,9 +162,22 @@ fn main() -> anyhow::Result<()> {
                 _ => first(addr, port, count),
             }
         }
+        Some("rtt-pairs") => {
+            let arg = |i: usize| {
+                args.get(i)
+                    .context("rtt-pairs ADDR1 PORT1 ADDR2 PORT2 BLOCK BLOCKS")
+            };
+            rtt_pairs(
+                (arg(2)?.parse()?, arg(3)?.parse()?),
+                (arg(4)?.parse()?, arg(5)?.parse()?),
+                arg(6)?.parse()?,
+                arg(7)?.parse()?,
+            )
+        }
         _ => bail!(
             "usage: connect-bench serve PORT | connect ADDR PORT COUNT | echo PORT | \
-             rtt ADDR PORT COUNT | first ADDR PORT COUNT"
+             rtt ADDR PORT COUNT | first ADDR PORT COUNT | \
+             rtt-pairs ADDR1 PORT1 ADDR2 PORT2 BLOCK BLOCKS"
         ),
     }
 }
