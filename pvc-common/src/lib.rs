@@ -28,7 +28,8 @@ pub mod maps {
     pub const TRAFFIC: &str = "traffic";
     pub const EVENTS: &str = "events";
     pub const REPLAY: &str = "replay";
-    pub const ALL: [&str; 8] = [
+    pub const CLOCK: &str = "clock";
+    pub const ALL: [&str; 9] = [
         MASQUERADING,
         PEERS,
         SETTINGS,
@@ -37,6 +38,7 @@ pub mod maps {
         TRAFFIC,
         EVENTS,
         REPLAY,
+        CLOCK,
     ];
     /// The agent's relay listener, for the sk_lookup program: a socket
     /// lives only as long as its agent, so this map is not pinned.

@@ -22,8 +22,8 @@ use crate::{
     maps::{MASQUERADING, allowed, count_drop, count_traffic, peer, settings},
     nat,
     packet::{
-        ARP_REQUEST, ARP_SENDER_IP_OFF, ICMP_ECHO, Ipv4, Parsed, parse_arp, parse_icmp, parse_ipv4,
-        parse_tcp,
+        ARP_REQUEST, ARP_SENDER_IP_OFF, ICMP_ECHO, Ipv4, Parsed, TCP_SYN, parse_arp, parse_icmp,
+        parse_ipv4, parse_tcp,
     },
     sockets::{self, Use},
 };
@@ -55,6 +55,12 @@ fn egress(ctx: &TcContext) -> Result<i32, DropReason> {
         }
         // Real traffic: the fast path for everything that is not PVC's.
         return Ok(TC_ACT_OK as i32);
+    }
+    if ip.proto == IPPROTO_TCP
+        && !ip.fragment
+        && let Some(verdict) = egress_established(ctx, &ip)
+    {
+        return verdict;
     }
     let s = settings().ok_or(DropReason::AgentNotReady)?;
     if ip.saddr != s.virtual_addr {
@@ -123,6 +129,34 @@ fn egress_real_tcp(ctx: &TcContext, ip: &Ipv4) -> Result<i32, DropReason> {
     flow::may_take(ctx, ip, pvc)?;
     flow::close(&reply);
     Ok(TC_ACT_OK as i32)
+}
+
+/// A packet of an established flow (no SYN flag) with its entry: all it
+/// needs is the rewrite. No settings, no socket or policy check: they were
+/// made when the flow opened, and its entry exists only for this host's own
+/// virtual address (entries are keyed by the packet's source). `None`
+/// sends everything else through the full checks.
+#[inline(always)]
+fn egress_established(ctx: &TcContext, ip: &Ipv4) -> Option<Result<i32, DropReason>> {
+    let tcp = parse_tcp(ctx, ip)?;
+    if tcp.flags & TCP_SYN != 0 {
+        return None;
+    }
+    let key = FlowKey::new(
+        ip.saddr,
+        ip.daddr,
+        tcp.sport,
+        tcp.dport,
+        IPPROTO_TCP,
+        DIRECTION_EGRESS,
+    );
+    let m = flow::touch(&key, tcp.flags)?;
+    Some(
+        nat::masquerade(ctx, ip, tcp.sport, tcp.dport, &m).map(|()| {
+            count_traffic(TRAFFIC_EGRESS, ctx.len());
+            TC_ACT_OK as i32
+        }),
+    )
 }
 
 #[inline(always)]

@@ -11,7 +11,7 @@ use aya_ebpf::{
 use pvc_common::{
     DIRECTION_EGRESS, DIRECTION_INGRESS, DropReason, EVENT_INBOUND_REFUSED, Event, FLOW_AWAIT_SYN,
     FLOW_AWAIT_SYNACK, FlowKey, IPPROTO_ICMP, IPPROTO_TCP, PEER_READY, POLICY_INBOUND, ReplayKey,
-    ReplayValue, Settings, TAG_PUNCH, TCP_RST, TRAFFIC_INGRESS, is_virtual,
+    ReplayValue, TAG_PUNCH, TCP_RST, TRAFFIC_INGRESS, is_virtual,
 };
 
 use crate::{
@@ -50,21 +50,18 @@ fn ingress(ctx: &TcContext) -> Result<i32, DropReason> {
         // spoofed (or leaked by a host without PVC's egress program).
         return Err(DropReason::VirtualAddressOnWire);
     }
-    let Some(s) = settings() else {
-        return PASS;
-    };
     if ip.fragment {
         return PASS;
     }
     match ip.proto {
-        IPPROTO_TCP => ingress_tcp(ctx, &ip, &s),
-        IPPROTO_ICMP => ingress_icmp(ctx, &ip),
+        IPPROTO_TCP => ingress_tcp(ctx, &ip),
+        IPPROTO_ICMP if settings().is_some() => ingress_icmp(ctx, &ip),
         _ => PASS,
     }
 }
 
 #[inline(always)]
-fn ingress_tcp(ctx: &TcContext, ip: &Ipv4, s: &Settings) -> Result<i32, DropReason> {
+fn ingress_tcp(ctx: &TcContext, ip: &Ipv4) -> Result<i32, DropReason> {
     let Some(tcp) = parse_tcp(ctx, ip) else {
         return PASS;
     };
@@ -76,7 +73,18 @@ fn ingress_tcp(ctx: &TcContext, ip: &Ipv4, s: &Settings) -> Result<i32, DropReas
         IPPROTO_TCP,
         DIRECTION_INGRESS,
     );
-    let m = if tcp.is_syn() && ip.daddr == s.real_addr {
+    // Only a SYN needs to know who this host is: the packets of an
+    // established flow need their entry and nothing else.
+    let s = if tcp.is_syn() {
+        let Some(s) = settings() else {
+            return PASS;
+        };
+        Some(s)
+    } else {
+        None
+    };
+    let m = if let Some(s) = s.filter(|s| ip.daddr == s.real_addr) {
+        let s = &s;
         // A connection request decides afresh what the flow is: a member's
         // tagged SYN opens a PVC flow, an untagged one is an ordinary
         // connection between real addresses, even if an earlier PVC flow

@@ -525,6 +525,9 @@ impl Agent {
                     let _ = reply.send(self.status());
                 }
                 _ = quiet_events.tick() => {
+                    if let Err(e) = self.datapath.maps.tick_clock() {
+                        warn!("{e:#}: flows may look idle to the clean-up pass");
+                    }
                     for e in events.drain() {
                         self.on_event(e).await;
                     }

@@ -27,6 +27,7 @@ pub struct Maps {
     drops: PerCpuArray<MapData, u64>,
     traffic: PerCpuArray<MapData, Traffic>,
     relay_listener: aya::maps::SockMap<MapData>,
+    clock: Array<MapData, u64>,
     /// Entries the masquerading map holds at most (two per flow).
     pub capacity: u32,
     /// The cgroup whose processes use the virtual network.
@@ -68,12 +69,26 @@ impl Maps {
             drops: take(ebpf, names::DROPS)?,
             traffic: take(ebpf, names::TRAFFIC)?,
             relay_listener: take(ebpf, names::RELAY_LISTENER)?,
+            clock: take(ebpf, names::CLOCK)?,
             capacity,
             cgroup,
             standing: pvc_common::STANDING_MEMBER,
         };
         let events: RingBuf<MapData> = take(ebpf, names::EVENTS)?;
         Ok((maps, EventStream::new(events)?))
+    }
+
+    /// Tells the programs the time (`monotonic_ns`), which they stamp on
+    /// the flows they see: the agent keeps it current (every 250 ms) so
+    /// that no packet pays for a clock read.
+    pub fn tick_clock(&mut self) -> anyhow::Result<()> {
+        self.set_clock(super::flows::monotonic_ns())
+    }
+
+    pub(super) fn set_clock(&mut self, ns: u64) -> anyhow::Result<()> {
+        self.clock
+            .set(0, ns, 0)
+            .context("cannot write the clock map")
     }
 
     /// The agent's relay listener, where sk_lookup sends connections to

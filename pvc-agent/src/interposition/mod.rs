@@ -92,7 +92,10 @@ impl Datapath {
             info!(pins = %a.pin_dir.display(), "reusing pinned maps: established flows are kept");
         }
         let scope = pins::CgroupScope::of(&a.cgroup)?;
-        let (maps, events) = Maps::take(&mut ebpf, a.max_flows.saturating_mul(2), scope)?;
+        let (mut maps, events) = Maps::take(&mut ebpf, a.max_flows.saturating_mul(2), scope)?;
+        // A clock taken over from a stopped agent is stale: current before
+        // any program runs.
+        maps.tick_clock()?;
         let mut datapath = Self {
             pin_dir: a.pin_dir.clone(),
             ebpf,

@@ -247,6 +247,34 @@ async fn data_and_replies_keep_valid_checksums_both_ways() {
 }
 
 #[tokio::test]
+async fn flows_are_stamped_with_the_agents_clock_or_the_kernels_before_it() {
+    let mut host = Host::new();
+    host.run(EGRESS, &tcp_frame(A_V, B_V, 40002, 22, true, &[]));
+    let key = FlowKey::new(
+        A_V,
+        B_V,
+        40002,
+        22,
+        pvc_common::IPPROTO_TCP,
+        DIRECTION_EGRESS,
+    );
+    // Before the agent's first tick: the kernel's CLOCK_MONOTONIC.
+    let first = host.entry(&key).unwrap().last_seen_ns;
+    let now = super::flows::monotonic_ns();
+    assert!(first <= now && now - first < 5_000_000_000, "{first} {now}");
+    // The agent's clock, read by the next packet instead of the kernel's.
+    let agents = now + 10_000_000_000;
+    host.maps.set_clock(agents).unwrap();
+    let (verdict, _) = host.run(EGRESS, &tcp_frame(A_V, B_V, 40002, 22, false, b"x"));
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(host.entry(&key).unwrap().last_seen_ns, agents);
+    // Within a second of the last stamp, a packet writes nothing.
+    host.maps.set_clock(agents + 500_000_000).unwrap();
+    host.run(EGRESS, &tcp_frame(A_V, B_V, 40002, 22, false, b"x"));
+    assert_eq!(host.entry(&key).unwrap().last_seen_ns, agents);
+}
+
+#[tokio::test]
 async fn inbound_tagged_syn_from_a_member_opens_a_flow() {
     let host = Host::new();
     // What B's egress sends: a SYN from B's real address carrying B's tag.
