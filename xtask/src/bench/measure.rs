@@ -288,20 +288,7 @@ impl<'a> Bench<'a> {
     }
 
     fn programs(&self) -> anyhow::Result<BTreeMap<String, (u64, u64)>> {
-        let mut total = BTreeMap::new();
-        for h in [A, B] {
-            let s = self.lab.status(h)?;
-            let programs = s["programs"]
-                .as_object()
-                .ok_or_else(|| anyhow!("agent {h} reports no program statistics"))?;
-            for (name, v) in programs {
-                let (ns, runs) = (v[0].as_u64().unwrap_or(0), v[1].as_u64().unwrap_or(0));
-                let e = total.entry(name.clone()).or_insert((0, 0));
-                e.0 += ns;
-                e.1 += runs;
-            }
-        }
-        Ok(total)
+        program_totals(&self.lab, &[A, B])
     }
 
     /// The agents' program totals (ns, runs) as Prometheus held them at
@@ -376,25 +363,55 @@ impl<'a> Bench<'a> {
             })
             .collect();
         self.prometheus.insert(name.to_string(), seen);
-        let costs = after
-            .iter()
-            .map(|(prog, &(ns, runs))| {
-                let (ns0, runs0) = before.get(prog).copied().unwrap_or((0, 0));
-                let runs = runs - runs0;
-                let cost = ProgramCost {
-                    runs,
-                    ns_per_run: if runs == 0 {
-                        0.0
-                    } else {
-                        (ns - ns0) as f64 / runs as f64
-                    },
-                };
-                (prog.clone(), cost)
-            })
-            .collect();
+        let costs = program_costs(&before, &after);
         programs.insert(name.to_string(), costs);
         Ok(result)
     }
+}
+
+/// Each program's run time and runs so far (ns, runs), summed over the
+/// agents of `hosts` (kernel statistics, in their status).
+pub(super) fn program_totals(
+    lab: &Lab,
+    hosts: &[&str],
+) -> anyhow::Result<BTreeMap<String, (u64, u64)>> {
+    let mut total = BTreeMap::new();
+    for h in hosts {
+        let s = lab.status(h)?;
+        let programs = s["programs"]
+            .as_object()
+            .ok_or_else(|| anyhow!("agent {h} reports no program statistics"))?;
+        for (name, v) in programs {
+            let (ns, runs) = (v[0].as_u64().unwrap_or(0), v[1].as_u64().unwrap_or(0));
+            let e = total.entry(name.clone()).or_insert((0, 0));
+            e.0 += ns;
+            e.1 += runs;
+        }
+    }
+    Ok(total)
+}
+
+/// What each program cost per run between two readings of `program_totals`.
+pub(super) fn program_costs(
+    before: &BTreeMap<String, (u64, u64)>,
+    after: &BTreeMap<String, (u64, u64)>,
+) -> BTreeMap<String, ProgramCost> {
+    after
+        .iter()
+        .map(|(prog, &(ns, runs))| {
+            let (ns0, runs0) = before.get(prog).copied().unwrap_or((0, 0));
+            let runs = runs - runs0;
+            let cost = ProgramCost {
+                runs,
+                ns_per_run: if runs == 0 {
+                    0.0
+                } else {
+                    (ns - ns0) as f64 / runs as f64
+                },
+            };
+            (prog.clone(), cost)
+        })
+        .collect()
 }
 
 /// connect-bench's durations, microseconds; exactly `count` of them.

@@ -248,15 +248,25 @@ fn targets(r: &Report) -> Vec<Target> {
         met: worst_ns <= 60.0,
         miss: format!("{:.0} ns", worst_ns - 60.0),
     });
+    // Established flows: the bulk and round-trip phases (the connect
+    // phase is mostly SYNs, which are checked and tagged on purpose).
     let floor = r.empty_program.ns_per_run * 1.5;
+    let established = r
+        .programs
+        .iter()
+        .filter(|(phase, _)| matches!(phase.as_str(), "iperf3" | "round trip"))
+        .flat_map(|(_, progs)| progs.iter())
+        .filter(|(name, c)| c.runs > 0 && matches!(name.as_str(), "pvc_egress" | "pvc_ingress"))
+        .map(|(_, c)| c.ns_per_run)
+        .fold(0.0, f64::max);
     t.push(Target {
-        name: "tc programs <= 1.5x the empty program (issue 13)",
+        name: "tc programs on established flows <= 1.5x the empty program (issue 13)",
         measured: format!(
-            "worst {worst_ns:.0} ns, {:.1}x the empty program",
-            worst_ns / r.empty_program.ns_per_run
+            "worst {established:.0} ns (iperf3, round trip), {:.1}x the empty program",
+            established / r.empty_program.ns_per_run
         ),
-        met: worst_ns <= floor,
-        miss: format!("{:.0} ns", worst_ns - floor),
+        met: established <= floor,
+        miss: format!("{:.0} ns", established - floor),
     });
     for (name, p, limit) in [
         (
@@ -277,7 +287,10 @@ fn targets(r: &Report) -> Vec<Target> {
                 p.ratio, p.ratio_ci95, p.pairs, p.bare, p.pvc, p.unit
             ),
             met: p.ratio + p.ratio_ci95 <= limit,
-            miss: format!("{:+.2} points", (p.ratio - limit) * 100.0),
+            miss: format!(
+                "the interval reaches {:.4} (limit {limit})",
+                p.ratio + p.ratio_ci95
+            ),
         });
     }
     let added = r.connect_pvc_us.median - r.connect_bare_us.median;
@@ -439,14 +452,14 @@ pub fn markdown(r: &Report) -> String {
          server's NAT. \"First byte\": a new connection up to its first byte echoed back (the \
          traversal or the relay's setup included; a relayed connect() itself returns as soon as \
          the local agent accepts). Medians; iperf3 {} s.\n\n\
-         | pair | technique | iperf3 bare / PVC Gbit/s | PVC/bare | first byte bare / PVC µs | round trip bare / PVC µs |\n\
-         |---|---|---|---|---|---|",
+         | pair | technique | iperf3 bare / PVC Gbit/s | PVC/bare | first byte bare / PVC µs | round trip bare / PVC µs | pvc_egress / pvc_ingress ns per run (x empty) |\n\
+         |---|---|---|---|---|---|---|",
         r.options.iperf_seconds
     );
     for c in &r.sites {
         let _ = writeln!(
             m,
-            "| {} | {} | {:.2} / {:.2} | {:.3} | {:.0} / {:.0} | {:.0} / {:.0} |",
+            "| {} | {} | {:.2} / {:.2} | {:.3} | {:.0} / {:.0} | {:.0} / {:.0} | {} |",
             c.name,
             c.technique,
             c.iperf.bare_gbps,
@@ -455,7 +468,16 @@ pub fn markdown(r: &Report) -> String {
             c.first_byte_bare_us.median,
             c.first_byte_pvc_us.median,
             c.round_trip_bare_us.median,
-            c.round_trip_pvc_us.median
+            c.round_trip_pvc_us.median,
+            ["pvc_egress", "pvc_ingress"]
+                .iter()
+                .map(|p| c.programs.get(*p).map_or("-".to_string(), |c| format!(
+                    "{:.0} ({:.1}x)",
+                    c.ns_per_run,
+                    c.ns_per_run / r.empty_program.ns_per_run
+                )))
+                .collect::<Vec<_>>()
+                .join(" / ")
         );
     }
     let l = &r.broker_load;

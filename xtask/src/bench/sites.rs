@@ -5,15 +5,17 @@
 //! server's NAT (what an administrator would do without PVC); every
 //! measurement alternates the two paths, as on the LAN.
 
-use std::time::Duration;
+use std::{collections::BTreeMap, time::Duration};
 
 use anyhow::{Context as _, anyhow, ensure};
 use pvc_lab::{Lab, Site, bin, wait_until};
 use serde::Serialize;
 
 use super::{
-    measure::{Options, connect_bench_us, iperf_gbps},
-    report::{Spread, Throughput, median},
+    measure::{
+        Options, connect_bench_us, enable_bpf_stats, iperf_gbps, program_costs, program_totals,
+    },
+    report::{ProgramCost, Spread, Throughput, median},
 };
 
 /// One pair of sites.
@@ -28,6 +30,10 @@ pub struct SiteCell {
     pub first_byte_pvc_us: Spread,
     pub round_trip_bare_us: Spread,
     pub round_trip_pvc_us: Spread,
+    /// Each program's cost per run (client and server) over one more PVC
+    /// iperf3 run, with the kernel's statistics on.
+    #[serde(default)]
+    pub programs: BTreeMap<String, ProgramCost>,
 }
 
 struct Pair<'a> {
@@ -190,6 +196,13 @@ fn measure_pair(
             }
         }
     }
+    let programs = {
+        let _stats = enable_bpf_stats()?;
+        let hosts = [p.client, p.server];
+        let before = program_totals(lab, &hosts)?;
+        iperf(lab, opts, p, false, bare_dst, server_vip)?;
+        program_costs(&before, &program_totals(lab, &hosts)?)
+    };
     let used = opened(lab, p.client, technique) - before;
     ensure!(
         used > 0,
@@ -209,6 +222,7 @@ fn measure_pair(
         first_byte_pvc_us: Spread::of(&cp),
         round_trip_bare_us: Spread::of(&rb),
         round_trip_pvc_us: Spread::of(&rp),
+        programs,
     })
 }
 

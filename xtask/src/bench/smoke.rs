@@ -135,6 +135,16 @@ fn check(r: &Report, opts: &Options, out: &Path) -> anyhow::Result<()> {
     }
     ensure!(r.sites.len() == 2, "{:?}", r.sites);
     for c in &r.sites {
+        for p in ["pvc_egress", "pvc_ingress"] {
+            ensure!(
+                c.programs
+                    .get(p)
+                    .is_some_and(|p| p.runs > 0 && p.ns_per_run > 0.0),
+                "{}: no cost per run for {p}: {:?}",
+                c.name,
+                c.programs
+            );
+        }
         for (what, s) in [
             ("first byte bare", &c.first_byte_bare_us),
             ("first byte PVC", &c.first_byte_pvc_us),
