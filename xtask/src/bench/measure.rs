@@ -124,6 +124,12 @@ fn unix_secs() -> f64 {
         .as_secs_f64()
 }
 
+/// Round trips run with the client and the echo servers on one CPU: left
+/// to the scheduler, a block of them took 17 µs per round trip or 55 µs
+/// (client and server on different vCPUs, woken by IPIs), flipping every
+/// tenth of a second, which drowned a difference of a few percent.
+const PINNED: [&str; 3] = ["taskset", "-c", "0"];
+
 pub(super) const A: &str = "a";
 pub(super) const B: &str = "b";
 
@@ -150,7 +156,13 @@ impl<'a> Bench<'a> {
         let (bare, pvc) = (self.next_port(), self.next_port());
         let connect_bench = bin("connect-bench").display().to_string();
         for (route, port) in [(Route::Bare, bare), (Route::Pvc, pvc)] {
-            self.spawn(B, route, &connect_bench, &[mode, &port.to_string()])?;
+            let port_s = port.to_string();
+            let mut args = vec![connect_bench.as_str(), mode, &port_s];
+            if mode == "echo" {
+                args.splice(0..0, PINNED);
+            }
+            let program = args.remove(0);
+            self.spawn(B, route, program, &args)?;
             self.lab.wait_listening(B, port)?;
         }
         let probe = if mode == "echo" { "rtt" } else { "connect" };
@@ -275,7 +287,7 @@ impl<'a> Bench<'a> {
 
     fn timed(&self, mode: &str, route: Route, port: u16, count: usize) -> anyhow::Result<Vec<f64>> {
         let out = self
-            .command(A, route, bin("connect-bench"))
+            .round_trip_client(route, mode == "rtt")
             .args([
                 mode.to_string(),
                 self.addr(B, route).to_string(),
@@ -285,6 +297,18 @@ impl<'a> Bench<'a> {
             .ok()
             .with_context(|| format!("connect-bench {mode} over the {} path", route.name()))?;
         connect_bench_us(&out, count)
+    }
+
+    /// connect-bench on a; for round trips pinned to the CPU the echo
+    /// servers run on (`PINNED`).
+    pub(super) fn round_trip_client(&self, route: Route, pinned: bool) -> pvc_lab::Prepared {
+        if pinned {
+            self.command(A, route, PINNED[0])
+                .args(&PINNED[1..])
+                .args([bin("connect-bench")])
+        } else {
+            self.command(A, route, bin("connect-bench"))
+        }
     }
 
     fn programs(&self) -> anyhow::Result<BTreeMap<String, (u64, u64)>> {

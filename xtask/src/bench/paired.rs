@@ -54,13 +54,19 @@ impl Paired {
 /// Microseconds all CPUs have spent idle so far, from cpuidle's own
 /// per-state counters: exact, where /proc/stat's busy time is sampled at
 /// the tick (a paced sender's bursts can fall between ticks, or on them).
-fn idle_us() -> anyhow::Result<(u64, usize)> {
+fn idle_us(only: Option<usize>) -> anyhow::Result<(u64, usize)> {
     let mut total = 0;
     let mut cpus = 0;
     for cpu in std::fs::read_dir("/sys/devices/system/cpu")?.flatten() {
         let name = cpu.file_name();
         let name = name.to_string_lossy();
-        if !name.starts_with("cpu") || !name[3..].chars().all(|c| c.is_ascii_digit()) {
+        let Some(n) = name
+            .strip_prefix("cpu")
+            .and_then(|n| n.parse::<usize>().ok())
+        else {
+            continue;
+        };
+        if only.is_some_and(|o| o != n) {
             continue;
         }
         let idle = cpu.path().join("cpuidle");
@@ -80,14 +86,17 @@ fn idle_us() -> anyhow::Result<(u64, usize)> {
     Ok((total, cpus))
 }
 
-/// Runs `work`; returns its result and the machine's busy time meanwhile
-/// (all CPUs' wall time less their idle time), ns.
-fn busy_during<T>(work: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<(T, f64)> {
-    let (idle0, cpus) = idle_us()?;
+/// Runs `work`; returns its result and the busy time meanwhile (wall time
+/// less idle time) of CPU `only`, or of all CPUs, ns.
+fn busy_during<T>(
+    only: Option<usize>,
+    work: impl FnOnce() -> anyhow::Result<T>,
+) -> anyhow::Result<(T, f64)> {
+    let (idle0, cpus) = idle_us(only)?;
     let t = std::time::Instant::now();
     let out = work()?;
     let wall = t.elapsed().as_nanos() as f64;
-    let (idle1, _) = idle_us()?;
+    let (idle1, _) = idle_us(only)?;
     Ok((out, wall * cpus as f64 - (idle1 - idle0) as f64 * 1e3))
 }
 
@@ -111,9 +120,16 @@ impl Bench<'_> {
             &rate,
             "-t",
             &secs,
+            // Client and server on one CPU, as for the round trips: where
+            // the scheduler puts them otherwise changes what a byte costs.
+            "-A",
+            "0,0",
             "-J",
         ]);
-        let (out, busy_ns) = busy_during(|| {
+        // CPU 0's busy time: the transfer runs there, softirqs included
+        // (veth delivers on the sending CPU); the rest of the machine
+        // (Prometheus, agents, the broker) mostly runs beside it.
+        let (out, busy_ns) = busy_during(Some(0), || {
             cmd.ok()
                 .with_context(|| format!("iperf3 at a fixed rate over the {} path", route.name()))
         })?;
@@ -175,7 +191,7 @@ impl Bench<'_> {
         pvc_port: u16,
     ) -> anyhow::Result<Paired> {
         let out = self
-            .command(A, Route::Pvc, pvc_lab::bin("connect-bench"))
+            .round_trip_client(Route::Pvc, true)
             .args([
                 "rtt-pairs".to_string(),
                 self.addr(B, Route::Bare).to_string(),
@@ -194,6 +210,9 @@ impl Bench<'_> {
             .iter()
             .filter_map(|p| Some((p[0].as_f64()?, p[1].as_f64()?)))
             .collect();
+        for (k, (bare, pvc)) in pairs.iter().enumerate() {
+            eprintln!("bench: round trips, block {k}: bare {bare:.2} µs, PVC {pvc:.2} µs");
+        }
         ensure!(
             pairs.len() == self.opts.rtt_blocks,
             "connect-bench timed {} of {} pairs",
@@ -309,7 +328,7 @@ mod tests {
 
     #[test]
     fn busy_time_counts_a_busy_loop() {
-        let ((), busy) = busy_during(|| {
+        let ((), busy) = busy_during(None, || {
             let t = std::time::Instant::now();
             while t.elapsed() < Duration::from_millis(300) {
                 std::hint::black_box(0);

@@ -7,8 +7,8 @@
 //! back (what a relayed connect() hides: its connect() returns when the
 //! local agent accepts); `rtt-pairs ADDR1 PORT1 ADDR2 PORT2 BLOCK BLOCKS`
 //! holds one connection to each echo server and times BLOCKS pairs of
-//! BLOCK round trips (each block's median), one block on each, the order
-//! alternating. Durations
+//! BLOCK round trips (each block's median), the blocks alternating
+//! between the two. Durations
 //! are printed in microseconds, as JSON.
 
 use std::{
@@ -90,7 +90,12 @@ fn block(s: &mut TcpStream, count: usize) -> anyhow::Result<f64> {
 
 /// Both paths from one process, back to back: a block on one right after a
 /// block on the other sees the same machine (frequency, idle states,
-/// neighbours), which separate runs do not.
+/// neighbours), which separate runs do not. Strictly alternating (one, two,
+/// one, two, ..., one), each block of `two` paired with the mean of the
+/// blocks of `one` on either side of it, so that a drift of the machine
+/// cancels. (Alternating the order per pair instead, ABBA, ran two blocks
+/// on one connection in a row at every pair's boundary, and here the
+/// second of those was 3x slower whichever path it was.)
 fn rtt_pairs(
     one: (Ipv4Addr, u16),
     two: (Ipv4Addr, u16),
@@ -104,14 +109,13 @@ fn rtt_pairs(
     for c in &mut conns {
         block(c, count.min(500))?;
     }
+    let mut before = block(&mut conns[0], count)?;
     let mut pairs = Vec::with_capacity(blocks);
-    for k in 0..blocks {
-        let mut pair = [0.0; 2];
-        let order = if k % 2 == 0 { [0, 1] } else { [1, 0] };
-        for i in order {
-            pair[i] = block(&mut conns[i], count)?;
-        }
-        pairs.push(pair);
+    for _ in 0..blocks {
+        let second = block(&mut conns[1], count)?;
+        let after = block(&mut conns[0], count)?;
+        pairs.push([(before + after) / 2.0, second]);
+        before = after;
     }
     println!("{}", serde_json::json!({ "pairs": pairs }));
     Ok(())
