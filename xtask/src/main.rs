@@ -218,6 +218,7 @@ fn main() -> anyhow::Result<()> {
             run("build (release)", &mut cargo(&["build", "--release"]))?;
             // SAFETY: single-threaded here; the lab reads it to find the binaries.
             unsafe { std::env::set_var("PVC_BIN_DIR", target_dir().join("release")) };
+            bench::clean_up_on_signal();
             let opts = if quick {
                 Options::smoke()
             } else {

@@ -1101,6 +1101,73 @@ impl Drop for Lab {
     }
 }
 
+/// Removes what labs of this process left, without their `Lab` values:
+/// for a process that must end at once (a signal), where `Lab::drop`
+/// cannot run. Every process in their namespaces is killed, and their
+/// namespaces, hostnames, cgroups and pins go.
+pub fn remove_this_process_labs() {
+    let prefix = format!("pvct{}x", std::process::id());
+    let namespaces = sh(&["ip", "netns", "list"]).unwrap_or_default();
+    let ours: Vec<&str> = namespaces
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with(&prefix))
+        .collect();
+    for ns in &ours {
+        for pid in sh(&["ip", "netns", "pids", ns])
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|p| p.parse::<i32>().ok())
+        {
+            // SAFETY: a plain signal.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+    sleep(Duration::from_millis(300));
+    for ns in &ours {
+        let _ = sh(&["ip", "netns", "del", ns]);
+        let uts = uts_file(ns);
+        if uts.exists() {
+            let _ = sh(&["umount", &uts.display().to_string()]);
+            let _ = fs::remove_file(&uts);
+        }
+    }
+    let starts = |e: &fs::DirEntry| e.file_name().to_string_lossy().starts_with(&prefix);
+    for lab in fs::read_dir(cgroup2_root())
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(starts)
+    {
+        for host in fs::read_dir(lab.path()).into_iter().flatten().flatten() {
+            if host.path().is_dir() {
+                let procs =
+                    fs::read_to_string(host.path().join("cgroup.procs")).unwrap_or_default();
+                for pid in procs
+                    .split_whitespace()
+                    .filter_map(|p| p.parse::<i32>().ok())
+                {
+                    // SAFETY: a plain signal.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+                let _ = fs::remove_dir(host.path());
+            }
+        }
+        let _ = fs::remove_dir(lab.path());
+    }
+    for dir in [Path::new("/sys/fs/bpf/pvc"), Path::new("/sys/fs/bpf")] {
+        for pin in fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(starts)
+        {
+            let _ = fs::remove_dir_all(pin.path()).or_else(|_| fs::remove_file(pin.path()));
+        }
+    }
+    let _ = fs::remove_dir(Path::new("/sys/fs/bpf/pvc"));
+}
+
 /// Small programs written against the plain socket API, run with python3:
 /// they stand for any unmodified application and report what the socket
 /// calls returned (accept(), getpeername(), getsockname(), errno).

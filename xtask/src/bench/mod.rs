@@ -36,3 +36,27 @@ pub fn distribution(opts: &Options) -> anyhow::Result<String> {
     distribution::markdown(opts, &cells, &mut m);
     Ok(m)
 }
+
+/// Ctrl-C or SIGTERM during a benchmark: the labs it made are removed
+/// (namespaces, cgroups, pins, every process in them) and it exits, rather
+/// than leave them behind as a plain kill would.
+pub fn clean_up_on_signal() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static SIGNALLED: AtomicBool = AtomicBool::new(false);
+    extern "C" fn on_signal(_: libc::c_int) {
+        SIGNALLED.store(true, Ordering::Relaxed);
+    }
+    // SAFETY: the handler only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+    std::thread::spawn(|| {
+        while !SIGNALLED.load(Ordering::Relaxed) {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        eprintln!("bench: interrupted; removing its labs");
+        pvc_lab::remove_this_process_labs();
+        std::process::exit(130);
+    });
+}
