@@ -4,8 +4,8 @@
 use aya_ebpf::{bindings::BPF_RB_FORCE_WAKEUP, helpers::bpf_skb_load_bytes, programs::TcContext};
 use pvc_common::{
     DIRECTION_EGRESS, DropReason, EVENT_ANSWER_HELD, EVENT_FLOW_CREATED, EVENT_PACKET_HELD,
-    EVENT_PACKET_REFUSED, EVENT_PUNCH, Event, FlowKey, HELD_BYTES, HeldPacket, Masquerade,
-    PeerPath, Settings, siphash24_16, tag_message,
+    EVENT_PACKET_REFUSED, EVENT_PUNCH, Event, FlowKey, HELD_BYTES, HeldPacket, IPPROTO_TCP,
+    Masquerade, PeerPath, Settings, siphash24_16, tag_message,
 };
 
 use crate::{
@@ -13,6 +13,19 @@ use crate::{
     packet::{IP_OFF, Ipv4, Tcp},
     sockets::Use,
 };
+
+/// The key of a TCP packet's flow at this hook, as its header has it.
+#[inline(always)]
+pub fn tcp_key(ip: &Ipv4, tcp: &Tcp, direction: u8) -> FlowKey {
+    FlowKey::new(
+        ip.saddr,
+        ip.daddr,
+        tcp.sport,
+        tcp.dport,
+        IPPROTO_TCP,
+        direction,
+    )
+}
 
 /// Looks up a flow and records that a packet (with these TCP flags) used it.
 #[inline(always)]

@@ -22,8 +22,8 @@ use crate::{
     maps::{MASQUERADING, allowed, count_drop, count_traffic, peer, settings},
     nat,
     packet::{
-        ARP_REQUEST, ARP_SENDER_IP_OFF, ICMP_ECHO, Ipv4, Parsed, TCP_SYN, parse_arp, parse_icmp,
-        parse_ipv4, parse_tcp,
+        ARP_REQUEST, ARP_SENDER_IP_OFF, ICMP_ECHO, Ipv4, Parsed, TCP_SYN, Tcp, parse_arp,
+        parse_icmp, parse_ipv4, parse_tcp,
     },
     sockets::{self, Use},
 };
@@ -56,9 +56,14 @@ fn egress(ctx: &TcContext) -> Result<i32, DropReason> {
         // Real traffic: the fast path for everything that is not PVC's.
         return Ok(TC_ACT_OK as i32);
     }
-    if ip.proto == IPPROTO_TCP
-        && !ip.fragment
-        && let Some(verdict) = egress_established(ctx, &ip)
+    // Parsed once, for the established flows' fast path and the full checks.
+    let tcp = if ip.proto == IPPROTO_TCP && !ip.fragment {
+        parse_tcp(ctx, &ip)
+    } else {
+        None
+    };
+    if let Some(tcp) = &tcp
+        && let Some(verdict) = egress_established(ctx, &ip, tcp)
     {
         return verdict;
     }
@@ -70,7 +75,7 @@ fn egress(ctx: &TcContext) -> Result<i32, DropReason> {
         return Err(DropReason::Fragment);
     }
     match ip.proto {
-        IPPROTO_TCP => egress_tcp(ctx, &ip, &s),
+        IPPROTO_TCP => egress_tcp(ctx, &ip, tcp.ok_or(DropReason::Malformed)?, &s),
         IPPROTO_ICMP => egress_icmp(ctx, &ip, &s),
         _ => Err(DropReason::UnsupportedProtocol),
     }
@@ -137,20 +142,11 @@ fn egress_real_tcp(ctx: &TcContext, ip: &Ipv4) -> Result<i32, DropReason> {
 /// virtual address (entries are keyed by the packet's source). `None`
 /// sends everything else through the full checks.
 #[inline(always)]
-fn egress_established(ctx: &TcContext, ip: &Ipv4) -> Option<Result<i32, DropReason>> {
-    let tcp = parse_tcp(ctx, ip)?;
+fn egress_established(ctx: &TcContext, ip: &Ipv4, tcp: &Tcp) -> Option<Result<i32, DropReason>> {
     if tcp.flags & TCP_SYN != 0 {
         return None;
     }
-    let key = FlowKey::new(
-        ip.saddr,
-        ip.daddr,
-        tcp.sport,
-        tcp.dport,
-        IPPROTO_TCP,
-        DIRECTION_EGRESS,
-    );
-    let m = flow::touch(&key, tcp.flags)?;
+    let m = flow::touch(&flow::tcp_key(ip, tcp, DIRECTION_EGRESS), tcp.flags)?;
     Some(
         nat::masquerade(ctx, ip, tcp.sport, tcp.dport, &m).map(|()| {
             count_traffic(TRAFFIC_EGRESS, ctx.len());
@@ -160,16 +156,8 @@ fn egress_established(ctx: &TcContext, ip: &Ipv4) -> Option<Result<i32, DropReas
 }
 
 #[inline(always)]
-fn egress_tcp(ctx: &TcContext, ip: &Ipv4, s: &Settings) -> Result<i32, DropReason> {
-    let tcp = parse_tcp(ctx, ip).ok_or(DropReason::Malformed)?;
-    let key = FlowKey::new(
-        ip.saddr,
-        ip.daddr,
-        tcp.sport,
-        tcp.dport,
-        IPPROTO_TCP,
-        DIRECTION_EGRESS,
-    );
+fn egress_tcp(ctx: &TcContext, ip: &Ipv4, tcp: Tcp, s: &Settings) -> Result<i32, DropReason> {
+    let key = flow::tcp_key(ip, &tcp, DIRECTION_EGRESS);
     // The agent's own packets (held SYNs re-sent, answers it injected)
     // passed these checks when an application sent them.
     let agent = sockets::from_agent(ctx);

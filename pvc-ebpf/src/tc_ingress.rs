@@ -65,14 +65,7 @@ fn ingress_tcp(ctx: &TcContext, ip: &Ipv4) -> Result<i32, DropReason> {
     let Some(tcp) = parse_tcp(ctx, ip) else {
         return PASS;
     };
-    let key = FlowKey::new(
-        ip.saddr,
-        ip.daddr,
-        tcp.sport,
-        tcp.dport,
-        IPPROTO_TCP,
-        DIRECTION_INGRESS,
-    );
+    let key = flow::tcp_key(ip, &tcp, DIRECTION_INGRESS);
     // Only a SYN needs to know who this host is: the packets of an
     // established flow need their entry and nothing else.
     let s = if tcp.is_syn() {

@@ -158,22 +158,28 @@ fn check_swarm(
     );
 }
 
+/// `file` shared by a swarm: the tracker on a, the seed on b, uploading
+/// slowly (at `seed_rate`) so that downloaders that swap pieces finish well
+/// before the seed alone could serve them, downloads on c, d and e; checked
+/// by `check_swarm`. Returns how long the copies took.
+fn share(lab: &mut Lab, file: &std::path::Path, seed_rate: &str, limit: Duration) -> Duration {
+    let mut swarm = Swarm::start(lab, Route::Pvc, "a", file).unwrap();
+    swarm.seed(lab, "b", Some(seed_rate)).unwrap();
+    let downloaders = ["c", "d", "e"];
+    let run = swarm.distribute(lab, &downloaders, limit, true).unwrap();
+    check_swarm(lab, &swarm, &run, "a", "b", &downloaders);
+    run.took
+}
+
 #[test]
 fn a_bittorrent_swarm_shares_a_file_among_members_by_virtual_address_only() {
     let mut lab = Lab::lan(5).unwrap();
     lab.start_all().unwrap();
     let file = payload(&lab, "payload.bin", 8);
     let wire = lab.capture("net 240.0.0.0/4").unwrap();
-    let mut swarm = Swarm::start(&mut lab, Route::Pvc, "a", &file).unwrap();
-    // The seed uploads slowly (2 MiB/s for 3 copies of 8 MiB): downloaders
-    // that swap pieces finish well before the seed alone could serve them.
-    swarm.seed(&mut lab, "b", Some("2M")).unwrap();
-    let downloaders = ["c", "d", "e"];
-    let run = swarm
-        .distribute(&mut lab, &downloaders, Duration::from_secs(60), true)
-        .unwrap();
-    eprintln!("8 MiB to 3 members through PVC in {:?}", run.took);
-    check_swarm(&lab, &swarm, &run, "a", "b", &downloaders);
+    // 2 MiB/s for 3 copies of 8 MiB.
+    let took = share(&mut lab, &file, "2M", Duration::from_secs(60));
+    eprintln!("8 MiB to 3 members through PVC in {took:?}");
     assert_eq!(wire.finish().trim(), "", "virtual addresses on the wire");
 }
 
@@ -205,13 +211,7 @@ fn slurm_and_a_swarm_run_across_nated_and_firewalled_sites() {
     let file = payload(&lab, "payload.bin", 4);
     broadcast_and_check(&lab, &slurm, &file);
 
-    let mut swarm = Swarm::start(&mut lab, Route::Pvc, "a", &file).unwrap();
-    swarm.seed(&mut lab, "b", Some("1M")).unwrap();
-    let downloaders = ["c", "d", "e"];
-    let run = swarm
-        .distribute(&mut lab, &downloaders, Duration::from_secs(90), true)
-        .unwrap();
-    check_swarm(&lab, &swarm, &run, "a", "b", &downloaders);
+    share(&mut lab, &file, "1M", Duration::from_secs(90));
 
     // What each member's flows used, by site.
     let mut used = Vec::new();

@@ -1166,6 +1166,14 @@ pub fn remove_this_process_labs() {
         }
     }
     let _ = fs::remove_dir(Path::new("/sys/fs/bpf/pvc"));
+    // bpffs, if a lab of this process mounted it (`BpffsUse` never drops).
+    let users = BPFFS_USERS.lock().unwrap_or_else(|e| e.into_inner());
+    if users.1
+        && let Ok(path) = std::ffi::CString::new(BPFFS)
+    {
+        // SAFETY: a valid C string.
+        unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
+    }
 }
 
 /// Small programs written against the plain socket API, run with python3:

@@ -160,9 +160,7 @@ pub(super) fn measure(b: &mut Bench) -> anyhow::Result<ProgramCost> {
     };
     let result = attach(&b.lab).and_then(|()| {
         let before = empty.stats()?;
-        for (from, to) in [(A, B), (B, A)] {
-            b.iperf(Route::Bare, from, to)?;
-        }
+        b.both_ways(|b, from, to| b.iperf(Route::Bare, from, to))?;
         let after = empty.stats()?;
         let runs = after.1 - before.1;
         ensure!(

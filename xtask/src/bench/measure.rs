@@ -252,6 +252,17 @@ impl<'a> Bench<'a> {
         iperf_gbps(&out)
     }
 
+    /// `run(from, to)` from a to b, then from b to a.
+    pub(super) fn both_ways(
+        &mut self,
+        mut run: impl FnMut(&mut Self, &str, &str) -> anyhow::Result<f64>,
+    ) -> anyhow::Result<()> {
+        for (from, to) in [(A, B), (B, A)] {
+            run(self, from, to)?;
+        }
+        Ok(())
+    }
+
     /// `sample` on both paths, interleaved, `reps` times; pooled per path.
     fn spreads(
         &mut self,
@@ -558,12 +569,7 @@ pub fn run(opts: &Options, out: &Path) -> anyhow::Result<Report> {
                 })
                 .collect::<BTreeMap<_, _>>())
         },
-        |b| {
-            for (from, to) in [(A, B), (B, A)] {
-                b.iperf(Route::Pvc, from, to)?;
-            }
-            Ok(())
-        },
+        |b| b.both_ways(|b, from, to| b.iperf(Route::Pvc, from, to)),
     )?;
 
     let (connect_bare, connect_pvc) = bench.measured(

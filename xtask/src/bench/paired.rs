@@ -236,12 +236,7 @@ pub fn per_packet(opts: &super::measure::Options) -> anyhow::Result<String> {
         "iperf3",
         &mut programs,
         |_| Ok(()),
-        |b| {
-            for (from, to) in [(A, B), (B, A)] {
-                b.iperf(Route::Pvc, from, to)?;
-            }
-            Ok(())
-        },
+        |b| b.both_ways(|b, from, to| b.iperf(Route::Pvc, from, to)),
     )?;
     // What a flow costs that PVC's programs pass without rewriting (a
     // connection between the real addresses over PVC's uplink): the cost
@@ -250,12 +245,7 @@ pub fn per_packet(opts: &super::measure::Options) -> anyhow::Result<String> {
         "iperf3, real addresses on PVC's uplink",
         &mut programs,
         |_| Ok(()),
-        |b| {
-            for (from, to) in [(A, B), (B, A)] {
-                b.iperf_real_on_uplink(from, to)?;
-            }
-            Ok(())
-        },
+        |b| b.both_ways(Bench::iperf_real_on_uplink),
     )?;
     let blocks = bench.measured(
         "round trip",
