@@ -246,8 +246,30 @@ pub struct Interposition {
     /// Capacity of the masquerading map (flows x 2 directions).
     #[serde(default = "default_max_flows")]
     pub max_flows: u32,
+    /// Where flows over direct paths (LAN, public, UPnP) are translated:
+    /// per packet by tc (every path type), or at the socket (connect() goes
+    /// to the member's real address; no packet is rewritten).
+    #[serde(default)]
+    pub translation: Translation,
     #[serde(default = "default_bpffs")]
     pub bpffs: PathBuf,
+}
+
+/// `interposition.translation`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Translation {
+    /// tc rewrites every packet of every flow (sockets and `ss` show
+    /// virtual addresses).
+    #[default]
+    Packet,
+    /// Flows over direct paths are translated at the socket: connect4 sends
+    /// them to the member's real address, getpeername/getsockname show
+    /// virtual ones, tc tags and checks their SYNs only. Flows of sockets
+    /// bound to the virtual address, the first flow to a member (held
+    /// while it is authenticated) and flows over traversals or the relay
+    /// stay per packet.
+    Socket,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -264,6 +286,16 @@ pub struct Flows {
     pub icmp_timeout_secs: u64,
     #[serde(default = "default_gc_interval")]
     pub gc_interval_secs: u64,
+}
+
+impl Flows {
+    pub fn timeouts(&self) -> crate::interposition::Timeouts {
+        crate::interposition::Timeouts {
+            idle: Duration::from_secs(self.idle_timeout_secs),
+            closed: Duration::from_secs(self.closed_timeout_secs),
+            icmp: Duration::from_secs(self.icmp_timeout_secs),
+        }
+    }
 }
 
 impl Default for Flows {

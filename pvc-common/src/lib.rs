@@ -29,7 +29,10 @@ pub mod maps {
     pub const EVENTS: &str = "events";
     pub const REPLAY: &str = "replay";
     pub const CLOCK: &str = "clock";
-    pub const ALL: [&str; 9] = [
+    pub const SOCKET_FLOWS: &str = "socket_flows";
+    pub const SOCKET_CONNECTS: &str = "socket_connects";
+    pub const MASQUERADING_HINTS: &str = "masquerading_hints";
+    pub const ALL: [&str; 12] = [
         MASQUERADING,
         PEERS,
         SETTINGS,
@@ -39,6 +42,9 @@ pub mod maps {
         EVENTS,
         REPLAY,
         CLOCK,
+        SOCKET_FLOWS,
+        SOCKET_CONNECTS,
+        MASQUERADING_HINTS,
     ];
     /// The agent's relay listener, for the sk_lookup program: a socket
     /// lives only as long as its agent, so this map is not pinned.
@@ -95,6 +101,18 @@ impl FlowKey {
         }
     }
 
+    /// The masquerading hint's slot of an ingress TCP key: a hash of the
+    /// tuple's remote address, remote port and local port. An ingress
+    /// packet looks its flow up only while this slot's hint is live: a
+    /// flow translated at the socket (nothing to rewrite) then costs no
+    /// hash lookup.
+    #[inline(always)]
+    pub fn hint_slot(&self) -> u32 {
+        let ports = ((self.sport as u32) << 16) | self.dport as u32;
+        let mixed = (u32::from_ne_bytes(self.saddr) ^ ports).wrapping_mul(0x9e37_79b1);
+        mixed >> 16
+    }
+
     /// The key under which the other direction of the same flow is stored,
     /// given this entry's rewritten tuple.
     #[inline(always)]
@@ -109,6 +127,13 @@ impl FlowKey {
         )
     }
 }
+
+/// Slots of the masquerading hints (`HINT_LIFETIME_SLOT` is the last).
+pub const HINT_SLOTS: u32 = 65536;
+/// The hints' slot that holds how long a hint lasts (ns), written by the
+/// agent: longer than any idle TCP entry can live before its removal.
+/// 0 (not written yet): every packet is looked up.
+pub const HINT_LIFETIME_SLOT: u32 = HINT_SLOTS;
 
 /// Value of the masquerading map: the tuple a packet matching the key is
 /// rewritten to, and bookkeeping for garbage collection.
@@ -264,6 +289,41 @@ pub struct PeerPath {
 /// `PeerPath::flags`: every new flow needs the agents (a traversal per
 /// flow): its SYN is handed to the agent, unless the agent sends it.
 pub const PATH_PER_FLOW: u8 = 1;
+/// `PeerPath::flags`: flows with this member may be translated at the
+/// socket (`interposition.translation = "socket"`, a direct path): connect()
+/// goes to its real address, and no packet of the flow is rewritten.
+pub const PATH_SOCKET: u8 = 2;
+
+/// Key of the socket-flows map: a flow translated at the socket, by its
+/// tuple on the wire (this host's real address is the same for all):
+/// the member's real address and port, and the local port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SocketKey {
+    pub peer: [u8; 4],
+    pub peer_port: u16,
+    pub local_port: u16,
+}
+
+/// Who a socket-level flow's socket is connected to on the virtual
+/// network: what getpeername()/accept() show, what its SYN's tag names.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SocketPeer {
+    /// The member's virtual address.
+    pub vpeer: [u8; 4],
+    /// The member's port as the application knows it (connect()'s port).
+    pub vport: u16,
+    /// The `Technique` of the path the flow uses.
+    pub technique: u8,
+    /// `SOCKET_CONNECTED` or `SOCKET_ACCEPTED`.
+    pub side: u8,
+}
+
+/// `SocketPeer::side`: this host's application connected.
+pub const SOCKET_CONNECTED: u8 = 0;
+/// `SocketPeer::side`: the member connected to a listener of this host.
+pub const SOCKET_ACCEPTED: u8 = 1;
 
 impl PeerPath {
     /// A verified member without an authenticated path yet.
@@ -668,6 +728,8 @@ mod pod {
     unsafe impl aya::Pod for PolicyKey {}
     unsafe impl aya::Pod for Traffic {}
     unsafe impl aya::Pod for ReplayKey {}
+    unsafe impl aya::Pod for SocketKey {}
+    unsafe impl aya::Pod for SocketPeer {}
     unsafe impl aya::Pod for ReplayValue {}
 }
 

@@ -3,13 +3,14 @@
 
 use aya_ebpf::{bindings::BPF_RB_FORCE_WAKEUP, helpers::bpf_skb_load_bytes, programs::TcContext};
 use pvc_common::{
-    DIRECTION_EGRESS, DropReason, EVENT_ANSWER_HELD, EVENT_FLOW_CREATED, EVENT_PACKET_HELD,
-    EVENT_PACKET_REFUSED, EVENT_PUNCH, Event, FlowKey, HELD_BYTES, HeldPacket, IPPROTO_TCP,
-    Masquerade, PeerPath, Settings, siphash24_16, tag_message,
+    DIRECTION_EGRESS, DIRECTION_INGRESS, DropReason, EVENT_ANSWER_HELD, EVENT_FLOW_CREATED,
+    EVENT_PACKET_HELD, EVENT_PACKET_REFUSED, EVENT_PUNCH, Event, FlowKey, HELD_BYTES,
+    HINT_LIFETIME_SLOT, HeldPacket, IPPROTO_TCP, Masquerade, PeerPath, Settings, siphash24_16,
+    tag_message,
 };
 
 use crate::{
-    maps::{EVENTS, MASQUERADING, emit_quietly, now_ns},
+    maps::{EVENTS, MASQUERADING, MASQUERADING_HINTS, emit_quietly, now_ns},
     packet::{IP_OFF, Ipv4, Tcp},
     sockets::Use,
 };
@@ -49,6 +50,41 @@ pub fn touch(key: &FlowKey, tcp_flags: u8) -> Option<Masquerade> {
     }
 }
 
+/// Whether an ingress TCP packet may have a masquerading entry: its
+/// hint is live, or the agent has not said yet how long hints last.
+#[inline(always)]
+pub fn hinted(key: &FlowKey) -> bool {
+    match MASQUERADING_HINTS.get(HINT_LIFETIME_SLOT) {
+        Some(&lifetime) if lifetime != 0 => {}
+        _ => return true,
+    }
+    match MASQUERADING_HINTS.get(key.hint_slot()) {
+        Some(&until) => until > now_ns(),
+        None => true,
+    }
+}
+
+/// Keeps the hint of an ingress TCP tuple live for a hint's lifetime from
+/// now: before its entry is created, and as its packets come.
+#[inline(always)]
+pub fn hint(key: &FlowKey) {
+    let Some(&lifetime) = MASQUERADING_HINTS.get(HINT_LIFETIME_SLOT) else {
+        return;
+    };
+    let until = now_ns().wrapping_add(lifetime);
+    if let Some(p) = MASQUERADING_HINTS.get_ptr_mut(key.hint_slot()) {
+        // SAFETY: a slot of an array map, live for the program's run; a
+        // racing writer stores a time as well. Written at most once a
+        // second, so that a busy flow does not dirty the line per packet
+        // (the agent's lifetime has room for the lag).
+        unsafe {
+            if until.saturating_sub(*p) > 1_000_000_000 {
+                *p = until;
+            }
+        }
+    }
+}
+
 /// A flow's entry as it is, without bookkeeping.
 #[inline(always)]
 pub fn peek(key: &FlowKey) -> Option<Masquerade> {
@@ -63,6 +99,14 @@ pub fn peek(key: &FlowKey) -> Option<Masquerade> {
 #[inline(always)]
 pub fn open(key: &FlowKey, to: &Masquerade, announce: bool) -> Result<(), DropReason> {
     let (twin_key, twin) = to.reverse(key);
+    if key.proto == IPPROTO_TCP {
+        // The hint first: no packet of the flow may find it lapsed.
+        hint(if key.direction == DIRECTION_INGRESS {
+            key
+        } else {
+            &twin_key
+        });
+    }
     MASQUERADING
         .insert(&twin_key, &twin, 0)
         .map_err(|_| DropReason::FlowTableFull)?;

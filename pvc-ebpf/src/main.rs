@@ -18,6 +18,7 @@ mod nat;
 mod packet;
 mod sk_lookup;
 mod sock_addr;
+mod sock_ops;
 mod sockets;
 mod tc_egress;
 mod tc_ingress;

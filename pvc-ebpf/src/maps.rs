@@ -8,8 +8,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use pvc_common::{
-    DROP_REASON_COUNT, DropReason, Event, FlowKey, Masquerade, POLICY_FULL_PREFIX, POLICY_INBOUND,
-    PeerPath, PolicyKey, ReplayKey, ReplayValue, Settings, TRAFFIC_DIRECTIONS, Traffic,
+    DROP_REASON_COUNT, DropReason, Event, FlowKey, HINT_SLOTS, Masquerade, POLICY_FULL_PREFIX,
+    POLICY_INBOUND, PeerPath, PolicyKey, ReplayKey, ReplayValue, Settings, SocketKey, SocketPeer,
+    TRAFFIC_DIRECTIONS, Traffic,
 };
 
 /// The masquerading map (paper §4.1.3's "masquerading rules"): one entry per
@@ -56,6 +57,30 @@ pub static TRAFFIC: PerCpuArray<Traffic, { TRAFFIC_DIRECTIONS as usize }> = PerC
 /// long answered.
 #[btf_map(name = "replay")]
 pub static REPLAY: LruHashMap<ReplayKey, ReplayValue, 65536> = LruHashMap::new();
+
+/// Flows translated at the socket, by their tuple on the wire: who the
+/// socket is connected to on the virtual network (getpeername, accept,
+/// getsockname). Entries come with the flow's SYN (tc: the tag is sent or
+/// verified) and go with its socket (sock_ops, at close). A plain hash, as
+/// the masquerading map: a live flow's entry is never evicted.
+#[btf_map(name = "socket_flows")]
+pub static SOCKET_FLOWS: HashMap<SocketKey, SocketPeer, 65536> = HashMap::new();
+
+/// connect()s translated at the socket, by socket cookie, until their SYN
+/// is tagged on egress. An LRU: a connect() that never sent its SYN leaves
+/// nothing behind for long.
+#[btf_map(name = "socket_connects")]
+pub static SOCKET_CONNECTS: LruHashMap<u64, SocketPeer, 65536> = LruHashMap::new();
+
+/// Masquerading hints: slot `FlowKey::hint_slot` of an ingress TCP tuple
+/// holds the time (the `clock`'s) until which a packet with that tuple may
+/// have a masquerading entry; slot `HINT_LIFETIME_SLOT` how long a hint
+/// lasts. Set before an entry is created and renewed by its packets, so a
+/// live entry's slot is always live; a packet whose slot has lapsed (a flow
+/// translated at the socket, a connection between real addresses) passes
+/// without the hash lookup.
+#[btf_map(name = "masquerading_hints")]
+pub static MASQUERADING_HINTS: Array<u64, { HINT_SLOTS as usize + 1 }> = Array::new();
 
 /// The agent's relay listener (`sk_lookup`), at index 0.
 #[btf_map(name = "relay_listener")]

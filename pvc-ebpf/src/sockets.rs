@@ -136,3 +136,12 @@ pub fn tcp_use(ctx: &TcContext, local: [u8; 4], lport: u16, remote: [u8; 4], rpo
         _ => Use::Live,
     }
 }
+
+/// Whether a SYN from `remote:rport` to `local:lport` (as it is on the
+/// wire) reaches a listener. tc cannot read a socket's cgroup: whether the
+/// listener serves the virtual network is checked on its answer
+/// (`answer_in_cgroup`).
+#[inline(always)]
+pub fn listening(ctx: &TcContext, local: [u8; 4], lport: u16, remote: [u8; 4], rport: u16) -> bool {
+    tcp_state(ctx, local, lport, remote, rport) == Some(BPF_TCP_LISTEN)
+}

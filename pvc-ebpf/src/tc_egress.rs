@@ -9,17 +9,22 @@
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    helpers::bpf_get_socket_cookie,
     macros::classifier,
     programs::TcContext,
 };
 use pvc_common::{
     DIRECTION_EGRESS, DIRECTION_INGRESS, DropReason, FLOW_HOLD_SYNACK, FlowKey, IPPROTO_ICMP,
-    IPPROTO_TCP, PATH_PER_FLOW, PEER_READY, POLICY_OUTBOUND, Settings, TRAFFIC_EGRESS, is_virtual,
+    IPPROTO_TCP, PATH_PER_FLOW, PEER_READY, POLICY_OUTBOUND, Settings, SocketKey, TRAFFIC_EGRESS,
+    is_virtual,
 };
 
 use crate::{
     flow,
-    maps::{MASQUERADING, allowed, count_drop, count_traffic, peer, settings},
+    maps::{
+        MASQUERADING, SOCKET_CONNECTS, SOCKET_FLOWS, allowed, count_drop, count_traffic, peer,
+        settings,
+    },
     nat,
     packet::{
         ARP_REQUEST, ARP_SENDER_IP_OFF, ICMP_ECHO, Ipv4, Parsed, TCP_SYN, Tcp, parse_arp,
@@ -114,7 +119,13 @@ fn egress_real_tcp(ctx: &TcContext, ip: &Ipv4) -> Result<i32, DropReason> {
         return Ok(TC_ACT_OK as i32);
     };
     // The agent's punch SYNs go out on a flow's own tuple, on purpose.
-    if !tcp.is_syn() || sockets::from_agent(ctx) {
+    if sockets::from_agent(ctx) {
+        return Ok(TC_ACT_OK as i32);
+    }
+    if tcp.is_syn_ack() {
+        return socket_answer(ctx, ip, &tcp);
+    }
+    if !tcp.is_syn() {
         return Ok(TC_ACT_OK as i32);
     }
     let reply = FlowKey::new(
@@ -126,13 +137,79 @@ fn egress_real_tcp(ctx: &TcContext, ip: &Ipv4) -> Result<i32, DropReason> {
         DIRECTION_INGRESS,
     );
     // SAFETY: a copy of the value, read under RCU.
-    let Some(m) = (unsafe { MASQUERADING.get(&reply) }).copied() else {
+    if let Some(m) = (unsafe { MASQUERADING.get(&reply) }).copied() {
+        // The PVC flow's socket, by its virtual tuple (the entry's rewrite).
+        let pvc = sockets::tcp_use(ctx, m.daddr, m.dport, m.saddr, m.sport);
+        flow::may_take(ctx, ip, pvc)?;
+        flow::close(&reply);
+    }
+    socket_syn(ctx, ip, &tcp)
+}
+
+/// The answer to a member's SYN that ingress let through to a listener
+/// as it is (translated at the socket): a listener outside the cgroup PVC
+/// serves is not on the virtual network, and its answer becomes a refusal,
+/// as for flows masqueraded per packet.
+#[inline(always)]
+fn socket_answer(ctx: &TcContext, ip: &Ipv4, tcp: &Tcp) -> Result<i32, DropReason> {
+    let key = SocketKey {
+        peer: ip.daddr,
+        peer_port: tcp.dport,
+        local_port: tcp.sport,
+    };
+    if SOCKET_FLOWS.get_ptr(&key).is_none() {
+        return Ok(TC_ACT_OK as i32);
+    }
+    let Some(s) = settings() else {
         return Ok(TC_ACT_OK as i32);
     };
-    // The PVC flow's socket, by its virtual tuple (the entry's rewrite).
-    let pvc = sockets::tcp_use(ctx, m.daddr, m.dport, m.saddr, m.sport);
-    flow::may_take(ctx, ip, pvc)?;
-    flow::close(&reply);
+    if sockets::answer_in_cgroup(ctx, &s, ip.saddr, tcp.sport, ip.daddr, tcp.dport) {
+        return Ok(TC_ACT_OK as i32);
+    }
+    let _ = SOCKET_FLOWS.remove(&key);
+    Err(flow::refuse(ctx, ip, DropReason::OutsideCgroup))
+}
+
+/// The SYN of a connect() that connect4 translated at the socket: it goes
+/// to the member's real address as it is, with the tag that tells the
+/// member who opens the flow. Its wire tuple is recorded for getpeername()
+/// and getsockname(). Any other SYN between real addresses passes.
+#[inline(always)]
+fn socket_syn(ctx: &TcContext, ip: &Ipv4, tcp: &Tcp) -> Result<i32, DropReason> {
+    // SAFETY: the helper takes this program's skb.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb as *mut _) };
+    // SAFETY: a copy of the value, read under RCU.
+    let Some(c) = (unsafe { SOCKET_CONNECTS.get(&cookie) }).copied() else {
+        return Ok(TC_ACT_OK as i32);
+    };
+    let s = settings().ok_or(DropReason::AgentNotReady)?;
+    // The member's path may have moved or ended since connect(): the tag
+    // needs the path's key, at the address the socket went to.
+    let Some(path) = peer(c.vpeer).filter(|p| p.state == PEER_READY && p.real == ip.daddr) else {
+        return Err(flow::refuse(ctx, ip, DropReason::UnknownPeer));
+    };
+    let key = SocketKey {
+        peer: ip.daddr,
+        peer_port: tcp.dport,
+        local_port: tcp.sport,
+    };
+    let fresh = SOCKET_FLOWS.get_ptr(&key).is_none();
+    if SOCKET_FLOWS.insert(&key, &c, 0).is_err() {
+        return Err(flow::refuse(ctx, ip, DropReason::FlowTableFull));
+    }
+    if fresh {
+        let virtual_tuple = FlowKey::new(
+            s.virtual_addr,
+            c.vpeer,
+            tcp.sport,
+            c.vport,
+            IPPROTO_TCP,
+            DIRECTION_EGRESS,
+        );
+        flow::announce_flow(&virtual_tuple, DIRECTION_EGRESS, c.technique);
+    }
+    let mac = flow::tag_mac(&path, s.virtual_addr, c.vpeer, c.vport, 0, tcp);
+    nat::append_tag(ctx, ip, tcp, s.virtual_addr, c.vport, mac)?;
     Ok(TC_ACT_OK as i32)
 }
 

@@ -10,13 +10,17 @@ use aya_ebpf::{
 };
 use pvc_common::{
     DIRECTION_EGRESS, DIRECTION_INGRESS, DropReason, EVENT_INBOUND_REFUSED, Event, FLOW_AWAIT_SYN,
-    FLOW_AWAIT_SYNACK, FlowKey, IPPROTO_ICMP, IPPROTO_TCP, PEER_READY, POLICY_INBOUND, ReplayKey,
-    ReplayValue, TAG_PUNCH, TCP_RST, TRAFFIC_INGRESS, is_virtual,
+    FLOW_AWAIT_SYNACK, FlowKey, IPPROTO_ICMP, IPPROTO_TCP, PATH_SOCKET, PEER_READY, POLICY_INBOUND,
+    PeerPath, ReplayKey, ReplayValue, SOCKET_ACCEPTED, Settings, SocketKey, SocketPeer, TAG_PUNCH,
+    TCP_RST, TRAFFIC_INGRESS, is_virtual,
 };
 
 use crate::{
     flow,
-    maps::{MASQUERADING, REPLAY, allowed, count_drop, count_traffic, emit, peer, settings},
+    maps::{
+        MASQUERADING, REPLAY, SOCKET_FLOWS, allowed, count_drop, count_traffic, emit, peer,
+        settings,
+    },
     nat,
     packet::{
         ICMP_DEST_UNREACH, ICMP_ECHO_REPLY, ICMP_TIME_EXCEEDED, Ipv4, Parsed, Tag, Tcp, parse_icmp,
@@ -132,6 +136,9 @@ fn ingress_tcp(ctx: &TcContext, ip: &Ipv4) -> Result<i32, DropReason> {
             Use::Live => return refuse(DropReason::FlowCollision),
         }
         let existing = flow::peek(&key);
+        if existing.is_none() && accept_at_socket(ctx, s, ip, &tcp, &tag, &path) {
+            return PASS;
+        }
         let m = match existing {
             // The agent installed this flow for a traversal: the client's
             // port on the wire (a NAT's, a UPnP forward's) may not be its
@@ -162,9 +169,15 @@ fn ingress_tcp(ctx: &TcContext, ip: &Ipv4) -> Result<i32, DropReason> {
         flow::open(&key, &m, fresh).map_err(|r| flow::refuse(ctx, ip, r))?;
         m
     } else {
+        // Most packets without an entry (flows translated at the socket,
+        // connections between real addresses) stop at the hint.
+        if !flow::hinted(&key) {
+            return PASS;
+        }
         let Some(m) = flow::touch(&key, tcp.flags) else {
             return PASS;
         };
+        flow::hint(&key);
         if m.flags & FLOW_AWAIT_SYN != 0 && tcp.flags & TCP_RST != 0 {
             // The client's NAT rejecting our punch SYN: the client's own
             // SYN is still to come.
@@ -186,6 +199,58 @@ fn ingress_tcp(ctx: &TcContext, ip: &Ipv4) -> Result<i32, DropReason> {
     nat::masquerade(ctx, ip, tcp.sport, tcp.dport, &m)?;
     count_traffic(TRAFFIC_INGRESS, ctx.len());
     PASS
+}
+
+/// A member's verified SYN that this host's listener can take as it is:
+/// its path allows translation at the socket, the port on the wire is the
+/// one the member asked for, and a listener accepts the real address (one
+/// bound to the virtual address does not: its flows are masqueraded per
+/// packet). Whether the listener serves the virtual network is checked on
+/// its answer (egress). Records who the flow is from, for
+/// accept() and getpeername(); false leaves the flow to the per-packet path.
+#[inline(always)]
+fn accept_at_socket(
+    ctx: &TcContext,
+    s: &Settings,
+    ip: &Ipv4,
+    tcp: &Tcp,
+    tag: &Tag,
+    path: &PeerPath,
+) -> bool {
+    if path.flags & PATH_SOCKET == 0
+        || tag.vdport != tcp.dport
+        || !sockets::listening(ctx, ip.daddr, tcp.dport, ip.saddr, tcp.sport)
+    {
+        return false;
+    }
+    let key = SocketKey {
+        peer: ip.saddr,
+        peer_port: tcp.sport,
+        local_port: tcp.dport,
+    };
+    let from = SocketPeer {
+        vpeer: tag.vsrc,
+        vport: tcp.sport,
+        technique: path.technique,
+        side: SOCKET_ACCEPTED,
+    };
+    // A retransmitted SYN finds its entry: announced once.
+    let fresh = SOCKET_FLOWS.get_ptr(&key).is_none();
+    if SOCKET_FLOWS.insert(&key, &from, 0).is_err() {
+        return false;
+    }
+    if fresh {
+        let virtual_tuple = FlowKey::new(
+            s.virtual_addr,
+            tag.vsrc,
+            tcp.dport,
+            tcp.sport,
+            IPPROTO_TCP,
+            DIRECTION_EGRESS,
+        );
+        flow::announce_flow(&virtual_tuple, DIRECTION_INGRESS, path.technique);
+    }
+    true
 }
 
 /// Whether a tagged SYN was already accepted from another address: the

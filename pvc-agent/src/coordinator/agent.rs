@@ -100,6 +100,7 @@ impl Agent {
     async fn apply_one(&mut self, effect: Effect) -> Vec<Effect> {
         match effect {
             Effect::SetPeer(vip, path) => {
+                let path = self.translated(path);
                 if let Err(e) = self.datapath.maps.set_peer(vip, path) {
                     warn!("{e:#}");
                 }
@@ -123,7 +124,7 @@ impl Agent {
                     } else {
                         self.route(vip, session.peer_real).await?;
                     }
-                    let entry = super::core::kernel_path(&session, &path);
+                    let entry = self.translated(super::core::kernel_path(&session, &path));
                     self.datapath.maps.set_peer(vip, entry)
                 }
                 .await;
@@ -185,12 +186,18 @@ impl Agent {
                 let _ = self.injector.refuse(&packet);
             }
             Effect::Send { to, via, message } => self.send(to, via, &message),
-            Effect::EndConnections(vip) => end_connections(&["dst", &vip.to_string()]),
+            Effect::EndConnections(vip) => {
+                end_connections(&["dst", &vip.to_string()]);
+                self.end_socket_flows(|p| Ipv4Addr::from(p.vpeer) == vip);
+            }
             Effect::CloseFlows(vip) => {
                 let n = self.datapath.maps.close_flows_with(vip);
                 if n > 0 {
                     info!(%vip, entries = n, "cut the member's established flows");
                 }
+                // Flows translated at the socket have no entry to cut:
+                // their sockets end.
+                self.end_socket_flows(|p| Ipv4Addr::from(p.vpeer) == vip);
             }
             Effect::Policy(compiled) => {
                 // Entries first, then the switch that makes the kernel consult them.
@@ -497,11 +504,7 @@ impl Agent {
         let watchdog_period = super::service::watchdog_period();
         let mut watchdog = interval(watchdog_period.unwrap_or(Duration::from_secs(3600)));
         self.tell_service_manager();
-        let timeouts = Timeouts {
-            idle: Duration::from_secs(self.config.flows.idle_timeout_secs),
-            closed: Duration::from_secs(self.config.flows.closed_timeout_secs),
-            icmp: Duration::from_secs(self.config.flows.icmp_timeout_secs),
-        };
+        let timeouts = self.config.flows.timeouts();
 
         loop {
             tokio::select! {
@@ -566,6 +569,7 @@ impl Agent {
                     if let Some(why) = self.network_moved().await {
                         warn!("{why}: starting over on the host's new network; flows over the old one end");
                         end_virtual_connections(self.config.virtual_ip);
+                        self.end_socket_flows(|_| true);
                         return Ok(super::Ending::NetworkMoved);
                     }
                 }
@@ -629,6 +633,41 @@ impl Agent {
         net.and(pins)?;
         info!("agent stopped; virtual address, routes and eBPF programs removed");
         Ok(())
+    }
+}
+
+impl Agent {
+    /// A member's kernel path, marked for translation at the socket when
+    /// the configuration asks for it and the path is direct (its flows'
+    /// tuples on the wire are ones a socket can have).
+    fn translated(&self, mut path: pvc_common::PeerPath) -> pvc_common::PeerPath {
+        use pvc_common::Technique;
+        let direct = [Technique::Direct, Technique::Lan, Technique::Upnp]
+            .iter()
+            .any(|t| *t as u8 == path.technique);
+        if self.config.interposition.translation == crate::config::Translation::Socket
+            && direct
+            && path.flags & pvc_common::PATH_PER_FLOW == 0
+        {
+            path.flags |= pvc_common::PATH_SOCKET;
+        }
+        path
+    }
+
+    /// Ends the flows translated at the socket that `which` selects, by
+    /// their tuples on the wire (their sockets show real addresses to `ss`).
+    fn end_socket_flows(&self, which: impl Fn(&pvc_common::SocketPeer) -> bool) {
+        for (k, _) in self
+            .datapath
+            .maps
+            .socket_flows()
+            .into_iter()
+            .filter(|(_, p)| which(p))
+        {
+            let dst = format!("{}:{}", Ipv4Addr::from(k.peer), k.peer_port);
+            let sport = format!(":{}", k.local_port);
+            end_connections(&["dst", &dst, "sport", "=", &sport]);
+        }
     }
 }
 

@@ -328,6 +328,10 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<Ending> {
         uplink_index: host.uplink.index,
         cgroup: host.cgroup.clone(),
         max_flows: config.interposition.max_flows,
+        hint_lifetime: interposition::hint_lifetime(
+            &config.flows.timeouts(),
+            Duration::from_secs(config.flows.gc_interval_secs),
+        ),
     };
     let mut datapath = match Datapath::start(&attachment) {
         Ok(d) => d,

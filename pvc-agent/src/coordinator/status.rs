@@ -84,6 +84,7 @@ impl Agent {
             })
             .collect();
         s.flows = self.datapath.maps.flows();
+        s.flows.extend(self.datapath.maps.socket_flow_entries());
         s.relayed = self.relaying.flows.values().cloned().collect();
         s.flow_capacity = self.datapath.maps.capacity;
         s.flows_opened = self.flows_opened.clone();

@@ -5,7 +5,7 @@ use std::{collections::BTreeSet, net::Ipv4Addr, time::Duration};
 
 use pvc_common::{
     DIRECTION_EGRESS, FLOW_AWAIT_SYN, FLOW_AWAIT_SYNACK, FlowKey, IPPROTO_ICMP, IPPROTO_TCP,
-    Masquerade, TCP_FIN, TCP_RST, Technique,
+    Masquerade, SocketKey, SocketPeer, TCP_FIN, TCP_RST, Technique,
 };
 use serde::{Deserialize, Serialize};
 
@@ -64,6 +64,14 @@ fn proto_name(p: u8) -> String {
 /// a traversal 1 s before the relay takes over).
 const TRAVERSAL_LEFTOVER: Duration = Duration::from_secs(10);
 
+/// How long a masquerading hint lasts: longer than any TCP entry can sit
+/// idle before the garbage collection removes it (the longest timeout, one
+/// collection interval, and room for the once-a-second refresh and clock
+/// ticks), so that no live entry's hint ever lapses.
+pub fn hint_lifetime(t: &Timeouts, gc_interval: Duration) -> Duration {
+    t.idle.max(t.closed).max(TRAVERSAL_LEFTOVER) + gc_interval + Duration::from_secs(5)
+}
+
 fn expired(k: &FlowKey, m: &Masquerade, now: u64, t: &Timeouts) -> bool {
     let idle = Duration::from_nanos(now.saturating_sub(m.last_seen_ns));
     let limit = if k.proto == IPPROTO_ICMP {
@@ -115,6 +123,41 @@ impl Maps {
             .collect()
     }
 
+    /// Flows translated at the socket, as `pvc flows` shows them: one
+    /// line per flow, direction "socket", from its virtual tuple to its
+    /// tuple on the wire (what `ss` shows).
+    pub fn socket_flow_entries(&self) -> Vec<FlowEntry> {
+        let (virtual_addr, real_addr) = self.addresses();
+        self.socket_flows()
+            .into_iter()
+            .map(|(k, p)| FlowEntry {
+                proto: "tcp".into(),
+                direction: "socket".into(),
+                from: format!(
+                    "{} -> {}",
+                    endpoint(virtual_addr, k.local_port, IPPROTO_TCP),
+                    endpoint(p.vpeer, p.vport, IPPROTO_TCP)
+                ),
+                to: format!(
+                    "{} -> {}",
+                    endpoint(real_addr, k.local_port, IPPROTO_TCP),
+                    endpoint(k.peer, k.peer_port, IPPROTO_TCP)
+                ),
+                peer: Ipv4Addr::from(p.vpeer),
+                technique: Technique::from_u8(p.technique)
+                    .map_or("unknown", Technique::name)
+                    .into(),
+                idle_secs: 0,
+                closing: false,
+            })
+            .collect()
+    }
+
+    /// The socket-flows map: flows translated at the socket, by wire tuple.
+    pub fn socket_flows(&self) -> Vec<(SocketKey, SocketPeer)> {
+        self.socket_flows.iter().filter_map(Result::ok).collect()
+    }
+
     /// Entries in the masquerading map now (two per flow).
     pub fn flow_entries(&self) -> usize {
         self.masquerading.keys().filter(Result::is_ok).count()
@@ -150,6 +193,11 @@ impl Maps {
             } else {
                 active.insert(Ipv4Addr::from(m.peer));
             }
+        }
+        // Flows translated at the socket keep their members busy as well;
+        // their entries go with their sockets (sock_ops).
+        for (_, p) in self.socket_flows() {
+            active.insert(Ipv4Addr::from(p.vpeer));
         }
         let mut removed = 0;
         for k in doomed {

@@ -9,8 +9,8 @@ use aya::{
     maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf, lpm_trie::Key},
 };
 use pvc_common::{
-    DropReason, FlowKey, Masquerade, PeerPath, PolicyKey, Settings, TRAFFIC_EGRESS,
-    TRAFFIC_INGRESS, Traffic,
+    DIRECTION_INGRESS, DropReason, FlowKey, HINT_LIFETIME_SLOT, IPPROTO_TCP, Masquerade, PeerPath,
+    PolicyKey, Settings, SocketKey, SocketPeer, TRAFFIC_EGRESS, TRAFFIC_INGRESS, Traffic,
 };
 use serde::{Deserialize, Serialize};
 
@@ -28,6 +28,8 @@ pub struct Maps {
     traffic: PerCpuArray<MapData, Traffic>,
     relay_listener: aya::maps::SockMap<MapData>,
     clock: Array<MapData, u64>,
+    pub(super) socket_flows: HashMap<MapData, SocketKey, SocketPeer>,
+    pub(super) hints: Array<MapData, u64>,
     /// Entries the masquerading map holds at most (two per flow).
     pub capacity: u32,
     /// The cgroup whose processes use the virtual network.
@@ -70,6 +72,8 @@ impl Maps {
             traffic: take(ebpf, names::TRAFFIC)?,
             relay_listener: take(ebpf, names::RELAY_LISTENER)?,
             clock: take(ebpf, names::CLOCK)?,
+            socket_flows: take(ebpf, names::SOCKET_FLOWS)?,
+            hints: take(ebpf, names::MASQUERADING_HINTS)?,
             capacity,
             cgroup,
             standing: pvc_common::STANDING_MEMBER,
@@ -125,6 +129,13 @@ impl Maps {
             .context("cannot write the settings map")
     }
 
+    /// This host's virtual and real addresses, as the programs know them.
+    pub fn addresses(&self) -> ([u8; 4], [u8; 4]) {
+        self.settings
+            .get(&0, 0)
+            .map_or(([0; 4], [0; 4]), |s| (s.virtual_addr, s.real_addr))
+    }
+
     /// Whether this host is still a member (`STANDING_*`), for connect().
     pub fn set_standing(&mut self, standing: u8) -> anyhow::Result<()> {
         self.standing = standing;
@@ -138,6 +149,42 @@ impl Maps {
             .context("cannot write the settings map")
     }
 
+    /// How long the masquerading hints last (`hint_lifetime`).
+    pub fn set_hint_lifetime(&mut self, lifetime: std::time::Duration) -> anyhow::Result<()> {
+        self.hints
+            .set(HINT_LIFETIME_SLOT, lifetime.as_nanos() as u64, 0)
+            .context("cannot write the masquerading hints' lifetime")
+    }
+
+    /// Makes the hint of an ingress TCP entry live for a lifetime from now,
+    /// before the entry goes in (the programs skip the lookup of a packet
+    /// whose hint has lapsed).
+    pub fn hint(&mut self, key: &FlowKey) -> anyhow::Result<()> {
+        if key.proto != IPPROTO_TCP || key.direction != DIRECTION_INGRESS {
+            return Ok(());
+        }
+        let lifetime = self.hints.get(&HINT_LIFETIME_SLOT, 0).unwrap_or(0);
+        let until = super::flows::monotonic_ns() + lifetime;
+        let slot = key.hint_slot();
+        if self.hints.get(&slot, 0).unwrap_or(0) < until {
+            self.hints
+                .set(slot, until, 0)
+                .context("cannot write a masquerading hint")?;
+        }
+        Ok(())
+    }
+
+    /// Hints for every ingress TCP entry there is (entries a previous
+    /// agent's programs created may have none).
+    pub fn hint_existing(&mut self) {
+        let keys: Vec<FlowKey> = self.masquerading.keys().filter_map(Result::ok).collect();
+        for k in keys {
+            if let Err(e) = self.hint(&k) {
+                tracing::warn!("{e:#}");
+            }
+        }
+    }
+
     /// Puts a flow's entries in, both directions: the reverse one (with
     /// `twin_flags`) first, so that an answer can never beat it.
     pub fn install_flow(
@@ -148,6 +195,8 @@ impl Maps {
     ) -> anyhow::Result<()> {
         let (twin_key, mut twin) = to.reverse(&key);
         twin.flags = twin_flags;
+        self.hint(&key)?;
+        self.hint(&twin_key)?;
         self.masquerading
             .insert(twin_key, twin, 0)
             .context("cannot install a flow (is the masquerading map full?)")?;

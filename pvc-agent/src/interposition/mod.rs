@@ -26,13 +26,14 @@ use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
     programs::{
-        CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier, SkLookup, TcAttachType,
+        CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier, SkLookup, SockOps,
+        TcAttachType,
         links::{FdLink, PinnedLink},
         tc::{SchedClassifierLink, TcAttachOptions},
     },
 };
 pub use events::{EventStream, FlowEvent};
-pub use flows::{FlowEntry, Timeouts, monotonic_ns};
+pub use flows::{FlowEntry, Timeouts, hint_lifetime, monotonic_ns};
 pub use maps::{Counters, Maps};
 pub use pins::{ensure_bpffs, remove_instance};
 use tracing::{info, warn};
@@ -45,7 +46,18 @@ const CONNECT4: &str = "pvc_connect4";
 const EGRESS: &str = "pvc_egress";
 const INGRESS: &str = "pvc_ingress";
 const RELAY_LOOKUP: &str = "pvc_relay_lookup";
-pub const PROGRAM_NAMES: [&str; 4] = [CONNECT4, EGRESS, INGRESS, RELAY_LOOKUP];
+const GETPEERNAME4: &str = "pvc_getpeername4";
+const GETSOCKNAME4: &str = "pvc_getsockname4";
+const SOCK_OPS: &str = "pvc_sock_ops";
+pub const PROGRAM_NAMES: [&str; 7] = [
+    CONNECT4,
+    EGRESS,
+    INGRESS,
+    RELAY_LOOKUP,
+    GETPEERNAME4,
+    GETSOCKNAME4,
+    SOCK_OPS,
+];
 
 /// Where the data path is attached.
 #[derive(Debug, Clone)]
@@ -55,6 +67,8 @@ pub struct Attachment {
     pub uplink_index: u32,
     pub cgroup: PathBuf,
     pub max_flows: u32,
+    /// How long a masquerading hint lasts (`hint_lifetime`).
+    pub hint_lifetime: std::time::Duration,
 }
 
 /// The loaded and attached data path.
@@ -96,6 +110,9 @@ impl Datapath {
         // A clock taken over from a stopped agent is stale: current before
         // any program runs.
         maps.tick_clock()?;
+        // Before any new program runs: entries taken over get their hints.
+        maps.set_hint_lifetime(a.hint_lifetime)?;
+        maps.hint_existing();
         let mut datapath = Self {
             pin_dir: a.pin_dir.clone(),
             ebpf,
@@ -154,23 +171,42 @@ impl Datapath {
 
         let cgroup = fs::File::open(&a.cgroup)
             .with_context(|| format!("cannot open cgroup {}", a.cgroup.display()))?;
-        let prog: &mut CgroupSockAddr = self.program(CONNECT4)?.try_into()?;
-        prog.load()
-            .with_context(|| format!("the kernel refused program {CONNECT4}"))?;
-        let pin = links.join(format!("connect4_{}", pins::inode(&a.cgroup)?));
-        pins::remove_stale(&links, "connect4_", &pin)?;
-        // cgroup links cannot be replaced in place: attach the new program
-        // next to the old one (both decide alike), then drop the old one.
-        let link_id = prog
-            // A cgroup bpf_link always coexists with other programs; its
-            // flags must be 0 ("Single" here).
-            .attach(cgroup.as_fd(), CgroupAttachMode::Single)
-            .with_context(|| format!("cannot attach connect4 to cgroup {}", a.cgroup.display()))?;
-        let link = FdLink::try_from(prog.take_link(link_id)?)?;
-        if let Ok(old) = PinnedLink::from_pin(&pin) {
-            old.unpin()?;
+        let inode = pins::inode(&a.cgroup)?;
+        for (name, label) in [
+            (CONNECT4, "connect4"),
+            (GETPEERNAME4, "getpeername4"),
+            (GETSOCKNAME4, "getsockname4"),
+            (SOCK_OPS, "sock_ops"),
+        ] {
+            let pin = links.join(format!("{label}_{inode}"));
+            pins::remove_stale(&links, &format!("{label}_"), &pin)?;
+            // cgroup links cannot be replaced in place: attach the new
+            // program next to the old one (both decide alike), then drop
+            // the old one. A cgroup bpf_link always coexists with other
+            // programs; its flags must be 0 ("Single" here).
+            let attach_error = || format!("cannot attach {label} to cgroup {}", a.cgroup.display());
+            let link = if name == SOCK_OPS {
+                let prog: &mut SockOps = self.program(name)?.try_into()?;
+                prog.load()
+                    .with_context(|| format!("the kernel refused program {name}"))?;
+                let id = prog
+                    .attach(cgroup.as_fd(), CgroupAttachMode::Single)
+                    .with_context(attach_error)?;
+                FdLink::try_from(prog.take_link(id)?)?
+            } else {
+                let prog: &mut CgroupSockAddr = self.program(name)?.try_into()?;
+                prog.load()
+                    .with_context(|| format!("the kernel refused program {name}"))?;
+                let id = prog
+                    .attach(cgroup.as_fd(), CgroupAttachMode::Single)
+                    .with_context(attach_error)?;
+                FdLink::try_from(prog.take_link(id)?)?
+            };
+            if let Ok(old) = PinnedLink::from_pin(&pin) {
+                old.unpin()?;
+            }
+            link.pin(&pin)?;
         }
-        link.pin(&pin)?;
 
         // Not pinned: relayed flows live in the agent, and a link that
         // outlived it would only steer connections to a closed listener.

@@ -819,3 +819,53 @@ async fn an_expired_flow_is_not_rebuilt_towards_a_forwarded_port() {
     }
     assert_eq!(verdict, TC_ACT_SHOT);
 }
+
+#[tokio::test]
+async fn ingress_looks_a_flow_up_while_its_hint_is_live_and_skips_the_lookup_once_it_lapsed() {
+    let mut host = Host::new();
+    host.maps
+        .set_hint_lifetime(std::time::Duration::from_secs(100))
+        .unwrap();
+    // The egress SYN opens the flow, and its reply direction's hint first.
+    host.run(EGRESS, &tcp_frame(A_V, B_V, 40009, 22, true, &[]));
+    let reply = FlowKey::new(B_R, A_R, 22, 40009, 6, DIRECTION_INGRESS);
+    let slot = reply.hint_slot();
+    let until = host.maps.hints.get(&slot, 0).unwrap();
+    let now = super::flows::monotonic_ns();
+    assert!(
+        until > now + 90_000_000_000 && until <= now + 100_000_000_000,
+        "{until} {now}"
+    );
+    let data = tcp_frame(B_R, A_R, 22, 40009, false, b"x");
+    let (verdict, out) = host.run(INGRESS, &data);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(check(&out).daddr, A_V, "rewritten while the hint is live");
+
+    // A lapsed hint: the packet passes as it is, without the lookup (its
+    // entry's time is left alone).
+    host.maps.hints.set(slot, now - 1, 0).unwrap();
+    host.maps.set_clock(now + 5_000_000_000).unwrap();
+    let (verdict, out) = host.run(INGRESS, &data);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(check(&out).daddr, A_R, "passed as it is");
+    assert!(host.entry(&reply).unwrap().last_seen_ns < now + 5_000_000_000);
+
+    // A restarted agent hints every entry it takes over.
+    host.maps.hint_existing();
+    let (_, out) = host.run(INGRESS, &data);
+    assert_eq!(check(&out).daddr, A_V);
+    // Packets keep it live: renewed a lifetime from the clock they read.
+    host.maps.set_clock(now + 50_000_000_000).unwrap();
+    host.run(INGRESS, &data);
+    assert_eq!(
+        host.maps.hints.get(&slot, 0).unwrap(),
+        now + 150_000_000_000
+    );
+    // Before the agent says how long hints last, every packet is looked up.
+    host.maps.hints.set(slot, 0, 0).unwrap();
+    host.maps
+        .set_hint_lifetime(std::time::Duration::ZERO)
+        .unwrap();
+    let (_, out) = host.run(INGRESS, &data);
+    assert_eq!(check(&out).daddr, A_V);
+}

@@ -421,7 +421,7 @@ state_dir = "{dir}"
 uplink = "eth0"
 cgroup = "{cgroup}"
 max_flows = 4096
-{extra}
+{translation}{extra}
 {metrics}{dns}"#,
             instance = h.instance,
             master_key = self.master_key,
@@ -431,6 +431,12 @@ max_flows = 4096
             dir = self.dir.display(),
             cgroup = h.cgroup.display(),
             brokers = self.broker_list(),
+            // PVC_LAB_TRANSLATION runs a lab with another translation
+            // (`socket`), unless the test chose one.
+            translation = match std::env::var("PVC_LAB_TRANSLATION") {
+                Ok(t) if !extra.contains("translation") => format!("translation = \"{t}\"\n"),
+                _ => String::new(),
+            },
             // On the host's own address (unless the test says otherwise),
             // for a Prometheus in another namespace.
             // The host's own hosts file: never the machine's /etc/hosts.

@@ -1,0 +1,239 @@
+//! Translation at the socket (`interposition.translation = "socket"`):
+//! flows over a direct path go to the member's real address from connect()
+//! on, so that no packet of theirs is rewritten, while both ends' sockets
+//! still see only virtual addresses. Real agents, real programs.
+
+use std::time::Duration;
+
+use pvc_lab::{Lab, probe, require_tools, wait_until};
+use serde_json::Value;
+
+const ECONNREFUSED: i64 = 111;
+
+/// A LAN of `n` hosts translating at the socket, with a first flow from
+/// a to every other host (the first flow to a member waits for its
+/// authentication and is masqueraded per packet).
+fn socket_lab(n: usize) -> Lab {
+    let mut lab = Lab::lan(n).unwrap();
+    for i in 0..n {
+        lab.write_config(i, "translation = \"socket\"\n").unwrap();
+    }
+    lab.start_all().unwrap();
+    for h in 1..n {
+        let name = lab.hosts[h].name.clone();
+        let vip = lab.host(&name).virtual_ip;
+        probe::echo_server(&mut lab, &name, 6999).unwrap();
+        let got = probe::client(&lab, "a", vip, 6999).unwrap();
+        assert_eq!(got["reply"], "hello", "first flow a -> {name}: {got}");
+    }
+    lab
+}
+
+/// The flows `pvc status` lists on `host` with this port on either end.
+fn flows_on_port(lab: &Lab, host: &str, port: u16) -> Vec<Value> {
+    let needle = format!(":{port}");
+    let status = lab.status(host).unwrap();
+    status["flows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["from"].as_str().unwrap().contains(&needle))
+        .cloned()
+        .collect()
+}
+
+fn directions(flows: &[Value]) -> Vec<String> {
+    let mut d: Vec<String> = flows
+        .iter()
+        .map(|f| f["direction"].as_str().unwrap().to_string())
+        .collect();
+    d.sort();
+    d
+}
+
+fn traffic(lab: &Lab, host: &str) -> u64 {
+    let t = lab.status(host).unwrap()["traffic"].clone();
+    t["egress_packets"].as_u64().unwrap() + t["ingress_packets"].as_u64().unwrap()
+}
+
+#[test]
+fn flows_over_a_direct_path_are_translated_at_the_socket_and_both_ends_see_virtual_addresses() {
+    require_tools(&["python3", "socat", "ss", "tcpdump"]);
+    let mut lab = socket_lab(2);
+    let (a, b) = (lab.host("a").virtual_ip, lab.host("b").virtual_ip);
+    let b_real = lab.host("b").real;
+    let capture = lab.capture("net 240.0.0.0/4").unwrap();
+
+    // accept(), getpeername() and getsockname() on both ends: virtual.
+    let log = probe::server(&mut lab, "b", "0.0.0.0", 7000, 1).unwrap();
+    let got = probe::client(&lab, "a", b, 7000).unwrap();
+    assert_eq!(got["reply"], "echo:hello", "{got}");
+    assert_eq!(got["peer"], b.to_string(), "client's getpeername()");
+    assert_eq!(got["local"], a.to_string(), "client's getsockname()");
+    let seen = wait_until(Duration::from_secs(5), "server log", || {
+        probe::accepted(&log).pop()
+    })
+    .unwrap();
+    assert_eq!(seen["peer"], a.to_string(), "server's accept()");
+    assert_eq!(seen["local"], b.to_string(), "server's getsockname()");
+
+    // A long-lived flow: its socket is connected to the real address (what
+    // `ss` shows), `pvc flows` lists it as translated at the socket on both
+    // ends, and no packet of it goes through the masquerading rewrite.
+    probe::echo_server(&mut lab, "b", 7100).unwrap();
+    let packets_before = (traffic(&lab, "a"), traffic(&lab, "b"));
+    let chatter = probe::chatter(&mut lab, "a", b, 7100, 3).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let ss = lab
+        .app("a", "ss")
+        .args(["-tnH", "state", "established"])
+        .ok()
+        .unwrap();
+    assert!(ss.contains(&format!("{b_real}:7100")), "a's ss: {ss}");
+    assert!(!ss.contains(&format!("{b}:7100")), "a's ss: {ss}");
+    let on_a = flows_on_port(&lab, "a", 7100);
+    assert_eq!(directions(&on_a), ["socket"], "a's flows: {on_a:?}");
+    assert_eq!(on_a[0]["technique"], "lan");
+    assert_eq!(on_a[0]["peer"], b.to_string());
+    assert!(
+        on_a[0]["to"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!("{b_real}:7100")),
+        "{on_a:?}"
+    );
+    let on_b = flows_on_port(&lab, "b", 7100);
+    assert_eq!(directions(&on_b), ["socket"], "b's flows: {on_b:?}");
+    assert_eq!(on_b[0]["peer"], a.to_string());
+    let result = probe::chatter_result(&mut lab, &chatter).unwrap();
+    assert_eq!(result["ok"], true, "{result}");
+    assert!(result["exchanges"].as_u64().unwrap() > 20, "{result}");
+    assert_eq!(
+        (traffic(&lab, "a"), traffic(&lab, "b")),
+        packets_before,
+        "packets of socket-level flows were masqueraded"
+    );
+    // Their entries go with their sockets.
+    wait_until(Duration::from_secs(5), "socket flows to end", || {
+        (flows_on_port(&lab, "a", 7100).is_empty() && flows_on_port(&lab, "b", 7100).is_empty())
+            .then_some(())
+    })
+    .unwrap();
+
+    // A server bound to its virtual address cannot take the real one: the
+    // server's side masquerades per packet, the client's stays at the socket.
+    let log = probe::server(&mut lab, "b", &b.to_string(), 7001, 1).unwrap();
+    let got = probe::client(&lab, "a", b, 7001).unwrap();
+    assert_eq!(got["reply"], "echo:hello", "{got}");
+    assert_eq!(got["peer"], b.to_string(), "client's getpeername()");
+    let seen = wait_until(Duration::from_secs(5), "server log", || {
+        probe::accepted(&log).pop()
+    })
+    .unwrap();
+    assert_eq!(seen["peer"], a.to_string(), "server's accept()");
+    assert_eq!(seen["local"], b.to_string(), "server's getsockname()");
+    let listen = format!("TCP-LISTEN:7003,bind={b},fork,reuseaddr");
+    lab.spawn("b", "socat", &[&listen, "EXEC:cat"]).unwrap();
+    lab.wait_listening("b", 7003).unwrap();
+    let chatter = probe::chatter(&mut lab, "a", b, 7003, 2).unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    let on_a = flows_on_port(&lab, "a", 7003);
+    let on_b = flows_on_port(&lab, "b", 7003);
+    let result = probe::chatter_result(&mut lab, &chatter).unwrap();
+    assert_eq!(result["ok"], true, "{result}");
+    assert_eq!(directions(&on_a), ["socket"], "a's flows: {on_a:?}");
+    assert_eq!(
+        directions(&on_b),
+        ["egress", "ingress"],
+        "b's flows: {on_b:?}"
+    );
+
+    // A client bound to its virtual address: its packets leave with it, so
+    // they are masqueraded per packet.
+    probe::echo_server(&mut lab, "b", 7002).unwrap();
+    let script = format!(
+        r#"
+import socket, json, time
+s = socket.socket()
+s.bind(("{a}", 0))
+s.connect(("{b}", 7002))
+s.sendall(b"hi\n")
+r = s.recv(10)
+print(json.dumps({{"reply": r.decode(), "peer": s.getpeername()[0], "local": s.getsockname()[0]}}), flush=True)
+time.sleep(2)
+"#
+    );
+    let bound = lab.spawn("a", "python3", &["-c", &script]).unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    let on_a = flows_on_port(&lab, "a", 7002);
+    let out = lab.wait(&bound, Duration::from_secs(10)).unwrap();
+    let got: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(got["reply"], "hi\n", "{got}");
+    assert_eq!(got["peer"], b.to_string());
+    assert_eq!(got["local"], a.to_string());
+    assert_eq!(
+        directions(&on_a),
+        ["egress", "ingress"],
+        "a's flows: {on_a:?}"
+    );
+
+    // Nothing virtual on the wire, and the real tuples are what it carried.
+    let wire = capture.finish();
+    assert!(
+        !wire.contains("240."),
+        "virtual addresses on the wire: {wire}"
+    );
+}
+
+#[test]
+fn a_socket_level_flow_to_a_server_outside_the_cgroup_is_refused() {
+    require_tools(&["python3", "socat"]);
+    let mut lab = socket_lab(2);
+    let b = lab.host("b").virtual_ip;
+    lab.spawn_outside(
+        "b",
+        "socat",
+        &["TCP-LISTEN:7200,fork,reuseaddr", "EXEC:cat"],
+    )
+    .unwrap();
+    lab.wait_listening("b", 7200).unwrap();
+    let got = probe::timed(&lab, "a", b, 7200, true).unwrap();
+    assert_eq!(got["errno"], ECONNREFUSED, "{got}");
+    assert!(got["ms"].as_f64().unwrap() < 1000.0, "{got}");
+    assert!(flows_on_port(&lab, "a", 7200).is_empty());
+    assert!(flows_on_port(&lab, "b", 7200).is_empty());
+    let status = lab.status("b").unwrap();
+    assert!(
+        status["drops"]["outside_cgroup"].as_u64().unwrap() >= 1,
+        "{status}"
+    );
+}
+
+#[test]
+fn a_member_revoked_loses_its_socket_level_flows_at_once() {
+    require_tools(&["python3", "socat"]);
+    let mut lab = socket_lab(2);
+    let b = lab.host("b").virtual_ip;
+    probe::echo_server(&mut lab, "b", 7300).unwrap();
+    let chatter = probe::chatter(&mut lab, "a", b, 7300, 30).unwrap();
+    wait_until(Duration::from_secs(5), "the socket flow", || {
+        (!flows_on_port(&lab, "b", 7300).is_empty()).then_some(())
+    })
+    .unwrap();
+    let revoked = std::time::Instant::now();
+    lab.master(&["revoke", "--name", "host-a"]).unwrap();
+    let result = probe::chatter_result(&mut lab, &chatter).unwrap();
+    assert_eq!(
+        result["ok"], false,
+        "the flow outlived the revocation: {result}"
+    );
+    assert!(
+        revoked.elapsed() < Duration::from_secs(15),
+        "cut {:?} after the revocation: {result}",
+        revoked.elapsed()
+    );
+    wait_until(Duration::from_secs(5), "b's socket flows to end", || {
+        flows_on_port(&lab, "b", 7300).is_empty().then_some(())
+    })
+    .unwrap();
+}
