@@ -57,6 +57,10 @@ enum Cmd {
         /// in paired blocks (a few minutes); prints, writes nothing.
         #[arg(long)]
         per_packet: bool,
+        /// Run PVC's agents with this `interposition.translation` ("packet"
+        /// or "socket") instead of the default.
+        #[arg(long)]
+        translation: Option<String>,
         #[arg(long, default_value = "results")]
         out: PathBuf,
     },
@@ -212,12 +216,17 @@ fn main() -> anyhow::Result<()> {
             quick,
             distribution,
             per_packet,
+            translation,
             out,
         } => {
             // Release binaries: the broker's and the tools' own speed count here.
             run("build (release)", &mut cargo(&["build", "--release"]))?;
             // SAFETY: single-threaded here; the lab reads it to find the binaries.
             unsafe { std::env::set_var("PVC_BIN_DIR", target_dir().join("release")) };
+            if let Some(t) = translation {
+                // SAFETY: as above; every lab host's configuration gets it.
+                unsafe { std::env::set_var("PVC_LAB_TRANSLATION", t) };
+            }
             bench::clean_up_on_signal();
             let opts = if quick {
                 Options::smoke()
