@@ -261,14 +261,15 @@ pub struct Interposition {
 pub enum Translation {
     /// tc rewrites every packet of every flow (sockets and `ss` show
     /// virtual addresses).
-    #[default]
     Packet,
     /// Flows over direct paths are translated at the socket: connect4 sends
     /// them to the member's real address, getpeername/getsockname show
     /// virtual ones, tc tags and checks their SYNs only. Flows of sockets
     /// bound to the virtual address, the first flow to a member (held
     /// while it is authenticated) and flows over traversals or the relay
-    /// stay per packet.
+    /// stay per packet. The default: per packet, an established flow
+    /// costs ~4x an empty tc program; at the socket, ~1.4x.
+    #[default]
     Socket,
 }
 
@@ -480,6 +481,22 @@ uplink = "eth0"
         assert_eq!(c.pin_dir(), PathBuf::from("/sys/fs/bpf/pvc/default"));
         assert_eq!(c.control_socket(), PathBuf::from("/run/pvc/default.sock"));
         assert_eq!(c.interposition.max_flows, 65536);
+        assert_eq!(c.interposition.translation, Translation::Socket);
+    }
+
+    #[test]
+    fn translation_is_socket_or_packet() {
+        let with = |t: &str| {
+            let text = MINIMAL.replace(
+                "[interposition]",
+                &format!("[interposition]\ntranslation = \"{t}\""),
+            );
+            toml::from_str::<Config>(&text).map(|c| c.interposition.translation)
+        };
+        assert_eq!(with("packet").unwrap(), Translation::Packet);
+        assert_eq!(with("socket").unwrap(), Translation::Socket);
+        let err = with("sockets").unwrap_err().to_string();
+        assert!(err.contains("socket") && err.contains("packet"), "{err}");
     }
 
     #[test]

@@ -150,6 +150,9 @@ while True:
 fn real_address_connections_reusing_the_ports_of_pvc_flows_work_and_collisions_are_refused() {
     require_tools(&["python3", "socat"]);
     let mut lab = Lab::lan(2).unwrap();
+    // Flows translated at the socket are real connections to the kernel,
+    // which keeps their tuples apart itself (socket_translation.rs).
+    lab.translate_per_packet().unwrap();
     lab.start_all().unwrap();
     one_line_server(&mut lab, "b", 7002);
     probe::echo_server(&mut lab, "b", 7001).unwrap();
@@ -232,7 +235,7 @@ fn a_full_masquerading_map_refuses_new_flows_and_keeps_established_ones() {
     require_tools(&["python3", "socat"]);
     let mut lab = Lab::lan(2).unwrap();
     for i in 0..2 {
-        lab.write_config(i, "").unwrap();
+        lab.write_config(i, pvc_lab::PER_PACKET).unwrap();
         let text = std::fs::read_to_string(&lab.hosts[i].config)
             .unwrap()
             .replace("max_flows = 4096", "max_flows = 64");

@@ -237,3 +237,66 @@ fn a_member_revoked_loses_its_socket_level_flows_at_once() {
     })
     .unwrap();
 }
+
+fn bpftool(args: &[&str]) -> String {
+    let out = std::process::Command::new("bpftool")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "bpftool {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn bpftool_reads_the_socket_flows_and_entries_without_a_socket_are_removed() {
+    require_tools(&["python3", "socat", "bpftool"]);
+    let mut lab = Lab::lan(2).unwrap();
+    for i in 0..2 {
+        lab.write_config(i, "[flows]\ngc_interval_secs = 1\n")
+            .unwrap();
+    }
+    lab.start_all().unwrap();
+    let b = lab.host("b").virtual_ip;
+    probe::echo_server(&mut lab, "b", 7400).unwrap();
+    assert_eq!(probe::client(&lab, "a", b, 7400).unwrap()["reply"], "hello");
+    let chatter = probe::chatter(&mut lab, "a", b, 7400, 5).unwrap();
+    wait_until(Duration::from_secs(5), "the socket flow", || {
+        (!flows_on_port(&lab, "b", 7400).is_empty()).then_some(())
+    })
+    .unwrap();
+    let pin = format!("/sys/fs/bpf/pvc/{}/socket_flows", lab.host("b").instance);
+    let dump: Value =
+        serde_json::from_str(&bpftool(&["-j", "map", "dump", "pinned", &pin])).unwrap();
+    let entries = dump.as_array().unwrap();
+    assert_eq!(entries.len(), 1, "{dump}");
+    let f = &entries[0]["formatted"];
+    assert_eq!(f["key"]["peer"], serde_json::json!([198, 18, 0, 1]), "{f}");
+    assert_eq!(f["key"]["local_port"], 7400, "{f}");
+    assert_eq!(
+        f["value"]["vpeer"],
+        serde_json::json!([240, 0, 0, 1]),
+        "{f}"
+    );
+    assert_eq!(f["value"]["side"], 1, "accepted: {f}");
+
+    // What a member's connection request that never completed leaves: an
+    // entry without a socket. Key: 198.18.0.1:40000 -> local port 7400.
+    bpftool(&[
+        "map", "update", "pinned", &pin, "key", "hex", "c6", "12", "00", "01", "40", "9c", "e8",
+        "1c", "value", "hex", "f0", "00", "00", "01", "40", "9c", "02", "01",
+    ]);
+    assert_eq!(flows_on_port(&lab, "b", 7400).len(), 2);
+    wait_until(
+        Duration::from_secs(6),
+        "the entry without a socket to go",
+        || (flows_on_port(&lab, "b", 7400).len() == 1).then_some(()),
+    )
+    .unwrap();
+    // The live flow's entry stays as long as its socket.
+    let result = probe::chatter_result(&mut lab, &chatter).unwrap();
+    assert_eq!(result["ok"], true, "{result}");
+}

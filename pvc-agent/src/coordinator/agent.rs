@@ -470,6 +470,13 @@ impl Agent {
         if removed > 0 {
             debug!(removed, "expired flow entries removed");
         }
+        let removed = self.datapath.maps.collect_socket_garbage();
+        if removed > 0 {
+            debug!(
+                removed,
+                "entries of socket-level flows without a socket removed"
+            );
+        }
         self.core.set_active(active);
         self.warn_if_flow_table_fills();
         let effects = self.core.expire(Instant::now(), unix_now());

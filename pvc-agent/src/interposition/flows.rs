@@ -64,6 +64,32 @@ fn proto_name(p: u8) -> String {
 /// a traversal 1 s before the relay takes over).
 const TRAVERSAL_LEFTOVER: Duration = Duration::from_secs(10);
 
+/// The wire tuples of this network namespace's TCP sockets and connection
+/// requests, as socket-flows keys (`/proc/net/tcp`: addresses as the
+/// kernel's network-order word in hex, ports in host order).
+fn tcp_tuples() -> std::io::Result<std::collections::HashSet<SocketKey>> {
+    let text = std::fs::read_to_string("/proc/net/tcp")?;
+    Ok(text.lines().skip(1).filter_map(parse_tcp_line).collect())
+}
+
+fn parse_tcp_line(line: &str) -> Option<SocketKey> {
+    let mut fields = line.split_whitespace().skip(1);
+    let endpoint = |f: &str| -> Option<([u8; 4], u16)> {
+        let (addr, port) = f.split_once(':')?;
+        Some((
+            u32::from_str_radix(addr, 16).ok()?.to_ne_bytes(),
+            u16::from_str_radix(port, 16).ok()?,
+        ))
+    };
+    let (_, local_port) = endpoint(fields.next()?)?;
+    let (peer, peer_port) = endpoint(fields.next()?)?;
+    Some(SocketKey {
+        peer,
+        peer_port,
+        local_port,
+    })
+}
+
 /// How long a masquerading hint lasts: longer than any TCP entry can sit
 /// idle before the garbage collection removes it (the longest timeout, one
 /// collection interval, and room for the once-a-second refresh and clock
@@ -153,6 +179,36 @@ impl Maps {
             .collect()
     }
 
+    /// Removes the entries of flows translated at the socket whose socket
+    /// is gone, missing from two passes in a row (the entry comes with the
+    /// SYN, just before its connection request). sock_ops removes an entry
+    /// when its socket closes; this catches a member's connection request
+    /// that never completed (no socket ever closes for it). Returns the
+    /// number removed.
+    pub fn collect_socket_garbage(&mut self) -> usize {
+        let live = match tcp_tuples() {
+            Ok(live) => live,
+            Err(e) => {
+                tracing::warn!("cannot read this host's TCP sockets (/proc/net/tcp): {e}");
+                return 0;
+            }
+        };
+        let mut missing = std::collections::HashSet::new();
+        let mut removed = 0;
+        for (k, _) in self.socket_flows() {
+            if live.contains(&k) {
+                continue;
+            }
+            if self.socket_unseen.contains(&k) {
+                removed += self.socket_flows.remove(&k).is_ok() as usize;
+            } else {
+                missing.insert(k);
+            }
+        }
+        self.socket_unseen = missing;
+        removed
+    }
+
     /// The socket-flows map: flows translated at the socket, by wire tuple.
     pub fn socket_flows(&self) -> Vec<(SocketKey, SocketPeer)> {
         self.socket_flows.iter().filter_map(Result::ok).collect()
@@ -212,6 +268,22 @@ impl Maps {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn proc_net_tcp_lines_give_wire_tuples() {
+        let line = "   3: 010012C6:9C40 020012C6:1BBC 01 00000000:00000000 00:00000000 \
+                    00000000     0        0 12345 1 0000000000000000 20 4 30 10 -1";
+        assert_eq!(
+            parse_tcp_line(line),
+            Some(SocketKey {
+                peer: [198, 18, 0, 2],
+                peer_port: 7100,
+                local_port: 40000,
+            })
+        );
+        assert_eq!(parse_tcp_line("  sl  local_address rem_address"), None);
+        assert_eq!(parse_tcp_line(""), None);
+    }
 
     fn timeouts() -> Timeouts {
         Timeouts {

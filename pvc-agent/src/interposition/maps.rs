@@ -30,6 +30,8 @@ pub struct Maps {
     clock: Array<MapData, u64>,
     pub(super) socket_flows: HashMap<MapData, SocketKey, SocketPeer>,
     pub(super) hints: Array<MapData, u64>,
+    /// Socket flows whose socket the last garbage collection did not find.
+    pub(super) socket_unseen: std::collections::HashSet<SocketKey>,
     /// Entries the masquerading map holds at most (two per flow).
     pub capacity: u32,
     /// The cgroup whose processes use the virtual network.
@@ -74,6 +76,7 @@ impl Maps {
             clock: take(ebpf, names::CLOCK)?,
             socket_flows: take(ebpf, names::SOCKET_FLOWS)?,
             hints: take(ebpf, names::MASQUERADING_HINTS)?,
+            socket_unseen: Default::default(),
             capacity,
             cgroup,
             standing: pvc_common::STANDING_MEMBER,

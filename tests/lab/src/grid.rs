@@ -647,12 +647,15 @@ impl Swarm {
 
     /// Host `host`'s open connections with other peers of the swarm and
     /// what each has received so far (the kernel's TCP state: `ss -ti` in
-    /// the host's namespace).
+    /// the host's namespace), by the addresses the application sees: a flow
+    /// PVC translated at the socket shows its real tuple to `ss`, and its
+    /// virtual one (from `pvc flows`) here.
     pub fn connections(&self, lab: &Lab, host: &str) -> anyhow::Result<Vec<Connection>> {
         let out = lab
             .ns(&lab.host(host).netns, "ss")
             .args(["-tinH", "state", "established"])
             .ok()?;
+        let virtual_tuples = socket_flows(lab, host)?;
         let port = self.route.port(6881);
         let mut found = Vec::new();
         let mut current: Option<(SocketAddrV4, SocketAddrV4)> = None;
@@ -674,6 +677,10 @@ impl Swarm {
                     .find_map(|f| f.strip_prefix("bytes_received:"))
                     .and_then(|b| b.parse().ok())
                     .unwrap_or(0);
+                let (local, peer) = virtual_tuples
+                    .get(&(local, peer))
+                    .copied()
+                    .unwrap_or((local, peer));
                 found.push(Connection {
                     host: host.to_string(),
                     local,
@@ -684,6 +691,28 @@ impl Swarm {
         }
         Ok(found)
     }
+}
+
+/// The flows `host`'s agent translated at the socket: their tuple on the
+/// wire (local, peer) -> their virtual tuple.
+fn socket_flows(
+    lab: &Lab,
+    host: &str,
+) -> anyhow::Result<
+    std::collections::HashMap<(SocketAddrV4, SocketAddrV4), (SocketAddrV4, SocketAddrV4)>,
+> {
+    let pair = |s: &str| -> Option<(SocketAddrV4, SocketAddrV4)> {
+        let (a, b) = s.split_once(" -> ")?;
+        Some((a.parse().ok()?, b.parse().ok()?))
+    };
+    let status = lab.status(host)?;
+    Ok(status["flows"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|f| f["direction"] == "socket")
+        .filter_map(|f| Some((pair(f["to"].as_str()?)?, pair(f["from"].as_str()?)?)))
+        .collect())
 }
 
 /// What a distribution by the swarm took.

@@ -405,6 +405,12 @@ impl Lab {
         Ok(self.hosts[i].name.clone())
     }
 
+    /// Every host's agent masquerades all its flows per packet
+    /// (`interposition.translation = "packet"`): for tests of that path.
+    pub fn translate_per_packet(&self) -> anyhow::Result<()> {
+        (0..self.hosts.len()).try_for_each(|i| self.write_config(i, PER_PACKET))
+    }
+
     /// Writes host `i`'s agent configuration, with `extra` TOML appended.
     pub fn write_config(&self, i: usize, extra: &str) -> anyhow::Result<()> {
         let h = &self.hosts[i];
@@ -1181,6 +1187,10 @@ pub fn remove_this_process_labs() {
         unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
     }
 }
+
+/// The `[interposition]` line of a host that masquerades every flow per
+/// packet, for `write_config`'s `extra`.
+pub const PER_PACKET: &str = "translation = \"packet\"\n";
 
 /// Small programs written against the plain socket API, run with python3:
 /// they stand for any unmodified application and report what the socket
