@@ -15,8 +15,8 @@ use aya_ebpf::{
 };
 use pvc_common::{
     DIRECTION_EGRESS, DIRECTION_INGRESS, DropReason, FLOW_HOLD_SYNACK, FlowKey, IPPROTO_ICMP,
-    IPPROTO_TCP, PATH_PER_FLOW, PEER_READY, POLICY_OUTBOUND, Settings, SocketKey, TRAFFIC_EGRESS,
-    is_virtual,
+    IPPROTO_TCP, PATH_PER_FLOW, PATH_SOCKET, PEER_READY, POLICY_OUTBOUND, Settings, SocketKey,
+    TRAFFIC_EGRESS, is_virtual,
 };
 
 use crate::{
@@ -183,9 +183,14 @@ fn socket_syn(ctx: &TcContext, ip: &Ipv4, tcp: &Tcp) -> Result<i32, DropReason> 
         return Ok(TC_ACT_OK as i32);
     };
     let s = settings().ok_or(DropReason::AgentNotReady)?;
-    // The member's path may have moved or ended since connect(): the tag
-    // needs the path's key, at the address the socket went to.
-    let Some(path) = peer(c.vpeer).filter(|p| p.state == PEER_READY && p.real == ip.daddr) else {
+    // The member's path may have moved, ended or taken a technique the
+    // socket cannot follow (a traversal) since connect(): this SYN (a
+    // retransmission) is refused, so that connect() fails at once and the
+    // application's next one takes the path as it is now, instead of
+    // retransmitting into a path that no longer exists.
+    let Some(path) = peer(c.vpeer)
+        .filter(|p| p.state == PEER_READY && p.real == ip.daddr && p.flags & PATH_SOCKET != 0)
+    else {
         return Err(flow::refuse(ctx, ip, DropReason::UnknownPeer));
     };
     let key = SocketKey {

@@ -300,3 +300,64 @@ fn bpftool_reads_the_socket_flows_and_entries_without_a_socket_are_removed() {
     let result = probe::chatter_result(&mut lab, &chatter).unwrap();
     assert_eq!(result["ok"], true, "{result}");
 }
+
+/// The path to a member may take another technique while a connect() to it
+/// waits for its answer (the agents found out that the member needs a
+/// traversal). The socket went to the real address already and cannot
+/// follow: its next SYN is refused, so connect() fails at once instead of
+/// retransmitting into a path that no longer exists.
+#[test]
+fn a_connect_whose_path_leaves_the_socket_before_its_answer_fails_at_once() {
+    require_tools(&["python3", "socat", "bpftool", "iptables"]);
+    let mut lab = socket_lab(2);
+    let b = lab.host("b").virtual_ip;
+    probe::echo_server(&mut lab, "b", 7500).unwrap();
+    // b's first answer never comes: the connect() waits for TCP's
+    // retransmission of its SYN (1 s).
+    Lab::command_in(&lab.host("b").netns, None, "iptables")
+        .unwrap()
+        .args(["-A", "INPUT", "-p", "tcp", "--dport", "7500", "-j", "DROP"])
+        .ok()
+        .unwrap();
+    let script = format!(
+        r#"
+import socket, json, time
+t = time.monotonic()
+try:
+    socket.create_connection(("{b}", 7500), timeout=5)
+    print(json.dumps({{"ok": True}}))
+except OSError as e:
+    print(json.dumps({{"errno": e.errno, "error": str(e), "ms": (time.monotonic() - t) * 1000}}))
+"#
+    );
+    let client = lab.spawn("a", "python3", &["-c", &script]).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    // a's path to b no longer lets the socket carry flows.
+    let pin = format!("/sys/fs/bpf/pvc/{}/peers", lab.host("a").instance);
+    let key: Vec<String> = b.octets().iter().map(|o| format!("{o:02x}")).collect();
+    let mut args = vec!["-j", "map", "lookup", "pinned", &pin, "key", "hex"];
+    args.extend(key.iter().map(String::as_str));
+    let entry: Value = serde_json::from_str(&bpftool(&args)).unwrap();
+    let mut value: Vec<u8> = entry["value"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| u8::from_str_radix(v.as_str().unwrap().trim_start_matches("0x"), 16).unwrap())
+        .collect();
+    assert_eq!(
+        value[8] & 2,
+        2,
+        "the path lets the socket carry flows: {entry}"
+    );
+    value[8] &= !2;
+    let value: Vec<String> = value.iter().map(|v| format!("{v:02x}")).collect();
+    let mut args = vec!["map", "update", "pinned", &pin, "key", "hex"];
+    args.extend(key.iter().map(String::as_str));
+    args.extend(["value", "hex"]);
+    args.extend(value.iter().map(String::as_str));
+    bpftool(&args);
+    let out = lab.wait(&client, Duration::from_secs(10)).unwrap();
+    let got: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(got["errno"], ECONNREFUSED, "{got}");
+    assert!(got["ms"].as_f64().unwrap() < 2500.0, "{got}");
+}

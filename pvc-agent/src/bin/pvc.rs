@@ -406,14 +406,21 @@ fn print_flows(s: &Status) {
         "PROTO", "DIR", "TECHNIQUE", "MATCH", "REWRITE"
     );
     for f in &s.flows {
+        // A flow translated at the socket: its virtual tuple, then the one
+        // its socket has on the wire; the kernel keeps no idle time for it.
+        let idle = if f.direction == "socket" {
+            "-".to_string()
+        } else {
+            format!("{}s", f.idle_secs)
+        };
         println!(
-            "{:<5} {:<8} {:<9} {:<46} {:<46} {:>5}s{}",
+            "{:<5} {:<8} {:<9} {:<46} {:<46} {:>6}{}",
             f.proto,
             f.direction,
             f.technique,
             f.from,
             f.to,
-            f.idle_secs,
+            idle,
             if f.closing { " closing" } else { "" }
         );
     }

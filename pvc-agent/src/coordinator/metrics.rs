@@ -134,8 +134,8 @@ impl Metrics {
             ),
             flows: gauge_vec(
                 "pvc_flows",
-                "Flows in the masquerading map (counted once, on the direction this host sends), \
-                 by technique and state",
+                "Flows translated at the socket and flows in the masquerading map (counted once, \
+                 on the direction this host sends), by technique and state",
                 &["technique", "state"],
             ),
             relayed_flows: gauge("pvc_relayed_flows", "Flows carried by a broker's relay now"),
@@ -227,7 +227,11 @@ impl Metrics {
             set_total(&self.bytes.with_label_values(&[direction]), bytes);
         }
         self.flows.reset();
-        for f in s.flows.iter().filter(|f| f.direction == "egress") {
+        for f in s
+            .flows
+            .iter()
+            .filter(|f| f.direction == "egress" || f.direction == "socket")
+        {
             let state = if f.closing { "closing" } else { "open" };
             self.flows
                 .with_label_values(&[f.technique.as_str(), state])

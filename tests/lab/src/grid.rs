@@ -651,11 +651,18 @@ impl Swarm {
     /// PVC translated at the socket shows its real tuple to `ss`, and its
     /// virtual one (from `pvc flows`) here.
     pub fn connections(&self, lab: &Lab, host: &str) -> anyhow::Result<Vec<Connection>> {
-        let out = lab
-            .ns(&lab.host(host).netns, "ss")
-            .args(["-tinH", "state", "established"])
-            .ok()?;
-        let virtual_tuples = socket_flows(lab, host)?;
+        let ss = || {
+            lab.ns(&lab.host(host).netns, "ss")
+                .args(["-tinH", "state", "established"])
+                .ok()
+        };
+        // The agent's list before and after `ss`: a flow that `ss` saw had
+        // its entry at one of the two times, unless it opened and closed
+        // between them (checked below).
+        let mut virtual_tuples = socket_flows(lab, host)?;
+        let out = ss()?;
+        virtual_tuples.extend(socket_flows(lab, host)?);
+        let mut again: Option<String> = None;
         let port = self.route.port(6881);
         let mut found = Vec::new();
         let mut current: Option<(SocketAddrV4, SocketAddrV4)> = None;
@@ -677,10 +684,22 @@ impl Swarm {
                     .find_map(|f| f.strip_prefix("bytes_received:"))
                     .and_then(|b| b.parse().ok())
                     .unwrap_or(0);
-                let (local, peer) = virtual_tuples
-                    .get(&(local, peer))
-                    .copied()
-                    .unwrap_or((local, peer));
+                let (local, peer) = match virtual_tuples.get(&(local, peer)) {
+                    Some(v) => *v,
+                    None => {
+                        // Not in either list: a flow that came and went
+                        // between them (gone from a second look), or one by
+                        // real address (still there).
+                        let later = match &again {
+                            Some(t) => t,
+                            None => again.insert(ss()?),
+                        };
+                        if !later.contains(&format!("{local} ")) {
+                            continue;
+                        }
+                        (local, peer)
+                    }
+                };
                 found.push(Connection {
                     host: host.to_string(),
                     local,

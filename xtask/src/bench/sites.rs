@@ -1,13 +1,15 @@
-//! Across NATs and firewalls: a hole-punched pair (two port-keeping NATs)
-//! and a relayed pair (two symmetric NATs) in the lab's simulated Internet.
-//! The bare path of each is the same client reaching the same server
-//! through the same NAT boxes by a port forward set by hand on the
-//! server's NAT (what an administrator would do without PVC); every
-//! measurement alternates the two paths, as on the LAN.
+//! Across NATs and firewalls, in the lab's simulated Internet: a client
+//! behind a port-keeping NAT reaching a public server (direct) and a server
+//! behind a UPnP NAT (upnp), a hole-punched pair (two port-keeping NATs)
+//! and a relayed pair (two symmetric NATs). The bare path of each is the
+//! same client reaching the same server through the same boxes: its public
+//! address, or a port forward set by hand on the server's NAT (what an
+//! administrator would do without PVC); every measurement alternates the
+//! two paths, as on the LAN.
 
 use std::{collections::BTreeMap, time::Duration};
 
-use anyhow::{Context as _, anyhow, ensure};
+use anyhow::{Context as _, ensure};
 use pvc_lab::{Lab, Site, bin, wait_until};
 use serde::Serialize;
 
@@ -55,10 +57,30 @@ pub fn measure(opts: &Options) -> anyhow::Result<Vec<SiteCell>> {
         (Site::Cone, 1),
         (Site::Sym, 1),
         (Site::Sym, 1),
+        (Site::Pub, 1),
+        (Site::Upnp, 1),
     ])?;
     lab.start_all()?;
     let mut cells = Vec::new();
     for (name, technique, pair) in [
+        (
+            "public server (cone NAT to a public host)",
+            "direct",
+            Pair {
+                client: "a",
+                server: "e",
+                site: 4,
+            },
+        ),
+        (
+            "UPnP-forwarded server (cone NAT to a UPnP NAT)",
+            "upnp",
+            Pair {
+                client: "a",
+                server: "f",
+                site: 5,
+            },
+        ),
         (
             "hole-punched (cone NAT to cone NAT)",
             "punch",
@@ -113,14 +135,15 @@ fn measure_pair(
                 .then_some(())
         },
     )?;
-    // The bare path: a forward of each port on the server's NAT.
-    let router = lab
-        .router_netns(p.site)
-        .ok_or_else(|| anyhow!("the server's site has no NAT box"))?;
+    // The bare path: the server's public address, else a forward of each
+    // port on the server's NAT.
     let server_real = lab.host(p.server).real;
-    for port in [ECHO, IPERF] {
+    let nat = lab
+        .router_netns(p.site)
+        .filter(|_| lab.site_wan(p.site) != server_real);
+    for (router, port) in nat.iter().flat_map(|r| [(r, ECHO), (r, IPERF)]) {
         let bare = (port + BARE_OFFSET).to_string();
-        Lab::command_in(&router, None, "iptables")?
+        Lab::command_in(router, None, "iptables")?
             .args([
                 "-t",
                 "nat",
@@ -145,7 +168,11 @@ fn measure_pair(
     lab.spawn_outside(p.server, &connect_bench, &["echo", &bare])?;
     lab.wait_listening(p.server, ECHO)?;
     lab.wait_listening(p.server, ECHO + BARE_OFFSET)?;
-    let bare_dst = lab.site_wan(p.site);
+    let bare_dst = if nat.is_some() {
+        lab.site_wan(p.site)
+    } else {
+        server_real
+    };
     let before = opened(lab, p.client, technique);
 
     let timed =

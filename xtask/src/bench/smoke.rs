@@ -133,7 +133,7 @@ fn check(r: &Report, opts: &Options, out: &Path) -> anyhow::Result<()> {
             ensure!(t.is_finite() && t > 0.0, "file distribution: {c:?}");
         }
     }
-    ensure!(r.sites.len() == 2, "{:?}", r.sites);
+    ensure!(r.sites.len() == 4, "{:?}", r.sites);
     for c in &r.sites {
         for p in ["pvc_egress", "pvc_ingress"] {
             ensure!(
