@@ -322,7 +322,7 @@ impl<'a> Bench<'a> {
         }
     }
 
-    fn programs(&self) -> anyhow::Result<BTreeMap<String, (u64, u64)>> {
+    pub(super) fn programs(&self) -> anyhow::Result<BTreeMap<String, (u64, u64)>> {
         program_totals(&self.lab, &[A, B])
     }
 
@@ -609,6 +609,7 @@ pub fn run(opts: &Options, out: &Path) -> anyhow::Result<Report> {
 
     eprintln!("bench: CPU per byte at a fixed rate, paired runs");
     let cpu_per_byte = bench.cpu_per_byte()?;
+    let programs_per_kib = bench.programs_per_kib()?;
     eprintln!("bench: round trips in paired blocks");
     let round_trip_blocks = bench.round_trip_blocks(bare_echo, pvc_echo)?;
 
@@ -677,6 +678,7 @@ pub fn run(opts: &Options, out: &Path) -> anyhow::Result<Report> {
         round_trip_bare_us: round_trip_bare,
         round_trip_pvc_us: round_trip_pvc,
         cpu_per_byte,
+        programs_per_kib,
         round_trip_blocks,
         programs,
         programs_prometheus,

@@ -105,6 +105,33 @@ impl Bench<'_> {
     /// `cpu_seconds`, the whole machine's busy time over the bytes b
     /// received; ns of CPU per KiB.
     fn cpu_per_kib(&mut self, route: Route) -> anyhow::Result<f64> {
+        let (busy_ns, bytes) = self.fixed_rate(route)?;
+        Ok(busy_ns / (bytes / 1024.0))
+    }
+
+    /// The tc programs' own CPU per byte in the same fixed-rate transfer
+    /// over PVC: their run time from the kernel's statistics (both hosts,
+    /// both programs) over the bytes received, ns per KiB. The programs are
+    /// all the per-packet work PVC adds, and their statistics are exact
+    /// where the machine's busy time is not.
+    pub(super) fn programs_per_kib(&mut self) -> anyhow::Result<f64> {
+        let _stats = super::measure::enable_bpf_stats()?;
+        let before = self.programs()?;
+        let (_, bytes) = self.fixed_rate(Route::Pvc)?;
+        let after = self.programs()?;
+        let ns: u64 = ["pvc_egress", "pvc_ingress"]
+            .iter()
+            .map(|p| {
+                let (ns0, _) = before.get(*p).copied().unwrap_or((0, 0));
+                after.get(*p).map_or(0, |&(ns, _)| ns - ns0)
+            })
+            .sum();
+        Ok(ns as f64 / (bytes / 1024.0))
+    }
+
+    /// iperf3 from a to b at `cpu_rate_mbit` for `cpu_seconds`: CPU 0's
+    /// busy time meanwhile (ns) and the bytes b received.
+    fn fixed_rate(&mut self, route: Route) -> anyhow::Result<(f64, f64)> {
         let port = self.next_port();
         self.spawn(B, route, "iperf3", &["-s", "-1", "-p", &port.to_string()])?;
         self.lab.wait_listening(B, port)?;
@@ -138,7 +165,7 @@ impl Bench<'_> {
             .as_f64()
             .ok_or_else(|| anyhow!("iperf3 reported no bytes: {out}"))?;
         ensure!(bytes > 0.0, "iperf3 moved nothing");
-        Ok(busy_ns / (bytes / 1024.0))
+        Ok((busy_ns, bytes))
     }
 
     /// iperf3 between the hosts' real addresses on eth0, PVC's uplink,
@@ -264,6 +291,7 @@ pub fn per_packet(opts: &super::measure::Options) -> anyhow::Result<String> {
         super::floor::measure(&mut bench)?
     };
     let cpu = bench.cpu_per_byte()?;
+    let programs_per_kib = bench.programs_per_kib()?;
     let mut m = String::new();
     let _ = writeln!(
         m,
@@ -303,6 +331,12 @@ pub fn per_packet(opts: &super::measure::Options) -> anyhow::Result<String> {
             p.bare, p.pvc, p.unit, p.ratio, p.ratio_ci95, p.pairs
         );
     }
+    let _ = writeln!(
+        m,
+        "\nthe programs' own CPU per byte at that rate: {programs_per_kib:.2} ns per KiB, \
+         {:.4} of the bare path's CPU per byte",
+        1.0 + programs_per_kib / cpu.bare
+    );
     Ok(m)
 }
 

@@ -109,6 +109,11 @@ fn check(r: &Report, opts: &Options, out: &Path) -> anyhow::Result<()> {
         "{load}"
     );
 
+    ensure!(
+        r.programs_per_kib > 0.0 && r.programs_per_kib.is_finite(),
+        "the programs' CPU per byte: {}",
+        r.programs_per_kib
+    );
     for (p, pairs) in [
         (&r.cpu_per_byte, opts.cpu_pairs),
         (&r.round_trip_blocks, opts.rtt_blocks),
