@@ -289,9 +289,12 @@ pub struct PeerPath {
 /// `PeerPath::flags`: every new flow needs the agents (a traversal per
 /// flow): its SYN is handed to the agent, unless the agent sends it.
 pub const PATH_PER_FLOW: u8 = 1;
-/// `PeerPath::flags`: flows with this member may be translated at the
-/// socket (`interposition.translation = "socket"`, a direct path): connect()
-/// goes to its real address, and no packet of the flow is rewritten.
+/// `PeerPath::flags`: this host translates flows with the member at the
+/// socket (`interposition.translation = "socket"`): a connect() to it goes
+/// to its real address when the path is direct (not `PATH_PER_FLOW`), and
+/// its SYNs that a listener can take as they are pass unrewritten, whatever
+/// path this host's own flows to it take. No packet of such a flow is
+/// rewritten.
 pub const PATH_SOCKET: u8 = 2;
 
 /// Key of the socket-flows map: a flow translated at the socket, by its

@@ -188,9 +188,11 @@ fn socket_syn(ctx: &TcContext, ip: &Ipv4, tcp: &Tcp) -> Result<i32, DropReason> 
     // retransmission) is refused, so that connect() fails at once and the
     // application's next one takes the path as it is now, instead of
     // retransmitting into a path that no longer exists.
-    let Some(path) = peer(c.vpeer)
-        .filter(|p| p.state == PEER_READY && p.real == ip.daddr && p.flags & PATH_SOCKET != 0)
-    else {
+    let Some(path) = peer(c.vpeer).filter(|p| {
+        p.state == PEER_READY
+            && p.real == ip.daddr
+            && p.flags & (PATH_SOCKET | PATH_PER_FLOW) == PATH_SOCKET
+    }) else {
         return Err(flow::refuse(ctx, ip, DropReason::UnknownPeer));
     };
     let key = SocketKey {

@@ -10,9 +10,9 @@ use aya_ebpf::{
 };
 use pvc_common::{
     DIRECTION_EGRESS, DIRECTION_INGRESS, DropReason, EVENT_INBOUND_REFUSED, Event, FLOW_AWAIT_SYN,
-    FLOW_AWAIT_SYNACK, FlowKey, IPPROTO_ICMP, IPPROTO_TCP, PATH_SOCKET, PEER_READY, POLICY_INBOUND,
-    PeerPath, ReplayKey, ReplayValue, SOCKET_ACCEPTED, Settings, SocketKey, SocketPeer, TAG_PUNCH,
-    TCP_RST, TRAFFIC_INGRESS, is_virtual,
+    FLOW_AWAIT_SYNACK, FlowKey, IPPROTO_ICMP, IPPROTO_TCP, PATH_PER_FLOW, PATH_SOCKET, PEER_READY,
+    POLICY_INBOUND, PeerPath, ReplayKey, ReplayValue, SOCKET_ACCEPTED, Settings, SocketKey,
+    SocketPeer, TAG_PUNCH, TCP_RST, TRAFFIC_INGRESS, Technique, is_virtual,
 };
 
 use crate::{
@@ -202,7 +202,9 @@ fn ingress_tcp(ctx: &TcContext, ip: &Ipv4) -> Result<i32, DropReason> {
 }
 
 /// A member's verified SYN that this host's listener can take as it is:
-/// its path allows translation at the socket, the port on the wire is the
+/// this host translates at the socket (whatever technique its own flows
+/// to the member take: the member's SYN came straight), the port on the
+/// wire is the
 /// one the member asked for, and a listener accepts the real address (one
 /// bound to the virtual address does not: its flows are masqueraded per
 /// packet). Whether the listener serves the virtual network is checked on
@@ -228,10 +230,18 @@ fn accept_at_socket(
         peer_port: tcp.sport,
         local_port: tcp.dport,
     };
+    // The SYN came straight: over our path's own technique when that is a
+    // direct one, else (our flows to the member need a traversal, its
+    // flows to us do not) straight to our address.
+    let technique = if path.flags & PATH_PER_FLOW != 0 {
+        Technique::Direct as u8
+    } else {
+        path.technique
+    };
     let from = SocketPeer {
         vpeer: tag.vsrc,
         vport: tcp.sport,
-        technique: path.technique,
+        technique,
         side: SOCKET_ACCEPTED,
     };
     // A retransmitted SYN finds its entry: announced once.
@@ -248,7 +258,7 @@ fn accept_at_socket(
             IPPROTO_TCP,
             DIRECTION_EGRESS,
         );
-        flow::announce_flow(&virtual_tuple, DIRECTION_INGRESS, path.technique);
+        flow::announce_flow(&virtual_tuple, DIRECTION_INGRESS, technique);
     }
     true
 }

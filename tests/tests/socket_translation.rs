@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use pvc_lab::{Lab, probe, require_tools, wait_until};
+use pvc_lab::{Lab, Site, probe, require_tools, wait_until};
 use serde_json::Value;
 
 const ECONNREFUSED: i64 = 111;
@@ -360,4 +360,45 @@ except OSError as e:
     let got: Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(got["errno"], ECONNREFUSED, "{got}");
     assert!(got["ms"].as_f64().unwrap() < 2500.0, "{got}");
+}
+
+/// Whether a member's SYN can be taken at the socket depends on the SYN
+/// (it came straight, to a port a listener has), not on how this host's
+/// own flows reach the member: a public server whose flows to a member
+/// behind a NAT need a hole punched still takes that member's flows at
+/// the socket.
+#[test]
+fn a_public_server_takes_a_nated_members_flows_at_the_socket() {
+    require_tools(&["python3", "socat"]);
+    let mut lab = Lab::internet(&[(Site::Cone, 1), (Site::Pub, 1)]).unwrap();
+    lab.start_all().unwrap();
+    let (a, b) = (lab.host("a").virtual_ip, lab.host("b").virtual_ip);
+    // The first flow (masqueraded per packet: its SYN waits for the
+    // authentication) on another port.
+    probe::echo_server(&mut lab, "b", 7599).unwrap();
+    assert_eq!(probe::client(&lab, "a", b, 7599).unwrap()["reply"], "hello");
+    probe::echo_server(&mut lab, "b", 7600).unwrap();
+    wait_until(
+        Duration::from_secs(20),
+        "b's flows to a to need a punch",
+        || {
+            let s = lab.status("b").ok()?;
+            s["peers"]
+                .as_array()?
+                .iter()
+                .any(|p| p["virtual_ip"] == a.to_string().as_str() && p["technique"] == "punch")
+                .then_some(())
+        },
+    )
+    .unwrap();
+    let chatter = probe::chatter(&mut lab, "a", b, 7600, 2).unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    let on_a = flows_on_port(&lab, "a", 7600);
+    let on_b = flows_on_port(&lab, "b", 7600);
+    let result = probe::chatter_result(&mut lab, &chatter).unwrap();
+    assert_eq!(result["ok"], true, "{result}");
+    assert_eq!(directions(&on_a), ["socket"], "a's flows: {on_a:?}");
+    assert_eq!(directions(&on_b), ["socket"], "b's flows: {on_b:?}");
+    assert_eq!(on_b[0]["technique"], "direct", "{on_b:?}");
+    assert_eq!(on_b[0]["peer"], a.to_string());
 }

@@ -645,17 +645,10 @@ impl Agent {
 
 impl Agent {
     /// A member's kernel path, marked for translation at the socket when
-    /// the configuration asks for it and the path is direct (its flows'
-    /// tuples on the wire are ones a socket can have).
+    /// the configuration asks for it (the programs translate a flow there
+    /// only when its tuple on the wire is one a socket can have).
     fn translated(&self, mut path: pvc_common::PeerPath) -> pvc_common::PeerPath {
-        use pvc_common::Technique;
-        let direct = [Technique::Direct, Technique::Lan, Technique::Upnp]
-            .iter()
-            .any(|t| *t as u8 == path.technique);
-        if self.config.interposition.translation == crate::config::Translation::Socket
-            && direct
-            && path.flags & pvc_common::PATH_PER_FLOW == 0
-        {
+        if self.config.interposition.translation == crate::config::Translation::Socket {
             path.flags |= pvc_common::PATH_SOCKET;
         }
         path
