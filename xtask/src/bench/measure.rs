@@ -353,11 +353,23 @@ impl<'a> Bench<'a> {
         Ok(totals)
     }
 
+    /// Bytes PVC's uplinks (eth0) sent so far, both hosts: what the PVC
+    /// path carried, whether its flows were masqueraded per packet or
+    /// translated at the socket (only the former show in the agents'
+    /// masquerading counters).
     fn pvc_bytes(&self) -> anyhow::Result<u64> {
         let mut bytes = 0;
         for h in [A, B] {
-            let t = &self.lab.status(h)?["traffic"];
-            bytes += t["egress_bytes"].as_u64().unwrap_or(0);
+            let netns = self.lab.host(h).netns.clone();
+            let out = self
+                .lab
+                .ns(&netns, "ip")
+                .args(["-s", "-j", "link", "show", "dev", "eth0"])
+                .ok()?;
+            let v: Value = serde_json::from_str(&out)?;
+            bytes += v[0]["stats64"]["tx"]["bytes"]
+                .as_u64()
+                .ok_or_else(|| anyhow!("no byte counters for {h}'s eth0: {out}"))?;
         }
         Ok(bytes)
     }
