@@ -10,13 +10,16 @@ use serde_json::Value;
 
 const ECONNREFUSED: i64 = 111;
 
+/// The `[interposition]` line of a host translating at the socket.
+const SOCKET: &str = "translation = \"socket\"\n";
+
 /// A LAN of `n` hosts translating at the socket, with a first flow from
 /// a to every other host (the first flow to a member waits for its
 /// authentication and is masqueraded per packet).
 fn socket_lab(n: usize) -> Lab {
     let mut lab = Lab::lan(n).unwrap();
     for i in 0..n {
-        lab.write_config(i, "translation = \"socket\"\n").unwrap();
+        lab.write_config(i, SOCKET).unwrap();
     }
     lab.start_all().unwrap();
     for h in 1..n {
@@ -256,7 +259,7 @@ fn bpftool_reads_the_socket_flows_and_entries_without_a_socket_are_removed() {
     require_tools(&["python3", "socat", "bpftool"]);
     let mut lab = Lab::lan(2).unwrap();
     for i in 0..2 {
-        lab.write_config(i, "[flows]\ngc_interval_secs = 1\n")
+        lab.write_config(i, &format!("{SOCKET}[flows]\ngc_interval_secs = 1\n"))
             .unwrap();
     }
     lab.start_all().unwrap();
@@ -371,6 +374,9 @@ except OSError as e:
 fn a_public_server_takes_a_nated_members_flows_at_the_socket() {
     require_tools(&["python3", "socat"]);
     let mut lab = Lab::internet(&[(Site::Cone, 1), (Site::Pub, 1)]).unwrap();
+    for i in 0..2 {
+        lab.write_config(i, SOCKET).unwrap();
+    }
     lab.start_all().unwrap();
     let (a, b) = (lab.host("a").virtual_ip, lab.host("b").virtual_ip);
     // The first flow (masqueraded per packet: its SYN waits for the

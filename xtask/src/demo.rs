@@ -199,9 +199,7 @@ pub fn run() -> anyhow::Result<()> {
         .unwrap_or(0.0)
         / 1e9;
     println!(
-        "   {gbps:.2} Gbit/s between virtual addresses, no encapsulation, no copy to userspace\n   \
-         (c translates at the socket; b's server is bound to its virtual address, so b's eBPF \
-         programs rewrite its packets)"
+        "   {gbps:.2} Gbit/s through the eBPF masquerading, no encapsulation, no copy to userspace"
     );
 
     step("Connecting to 240.0.0.99, which no member holds (from host a)");
@@ -231,7 +229,7 @@ pub fn run() -> anyhow::Result<()> {
     step("pvc status on host b");
     show(&pvc(&lab, "b", &["status"])?);
     println!(
-        "\n   $ pvc flows          (on host b: flows translated at the socket, and the masquerading map)"
+        "\n   $ pvc flows          (on host b: the masquerading map, and flows translated at the socket)"
     );
     show(&pvc(&lab, "b", &["flows"])?);
 
