@@ -5,12 +5,12 @@ use aya_ebpf::{bindings::BPF_RB_FORCE_WAKEUP, helpers::bpf_skb_load_bytes, progr
 use pvc_common::{
     DIRECTION_EGRESS, DIRECTION_INGRESS, DropReason, EVENT_ANSWER_HELD, EVENT_FLOW_CREATED,
     EVENT_PACKET_HELD, EVENT_PACKET_REFUSED, EVENT_PUNCH, Event, FlowKey, HELD_BYTES,
-    HINT_LIFETIME_SLOT, HeldPacket, IPPROTO_TCP, Masquerade, PeerPath, Settings, siphash24_16,
-    tag_message,
+    HINT_LIFETIME_SLOT, HeldPacket, IPPROTO_TCP, Masquerade, PeerPath, Settings, SocketKey,
+    SocketPeer, siphash24_16, tag_message,
 };
 
 use crate::{
-    maps::{EVENTS, MASQUERADING, MASQUERADING_HINTS, emit_quietly, now_ns},
+    maps::{EVENTS, MASQUERADING, MASQUERADING_HINTS, SOCKET_FLOWS, emit_quietly, now_ns},
     packet::{IP_OFF, Ipv4, Tcp},
     sockets::Use,
 };
@@ -122,6 +122,33 @@ pub fn open(key: &FlowKey, to: &Masquerade, announce: bool) -> Result<(), DropRe
             &twin_key
         };
         announce_flow(v, key.direction, to.technique);
+    }
+    Ok(())
+}
+
+/// Records a flow translated at the socket (its wire tuple `key`, whom it
+/// is with on the virtual network `peer`) and announces it once: a
+/// retransmitted SYN finds its entry. `direction`: the side that opened
+/// it. Err when the map is full.
+#[inline(always)]
+pub fn open_at_socket(
+    key: &SocketKey,
+    peer: &SocketPeer,
+    local_vip: [u8; 4],
+    direction: u8,
+) -> Result<(), ()> {
+    let fresh = SOCKET_FLOWS.get_ptr(key).is_none();
+    SOCKET_FLOWS.insert(key, peer, 0).map_err(|_| ())?;
+    if fresh {
+        let virtual_tuple = FlowKey::new(
+            local_vip,
+            peer.vpeer,
+            key.local_port,
+            peer.vport,
+            IPPROTO_TCP,
+            DIRECTION_EGRESS,
+        );
+        announce_flow(&virtual_tuple, direction, peer.technique);
     }
     Ok(())
 }

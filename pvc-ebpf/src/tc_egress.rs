@@ -200,20 +200,8 @@ fn socket_syn(ctx: &TcContext, ip: &Ipv4, tcp: &Tcp) -> Result<i32, DropReason> 
         peer_port: tcp.dport,
         local_port: tcp.sport,
     };
-    let fresh = SOCKET_FLOWS.get_ptr(&key).is_none();
-    if SOCKET_FLOWS.insert(&key, &c, 0).is_err() {
+    if flow::open_at_socket(&key, &c, s.virtual_addr, DIRECTION_EGRESS).is_err() {
         return Err(flow::refuse(ctx, ip, DropReason::FlowTableFull));
-    }
-    if fresh {
-        let virtual_tuple = FlowKey::new(
-            s.virtual_addr,
-            c.vpeer,
-            tcp.sport,
-            c.vport,
-            IPPROTO_TCP,
-            DIRECTION_EGRESS,
-        );
-        flow::announce_flow(&virtual_tuple, DIRECTION_EGRESS, c.technique);
     }
     let mac = flow::tag_mac(&path, s.virtual_addr, c.vpeer, c.vport, 0, tcp);
     nat::append_tag(ctx, ip, tcp, s.virtual_addr, c.vport, mac)?;

@@ -17,10 +17,7 @@ use pvc_common::{
 
 use crate::{
     flow,
-    maps::{
-        MASQUERADING, REPLAY, SOCKET_FLOWS, allowed, count_drop, count_traffic, emit, peer,
-        settings,
-    },
+    maps::{MASQUERADING, REPLAY, allowed, count_drop, count_traffic, emit, peer, settings},
     nat,
     packet::{
         ICMP_DEST_UNREACH, ICMP_ECHO_REPLY, ICMP_TIME_EXCEEDED, Ipv4, Parsed, Tag, Tcp, parse_icmp,
@@ -244,23 +241,7 @@ fn accept_at_socket(
         technique,
         side: SOCKET_ACCEPTED,
     };
-    // A retransmitted SYN finds its entry: announced once.
-    let fresh = SOCKET_FLOWS.get_ptr(&key).is_none();
-    if SOCKET_FLOWS.insert(&key, &from, 0).is_err() {
-        return false;
-    }
-    if fresh {
-        let virtual_tuple = FlowKey::new(
-            s.virtual_addr,
-            tag.vsrc,
-            tcp.dport,
-            tcp.sport,
-            IPPROTO_TCP,
-            DIRECTION_EGRESS,
-        );
-        flow::announce_flow(&virtual_tuple, DIRECTION_INGRESS, technique);
-    }
-    true
+    flow::open_at_socket(&key, &from, s.virtual_addr, DIRECTION_INGRESS).is_ok()
 }
 
 /// Whether a tagged SYN was already accepted from another address: the

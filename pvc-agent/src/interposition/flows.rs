@@ -186,6 +186,11 @@ impl Maps {
     /// that never completed (no socket ever closes for it). Returns the
     /// number removed.
     pub fn collect_socket_garbage(&mut self) -> usize {
+        let flows = self.socket_flows();
+        if flows.is_empty() {
+            self.socket_unseen.clear();
+            return 0;
+        }
         let live = match tcp_tuples() {
             Ok(live) => live,
             Err(e) => {
@@ -195,7 +200,7 @@ impl Maps {
         };
         let mut missing = std::collections::HashSet::new();
         let mut removed = 0;
-        for (k, _) in self.socket_flows() {
+        for (k, _) in flows {
             if live.contains(&k) {
                 continue;
             }

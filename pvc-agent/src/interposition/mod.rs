@@ -184,23 +184,24 @@ impl Datapath {
             // program next to the old one (both decide alike), then drop
             // the old one. A cgroup bpf_link always coexists with other
             // programs; its flags must be 0 ("Single" here).
-            let attach_error = || format!("cannot attach {label} to cgroup {}", a.cgroup.display());
+            // The two program types share these calls but no trait.
+            macro_rules! attach_as {
+                ($kind:ty) => {{
+                    let prog: &mut $kind = self.program(name)?.try_into()?;
+                    prog.load()
+                        .with_context(|| format!("the kernel refused program {name}"))?;
+                    let id = prog
+                        .attach(cgroup.as_fd(), CgroupAttachMode::Single)
+                        .with_context(|| {
+                            format!("cannot attach {label} to cgroup {}", a.cgroup.display())
+                        })?;
+                    FdLink::try_from(prog.take_link(id)?)?
+                }};
+            }
             let link = if name == SOCK_OPS {
-                let prog: &mut SockOps = self.program(name)?.try_into()?;
-                prog.load()
-                    .with_context(|| format!("the kernel refused program {name}"))?;
-                let id = prog
-                    .attach(cgroup.as_fd(), CgroupAttachMode::Single)
-                    .with_context(attach_error)?;
-                FdLink::try_from(prog.take_link(id)?)?
+                attach_as!(SockOps)
             } else {
-                let prog: &mut CgroupSockAddr = self.program(name)?.try_into()?;
-                prog.load()
-                    .with_context(|| format!("the kernel refused program {name}"))?;
-                let id = prog
-                    .attach(cgroup.as_fd(), CgroupAttachMode::Single)
-                    .with_context(attach_error)?;
-                FdLink::try_from(prog.take_link(id)?)?
+                attach_as!(CgroupSockAddr)
             };
             if let Ok(old) = PinnedLink::from_pin(&pin) {
                 old.unpin()?;
