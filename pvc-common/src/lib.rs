@@ -32,7 +32,8 @@ pub mod maps {
     pub const SOCKET_FLOWS: &str = "socket_flows";
     pub const SOCKET_CONNECTS: &str = "socket_connects";
     pub const MASQUERADING_HINTS: &str = "masquerading_hints";
-    pub const ALL: [&str; 12] = [
+    pub const MASQUERADING_PORTS: &str = "masquerading_ports";
+    pub const ALL: [&str; 13] = [
         MASQUERADING,
         PEERS,
         SETTINGS,
@@ -45,6 +46,7 @@ pub mod maps {
         SOCKET_FLOWS,
         SOCKET_CONNECTS,
         MASQUERADING_HINTS,
+        MASQUERADING_PORTS,
     ];
     /// The agent's relay listener, for the sk_lookup program: a socket
     /// lives only as long as its agent, so this map is not pinned.
@@ -125,6 +127,46 @@ impl FlowKey {
             self.proto,
             self.direction ^ 1,
         )
+    }
+}
+
+/// Where a flow masqueraded per packet takes its source port on the wire
+/// when its member's path lets sockets carry flows (`PATH_SOCKET`). Its own
+/// port came from the kernel's ephemeral range for the member's *virtual*
+/// address; the kernel may hand the same port to a connect() translated at
+/// the socket to the member's *real* address, whose wire tuple would then
+/// be this flow's. Outside that range, the kernel never picks it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct MasqueradingPorts {
+    /// The kernel's ephemeral range (`ip_local_port_range`), inclusive.
+    pub ephemeral_first: u16,
+    pub ephemeral_last: u16,
+    /// The ports used instead: `first .. first + count`; `count` 0 keeps
+    /// every flow's own port.
+    pub first: u16,
+    pub count: u16,
+}
+
+/// How many ports a flow's SYN tries before it is refused.
+pub const MASQUERADING_PORT_TRIES: u32 = 8;
+
+impl MasqueradingPorts {
+    /// Whether a flow from `sport` takes another port on the wire.
+    #[inline(always)]
+    pub fn moves(&self, sport: u16) -> bool {
+        self.count != 0 && sport >= self.ephemeral_first && sport <= self.ephemeral_last
+    }
+
+    /// The `try_`th port for the flow whose egress key is `key`: a hash of
+    /// the virtual tuple, so that a retransmitted SYN (and a flow whose
+    /// entries expired) finds its port again.
+    #[inline(always)]
+    pub fn candidate(&self, key: &FlowKey, try_: u32) -> u16 {
+        let count = self.count.max(1) as u32;
+        let spread = (key.hint_slot() ^ (u32::from_ne_bytes(key.daddr) >> 16))
+            .wrapping_add(try_.wrapping_mul(40_503));
+        self.first.wrapping_add((spread % count) as u16)
     }
 }
 
@@ -734,6 +776,7 @@ mod pod {
     unsafe impl aya::Pod for SocketKey {}
     unsafe impl aya::Pod for SocketPeer {}
     unsafe impl aya::Pod for ReplayValue {}
+    unsafe impl aya::Pod for MasqueradingPorts {}
 }
 
 #[cfg(test)]

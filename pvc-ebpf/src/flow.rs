@@ -5,14 +5,17 @@ use aya_ebpf::{bindings::BPF_RB_FORCE_WAKEUP, helpers::bpf_skb_load_bytes, progr
 use pvc_common::{
     DIRECTION_EGRESS, DIRECTION_INGRESS, DropReason, EVENT_ANSWER_HELD, EVENT_FLOW_CREATED,
     EVENT_PACKET_HELD, EVENT_PACKET_REFUSED, EVENT_PUNCH, Event, FlowKey, HELD_BYTES,
-    HINT_LIFETIME_SLOT, HeldPacket, IPPROTO_TCP, Masquerade, PeerPath, Settings, SocketKey,
-    SocketPeer, siphash24_16, tag_message,
+    HINT_LIFETIME_SLOT, HeldPacket, IPPROTO_TCP, Masquerade, MasqueradingPorts, PATH_PER_FLOW,
+    PATH_SOCKET, PeerPath, Settings, SocketKey, SocketPeer, siphash24_16, tag_message,
 };
 
 use crate::{
-    maps::{EVENTS, MASQUERADING, MASQUERADING_HINTS, SOCKET_FLOWS, emit_quietly, now_ns},
+    maps::{
+        EVENTS, MASQUERADING, MASQUERADING_HINTS, MASQUERADING_PORTS, SOCKET_FLOWS, emit_quietly,
+        now_ns,
+    },
     packet::{IP_OFF, Ipv4, Tcp},
-    sockets::Use,
+    sockets::{self, Use},
 };
 
 /// The key of a TCP packet's flow at this hook, as its header has it.
@@ -194,6 +197,59 @@ pub fn outbound(
 ) -> Masquerade {
     let wire_port = if path.port != 0 { path.port } else { dport };
     entry(s.real_addr, path.real, sport, wire_port, peer, path)
+}
+
+/// Whether this host's flow from `sport` over `path`, masqueraded per
+/// packet, takes another source port on the wire: when sockets carry the
+/// path's other flows, the kernel may give one of them this flow's port
+/// (`MasqueradingPorts`).
+#[inline(always)]
+pub fn moved_ports(path: &PeerPath, sport: u16) -> Option<MasqueradingPorts> {
+    if path.flags & (PATH_SOCKET | PATH_PER_FLOW) != PATH_SOCKET {
+        return None;
+    }
+    MASQUERADING_PORTS
+        .get(0)
+        .copied()
+        .filter(|ports| ports.moves(sport))
+}
+
+/// `m` (the egress entry of the flow `key`) with the first of `tries`
+/// candidate source ports whose wire tuple is free: no other flow's entry,
+/// no connection between the real addresses. None when all are taken.
+#[inline(always)]
+pub fn on_moved_port(
+    ctx: &TcContext,
+    key: &FlowKey,
+    m: Masquerade,
+    ports: &MasqueradingPorts,
+    tries: u32,
+) -> Option<Masquerade> {
+    for i in 0..tries {
+        let port = ports.candidate(key, i);
+        let twin = FlowKey::new(
+            m.daddr,
+            m.saddr,
+            m.dport,
+            port,
+            IPPROTO_TCP,
+            DIRECTION_INGRESS,
+        );
+        // This very flow's (a retransmitted SYN) is not another's.
+        if peek(&twin).is_some_and(|t| {
+            t.saddr != key.daddr
+                || t.daddr != key.saddr
+                || t.sport != key.dport
+                || t.dport != key.sport
+        }) {
+            continue;
+        }
+        if sockets::tcp_use(ctx, m.saddr, port, m.daddr, m.dport) != Use::Free {
+            continue;
+        }
+        return Some(Masquerade { sport: port, ..m });
+    }
+    None
 }
 
 /// The masquerading value for a new flow towards/from `peer`.

@@ -8,9 +8,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use pvc_common::{
-    DROP_REASON_COUNT, DropReason, Event, FlowKey, HINT_SLOTS, Masquerade, POLICY_FULL_PREFIX,
-    POLICY_INBOUND, PeerPath, PolicyKey, ReplayKey, ReplayValue, Settings, SocketKey, SocketPeer,
-    TRAFFIC_DIRECTIONS, Traffic,
+    DROP_REASON_COUNT, DropReason, Event, FlowKey, HINT_SLOTS, Masquerade, MasqueradingPorts,
+    POLICY_FULL_PREFIX, POLICY_INBOUND, PeerPath, PolicyKey, ReplayKey, ReplayValue, Settings,
+    SocketKey, SocketPeer, TRAFFIC_DIRECTIONS, Traffic,
 };
 
 /// The masquerading map (paper §4.1.3's "masquerading rules"): one entry per
@@ -81,6 +81,12 @@ pub static SOCKET_CONNECTS: LruHashMap<u64, SocketPeer, 65536> = LruHashMap::new
 /// without the hash lookup.
 #[btf_map(name = "masquerading_hints")]
 pub static MASQUERADING_HINTS: Array<u64, { HINT_SLOTS as usize + 1 }> = Array::new();
+
+/// Where flows masqueraded per packet on a path that lets sockets carry
+/// flows take their source port on the wire (`MasqueradingPorts`), at
+/// index 0; written by the agent before the programs attach.
+#[btf_map(name = "masquerading_ports")]
+pub static MASQUERADING_PORTS: Array<MasqueradingPorts, 1> = Array::new();
 
 /// The agent's relay listener (`sk_lookup`), at index 0.
 #[btf_map(name = "relay_listener")]

@@ -15,8 +15,8 @@ use aya_ebpf::{
 };
 use pvc_common::{
     DIRECTION_EGRESS, DIRECTION_INGRESS, DropReason, FLOW_HOLD_SYNACK, FlowKey, IPPROTO_ICMP,
-    IPPROTO_TCP, PATH_PER_FLOW, PATH_SOCKET, PEER_READY, POLICY_OUTBOUND, Settings, SocketKey,
-    TRAFFIC_EGRESS, is_virtual,
+    IPPROTO_TCP, MASQUERADING_PORT_TRIES, PATH_PER_FLOW, PATH_SOCKET, PEER_READY, POLICY_OUTBOUND,
+    Settings, SocketKey, TRAFFIC_EGRESS, is_virtual,
 };
 
 use crate::{
@@ -272,9 +272,19 @@ fn egress_tcp(ctx: &TcContext, ip: &Ipv4, tcp: Tcp, s: &Settings) -> Result<i32,
                 // directions: whatever an earlier flow with this tuple left
                 // is replaced.
                 let m = flow::outbound(s, &path, ip.daddr, tcp.sport, tcp.dport);
-                // A connection between the real addresses may use this tuple.
-                let real = sockets::tcp_use(ctx, m.saddr, m.sport, m.daddr, m.dport);
-                flow::may_take(ctx, ip, real)?;
+                let m = match flow::moved_ports(&path, tcp.sport) {
+                    Some(ports) => {
+                        flow::on_moved_port(ctx, &key, m, &ports, MASQUERADING_PORT_TRIES)
+                            .ok_or_else(|| flow::refuse(ctx, ip, DropReason::FlowCollision))?
+                    }
+                    None => {
+                        // A connection between the real addresses may use
+                        // this tuple.
+                        let real = sockets::tcp_use(ctx, m.saddr, m.sport, m.daddr, m.dport);
+                        flow::may_take(ctx, ip, real)?;
+                        m
+                    }
+                };
                 let fresh = MASQUERADING.get_ptr(&key).is_none();
                 flow::open(&key, &m, fresh).map_err(|r| flow::refuse(ctx, ip, r))?;
                 m
@@ -299,11 +309,18 @@ fn egress_tcp(ctx: &TcContext, ip: &Ipv4, tcp: Tcp, s: &Settings) -> Result<i32,
                     })
                     .ok_or(DropReason::UnknownPeer)?;
                 let m = flow::outbound(s, &path, ip.daddr, tcp.sport, tcp.dport);
-                // Not over a connection between the real addresses that
-                // took the tuple meanwhile: its packets would become ours.
-                if sockets::tcp_use(ctx, m.saddr, m.sport, m.daddr, m.dport) != Use::Free {
-                    return Err(DropReason::FlowCollision);
+                // Its port on the wire, if it moved, was most likely the
+                // first candidate (the member's entries expired alike).
+                let m = match flow::moved_ports(&path, tcp.sport) {
+                    Some(ports) => flow::on_moved_port(ctx, &key, m, &ports, 1),
+                    // Not over a connection between the real addresses
+                    // that took the tuple meanwhile: its packets would
+                    // become ours.
+                    None => (sockets::tcp_use(ctx, m.saddr, m.sport, m.daddr, m.dport)
+                        == Use::Free)
+                        .then_some(m),
                 }
+                .ok_or(DropReason::FlowCollision)?;
                 flow::open(&key, &m, false)?;
                 m
             }

@@ -408,3 +408,84 @@ fn a_public_server_takes_a_nated_members_flows_at_the_socket() {
     assert_eq!(on_b[0]["technique"], "direct", "{on_b:?}");
     assert_eq!(on_b[0]["peer"], a.to_string());
 }
+
+/// The kernel picks a translated connect()'s source port for the member's
+/// real address, blind to the ports of flows to the same member that are
+/// masqueraded per packet (the first one, held while the member is
+/// authenticated; sockets bound to the virtual address). Such a flow takes
+/// a port outside the kernel's ephemeral range on the wire, so that a
+/// socket-level connect() from its own port is carried, not refused as a
+/// collision. Forced here by binding the second socket to that port.
+#[test]
+fn a_socket_level_connect_from_the_port_of_a_flow_masqueraded_per_packet_is_carried() {
+    require_tools(&["python3", "socat"]);
+    let mut lab = Lab::lan(2).unwrap();
+    for i in 0..2 {
+        lab.write_config(i, SOCKET).unwrap();
+    }
+    lab.start_all().unwrap();
+    let b = lab.host("b").virtual_ip;
+    let a_real = lab.host("a").real;
+    probe::echo_server(&mut lab, "b", 7600).unwrap();
+    let script = format!(
+        r#"
+import socket, json, time
+first = socket.create_connection(("{b}", 7600), timeout=10)
+port = first.getsockname()[1]
+out = {{"port": port}}
+second = socket.socket()
+second.settimeout(5)
+second.bind(("{a_real}", port))
+try:
+    second.connect(("{b}", 7600))
+    second.sendall(b"two\n")
+    out["second"] = second.recv(10).decode()
+    out["peer"] = second.getpeername()[0]
+except OSError as e:
+    out["errno"] = e.errno
+first.sendall(b"one\n")
+out["first"] = first.recv(10).decode()
+print(json.dumps(out), flush=True)
+time.sleep(3)
+"#
+    );
+    let client = lab.spawn("a", "python3", &["-c", &script]).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let on_a = flows_on_port(&lab, "a", 7600);
+    let out = lab.wait(&client, Duration::from_secs(15)).unwrap();
+    let got: Value = serde_json::from_str(out.lines().next().unwrap_or_default()).unwrap();
+    assert_eq!(got["second"], "two\n", "socket-level connect(): {got}");
+    assert_eq!(got["peer"], b.to_string(), "{got}");
+    assert_eq!(got["first"], "one\n", "the first flow: {got}");
+    let port = got["port"].as_u64().unwrap();
+    // The first flow is masqueraded per packet, from a port above the
+    // kernel's ephemeral range (32768-60999 in the lab); the second is
+    // carried by its socket.
+    let mut d = directions(&on_a);
+    d.dedup();
+    assert_eq!(d, ["egress", "ingress", "socket"], "a's flows: {on_a:?}");
+    let egress = on_a.iter().find(|f| f["direction"] == "egress").unwrap();
+    let a = lab.host("a").virtual_ip;
+    assert!(
+        egress["from"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("{a}:{port} ")),
+        "{egress}"
+    );
+    let wire_port: u64 = egress["to"]
+        .as_str()
+        .unwrap()
+        .split(" -> ")
+        .next()
+        .unwrap()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        wire_port > 60999,
+        "the first flow's port on the wire: {egress}"
+    );
+}

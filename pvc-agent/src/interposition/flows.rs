@@ -5,7 +5,7 @@ use std::{collections::BTreeSet, net::Ipv4Addr, time::Duration};
 
 use pvc_common::{
     DIRECTION_EGRESS, FLOW_AWAIT_SYN, FLOW_AWAIT_SYNACK, FlowKey, IPPROTO_ICMP, IPPROTO_TCP,
-    Masquerade, SocketKey, SocketPeer, TCP_FIN, TCP_RST, Technique,
+    Masquerade, MasqueradingPorts, SocketKey, SocketPeer, TCP_FIN, TCP_RST, Technique,
 };
 use serde::{Deserialize, Serialize};
 
@@ -88,6 +88,54 @@ fn parse_tcp_line(line: &str) -> Option<SocketKey> {
         peer_port,
         local_port,
     })
+}
+
+/// Where flows masqueraded per packet on paths that sockets also carry
+/// take their source port on the wire, from this network namespace's
+/// ephemeral range.
+pub fn masquerading_ports() -> anyhow::Result<MasqueradingPorts> {
+    const RANGE: &str = "/proc/sys/net/ipv4/ip_local_port_range";
+    let text =
+        std::fs::read_to_string(RANGE).map_err(|e| anyhow::anyhow!("cannot read {RANGE}: {e}"))?;
+    let mut bounds = text.split_whitespace().map(str::parse::<u16>);
+    let (Some(Ok(first)), Some(Ok(last))) = (bounds.next(), bounds.next()) else {
+        anyhow::bail!("{RANGE} holds {text:?}, not two port numbers");
+    };
+    let ports = ports_outside(first, last);
+    if ports.count == 0 {
+        tracing::warn!(
+            "the ephemeral port range {first}-{last} leaves no {MIN_MOVED_PORTS} unprivileged \
+             ports outside it: with translation at the socket, a connect() may get the wire \
+             ports of a flow masqueraded per packet and be refused; narrow \
+             net.ipv4.ip_local_port_range"
+        );
+    }
+    Ok(ports)
+}
+
+/// The fewest ports worth moving flows to.
+const MIN_MOVED_PORTS: u16 = 1024;
+
+/// Ports the kernel never picks for a connect(): above its ephemeral range
+/// `first..=last`, else below it but not privileged (a server may trust a
+/// source port below 1024 to be root's).
+fn ports_outside(first: u16, last: u16) -> MasqueradingPorts {
+    let (first, last) = (first.min(last), first.max(last));
+    let above = u16::MAX - last;
+    let below = first.saturating_sub(1024);
+    let (start, count) = if above >= MIN_MOVED_PORTS {
+        (last + 1, above)
+    } else if below >= MIN_MOVED_PORTS {
+        (1024, below)
+    } else {
+        (0, 0)
+    };
+    MasqueradingPorts {
+        ephemeral_first: first,
+        ephemeral_last: last,
+        first: start,
+        count,
+    }
 }
 
 /// How long a masquerading hint lasts: longer than any TCP entry can sit
@@ -273,6 +321,24 @@ impl Maps {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn moved_ports_lie_outside_the_ephemeral_range_and_above_1023() {
+        let p = ports_outside(32768, 60999);
+        assert_eq!((p.first, p.count), (61000, 4536));
+        assert!(!p.moves(61000) && p.moves(32768) && p.moves(60999) && !p.moves(22));
+        let key = FlowKey::new([240, 0, 0, 1], [240, 0, 0, 2], 40000, 22, IPPROTO_TCP, 0);
+        for i in 0..64 {
+            let c = p.candidate(&key, i);
+            assert!((61000..=65535).contains(&c), "{c}");
+        }
+        let p = ports_outside(1024, 65000);
+        assert_eq!((p.first, p.count), (0, 0));
+        assert!(!p.moves(40000));
+        let p = ports_outside(10000, 65535);
+        assert_eq!((p.first, p.count), (1024, 8976));
+        assert!((1024..10000).contains(&p.candidate(&key, 3)));
+    }
 
     #[test]
     fn proc_net_tcp_lines_give_wire_tuples() {

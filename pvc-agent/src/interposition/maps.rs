@@ -9,8 +9,9 @@ use aya::{
     maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf, lpm_trie::Key},
 };
 use pvc_common::{
-    DIRECTION_INGRESS, DropReason, FlowKey, HINT_LIFETIME_SLOT, IPPROTO_TCP, Masquerade, PeerPath,
-    PolicyKey, Settings, SocketKey, SocketPeer, TRAFFIC_EGRESS, TRAFFIC_INGRESS, Traffic,
+    DIRECTION_INGRESS, DropReason, FlowKey, HINT_LIFETIME_SLOT, IPPROTO_TCP, Masquerade,
+    MasqueradingPorts, PeerPath, PolicyKey, Settings, SocketKey, SocketPeer, TRAFFIC_EGRESS,
+    TRAFFIC_INGRESS, Traffic,
 };
 use serde::{Deserialize, Serialize};
 
@@ -30,6 +31,7 @@ pub struct Maps {
     clock: Array<MapData, u64>,
     pub(super) socket_flows: HashMap<MapData, SocketKey, SocketPeer>,
     pub(super) hints: Array<MapData, u64>,
+    ports: Array<MapData, MasqueradingPorts>,
     /// Socket flows whose socket the last garbage collection did not find.
     pub(super) socket_unseen: std::collections::HashSet<SocketKey>,
     /// Entries the masquerading map holds at most (two per flow).
@@ -76,6 +78,7 @@ impl Maps {
             clock: take(ebpf, names::CLOCK)?,
             socket_flows: take(ebpf, names::SOCKET_FLOWS)?,
             hints: take(ebpf, names::MASQUERADING_HINTS)?,
+            ports: take(ebpf, names::MASQUERADING_PORTS)?,
             socket_unseen: Default::default(),
             capacity,
             cgroup,
@@ -150,6 +153,14 @@ impl Maps {
         self.settings
             .set(0, s, 0)
             .context("cannot write the settings map")
+    }
+
+    /// Where flows masqueraded per packet on paths that sockets also carry
+    /// take their source port on the wire.
+    pub fn set_masquerading_ports(&mut self, ports: MasqueradingPorts) -> anyhow::Result<()> {
+        self.ports
+            .set(0, ports, 0)
+            .context("cannot write the masquerading ports")
     }
 
     /// How long the masquerading hints last (`hint_lifetime`).

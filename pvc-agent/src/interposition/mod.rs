@@ -113,6 +113,7 @@ impl Datapath {
         // Before any new program runs: entries taken over get their hints.
         maps.set_hint_lifetime(a.hint_lifetime)?;
         maps.hint_existing();
+        maps.set_masquerading_ports(flows::masquerading_ports()?)?;
         let mut datapath = Self {
             pin_dir: a.pin_dir.clone(),
             ebpf,
