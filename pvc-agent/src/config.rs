@@ -260,10 +260,7 @@ pub struct Interposition {
 #[serde(rename_all = "lowercase")]
 pub enum Translation {
     /// tc rewrites every packet of every flow (sockets and `ss` show
-    /// virtual addresses). The default while translation at the socket
-    /// can refuse a connection whose wire ports a flow masqueraded per
-    /// packet holds (README, "What is not done yet").
-    #[default]
+    /// virtual addresses everywhere).
     Packet,
     /// Flows over direct paths are translated at the socket: connect4 sends
     /// them to the member's real address, getpeername/getsockname show
@@ -271,7 +268,8 @@ pub enum Translation {
     /// bound to the virtual address, the first flow to a member (held
     /// while it is authenticated) and flows over traversals or the relay
     /// stay per packet. Per packet, an established flow costs ~4x an
-    /// empty tc program; at the socket, ~1.4x.
+    /// empty tc program; at the socket, ~1.4x. The default.
+    #[default]
     Socket,
 }
 
@@ -483,7 +481,7 @@ uplink = "eth0"
         assert_eq!(c.pin_dir(), PathBuf::from("/sys/fs/bpf/pvc/default"));
         assert_eq!(c.control_socket(), PathBuf::from("/run/pvc/default.sock"));
         assert_eq!(c.interposition.max_flows, 65536);
-        assert_eq!(c.interposition.translation, Translation::Packet);
+        assert_eq!(c.interposition.translation, Translation::Socket);
     }
 
     #[test]

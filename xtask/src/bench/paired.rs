@@ -296,7 +296,7 @@ pub fn per_packet(opts: &super::measure::Options) -> anyhow::Result<String> {
     let _ = writeln!(
         m,
         "translation: {}\n",
-        std::env::var("PVC_LAB_TRANSLATION").unwrap_or_else(|_| "packet (default)".into())
+        std::env::var("PVC_LAB_TRANSLATION").unwrap_or_else(|_| "socket (default)".into())
     );
     let _ = writeln!(
         m,
