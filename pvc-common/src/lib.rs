@@ -363,6 +363,24 @@ pub struct SocketPeer {
     pub technique: u8,
     /// `SOCKET_CONNECTED` or `SOCKET_ACCEPTED`.
     pub side: u8,
+    /// This host's port as the application knows it, when the wire's is
+    /// another (a member's flow a UPnP forward brought to this host's
+    /// forwarded port: the listener took it for its own port); 0 when they
+    /// are the same.
+    pub local_vport: u16,
+    pub _pad: u16,
+}
+
+impl SocketPeer {
+    /// This host's port on the virtual network, given the wire's.
+    #[inline(always)]
+    pub fn local_vport(&self, wire: u16) -> u16 {
+        if self.local_vport != 0 {
+            self.local_vport
+        } else {
+            wire
+        }
+    }
 }
 
 /// `SocketPeer::side`: this host's application connected.

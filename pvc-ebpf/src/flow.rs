@@ -146,7 +146,7 @@ pub fn open_at_socket(
         let virtual_tuple = FlowKey::new(
             local_vip,
             peer.vpeer,
-            key.local_port,
+            peer.local_vport(key.local_port),
             peer.vport,
             IPPROTO_TCP,
             DIRECTION_EGRESS,

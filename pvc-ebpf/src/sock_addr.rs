@@ -103,6 +103,7 @@ fn translate(ctx: &SockAddrContext, path: &PeerPath, vpeer: [u8; 4], vport: u16)
         vport,
         technique: path.technique,
         side: SOCKET_CONNECTED,
+        ..Default::default()
     };
     // SAFETY: the helper takes this program's context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr as *mut _) };
@@ -172,7 +173,8 @@ pub fn pvc_getpeername4(ctx: SockAddrContext) -> i32 {
 }
 
 /// getsockname(): a socket-level flow's local address is this host's
-/// virtual address (its port is the same on the wire).
+/// virtual address, and its port the one the application knows (the same
+/// as on the wire, but for a flow a UPnP forward brought).
 #[cgroup_sock_addr(getsockname4)]
 pub fn pvc_getsockname4(ctx: SockAddrContext) -> i32 {
     let Some(sk) = sock(&ctx) else {
@@ -182,10 +184,11 @@ pub fn pvc_getsockname4(ctx: SockAddrContext) -> i32 {
     // SAFETY: the context's bpf_sock_addr, valid for the whole run.
     let sa = unsafe { &mut *ctx.sock_addr };
     let local_port = u16::from_be(sa.user_port as u16);
-    if socket_flow(peer, peer_port, local_port).is_some()
+    if let Some(f) = socket_flow(peer, peer_port, local_port)
         && let Some(s) = settings()
     {
         sa.user_ip4 = u32::from_ne_bytes(s.virtual_addr);
+        sa.user_port = f.local_vport(local_port).to_be() as u32;
     }
     1
 }

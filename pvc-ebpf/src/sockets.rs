@@ -12,7 +12,7 @@ use aya_ebpf::{
         BPF_TCP_LAST_ACK, BPF_TCP_LISTEN, BPF_TCP_TIME_WAIT, bpf_sock_tuple,
         bpf_sock_tuple__bindgen_ty_1, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1,
     },
-    helpers::{bpf_sk_release, bpf_skb_ancestor_cgroup_id, bpf_skc_lookup_tcp},
+    helpers::{bpf_sk_assign, bpf_sk_release, bpf_skb_ancestor_cgroup_id, bpf_skc_lookup_tcp},
     programs::TcContext,
 };
 use pvc_common::{AGENT_MARK, Settings};
@@ -37,6 +37,14 @@ pub fn sender_in_cgroup(ctx: &TcContext, s: &Settings) -> bool {
         || unsafe { bpf_skb_ancestor_cgroup_id(ctx.skb.skb, s.cgroup_level as i32) } == s.cgroup_id
 }
 
+/// Whether a packet this host sends has a socket: a SYN/ACK sent with a
+/// SYN cookie has none (no state is kept under a SYN flood).
+#[inline(always)]
+pub fn has_socket(ctx: &TcContext) -> bool {
+    // SAFETY: the context's own skb, for a field read.
+    !unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk }.is_null()
+}
+
 /// Whether a SYN/ACK this host sends answers for the cgroup PVC serves.
 /// One sent with a SYN cookie (under a SYN flood, or with a full accept
 /// queue) has no socket, and tc cannot read a listener's cgroup: a cookie
@@ -59,6 +67,42 @@ pub fn answer_in_cgroup(
         0 => tcp_state(ctx, local, lport, remote, rport) == Some(BPF_TCP_LISTEN),
         id => id == s.cgroup_id,
     }
+}
+
+/// Hands this SYN from `remote:rport` to the listener of `local:lport`,
+/// whatever port the SYN names: a NAT's forward brought it to another one
+/// (UPnP), and the listener's child socket keeps the wire's tuple. False
+/// when no listener takes `local:lport` or the kernel declines.
+#[inline(always)]
+pub fn assign_listener(
+    ctx: &TcContext,
+    local: [u8; 4],
+    lport: u16,
+    remote: [u8; 4],
+    rport: u16,
+) -> bool {
+    let mut tuple = tuple(local, lport, remote, rport);
+    // SAFETY: as in `tcp_state`.
+    let sk = unsafe {
+        bpf_skc_lookup_tcp(
+            ctx.skb.skb as *mut _,
+            &mut tuple,
+            size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>() as u32,
+            BPF_F_CURRENT_NETNS as u64,
+            0,
+        )
+    };
+    if sk.is_null() {
+        return false;
+    }
+    // SAFETY: a non-null socket from the lookup, released exactly once
+    // below; the helper takes its own reference when it keeps it.
+    let assigned = unsafe {
+        (*sk).state == BPF_TCP_LISTEN && bpf_sk_assign(ctx.skb.skb as *mut _, sk as *mut _, 0) == 0
+    };
+    // SAFETY: releases the reference the lookup took, once.
+    unsafe { bpf_sk_release(sk as *mut _) };
+    assigned
 }
 
 /// The tuple a lookup takes: named as a packet arriving at the socket.

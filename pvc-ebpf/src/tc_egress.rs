@@ -157,12 +157,28 @@ fn socket_answer(ctx: &TcContext, ip: &Ipv4, tcp: &Tcp) -> Result<i32, DropReaso
         peer_port: tcp.dport,
         local_port: tcp.sport,
     };
-    if SOCKET_FLOWS.get_ptr(&key).is_none() {
+    // SAFETY: a copy of the value, read under RCU.
+    let Some(entry) = (unsafe { SOCKET_FLOWS.get(&key) }).copied() else {
         return Ok(TC_ACT_OK as i32);
-    }
+    };
     let Some(s) = settings() else {
         return Ok(TC_ACT_OK as i32);
     };
+    if entry.local_vport != 0 && !sockets::has_socket(ctx) {
+        // A SYN cookie (a SYN flood, a full queue) for a SYN that came
+        // through this host's UPnP forward: no state is kept, and the
+        // member's ACK would go to whatever listens on the forwarded port.
+        // Its hint sends that ACK to ingress's lookup, which hands it to
+        // the listener again (`forwarded_to_listener`).
+        flow::hint(&FlowKey::new(
+            ip.daddr,
+            ip.saddr,
+            tcp.dport,
+            tcp.sport,
+            IPPROTO_TCP,
+            DIRECTION_INGRESS,
+        ));
+    }
     if sockets::answer_in_cgroup(ctx, &s, ip.saddr, tcp.sport, ip.daddr, tcp.dport) {
         return Ok(TC_ACT_OK as i32);
     }

@@ -17,7 +17,10 @@ use pvc_common::{
 
 use crate::{
     flow,
-    maps::{MASQUERADING, REPLAY, allowed, count_drop, count_traffic, emit, peer, settings},
+    maps::{
+        MASQUERADING, REPLAY, SOCKET_FLOWS, allowed, count_drop, count_traffic, emit, peer,
+        settings,
+    },
     nat,
     packet::{
         ICMP_DEST_UNREACH, ICMP_ECHO_REPLY, ICMP_TIME_EXCEEDED, Ipv4, Parsed, Tag, Tcp, parse_icmp,
@@ -172,6 +175,7 @@ fn ingress_tcp(ctx: &TcContext, ip: &Ipv4) -> Result<i32, DropReason> {
             return PASS;
         }
         let Some(m) = flow::touch(&key, tcp.flags) else {
+            forwarded_to_listener(ctx, ip, &tcp);
             return PASS;
         };
         flow::hint(&key);
@@ -200,11 +204,10 @@ fn ingress_tcp(ctx: &TcContext, ip: &Ipv4) -> Result<i32, DropReason> {
 
 /// A member's verified SYN that this host's listener can take as it is:
 /// this host translates at the socket (whatever technique its own flows
-/// to the member take: the member's SYN came straight), the port on the
-/// wire is the
-/// one the member asked for, and a listener accepts the real address (one
-/// bound to the virtual address does not: its flows are masqueraded per
-/// packet). Whether the listener serves the virtual network is checked on
+/// to the member take: the member's SYN came straight), and a listener of
+/// the port the member asked for accepts the real address (one bound to
+/// the virtual address does not: its flows are masqueraded per packet),
+/// also when a UPnP forward brought the SYN to another port. Whether the listener serves the virtual network is checked on
 /// its answer (egress). Records who the flow is from, for
 /// accept() and getpeername(); false leaves the flow to the per-packet path.
 #[inline(always)]
@@ -216,10 +219,18 @@ fn accept_at_socket(
     tag: &Tag,
     path: &PeerPath,
 ) -> bool {
-    if path.flags & PATH_SOCKET == 0
-        || tag.vdport != tcp.dport
-        || !sockets::listening(ctx, ip.daddr, tcp.dport, ip.saddr, tcp.sport)
-    {
+    if path.flags & PATH_SOCKET == 0 {
+        return false;
+    }
+    if tag.vdport == tcp.dport {
+        if !sockets::listening(ctx, ip.daddr, tcp.dport, ip.saddr, tcp.sport) {
+            return false;
+        }
+    // A NAT's forward brought the SYN to another port than the tag's (this
+    // host's UPnP forward): the listener of the tag's port takes it as it
+    // is. Should the entry below not fit, the per-packet rewrite gives the
+    // packet that listener's port, so the assignment holds either way.
+    } else if !sockets::assign_listener(ctx, ip.daddr, tag.vdport, ip.saddr, tcp.sport) {
         return false;
     }
     let key = SocketKey {
@@ -240,8 +251,40 @@ fn accept_at_socket(
         vport: tcp.sport,
         technique,
         side: SOCKET_ACCEPTED,
+        local_vport: if tag.vdport == tcp.dport {
+            0
+        } else {
+            tag.vdport
+        },
+        _pad: 0,
     };
     flow::open_at_socket(&key, &from, s.virtual_addr, DIRECTION_INGRESS).is_ok()
+}
+
+/// A packet without an entry whose hint is live: normally a flow that
+/// ended or a hint's hash shared with a live flow. When it belongs to a
+/// flow a UPnP forward brought and its listener answered with a SYN cookie
+/// (egress made the hint live), there is no socket for its tuple yet: the
+/// member's ACK goes to the listener of the port the member asked for, as
+/// its SYN did, so that the cookie is checked where it was made.
+#[inline(always)]
+fn forwarded_to_listener(ctx: &TcContext, ip: &Ipv4, tcp: &Tcp) {
+    let key = SocketKey {
+        peer: ip.saddr,
+        peer_port: tcp.sport,
+        local_port: tcp.dport,
+    };
+    // SAFETY: a copy of the value, read under RCU.
+    let Some(f) = (unsafe { SOCKET_FLOWS.get(&key) }).copied() else {
+        return;
+    };
+    // Once the cookie made a connection, its packets find it.
+    if f.local_vport == 0
+        || sockets::tcp_use(ctx, ip.daddr, tcp.dport, ip.saddr, tcp.sport) != Use::Free
+    {
+        return;
+    }
+    sockets::assign_listener(ctx, ip.daddr, f.local_vport, ip.saddr, tcp.sport);
 }
 
 /// Whether a tagged SYN was already accepted from another address: the

@@ -290,7 +290,8 @@ fn bpftool_reads_the_socket_flows_and_entries_without_a_socket_are_removed() {
     // entry without a socket. Key: 198.18.0.1:40000 -> local port 7400.
     bpftool(&[
         "map", "update", "pinned", &pin, "key", "hex", "c6", "12", "00", "01", "40", "9c", "e8",
-        "1c", "value", "hex", "f0", "00", "00", "01", "40", "9c", "02", "01",
+        "1c", "value", "hex", "f0", "00", "00", "01", "40", "9c", "02", "01", "00", "00", "00",
+        "00",
     ]);
     assert_eq!(flows_on_port(&lab, "b", 7400).len(), 2);
     wait_until(
@@ -407,6 +408,95 @@ fn a_public_server_takes_a_nated_members_flows_at_the_socket() {
     assert_eq!(directions(&on_b), ["socket"], "b's flows: {on_b:?}");
     assert_eq!(on_b[0]["technique"], "direct", "{on_b:?}");
     assert_eq!(on_b[0]["peer"], a.to_string());
+}
+
+/// A UPnP forward brings every member's flow to a server behind it on
+/// the one forwarded port (PVC's, 7101); tc ingress hands each SYN to the
+/// listener of the port its tag names, so the server's side is carried by
+/// its socket too: no packet is rewritten at either end, and accept(),
+/// getpeername() and getsockname() show the virtual tuple the client
+/// connected to.
+#[test]
+fn a_server_behind_a_upnp_nat_takes_members_flows_at_the_socket() {
+    require_tools(&["python3", "socat", "miniupnpd"]);
+    let mut lab = Lab::internet(&[(Site::Cone, 1), (Site::Upnp, 1)]).unwrap();
+    for i in 0..2 {
+        lab.write_config(i, SOCKET).unwrap();
+    }
+    lab.start_all().unwrap();
+    let (a, b) = (lab.host("a").virtual_ip, lab.host("b").virtual_ip);
+    // The first flow (masqueraded per packet: its SYN waits for the
+    // authentication) on another port.
+    probe::echo_server(&mut lab, "b", 7599).unwrap();
+    assert_eq!(probe::client(&lab, "a", b, 7599).unwrap()["reply"], "hello");
+    let technique = lab.status("a").unwrap()["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["virtual_ip"] == b.to_string().as_str())
+        .map(|p| p["technique"].clone());
+    assert_eq!(technique, Some("upnp".into()), "a's path to b");
+
+    let log = probe::server(&mut lab, "b", "0.0.0.0", 7000, 2).unwrap();
+    let connect = |lab: &Lab, n: usize| {
+        let got = probe::client(lab, "a", b, 7000).unwrap();
+        assert_eq!(got["reply"], "echo:hello", "{got}");
+        assert_eq!(got["peer"], b.to_string(), "client's getpeername()");
+        assert_eq!(got["local"], a.to_string(), "client's getsockname()");
+        let seen = wait_until(Duration::from_secs(5), "server log", || {
+            let mut seen = probe::accepted(&log);
+            (seen.len() == n).then(|| seen.pop().unwrap())
+        })
+        .unwrap();
+        assert_eq!(seen["peer"], a.to_string(), "server's accept()");
+        assert_eq!(seen["local"], b.to_string(), "server's getsockname()");
+        assert_eq!(seen["local_port"], 7000, "server's getsockname()");
+    };
+    connect(&lab, 1);
+    // A listener answering with SYN cookies (as under a SYN flood) keeps
+    // no state: the client's ACK, on the forwarded port as its SYN was,
+    // must reach the same listener (not the agent's, on that port).
+    Lab::command_in(&lab.host("b").netns, None, "sysctl")
+        .unwrap()
+        .args(["-qw", "net.ipv4.tcp_syncookies=2"])
+        .ok()
+        .unwrap();
+    connect(&lab, 2);
+    Lab::command_in(&lab.host("b").netns, None, "sysctl")
+        .unwrap()
+        .args(["-qw", "net.ipv4.tcp_syncookies=1"])
+        .ok()
+        .unwrap();
+
+    probe::echo_server(&mut lab, "b", 7600).unwrap();
+    let packets_before = traffic(&lab, "b");
+    let chatter = probe::chatter(&mut lab, "a", b, 7600, 2).unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    let on_a = flows_on_port(&lab, "a", 7600);
+    let on_b = flows_on_port(&lab, "b", 7600);
+    let result = probe::chatter_result(&mut lab, &chatter).unwrap();
+    assert_eq!(result["ok"], true, "{result}");
+    assert_eq!(directions(&on_a), ["socket"], "a's flows: {on_a:?}");
+    assert_eq!(directions(&on_b), ["socket"], "b's flows: {on_b:?}");
+    assert_eq!(on_b[0]["peer"], a.to_string());
+    // The virtual tuple has the listener's port, the wire the forward's.
+    assert!(
+        on_b[0]["from"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("{b}:7600 -> {a}:")),
+        "{on_b:?}"
+    );
+    assert!(
+        on_b[0]["to"].as_str().unwrap().contains(":7101 -> "),
+        "{on_b:?}"
+    );
+    assert_eq!(
+        traffic(&lab, "b"),
+        packets_before,
+        "the server masqueraded packets of a socket-level flow"
+    );
+    assert_eq!(lab.leaks().unwrap(), 0);
 }
 
 /// The kernel picks a translated connect()'s source port for the member's

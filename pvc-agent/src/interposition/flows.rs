@@ -209,7 +209,7 @@ impl Maps {
                 direction: "socket".into(),
                 from: format!(
                     "{} -> {}",
-                    endpoint(virtual_addr, k.local_port, IPPROTO_TCP),
+                    endpoint(virtual_addr, p.local_vport(k.local_port), IPPROTO_TCP),
                     endpoint(p.vpeer, p.vport, IPPROTO_TCP)
                 ),
                 to: format!(

@@ -1218,7 +1218,8 @@ for _ in range({count}):
     c, a = s.accept()
     d = c.recv(100)
     c.sendall(b"echo:" + d)
-    print(json.dumps({{"peer": a[0], "port": a[1], "local": c.getsockname()[0]}}), flush=True)
+    l = c.getsockname()
+    print(json.dumps({{"peer": a[0], "port": a[1], "local": l[0], "local_port": l[1]}}), flush=True)
     c.close()
 "#
         );
