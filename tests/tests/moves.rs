@@ -79,6 +79,20 @@ fn an_agent_follows_its_host_to_a_new_address_and_a_new_uplink() {
     let chatter = probe::chatter(&mut lab, "b", a_vip, 7801, 20).unwrap();
     let towards = probe::chatter(&mut lab, "a", b_vip, 7802, 20).unwrap();
     std::thread::sleep(Duration::from_millis(500));
+    // Both are carried by their sockets (translation at the socket, the
+    // agents' default): the move ends them by their wire tuples.
+    for (host, port) in [("a", 7802), ("b", 7801)] {
+        let flows = lab.status(host).unwrap()["flows"].clone();
+        assert!(
+            flows
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|f| f["direction"] == "socket"
+                    && f["from"].as_str().unwrap().contains(&format!(":{port}"))),
+            "{host}'s flows: {flows}"
+        );
+    }
     ip(&lab, "b", &["addr", "del", "198.18.0.2/24", "dev", "eth0"]);
     ip(&lab, "b", &["addr", "add", "198.18.0.12/24", "dev", "eth0"]);
     default_route(&lab, "eth0");
