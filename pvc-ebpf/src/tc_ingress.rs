@@ -127,10 +127,17 @@ fn ingress_tcp(ctx: &TcContext, ip: &Ipv4) -> Result<i32, DropReason> {
         if !allowed(s, POLICY_INBOUND, tag.vsrc, tag.vdport) {
             return refuse(DropReason::PolicyInbound);
         }
+        let used = sockets::tcp_use(ctx, ip.daddr, tcp.dport, ip.saddr, tcp.sport);
+        if used != Use::Free && socket_flow(ip, &tcp).is_some_and(|f| f.vpeer == tag.vsrc) {
+            // The member's SYN again (our answer was lost): the socket on
+            // its tuple is the connection request (or connection) its
+            // first SYN made here at the socket, and the stack answers it.
+            return PASS;
+        }
         // A connection between the real addresses may use this tuple: a
         // live one keeps it, a closing one is waited for (the client's TCP
         // retransmits).
-        match sockets::tcp_use(ctx, ip.daddr, tcp.dport, ip.saddr, tcp.sport) {
+        match used {
             Use::Free => {}
             Use::Closing => return Err(DropReason::TupleClosing),
             Use::Live => return refuse(DropReason::FlowCollision),
@@ -269,13 +276,7 @@ fn accept_at_socket(
 /// its SYN did, so that the cookie is checked where it was made.
 #[inline(always)]
 fn forwarded_to_listener(ctx: &TcContext, ip: &Ipv4, tcp: &Tcp) {
-    let key = SocketKey {
-        peer: ip.saddr,
-        peer_port: tcp.sport,
-        local_port: tcp.dport,
-    };
-    // SAFETY: a copy of the value, read under RCU.
-    let Some(f) = (unsafe { SOCKET_FLOWS.get(&key) }).copied() else {
+    let Some(f) = socket_flow(ip, tcp) else {
         return;
     };
     // Once the cookie made a connection, its packets find it.
@@ -285,6 +286,19 @@ fn forwarded_to_listener(ctx: &TcContext, ip: &Ipv4, tcp: &Tcp) {
         return;
     }
     sockets::assign_listener(ctx, ip.daddr, f.local_vport, ip.saddr, tcp.sport);
+}
+
+/// The flow taken at the socket that a packet from a member belongs to,
+/// by its tuple on the wire.
+#[inline(always)]
+fn socket_flow(ip: &Ipv4, tcp: &Tcp) -> Option<SocketPeer> {
+    let key = SocketKey {
+        peer: ip.saddr,
+        peer_port: tcp.sport,
+        local_port: tcp.dport,
+    };
+    // SAFETY: a copy of the value, read under RCU.
+    unsafe { SOCKET_FLOWS.get(&key) }.copied()
 }
 
 /// Whether a tagged SYN was already accepted from another address: the

@@ -579,3 +579,69 @@ time.sleep(3)
         "the first flow's port on the wire: {egress}"
     );
 }
+
+/// A member's SYN sent again because the answer to its first was lost
+/// reaches the connection request its first SYN made at the server's
+/// socket, which answers it (before, the server's tc took that request for
+/// another connection on the tuple, dropped every SYN sent again and
+/// counted it as a collision: the connection waited for the server's own
+/// retransmission).
+#[test]
+fn a_syn_sent_again_after_a_lost_answer_completes_the_connection() {
+    require_tools(&["python3", "socat", "iptables"]);
+    let mut lab = socket_lab(2);
+    let b = lab.host("b").virtual_ip;
+    probe::echo_server(&mut lab, "b", 7700).unwrap();
+    let rule = [
+        "INPUT",
+        "-p",
+        "tcp",
+        "--sport",
+        "7700",
+        "--tcp-flags",
+        "SYN,ACK",
+        "SYN,ACK",
+        "-j",
+        "DROP",
+    ];
+    let iptables = |lab: &Lab, op: &str| {
+        let mut args = vec![op];
+        args.extend(rule);
+        Lab::command_in(&lab.host("a").netns, None, "iptables")
+            .unwrap()
+            .args(args)
+            .ok()
+            .unwrap();
+    };
+    // a loses b's answers: its TCP sends the SYN again after 1 s.
+    iptables(&lab, "-A");
+    let script = format!(
+        r#"
+import socket, json, time
+t = time.monotonic()
+try:
+    s = socket.create_connection(("{b}", 7700), timeout=10)
+    s.sendall(b"hi\n")
+    print(json.dumps({{"reply": s.recv(10).decode(), "ms": (time.monotonic() - t) * 1000}}))
+except OSError as e:
+    print(json.dumps({{"errno": e.errno, "error": str(e)}}))
+"#
+    );
+    let client = lab.spawn("a", "python3", &["-c", &script]).unwrap();
+    // Both ends send again after 1 s: the answer to the second SYN is
+    // lost too (the stack's, had tc let it through), so that the client's
+    // second SYN certainly reached b before any answer came.
+    std::thread::sleep(Duration::from_millis(1500));
+    iptables(&lab, "-D");
+    let out = lab.wait(&client, Duration::from_secs(15)).unwrap();
+    let got: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(got["reply"], "hi\n", "{got}");
+    assert!(
+        got["ms"].as_f64().unwrap() > 1500.0,
+        "no answer was lost: {got}"
+    );
+    // Each SYN sent again reached b's stack (which answered it), none was
+    // taken for another connection's.
+    let drops = lab.status("b").unwrap()["drops"].clone();
+    assert_eq!(drops["flow_collision"], 0, "b's drops: {drops}");
+}
