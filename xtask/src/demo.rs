@@ -199,7 +199,7 @@ pub fn run() -> anyhow::Result<()> {
         .unwrap_or(0.0)
         / 1e9;
     println!(
-        "   {gbps:.2} Gbit/s through the eBPF masquerading, no encapsulation, no copy to userspace"
+        "   {gbps:.2} Gbit/s through PVC's eBPF data path, no encapsulation, no copy to userspace"
     );
 
     step("Connecting to 240.0.0.99, which no member holds (from host a)");
