@@ -8,8 +8,9 @@ use aya::{
 };
 use etherparse::{PacketBuilder, TcpOptionElement};
 use pvc_common::{
-    DIRECTION_EGRESS, DIRECTION_INGRESS, DropReason, FlowKey, Masquerade, PEER_MEMBER,
-    POLICY_INBOUND, POLICY_OUTBOUND, PeerPath, Technique, siphash24_16, tag_message,
+    DIRECTION_EGRESS, DIRECTION_INGRESS, DropReason, FlowKey, IPPROTO_TCP, Masquerade,
+    MasqueradingPorts, PATH_SOCKET, PEER_MEMBER, POLICY_INBOUND, POLICY_OUTBOUND, PeerPath,
+    Technique, siphash24_16, tag_message,
 };
 
 use super::{
@@ -868,4 +869,53 @@ async fn ingress_looks_a_flow_up_while_its_hint_is_live_and_skips_the_lookup_onc
         .unwrap();
     let (_, out) = host.run(INGRESS, &data);
     assert_eq!(check(&out).daddr, A_V);
+}
+
+/// On a path that sockets also carry, a flow masqueraded per packet from
+/// an ephemeral port leaves from a port above the kernel's range: the same
+/// for all its packets, its replies come back to the application's port,
+/// and an entry that expired under it is rebuilt on the same port. A port
+/// below the range (bound by the application) and a path that sockets do
+/// not carry keep the flow's own port.
+#[tokio::test]
+async fn per_packet_flows_on_socket_paths_leave_from_ports_the_kernel_does_not_hand_out() {
+    let mut host = Host::new();
+    host.maps
+        .set_masquerading_ports(MasqueradingPorts {
+            ephemeral_first: 32768,
+            ephemeral_last: 60999,
+            first: 61000,
+            count: 4536,
+        })
+        .unwrap();
+    let socket_path = PeerPath::ready(B_R, Technique::Lan as u8, 0, PATH_SOCKET, KEY);
+    host.maps.set_peer(B_V.into(), socket_path).unwrap();
+    let (verdict, out) = host.run(EGRESS, &tcp_frame(A_V, B_V, 40000, 22, true, &[]));
+    assert_eq!(verdict, TC_ACT_OK);
+    let (sport, dport) = check(&out).tcp_ports();
+    assert!((61000..=65535).contains(&sport), "wire port {sport}");
+    assert_eq!(dport, 22);
+    let (_, out) = host.run(EGRESS, &tcp_frame(A_V, B_V, 40000, 22, false, b"data"));
+    assert_eq!(check(&out).tcp_ports(), (sport, 22));
+    let (verdict, back) = host.run(INGRESS, &tcp_frame(B_R, A_R, 22, sport, false, b"ok"));
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(check(&back).tcp_ports(), (22, 40000));
+
+    // Both entries gone under the live flow: rebuilt on the same port.
+    let egress = FlowKey::new(A_V, B_V, 40000, 22, IPPROTO_TCP, DIRECTION_EGRESS);
+    let ingress = FlowKey::new(B_R, A_R, 22, sport, IPPROTO_TCP, DIRECTION_INGRESS);
+    host.maps.masquerading.remove(&egress).unwrap();
+    host.maps.masquerading.remove(&ingress).unwrap();
+    let (verdict, out) = host.run(EGRESS, &tcp_frame(A_V, B_V, 40000, 22, false, b"more"));
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(check(&out).tcp_ports(), (sport, 22));
+    assert!(host.entry(&ingress).is_some(), "the reply's entry is back");
+
+    // Bound below the ephemeral range: kept.
+    let (_, out) = host.run(EGRESS, &tcp_frame(A_V, B_V, 5000, 22, true, &[]));
+    assert_eq!(check(&out).tcp_ports(), (5000, 22));
+    // A path that sockets do not carry: kept.
+    host.maps.set_peer(B_V.into(), ready(B_R)).unwrap();
+    let (_, out) = host.run(EGRESS, &tcp_frame(A_V, B_V, 40001, 22, true, &[]));
+    assert_eq!(check(&out).tcp_ports(), (40001, 22));
 }
