@@ -31,6 +31,20 @@ pub fn tcp_key(ip: &Ipv4, tcp: &Tcp, direction: u8) -> FlowKey {
     )
 }
 
+/// The key under which a TCP packet's answer arrives at ingress, on the
+/// wire as this packet leaves.
+#[inline(always)]
+pub fn reply_key(ip: &Ipv4, tcp: &Tcp) -> FlowKey {
+    FlowKey::new(
+        ip.daddr,
+        ip.saddr,
+        tcp.dport,
+        tcp.sport,
+        IPPROTO_TCP,
+        DIRECTION_INGRESS,
+    )
+}
+
 /// Looks up a flow and records that a packet (with these TCP flags) used it.
 #[inline(always)]
 pub fn touch(key: &FlowKey, tcp_flags: u8) -> Option<Masquerade> {

@@ -9,7 +9,7 @@ use core::mem::size_of;
 use aya_ebpf::{
     bindings::{
         BPF_F_CURRENT_NETNS, BPF_TCP_CLOSE, BPF_TCP_CLOSING, BPF_TCP_FIN_WAIT1, BPF_TCP_FIN_WAIT2,
-        BPF_TCP_LAST_ACK, BPF_TCP_LISTEN, BPF_TCP_TIME_WAIT, bpf_sock_tuple,
+        BPF_TCP_LAST_ACK, BPF_TCP_LISTEN, BPF_TCP_TIME_WAIT, bpf_sock, bpf_sock_tuple,
         bpf_sock_tuple__bindgen_ty_1, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1,
     },
     helpers::{bpf_sk_assign, bpf_sk_release, bpf_skb_ancestor_cgroup_id, bpf_skc_lookup_tcp},
@@ -81,17 +81,7 @@ pub fn assign_listener(
     remote: [u8; 4],
     rport: u16,
 ) -> bool {
-    let mut tuple = tuple(local, lport, remote, rport);
-    // SAFETY: as in `tcp_state`.
-    let sk = unsafe {
-        bpf_skc_lookup_tcp(
-            ctx.skb.skb as *mut _,
-            &mut tuple,
-            size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>() as u32,
-            BPF_F_CURRENT_NETNS as u64,
-            0,
-        )
-    };
+    let sk = lookup(ctx, local, lport, remote, rport);
     if sk.is_null() {
         return false;
     }
@@ -105,10 +95,18 @@ pub fn assign_listener(
     assigned
 }
 
-/// The tuple a lookup takes: named as a packet arriving at the socket.
+/// The socket of this host that a packet from `remote:rport` to
+/// `local:lport` would reach (a connection's, else a listener's), with a
+/// reference the caller releases; null when there is none.
 #[inline(always)]
-fn tuple(local: [u8; 4], lport: u16, remote: [u8; 4], rport: u16) -> bpf_sock_tuple {
-    bpf_sock_tuple {
+fn lookup(
+    ctx: &TcContext,
+    local: [u8; 4],
+    lport: u16,
+    remote: [u8; 4],
+    rport: u16,
+) -> *mut bpf_sock {
+    let mut tuple = bpf_sock_tuple {
         __bindgen_anon_1: bpf_sock_tuple__bindgen_ty_1 {
             ipv4: bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 {
                 saddr: u32::from_ne_bytes(remote),
@@ -117,6 +115,17 @@ fn tuple(local: [u8; 4], lport: u16, remote: [u8; 4], rport: u16) -> bpf_sock_tu
                 dport: lport.to_be(),
             },
         },
+    };
+    // SAFETY: the context is this program's skb and the tuple lives on the
+    // stack for the call; the size names its IPv4 part only.
+    unsafe {
+        bpf_skc_lookup_tcp(
+            ctx.skb.skb as *mut _,
+            &mut tuple,
+            size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>() as u32,
+            BPF_F_CURRENT_NETNS as u64,
+            0,
+        )
     }
 }
 
@@ -142,18 +151,7 @@ fn tcp_state(
     remote: [u8; 4],
     rport: u16,
 ) -> Option<u32> {
-    let mut tuple = tuple(local, lport, remote, rport);
-    // SAFETY: the context is this program's skb and the tuple lives on the
-    // stack for the call; the size names its IPv4 part only.
-    let sk = unsafe {
-        bpf_skc_lookup_tcp(
-            ctx.skb.skb as *mut _,
-            &mut tuple,
-            size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>() as u32,
-            BPF_F_CURRENT_NETNS as u64,
-            0,
-        )
-    };
+    let sk = lookup(ctx, local, lport, remote, rport);
     if sk.is_null() {
         return None;
     }

@@ -14,9 +14,9 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use pvc_common::{
-    DIRECTION_EGRESS, DIRECTION_INGRESS, DropReason, FLOW_HOLD_SYNACK, FlowKey, IPPROTO_ICMP,
-    IPPROTO_TCP, MASQUERADING_PORT_TRIES, PATH_PER_FLOW, PATH_SOCKET, PEER_READY, POLICY_OUTBOUND,
-    Settings, SocketKey, TRAFFIC_EGRESS, is_virtual,
+    DIRECTION_EGRESS, DropReason, FLOW_HOLD_SYNACK, FlowKey, IPPROTO_ICMP, IPPROTO_TCP,
+    MASQUERADING_PORT_TRIES, PATH_PER_FLOW, PATH_SOCKET, PEER_READY, POLICY_OUTBOUND, Settings,
+    SocketKey, TRAFFIC_EGRESS, is_virtual,
 };
 
 use crate::{
@@ -128,14 +128,7 @@ fn egress_real_tcp(ctx: &TcContext, ip: &Ipv4) -> Result<i32, DropReason> {
     if !tcp.is_syn() {
         return Ok(TC_ACT_OK as i32);
     }
-    let reply = FlowKey::new(
-        ip.daddr,
-        ip.saddr,
-        tcp.dport,
-        tcp.sport,
-        IPPROTO_TCP,
-        DIRECTION_INGRESS,
-    );
+    let reply = flow::reply_key(ip, &tcp);
     // SAFETY: a copy of the value, read under RCU.
     if let Some(m) = (unsafe { MASQUERADING.get(&reply) }).copied() {
         // The PVC flow's socket, by its virtual tuple (the entry's rewrite).
@@ -170,14 +163,7 @@ fn socket_answer(ctx: &TcContext, ip: &Ipv4, tcp: &Tcp) -> Result<i32, DropReaso
         // member's ACK would go to whatever listens on the forwarded port.
         // Its hint sends that ACK to ingress's lookup, which hands it to
         // the listener again (`forwarded_to_listener`).
-        flow::hint(&FlowKey::new(
-            ip.daddr,
-            ip.saddr,
-            tcp.dport,
-            tcp.sport,
-            IPPROTO_TCP,
-            DIRECTION_INGRESS,
-        ));
+        flow::hint(&flow::reply_key(ip, tcp));
     }
     if sockets::answer_in_cgroup(ctx, &s, ip.saddr, tcp.sport, ip.daddr, tcp.dport) {
         return Ok(TC_ACT_OK as i32);

@@ -13,16 +13,26 @@ const ECONNREFUSED: i64 = 111;
 /// The `[interposition]` line of a host translating at the socket.
 const SOCKET: &str = "translation = \"socket\"\n";
 
-/// A LAN of `n` hosts translating at the socket, with a first flow from
-/// a to every other host (the first flow to a member waits for its
-/// authentication and is masqueraded per packet).
-fn socket_lab(n: usize) -> Lab {
-    let mut lab = Lab::lan(n).unwrap();
-    for i in 0..n {
+/// `lab` started with every host translating at the socket.
+fn started_at_the_socket(mut lab: Lab) -> Lab {
+    for i in 0..lab.hosts.len() {
         lab.write_config(i, SOCKET).unwrap();
     }
     lab.start_all().unwrap();
-    for h in 1..n {
+    lab
+}
+
+/// A LAN of `n` hosts translating at the socket, with a first flow from
+/// a to every other host.
+fn socket_lab(n: usize) -> Lab {
+    with_first_flows(started_at_the_socket(Lab::lan(n).unwrap()))
+}
+
+/// `lab` after a first flow from a to every other host: the first flow to
+/// a member waits for its authentication and is masqueraded per packet;
+/// later ones can be translated at the socket.
+fn with_first_flows(mut lab: Lab) -> Lab {
+    for h in 1..lab.hosts.len() {
         let name = lab.hosts[h].name.clone();
         let vip = lab.host(&name).virtual_ip;
         probe::echo_server(&mut lab, &name, 6999).unwrap();
@@ -374,16 +384,10 @@ except OSError as e:
 #[test]
 fn a_public_server_takes_a_nated_members_flows_at_the_socket() {
     require_tools(&["python3", "socat"]);
-    let mut lab = Lab::internet(&[(Site::Cone, 1), (Site::Pub, 1)]).unwrap();
-    for i in 0..2 {
-        lab.write_config(i, SOCKET).unwrap();
-    }
-    lab.start_all().unwrap();
+    let mut lab = with_first_flows(started_at_the_socket(
+        Lab::internet(&[(Site::Cone, 1), (Site::Pub, 1)]).unwrap(),
+    ));
     let (a, b) = (lab.host("a").virtual_ip, lab.host("b").virtual_ip);
-    // The first flow (masqueraded per packet: its SYN waits for the
-    // authentication) on another port.
-    probe::echo_server(&mut lab, "b", 7599).unwrap();
-    assert_eq!(probe::client(&lab, "a", b, 7599).unwrap()["reply"], "hello");
     probe::echo_server(&mut lab, "b", 7600).unwrap();
     wait_until(
         Duration::from_secs(20),
@@ -419,16 +423,10 @@ fn a_public_server_takes_a_nated_members_flows_at_the_socket() {
 #[test]
 fn a_server_behind_a_upnp_nat_takes_members_flows_at_the_socket() {
     require_tools(&["python3", "socat", "miniupnpd"]);
-    let mut lab = Lab::internet(&[(Site::Cone, 1), (Site::Upnp, 1)]).unwrap();
-    for i in 0..2 {
-        lab.write_config(i, SOCKET).unwrap();
-    }
-    lab.start_all().unwrap();
+    let mut lab = with_first_flows(started_at_the_socket(
+        Lab::internet(&[(Site::Cone, 1), (Site::Upnp, 1)]).unwrap(),
+    ));
     let (a, b) = (lab.host("a").virtual_ip, lab.host("b").virtual_ip);
-    // The first flow (masqueraded per packet: its SYN waits for the
-    // authentication) on another port.
-    probe::echo_server(&mut lab, "b", 7599).unwrap();
-    assert_eq!(probe::client(&lab, "a", b, 7599).unwrap()["reply"], "hello");
     let technique = lab.status("a").unwrap()["peers"]
         .as_array()
         .unwrap()
@@ -509,11 +507,7 @@ fn a_server_behind_a_upnp_nat_takes_members_flows_at_the_socket() {
 #[test]
 fn a_socket_level_connect_from_the_port_of_a_flow_masqueraded_per_packet_is_carried() {
     require_tools(&["python3", "socat"]);
-    let mut lab = Lab::lan(2).unwrap();
-    for i in 0..2 {
-        lab.write_config(i, SOCKET).unwrap();
-    }
-    lab.start_all().unwrap();
+    let mut lab = started_at_the_socket(Lab::lan(2).unwrap());
     let b = lab.host("b").virtual_ip;
     let a_real = lab.host("a").real;
     probe::echo_server(&mut lab, "b", 7600).unwrap();
