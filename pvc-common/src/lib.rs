@@ -368,7 +368,8 @@ pub struct SocketPeer {
     /// forwarded port: the listener took it for its own port); 0 when they
     /// are the same.
     pub local_vport: u16,
-    pub _pad: u16,
+    /// `SOCKET_*` flags.
+    pub flags: u16,
 }
 
 impl SocketPeer {
@@ -387,6 +388,13 @@ impl SocketPeer {
 pub const SOCKET_CONNECTED: u8 = 0;
 /// `SocketPeer::side`: the member connected to a listener of this host.
 pub const SOCKET_ACCEPTED: u8 = 1;
+
+/// `SocketPeer::flags`: a traversal's server side, punching. The agent
+/// injected the member's SYN as it will come on the wire; tc egress hands
+/// the stack's answer to the agent (which sends its sequence number out as
+/// the punch SYN) and drops a RST on the tuple (the member's NAT rejecting
+/// the punch), until the member's own SYN arrives and clears the flag.
+pub const SOCKET_HOLD_ANSWER: u16 = 1;
 
 impl PeerPath {
     /// A verified member without an authenticated path yet.

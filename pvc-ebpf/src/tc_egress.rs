@@ -15,8 +15,8 @@ use aya_ebpf::{
 };
 use pvc_common::{
     DIRECTION_EGRESS, DropReason, FLOW_HOLD_SYNACK, FlowKey, IPPROTO_ICMP, IPPROTO_TCP,
-    MASQUERADING_PORT_TRIES, PATH_PER_FLOW, PATH_SOCKET, PEER_READY, POLICY_OUTBOUND, Settings,
-    SocketKey, TRAFFIC_EGRESS, is_virtual,
+    MASQUERADING_PORT_TRIES, PATH_PER_FLOW, PATH_SOCKET, PEER_READY, POLICY_OUTBOUND,
+    SOCKET_HOLD_ANSWER, Settings, SocketKey, TRAFFIC_EGRESS, is_virtual,
 };
 
 use crate::{
@@ -157,6 +157,12 @@ fn socket_answer(ctx: &TcContext, ip: &Ipv4, tcp: &Tcp) -> Result<i32, DropReaso
     let Some(s) = settings() else {
         return Ok(TC_ACT_OK as i32);
     };
+    if entry.flags & SOCKET_HOLD_ANSWER != 0 {
+        // Hole punching, served at the socket: the agent sends this
+        // answer's sequence number out as a SYN first, and the stack
+        // answers again when the member's SYN comes through the hole.
+        return Err(flow::hold_answer(ctx, ip));
+    }
     if entry.local_vport != 0 && !sockets::has_socket(ctx) {
         // A SYN cookie (a SYN flood, a full queue) for a SYN that came
         // through this host's UPnP forward: no state is kept, and the

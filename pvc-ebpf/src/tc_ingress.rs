@@ -11,8 +11,8 @@ use aya_ebpf::{
 use pvc_common::{
     DIRECTION_EGRESS, DIRECTION_INGRESS, DropReason, EVENT_INBOUND_REFUSED, Event, FLOW_AWAIT_SYN,
     FLOW_AWAIT_SYNACK, FlowKey, IPPROTO_ICMP, IPPROTO_TCP, PATH_PER_FLOW, PATH_SOCKET, PEER_READY,
-    POLICY_INBOUND, PeerPath, ReplayKey, ReplayValue, SOCKET_ACCEPTED, Settings, SocketKey,
-    SocketPeer, TAG_PUNCH, TCP_RST, TRAFFIC_INGRESS, Technique, is_virtual,
+    POLICY_INBOUND, PeerPath, ReplayKey, ReplayValue, SOCKET_ACCEPTED, SOCKET_HOLD_ANSWER,
+    Settings, SocketKey, SocketPeer, TAG_PUNCH, TCP_RST, TRAFFIC_INGRESS, Technique, is_virtual,
 };
 
 use crate::{
@@ -129,9 +129,12 @@ fn ingress_tcp(ctx: &TcContext, ip: &Ipv4) -> Result<i32, DropReason> {
         }
         let used = sockets::tcp_use(ctx, ip.daddr, tcp.dport, ip.saddr, tcp.sport);
         if used != Use::Free && socket_flow(ip, &tcp).is_some_and(|f| f.vpeer == tag.vsrc) {
-            // The member's SYN again (our answer was lost): the socket on
-            // its tuple is the connection request (or connection) its
-            // first SYN made here at the socket, and the stack answers it.
+            // The member's SYN again (our answer was lost), or its first
+            // one through the hole our agent punched (the agent injected
+            // it before): the socket on its tuple is the connection
+            // request (or connection) made here at the socket, and the
+            // stack answers it.
+            punch_completed(ip, &tcp, s.virtual_addr);
             return PASS;
         }
         // A connection between the real addresses may use this tuple: a
@@ -176,6 +179,13 @@ fn ingress_tcp(ctx: &TcContext, ip: &Ipv4) -> Result<i32, DropReason> {
         flow::open(&key, &m, fresh).map_err(|r| flow::refuse(ctx, ip, r))?;
         m
     } else {
+        if tcp.flags & TCP_RST != 0
+            && socket_flow(ip, &tcp).is_some_and(|f| f.flags & SOCKET_HOLD_ANSWER != 0)
+        {
+            // The member's NAT rejecting our punch, for a flow our stack
+            // serves at the socket: the member's own SYN is still to come.
+            return Err(DropReason::TraversalReset);
+        }
         // Most packets without an entry (flows translated at the socket,
         // connections between real addresses) stop at the hint.
         if !flow::hinted(&key) {
@@ -263,7 +273,7 @@ fn accept_at_socket(
         } else {
             tag.vdport
         },
-        _pad: 0,
+        flags: 0,
     };
     flow::open_at_socket(&key, &from, s.virtual_addr, DIRECTION_INGRESS).is_ok()
 }
@@ -286,6 +296,37 @@ fn forwarded_to_listener(ctx: &TcContext, ip: &Ipv4, tcp: &Tcp) {
         return;
     }
     sockets::assign_listener(ctx, ip.daddr, f.local_vport, ip.saddr, tcp.sport);
+}
+
+/// A member's SYN came through the hole our agent punched for a flow our
+/// stack serves at the socket: the stack's answer (a retransmission of
+/// the one the punch carried) may leave now, and the flow exists.
+#[inline(always)]
+fn punch_completed(ip: &Ipv4, tcp: &Tcp, local_vip: [u8; 4]) {
+    let key = SocketKey {
+        peer: ip.saddr,
+        peer_port: tcp.sport,
+        local_port: tcp.dport,
+    };
+    let Some(p) = SOCKET_FLOWS.get_ptr_mut(&key) else {
+        return;
+    };
+    // SAFETY: a live value of the map, under RCU; the agent wrote it
+    // before injecting the SYN, and only this program clears the flag.
+    let f = unsafe { &mut *p };
+    if f.flags & SOCKET_HOLD_ANSWER == 0 {
+        return;
+    }
+    f.flags &= !SOCKET_HOLD_ANSWER;
+    let virtual_tuple = FlowKey::new(
+        local_vip,
+        f.vpeer,
+        f.local_vport(key.local_port),
+        f.vport,
+        IPPROTO_TCP,
+        DIRECTION_EGRESS,
+    );
+    flow::announce_flow(&virtual_tuple, DIRECTION_INGRESS, f.technique);
 }
 
 /// The flow taken at the socket that a packet from a member belongs to,

@@ -639,3 +639,99 @@ except OSError as e:
     let drops = lab.status("b").unwrap()["drops"].clone();
     assert_eq!(drops["flow_collision"], 0, "b's drops: {drops}");
 }
+
+/// The technique `client`'s agent uses toward the member at `server`.
+fn technique_to(lab: &Lab, client: &str, server: std::net::Ipv4Addr) -> Option<String> {
+    let s = lab.status(client).ok()?;
+    s["peers"]
+        .as_array()?
+        .iter()
+        .find(|p| p["virtual_ip"] == server.to_string().as_str())
+        .and_then(|p| p["technique"].as_str().map(str::to_string))
+}
+
+/// A member's flow that needs a traversal (a hole punched, Traversing-TCP,
+/// a reversal) is served at the socket on the server's side: its agent
+/// injects the member's SYN with the tuple it will have on the wire, the
+/// punch carries the stack's answer to it, and the member's SYN through the
+/// hole completes that connection request. The server's accept() and
+/// getsockname() show virtual addresses, and none of the flow's packets is
+/// rewritten there; the client's side stays masqueraded per packet.
+#[test]
+fn a_traversed_flows_server_side_is_carried_by_its_socket() {
+    require_tools(&["python3", "socat", "iptables"]);
+    let mut lab = started_at_the_socket(
+        Lab::internet(&[
+            (Site::Cone, 1),
+            (Site::Cone, 1),
+            (Site::Fwl, 1),
+            (Site::Pub, 1),
+            (Site::Sym, 1),
+        ])
+        .unwrap(),
+    );
+    let pairs = [
+        ("a", "b", "punch"),
+        ("a", "c", "ttcp"),
+        ("d", "e", "reversal"),
+    ];
+    for (client, server, technique) in pairs {
+        let vip = lab.host(server).virtual_ip;
+        wait_until(
+            Duration::from_secs(30),
+            &format!("{client}'s path to {server} to take {technique}"),
+            || (technique_to(&lab, client, vip).as_deref() == Some(technique)).then_some(()),
+        )
+        .unwrap();
+    }
+    for (client, server, technique) in pairs {
+        let (cv, sv) = (lab.host(client).virtual_ip, lab.host(server).virtual_ip);
+        let log = probe::server(&mut lab, server, "0.0.0.0", 7000, 1).unwrap();
+        let got = probe::client(&lab, client, sv, 7000).unwrap();
+        assert_eq!(got["reply"], "echo:hello", "{client} -> {server}: {got}");
+        assert_eq!(got["peer"], sv.to_string(), "{client}'s getpeername()");
+        let seen = wait_until(Duration::from_secs(5), "server log", || {
+            probe::accepted(&log).pop()
+        })
+        .unwrap();
+        assert_eq!(seen["peer"], cv.to_string(), "{server}'s accept(): {seen}");
+        assert_eq!(seen["local"], sv.to_string(), "{server}'s getsockname()");
+        assert_eq!(seen["local_port"], 7000, "{server}'s getsockname()");
+
+        probe::echo_server(&mut lab, server, 7600).unwrap();
+        let rewritten = traffic(&lab, server);
+        let chatter = probe::chatter(&mut lab, client, sv, 7600, 2).unwrap();
+        std::thread::sleep(Duration::from_millis(800));
+        let on_server = flows_on_port(&lab, server, 7600);
+        // (The server's port on the wire is its NAT's: the client's
+        // entries are found by member, not by port.)
+        let on_client: Vec<Value> = lab.status(client).unwrap()["flows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|f| f["peer"] == sv.to_string().as_str() && f["closing"] == false)
+            .cloned()
+            .collect();
+        let result = probe::chatter_result(&mut lab, &chatter).unwrap();
+        assert_eq!(result["ok"], true, "{client} -> {server}: {result}");
+        assert_eq!(
+            directions(&on_server),
+            ["socket"],
+            "{server}'s flows ({technique}): {on_server:?}\n{}",
+            lab.agent_log(server)
+        );
+        assert_eq!(on_server[0]["technique"], technique, "{on_server:?}");
+        assert_eq!(on_server[0]["peer"], cv.to_string());
+        assert_eq!(
+            directions(&on_client),
+            ["egress", "ingress"],
+            "{client}'s flows ({technique}): {on_client:?}"
+        );
+        assert_eq!(
+            traffic(&lab, server),
+            rewritten,
+            "{server} rewrote packets of a flow its socket carries"
+        );
+    }
+    assert_eq!(lab.leaks().unwrap(), 0);
+}

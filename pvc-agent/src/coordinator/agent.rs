@@ -169,6 +169,7 @@ impl Agent {
                     warn!("{e:#}");
                 }
             }
+            Effect::ServeTraversal(flow) => self.serve_traversal(*flow),
             Effect::SendPacket(packet) => {
                 if let Err(e) = self.injector.send_packet(&packet) {
                     warn!("cannot send a packet of a traversal: {e}");
@@ -652,6 +653,37 @@ impl Agent {
             path.flags |= pvc_common::PATH_SOCKET;
         }
         path
+    }
+
+    /// A member's SYN for a flow it opens with a traversal, into our stack:
+    /// at the socket when we translate there and a listener takes our real
+    /// address (nothing of the flow is rewritten here then), else with the
+    /// flow's entries, masqueraded per packet.
+    fn serve_traversal(&mut self, flow: super::traversal::ServedFlow) {
+        let key = flow.socket_key();
+        if self.config.interposition.translation == crate::config::Translation::Socket
+            && interposition::listens_on(flow.real, key.local_port)
+        {
+            match self.datapath.maps.open_at_socket(key, flow.at_socket) {
+                Ok(()) => {
+                    if let Err(e) = self.injector.resend(&flow.wire_syn()) {
+                        warn!("cannot inject a member's SYN: {e}");
+                    }
+                    return;
+                }
+                Err(e) => warn!("{e:#}: the flow is masqueraded per packet"),
+            }
+        }
+        if let Err(e) = self
+            .datapath
+            .maps
+            .install_flow(flow.key, flow.to, flow.twin_flags)
+        {
+            warn!("{e:#}");
+        }
+        if let Err(e) = self.injector.resend(&flow.syn) {
+            warn!("cannot inject a member's SYN: {e}");
+        }
     }
 
     /// Ends the flows translated at the socket that `which` selects, by

@@ -86,6 +86,9 @@ pub enum Effect {
         to: pvc_common::Masquerade,
         twin_flags: u8,
     },
+    /// Puts a member's SYN for a flow it opens with a traversal into our
+    /// stack, with what the flow needs (`ServedFlow`).
+    ServeTraversal(Box<super::traversal::ServedFlow>),
     /// Makes sure the member's route goes via the next hop of `real` (a path
     /// taken over from the previous agent).
     Route { vip: Ipv4Addr, real: Ipv4Addr },

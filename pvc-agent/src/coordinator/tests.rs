@@ -680,3 +680,87 @@ fn a_relayed_flow_request_is_served_once() {
     assert_eq!(accepts(&again), 0, "{again:?}");
     assert_eq!(a.counters["relays_refused"], 1);
 }
+
+/// A SYN/ACK from `from` to `to`, as a stack sends it (no options).
+fn answer(from: std::net::SocketAddrV4, to: std::net::SocketAddrV4) -> Vec<u8> {
+    let mut p = vec![0u8; 40];
+    p[0] = 0x45;
+    p[2..4].copy_from_slice(&40u16.to_be_bytes());
+    p[8] = 64;
+    p[9] = 6;
+    p[12..16].copy_from_slice(&from.ip().octets());
+    p[16..20].copy_from_slice(&to.ip().octets());
+    p[20..22].copy_from_slice(&from.port().to_be_bytes());
+    p[22..24].copy_from_slice(&to.port().to_be_bytes());
+    p[24..28].copy_from_slice(&77u32.to_be_bytes());
+    p[32] = 0x50;
+    p[33] = 0x12;
+    p
+}
+
+/// The server's side of a traversal: the member's SYN goes into our stack
+/// with the tuple it will have on the wire (or as it came, per packet),
+/// and our stack's answer in either form is punched out to the member's
+/// endpoint, naming the member's own port.
+#[test]
+fn a_served_traversal_is_punched_with_the_answer_of_either_form() {
+    use std::net::SocketAddrV4;
+    let c = Cluster::new(2);
+    let t = Instant::now();
+    let (mut a, _b) = paired(&c, t);
+    let (va, vb) = (c.hosts[0].vip, c.hosts[1].vip);
+    let (ra, rb) = (c.hosts[0].real, c.hosts[1].real);
+    let served = |out: &[Effect]| {
+        out.iter()
+            .find_map(|e| match e {
+                Effect::ServeTraversal(f) => Some(f.clone()),
+                _ => None,
+            })
+            .expect("served")
+    };
+    let mut out = Vec::new();
+    a.traverse(vb, traverse_request(&c, &a, 8), t, &mut out);
+    let flow = served(&out);
+    let wire = crate::interposition::inject::Syn::parse(&flow.wire_syn()).unwrap();
+    assert_eq!(
+        (wire.saddr, wire.sport, wire.daddr, wire.dport),
+        (rb, 50000, ra, 22)
+    );
+    let virtual_syn = crate::interposition::inject::Syn::parse(&flow.syn).unwrap();
+    assert_eq!((virtual_syn.saddr, virtual_syn.daddr), (vb, va));
+    assert_eq!(
+        flow.socket_key(),
+        pvc_common::SocketKey {
+            peer: rb.octets(),
+            peer_port: 50000,
+            local_port: 22
+        }
+    );
+    assert_eq!(flow.at_socket.vpeer, vb.octets());
+    assert_eq!(flow.at_socket.vport, 50000);
+    assert_eq!(flow.at_socket.flags, pvc_common::SOCKET_HOLD_ANSWER);
+
+    let punches = |effects: &[Effect]| {
+        effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::SendPacket(p) => Some(p.clone()),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+    };
+    // At the socket: our real address to the member's wire endpoint.
+    let wire_answer = answer(SocketAddrV4::new(ra, 22), SocketAddrV4::new(rb, 50000));
+    let p = punches(&a.answer_held(&wire_answer, t));
+    assert_eq!(p.len(), 1, "one punch");
+    assert_eq!(&p[0][16..20], &rb.octets(), "to the member's endpoint");
+    assert_eq!(u16::from_be_bytes([p[0][22], p[0][23]]), 50000);
+    // Its retransmission finds no traversal left to punch.
+    assert!(punches(&a.answer_held(&wire_answer, t)).is_empty());
+
+    // Per packet: our virtual address to the member's.
+    let mut out = Vec::new();
+    a.traverse(vb, traverse_request(&c, &a, 9), t, &mut out);
+    let virtual_answer = answer(SocketAddrV4::new(va, 22), SocketAddrV4::new(vb, 50000));
+    assert_eq!(punches(&a.answer_held(&virtual_answer, t)).len(), 1);
+}

@@ -14,7 +14,8 @@ use std::{
 
 use pvc_common::{
     DIRECTION_EGRESS, DIRECTION_INGRESS, FLOW_AWAIT_SYN, FLOW_AWAIT_SYNACK, FLOW_HOLD_SYNACK,
-    FlowKey, IPPROTO_TCP, Masquerade, Technique,
+    FlowKey, IPPROTO_TCP, Masquerade, SOCKET_ACCEPTED, SOCKET_HOLD_ANSWER, SocketKey, SocketPeer,
+    Technique,
 };
 use pvc_proto::Nat;
 use pvc_proto::handshake::{Handshake, Punched, Traverse};
@@ -58,6 +59,45 @@ pub(super) enum Side {
         vport: u16,
         cport: u16,
     },
+}
+
+/// A member's SYN for a flow it opens with a traversal, for our stack: at
+/// the socket (`at_socket`, under the wire's tuple from `client` to our
+/// `real` address) when this host translates there and a listener takes
+/// the real address, else masqueraded per packet (`InstallFlow` of `key`,
+/// `to`, `twin_flags`, and the SYN as it came).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServedFlow {
+    pub syn: Vec<u8>,
+    pub client: SocketAddrV4,
+    pub real: Ipv4Addr,
+    pub at_socket: SocketPeer,
+    pub key: FlowKey,
+    pub to: Masquerade,
+    pub twin_flags: u8,
+}
+
+impl ServedFlow {
+    /// Its key in the socket-flows map: the tuple on the wire.
+    pub fn socket_key(&self) -> SocketKey {
+        SocketKey {
+            peer: self.client.ip().octets(),
+            peer_port: self.client.port(),
+            local_port: u16::from_be_bytes([self.syn[22], self.syn[23]]),
+        }
+    }
+
+    /// The member's SYN as it will come on the wire (from its endpoint
+    /// there to our real address), which our stack then takes for the
+    /// same connection request: its checksum is left for the injector.
+    pub fn wire_syn(&self) -> Vec<u8> {
+        let mut p = self.syn.clone();
+        let ihl = (p[0] & 0x0f) as usize * 4;
+        p[12..16].copy_from_slice(&self.client.ip().octets());
+        p[16..20].copy_from_slice(&self.real.octets());
+        p[ihl..ihl + 2].copy_from_slice(&self.client.port().to_be_bytes());
+        p
+    }
 }
 
 /// The entry of a flow as this host's egress sees it, rewritten to the
@@ -231,13 +271,25 @@ impl Core {
             // virtual port); until then a RST is our punch's rejection.
             to.flags = FLOW_AWAIT_SYN;
         }
-        out.push(Effect::InstallFlow {
+        // Into our own stack: the application's listener answers it. At
+        // the socket when the agent can (the SYN with the wire's tuple),
+        // else masqueraded per packet.
+        out.push(Effect::ServeTraversal(Box::new(ServedFlow {
+            syn: t.syn,
+            client: t.client,
+            real: self.me.real_ip,
+            at_socket: SocketPeer {
+                vpeer: from.octets(),
+                vport: syn.sport,
+                technique: technique as u8,
+                side: SOCKET_ACCEPTED,
+                local_vport: 0,
+                flags: if punching { SOCKET_HOLD_ANSWER } else { 0 },
+            },
             key,
             to,
             twin_flags: if punching { FLOW_HOLD_SYNACK } else { 0 },
-        });
-        // Into our own stack: the application's listener answers it.
-        out.push(Effect::Resend(t.syn));
+        })));
         self.count("traversals_served");
         debug!(%from, id = t.id, technique = technique.name(), port = syn.dport, "injected a member's SYN");
         if punching {
@@ -265,17 +317,22 @@ impl Core {
         let Some(answer) = SynAck::parse(packet) else {
             return out;
         };
+        // The answer to the member's virtual address (masqueraded per
+        // packet) or to its endpoint on the wire (served at the socket).
+        let to = SocketAddrV4::new(answer.daddr, answer.dport);
         let found = self.flows.iter().find_map(|(id, f)| match f.side {
             Side::Server {
                 client,
                 vport,
                 cport,
-            } if f.peer == answer.daddr && vport == answer.sport && cport == answer.dport => {
-                Some((*id, client))
+            } if vport == answer.sport
+                && (to == SocketAddrV4::new(f.peer, cport) || to == client) =>
+            {
+                Some((*id, client, cport))
             }
             _ => None,
         });
-        let Some((id, client)) = found else {
+        let Some((id, client, cport)) = found else {
             return out;
         };
         let flow = self.flows.remove(&id).expect("found");
@@ -297,7 +354,7 @@ impl Core {
             to: client,
             vsrc: self.me.virtual_ip,
             vdst: flow.peer,
-            vport: answer.dport,
+            vport: cport,
             tag_key: session.tag_key,
         };
         match punch::syn(packet, &punch) {

@@ -90,6 +90,45 @@ fn parse_tcp_line(line: &str) -> Option<SocketKey> {
     })
 }
 
+/// Whether a TCP listener of this network namespace takes connections to
+/// `addr:port` (bound to it or to the wildcard address, IPv4 or a dual-stack
+/// IPv6 one): a member's SYN to that address then reaches it as it is.
+pub fn listens_on(addr: Ipv4Addr, port: u16) -> bool {
+    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|f| {
+        std::fs::read_to_string(f)
+            .is_ok_and(|text| text.lines().skip(1).any(|l| listener_takes(l, addr, port)))
+    })
+}
+
+/// Whether a line of `/proc/net/tcp` or `/proc/net/tcp6` is a listener
+/// that takes connections to `addr:port` (addresses as the kernel's
+/// network-order words in hex, ports in host order).
+fn listener_takes(line: &str, addr: Ipv4Addr, port: u16) -> bool {
+    const TCP_LISTEN: &str = "0A";
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    if fields.len() < 4 || fields[3] != TCP_LISTEN {
+        return false;
+    }
+    let Some((a, p)) = fields[1].split_once(':') else {
+        return false;
+    };
+    if u16::from_str_radix(p, 16) != Ok(port) {
+        return false;
+    }
+    let v4 = |word: &str| u32::from_str_radix(word, 16).map(u32::to_ne_bytes);
+    match a.len() {
+        8 => v4(a).is_ok_and(|a| a == [0; 4] || a == addr.octets()),
+        // ::, or ::ffff:addr.
+        32 => {
+            a.bytes().all(|c| c == b'0')
+                || (a[..16].bytes().all(|c| c == b'0')
+                    && a[16..24].eq_ignore_ascii_case("FFFF0000")
+                    && v4(&a[24..]).is_ok_and(|a| a == addr.octets()))
+        }
+        _ => false,
+    }
+}
+
 /// Where flows masqueraded per packet on paths that sockets also carry
 /// take their source port on the wire, from this network namespace's
 /// ephemeral range.
@@ -321,6 +360,31 @@ impl Maps {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn listeners_that_take_the_real_address_are_told_from_the_others() {
+        let real = Ipv4Addr::new(198, 18, 0, 1);
+        let line = |local: &str, state: &str| {
+            format!(
+                "   0: {local} 00000000:0000 {state} 00000000:00000000 00:00000000 00000000 0 0 1 1"
+            )
+        };
+        // 0.0.0.0:22, 198.18.0.1:22 (network order: 0x010012C6), listening.
+        assert!(listener_takes(&line("00000000:0016", "0A"), real, 22));
+        assert!(listener_takes(&line("010012C6:0016", "0A"), real, 22));
+        // Another port, the virtual address, a connection.
+        assert!(!listener_takes(&line("00000000:0017", "0A"), real, 22));
+        assert!(!listener_takes(&line("010000F0:0016", "0A"), real, 22));
+        assert!(!listener_takes(&line("00000000:0016", "01"), real, 22));
+        // [::]:22 and [::ffff:198.18.0.1]:22; [::1]:22 is not.
+        let any6 = "00000000000000000000000000000000:0016";
+        let mapped = "0000000000000000FFFF0000010012C6:0016";
+        let lo6 = "00000000000000000000000001000000:0016";
+        assert!(listener_takes(&line(any6, "0A"), real, 22));
+        assert!(listener_takes(&line(mapped, "0A"), real, 22));
+        assert!(!listener_takes(&line(lo6, "0A"), real, 22));
+        assert!(!listener_takes("garbage", real, 22));
+    }
 
     #[test]
     fn moved_ports_lie_outside_the_ephemeral_range_and_above_1023() {

@@ -219,6 +219,14 @@ impl Maps {
             .context("cannot install a flow (is the masquerading map full?)")
     }
 
+    /// Records a flow our stack serves at the socket, by its wire tuple,
+    /// before its SYN goes in (a traversal's server side).
+    pub fn open_at_socket(&mut self, key: SocketKey, peer: SocketPeer) -> anyhow::Result<()> {
+        self.socket_flows
+            .insert(key, peer, 0)
+            .context("cannot record a flow served at the socket (is socket_flows full?)")
+    }
+
     /// Whether the programs know who this host is (the settings were written).
     pub fn settings_ready(&self) -> bool {
         self.settings.get(&0, 0).is_ok_and(|s| s.ready == 1)

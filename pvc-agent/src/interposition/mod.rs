@@ -33,7 +33,7 @@ use aya::{
     },
 };
 pub use events::{EventStream, FlowEvent};
-pub use flows::{FlowEntry, Timeouts, hint_lifetime, monotonic_ns};
+pub use flows::{FlowEntry, Timeouts, hint_lifetime, listens_on, monotonic_ns};
 pub use maps::{Counters, Maps};
 pub use pins::{ensure_bpffs, remove_instance};
 use tracing::{info, warn};

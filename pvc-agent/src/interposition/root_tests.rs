@@ -919,3 +919,77 @@ async fn per_packet_flows_on_socket_paths_leave_from_ports_the_kernel_does_not_h
     let (_, out) = host.run(EGRESS, &tcp_frame(A_V, B_V, 40001, 22, true, &[]));
     assert_eq!(check(&out).tcp_ports(), (40001, 22));
 }
+
+/// A frame from `src:sport` to `dst:dport` with these TCP flags set
+/// (`syn`, `ack`, `rst`), no options, no payload.
+fn tcp_flags_frame(
+    src: ([u8; 4], u16),
+    dst: ([u8; 4], u16),
+    syn: bool,
+    ack: bool,
+    rst: bool,
+) -> Vec<u8> {
+    let mut b = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+        .ipv4(src.0, dst.0, 64)
+        .tcp(src.1, dst.1, 1000, 64240);
+    if syn {
+        b = b.syn();
+    }
+    if ack {
+        b = b.ack(5000);
+    }
+    if rst {
+        b = b.rst();
+    }
+    let mut frame = Vec::new();
+    b.write(&mut frame, &[]).unwrap();
+    frame
+}
+
+/// A traversal's server side served at the socket: until the member's own
+/// SYN comes through the hole, the stack's answer goes to the agent (which
+/// sends it out as the punch) and a RST on the flow's tuple (the member's
+/// NAT rejecting the punch) is dropped; once the flag is clear, both pass
+/// as they are. Other tuples are not concerned.
+#[tokio::test]
+async fn a_punched_flow_served_at_the_socket_holds_its_answer_and_drops_the_punchs_rejection() {
+    use pvc_common::{SOCKET_ACCEPTED, SOCKET_HOLD_ANSWER, SocketKey, SocketPeer};
+    let mut host = Host::new();
+    // B's NAT put the flow at B_R:50000; our listener has port 7000.
+    let key = SocketKey {
+        peer: B_R,
+        peer_port: 50000,
+        local_port: 7000,
+    };
+    let mut served = SocketPeer {
+        vpeer: B_V,
+        vport: 40000,
+        technique: Technique::Punch as u8,
+        side: SOCKET_ACCEPTED,
+        local_vport: 0,
+        flags: SOCKET_HOLD_ANSWER,
+    };
+    host.maps.open_at_socket(key, served).unwrap();
+    let answer = tcp_flags_frame((A_R, 7000), (B_R, 50000), true, true, false);
+    let rejection = tcp_flags_frame((B_R, 50000), (A_R, 7000), false, false, true);
+    let other = tcp_flags_frame((B_R, 50001), (A_R, 7000), false, false, true);
+
+    let (verdict, _) = host.run(EGRESS, &answer);
+    assert_eq!(verdict, TC_ACT_SHOT, "the answer waits for the punch");
+    assert_eq!(host.drops(DropReason::HeldAnswer), 1);
+    let (verdict, _) = host.run(INGRESS, &rejection);
+    assert_eq!(verdict, TC_ACT_SHOT, "the punch's rejection");
+    assert_eq!(host.drops(DropReason::TraversalReset), 1);
+    let (verdict, out) = host.run(INGRESS, &other);
+    assert_eq!((verdict, out), (TC_ACT_OK, other), "another tuple's RST");
+
+    // The member's SYN came (tc ingress clears the flag).
+    served.flags = 0;
+    host.maps.open_at_socket(key, served).unwrap();
+    let (verdict, out) = host.run(EGRESS, &answer);
+    assert_eq!((verdict, out), (TC_ACT_OK, answer), "the answer, as it is");
+    let (verdict, out) = host.run(INGRESS, &rejection);
+    assert_eq!((verdict, out), (TC_ACT_OK, rejection), "a RST of the flow");
+    assert_eq!(host.drops(DropReason::HeldAnswer), 1);
+    assert_eq!(host.drops(DropReason::TraversalReset), 1);
+}
