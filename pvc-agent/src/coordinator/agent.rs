@@ -661,8 +661,13 @@ impl Agent {
     /// flow's entries, masqueraded per packet.
     fn serve_traversal(&mut self, flow: super::traversal::ServedFlow) {
         let key = flow.socket_key();
-        if self.config.interposition.translation == crate::config::Translation::Socket
-            && interposition::listens_on(flow.real, key.local_port)
+        let listener = || {
+            interposition::listens_on(flow.real, key.local_port).unwrap_or_else(|e| {
+                warn!("cannot list this host's TCP listeners (sock_diag): {e}");
+                false
+            })
+        };
+        if self.config.interposition.translation == crate::config::Translation::Socket && listener()
         {
             match self.datapath.maps.open_at_socket(key, flow.at_socket) {
                 Ok(()) => {

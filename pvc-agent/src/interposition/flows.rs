@@ -93,39 +93,92 @@ fn parse_tcp_line(line: &str) -> Option<SocketKey> {
 /// Whether a TCP listener of this network namespace takes connections to
 /// `addr:port` (bound to it or to the wildcard address, IPv4 or a dual-stack
 /// IPv6 one): a member's SYN to that address then reaches it as it is.
-pub fn listens_on(addr: Ipv4Addr, port: u16) -> bool {
-    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|f| {
-        std::fs::read_to_string(f)
-            .is_ok_and(|text| text.lines().skip(1).any(|l| listener_takes(l, addr, port)))
-    })
+/// Asked through sock_diag, which walks the listeners only (reading
+/// `/proc/net/tcp` walks the whole host's connection table: milliseconds,
+/// on the way of a connection being set up).
+pub fn listens_on(addr: Ipv4Addr, port: u16) -> std::io::Result<bool> {
+    use netlink_packet_sock_diag::constants::{AF_INET, AF_INET6};
+    for family in [AF_INET, AF_INET6] {
+        if tcp_listeners(family)?
+            .into_iter()
+            .any(|(a, p)| p == port && takes(a, addr))
+        {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
-/// Whether a line of `/proc/net/tcp` or `/proc/net/tcp6` is a listener
-/// that takes connections to `addr:port` (addresses as the kernel's
-/// network-order words in hex, ports in host order).
-fn listener_takes(line: &str, addr: Ipv4Addr, port: u16) -> bool {
-    const TCP_LISTEN: &str = "0A";
-    let fields: Vec<&str> = line.split_whitespace().collect();
-    if fields.len() < 4 || fields[3] != TCP_LISTEN {
-        return false;
+/// Whether a listener bound to `bound` takes connections to `addr`.
+fn takes(bound: std::net::IpAddr, addr: Ipv4Addr) -> bool {
+    match bound {
+        std::net::IpAddr::V4(b) => b.is_unspecified() || b == addr,
+        std::net::IpAddr::V6(b) => b.is_unspecified() || b.to_ipv4_mapped() == Some(addr),
     }
-    let Some((a, p)) = fields[1].split_once(':') else {
-        return false;
+}
+
+/// The local address and port of every TCP listener of this network
+/// namespace in `family` (sock_diag dump).
+fn tcp_listeners(family: u8) -> std::io::Result<Vec<(std::net::IpAddr, u16)>> {
+    use netlink_packet_core::{
+        NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
     };
-    if u16::from_str_radix(p, 16) != Ok(port) {
-        return false;
-    }
-    let v4 = |word: &str| u32::from_str_radix(word, 16).map(u32::to_ne_bytes);
-    match a.len() {
-        8 => v4(a).is_ok_and(|a| a == [0; 4] || a == addr.octets()),
-        // ::, or ::ffff:addr.
-        32 => {
-            a.bytes().all(|c| c == b'0')
-                || (a[..16].bytes().all(|c| c == b'0')
-                    && a[16..24].eq_ignore_ascii_case("FFFF0000")
-                    && v4(&a[24..]).is_ok_and(|a| a == addr.octets()))
+    use netlink_packet_sock_diag::{
+        SockDiagMessage,
+        constants::IPPROTO_TCP,
+        inet::{ExtensionFlags, InetRequest, SocketId, StateFlags},
+    };
+    use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_SOCK_DIAG};
+
+    let socket = Socket::new(NETLINK_SOCK_DIAG)?;
+    socket.connect(&SocketAddr::new(0, 0))?;
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    let mut request = NetlinkMessage::new(
+        header,
+        SockDiagMessage::InetRequest(InetRequest {
+            family,
+            protocol: IPPROTO_TCP,
+            extensions: ExtensionFlags::empty(),
+            states: StateFlags::LISTEN,
+            socket_id: if family == netlink_packet_sock_diag::constants::AF_INET {
+                SocketId::new_v4()
+            } else {
+                SocketId::new_v6()
+            },
+        })
+        .into(),
+    );
+    request.finalize();
+    let mut buf = vec![0; request.buffer_len()];
+    request.serialize(&mut buf);
+    socket.send(&buf, 0)?;
+
+    let mut listeners = Vec::new();
+    let mut received = vec![0; 32 * 1024];
+    loop {
+        let size = socket.recv(&mut &mut received[..], 0)?;
+        let mut offset = 0;
+        while offset < size {
+            let message = <NetlinkMessage<SockDiagMessage>>::deserialize(&received[offset..size])
+                .map_err(|e| std::io::Error::other(format!("sock_diag answer: {e}")))?;
+            match message.payload {
+                NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => {
+                    let id = &r.header.socket_id;
+                    listeners.push((id.source_address, id.source_port));
+                }
+                NetlinkPayload::Done(_) => return Ok(listeners),
+                NetlinkPayload::Error(e) => {
+                    return Err(std::io::Error::other(format!("sock_diag: {e:?}")));
+                }
+                _ => {}
+            }
+            let len = message.header.length as usize;
+            if len == 0 {
+                break;
+            }
+            offset += len;
         }
-        _ => false,
     }
 }
 
@@ -364,26 +417,37 @@ mod tests {
     #[test]
     fn listeners_that_take_the_real_address_are_told_from_the_others() {
         let real = Ipv4Addr::new(198, 18, 0, 1);
-        let line = |local: &str, state: &str| {
-            format!(
-                "   0: {local} 00000000:0000 {state} 00000000:00000000 00:00000000 00000000 0 0 1 1"
-            )
-        };
-        // 0.0.0.0:22, 198.18.0.1:22 (network order: 0x010012C6), listening.
-        assert!(listener_takes(&line("00000000:0016", "0A"), real, 22));
-        assert!(listener_takes(&line("010012C6:0016", "0A"), real, 22));
-        // Another port, the virtual address, a connection.
-        assert!(!listener_takes(&line("00000000:0017", "0A"), real, 22));
-        assert!(!listener_takes(&line("010000F0:0016", "0A"), real, 22));
-        assert!(!listener_takes(&line("00000000:0016", "01"), real, 22));
-        // [::]:22 and [::ffff:198.18.0.1]:22; [::1]:22 is not.
-        let any6 = "00000000000000000000000000000000:0016";
-        let mapped = "0000000000000000FFFF0000010012C6:0016";
-        let lo6 = "00000000000000000000000001000000:0016";
-        assert!(listener_takes(&line(any6, "0A"), real, 22));
-        assert!(listener_takes(&line(mapped, "0A"), real, 22));
-        assert!(!listener_takes(&line(lo6, "0A"), real, 22));
-        assert!(!listener_takes("garbage", real, 22));
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        for bound in ["0.0.0.0", "198.18.0.1", "::", "::ffff:198.18.0.1"] {
+            assert!(takes(ip(bound), real), "{bound}");
+        }
+        for bound in [
+            "240.0.0.1",
+            "127.0.0.1",
+            "::1",
+            "::ffff:240.0.0.1",
+            "2001:db8::1",
+        ] {
+            assert!(!takes(ip(bound), real), "{bound}");
+        }
+    }
+
+    /// A listener this process opens is found; a port without one is not.
+    #[test]
+    fn sock_diag_finds_this_namespaces_listeners() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let found = tcp_listeners(netlink_packet_sock_diag::constants::AF_INET).unwrap();
+        assert!(
+            found.contains(&(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), port)),
+            "{found:?}"
+        );
+        drop(l);
+        let found = tcp_listeners(netlink_packet_sock_diag::constants::AF_INET).unwrap();
+        assert!(
+            !found.iter().any(|(a, p)| *p == port && a.is_loopback()),
+            "{found:?}"
+        );
     }
 
     #[test]
