@@ -295,6 +295,14 @@ impl Technique {
     pub fn per_flow(self) -> bool {
         matches!(self, Self::Punch | Self::Ttcp | Self::Reversal)
     }
+
+    /// Whether the server's port on the wire is its application's (a
+    /// traversal that the socket can follow): a punch through NATs that
+    /// keep ports, Traversing-TCP to a firewalled public host. Not a
+    /// reversal, whose server sits behind a NAT that picks ports.
+    pub fn keeps_server_port(self) -> bool {
+        matches!(self, Self::Punch | Self::Ttcp)
+    }
 }
 
 /// `PeerPath::state`: a verified member (master-signed record) with no
@@ -338,6 +346,13 @@ pub const PATH_PER_FLOW: u8 = 1;
 /// path this host's own flows to it take. No packet of such a flow is
 /// rewritten.
 pub const PATH_SOCKET: u8 = 2;
+/// `PeerPath::flags`, with `PATH_SOCKET` on a `PATH_PER_FLOW` path: the
+/// member's port on the wire is the application's (hole punching through
+/// NATs that keep ports, Traversing-TCP) and a traversal to it has worked
+/// in this session. connect4 sends such a flow to the member's public
+/// address; tc egress tags its SYN and hands it to the agent, which runs
+/// the traversal and sends it.
+pub const PATH_SOCKET_TRAVERSAL: u8 = 4;
 
 /// Key of the socket-flows map: a flow translated at the socket, by its
 /// tuple on the wire (this host's real address is the same for all):
@@ -395,8 +410,22 @@ pub const SOCKET_ACCEPTED: u8 = 1;
 /// the punch SYN) and drops a RST on the tuple (the member's NAT rejecting
 /// the punch), until the member's own SYN arrives and clears the flag.
 pub const SOCKET_HOLD_ANSWER: u16 = 1;
+/// `SocketPeer::flags`: a traversal's client side, its SYN handed to the
+/// agents. tc ingress announces the flow at the member's SYN/ACK (the
+/// traversal is done) and drops a RST before it (a firewall rejecting
+/// the SYN that the agents are carrying around it).
+pub const SOCKET_AWAIT_ANSWER: u16 = 2;
 
 impl PeerPath {
+    /// Whether a connect() to the member goes straight to its endpoint on
+    /// the wire (translation at the socket): over a direct path, or a
+    /// traversal that keeps the member's port (`PATH_SOCKET_TRAVERSAL`).
+    #[inline(always)]
+    pub fn connects_at_socket(&self) -> bool {
+        self.flags & PATH_SOCKET != 0
+            && (self.flags & PATH_PER_FLOW == 0 || self.flags & PATH_SOCKET_TRAVERSAL != 0)
+    }
+
     /// A verified member without an authenticated path yet.
     pub const fn member(real: [u8; 4], technique: u8) -> Self {
         Self {

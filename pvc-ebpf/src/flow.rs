@@ -6,7 +6,8 @@ use pvc_common::{
     DIRECTION_EGRESS, DIRECTION_INGRESS, DropReason, EVENT_ANSWER_HELD, EVENT_FLOW_CREATED,
     EVENT_PACKET_HELD, EVENT_PACKET_REFUSED, EVENT_PUNCH, Event, FlowKey, HELD_BYTES,
     HINT_LIFETIME_SLOT, HeldPacket, IPPROTO_TCP, Masquerade, MasqueradingPorts, PATH_PER_FLOW,
-    PATH_SOCKET, PeerPath, Settings, SocketKey, SocketPeer, siphash24_16, tag_message,
+    PATH_SOCKET, PeerPath, SOCKET_AWAIT_ANSWER, Settings, SocketKey, SocketPeer, siphash24_16,
+    tag_message,
 };
 
 use crate::{
@@ -156,18 +157,25 @@ pub fn open_at_socket(
 ) -> Result<(), ()> {
     let fresh = SOCKET_FLOWS.get_ptr(key).is_none();
     SOCKET_FLOWS.insert(key, peer, 0).map_err(|_| ())?;
-    if fresh {
-        let virtual_tuple = FlowKey::new(
-            local_vip,
-            peer.vpeer,
-            peer.local_vport(key.local_port),
-            peer.vport,
-            IPPROTO_TCP,
-            DIRECTION_EGRESS,
-        );
-        announce_flow(&virtual_tuple, direction, peer.technique);
+    // A traversal's flow exists once the member answers (tc ingress).
+    if fresh && peer.flags & SOCKET_AWAIT_ANSWER == 0 {
+        announce_at_socket(key, peer, local_vip, direction);
     }
     Ok(())
+}
+
+/// Reports a flow translated at the socket by its virtual tuple.
+#[inline(always)]
+pub fn announce_at_socket(key: &SocketKey, peer: &SocketPeer, local_vip: [u8; 4], direction: u8) {
+    let virtual_tuple = FlowKey::new(
+        local_vip,
+        peer.vpeer,
+        peer.local_vport(key.local_port),
+        peer.vport,
+        IPPROTO_TCP,
+        DIRECTION_EGRESS,
+    );
+    announce_flow(&virtual_tuple, direction, peer.technique);
 }
 
 /// Reports a flow by its virtual tuple, local side first (the egress key,
@@ -323,14 +331,14 @@ pub fn tag_mac(
 /// the member's NAT put the flow.
 #[inline(always)]
 pub fn punch_received(ctx: &TcContext, ip: &Ipv4) -> DropReason {
-    to_agent(ctx, ip, EVENT_PUNCH, DropReason::Punch);
+    to_agent(ctx, ip, ip.daddr, EVENT_PUNCH, DropReason::Punch);
     DropReason::Punch
 }
 
 /// A server's answer the agent sends out as a punch SYN first.
 #[inline(always)]
 pub fn hold_answer(ctx: &TcContext, ip: &Ipv4) -> DropReason {
-    to_agent(ctx, ip, EVENT_ANSWER_HELD, DropReason::HeldAnswer);
+    to_agent(ctx, ip, ip.daddr, EVENT_ANSWER_HELD, DropReason::HeldAnswer);
     DropReason::HeldAnswer
 }
 
@@ -339,7 +347,21 @@ pub fn hold_answer(ctx: &TcContext, ip: &Ipv4) -> DropReason {
 /// retransmits the SYN, ping sends the next request.
 #[inline(always)]
 pub fn hold(ctx: &TcContext, ip: &Ipv4) {
-    to_agent(ctx, ip, EVENT_PACKET_HELD, DropReason::AwaitingPath);
+    to_agent(
+        ctx,
+        ip,
+        ip.daddr,
+        EVENT_PACKET_HELD,
+        DropReason::AwaitingPath,
+    );
+}
+
+/// Hands the SYN of a flow with the member at `vpeer` to the agent, which
+/// runs the flow's traversal and then sends it (translated at the socket:
+/// it goes to the member's public address already).
+#[inline(always)]
+pub fn hold_for_traversal(ctx: &TcContext, ip: &Ipv4, vpeer: [u8; 4]) {
+    to_agent(ctx, ip, vpeer, EVENT_PACKET_HELD, DropReason::AwaitingPath);
 }
 
 /// Drops a connection request the data path cannot carry and has the agent
@@ -348,7 +370,7 @@ pub fn hold(ctx: &TcContext, ip: &Ipv4) {
 /// reason, for the caller to count.
 #[inline(always)]
 pub fn refuse(ctx: &TcContext, ip: &Ipv4, reason: DropReason) -> DropReason {
-    to_agent(ctx, ip, EVENT_PACKET_REFUSED, reason);
+    to_agent(ctx, ip, ip.daddr, EVENT_PACKET_REFUSED, reason);
     reason
 }
 
@@ -364,8 +386,10 @@ pub fn may_take(ctx: &TcContext, ip: &Ipv4, used: Use) -> Result<(), DropReason>
     }
 }
 
+/// `peer`: the member the packet is for, by the address the agent knows
+/// it by (the packet's destination, unless translated at the socket).
 #[inline(always)]
-fn to_agent(ctx: &TcContext, ip: &Ipv4, kind: u8, reason: DropReason) {
+fn to_agent(ctx: &TcContext, ip: &Ipv4, peer: [u8; 4], kind: u8, reason: DropReason) {
     let Some(mut entry) = EVENTS.reserve_untyped::<HeldPacket>(0) else {
         return;
     };
@@ -379,7 +403,7 @@ fn to_agent(ctx: &TcContext, ip: &Ipv4, kind: u8, reason: DropReason) {
         (*ev).kind = kind;
         (*ev).complete = (ip.tot_len as usize <= HELD_BYTES) as u8;
         (*ev).len = len as u16;
-        (*ev).daddr = ip.daddr;
+        (*ev).daddr = peer;
         (*ev).reason = reason as u32;
         (*ev)._pad = 0;
         bpf_skb_load_bytes(

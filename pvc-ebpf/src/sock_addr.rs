@@ -15,9 +15,8 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use pvc_common::{
-    DropReason, EVENT_CONNECT_REFUSED, Event, IPPROTO_TCP, PATH_PER_FLOW, PATH_SOCKET, PEER_READY,
-    POLICY_OUTBOUND, PeerPath, SOCKET_CONNECTED, STANDING_EXPIRED, STANDING_REVOKED, SocketKey,
-    SocketPeer, is_virtual,
+    DropReason, EVENT_CONNECT_REFUSED, Event, IPPROTO_TCP, PEER_READY, POLICY_OUTBOUND, PeerPath,
+    SOCKET_CONNECTED, STANDING_EXPIRED, STANDING_REVOKED, SocketKey, SocketPeer, is_virtual,
 };
 
 use crate::maps::{SOCKET_CONNECTS, SOCKET_FLOWS, allowed, count_drop, emit, peer, settings};
@@ -86,8 +85,7 @@ pub fn pvc_connect4(ctx: SockAddrContext) -> i32 {
 /// flow is masqueraded per packet, as before.
 #[inline(always)]
 fn translate(ctx: &SockAddrContext, path: &PeerPath, vpeer: [u8; 4], vport: u16) {
-    if path.state != PEER_READY || path.flags & PATH_SOCKET == 0 || path.flags & PATH_PER_FLOW != 0
-    {
+    if path.state != PEER_READY || !path.connects_at_socket() {
         return;
     }
     // SAFETY: the context's bpf_sock_addr, valid for the whole run.

@@ -15,8 +15,8 @@ use aya_ebpf::{
 };
 use pvc_common::{
     DIRECTION_EGRESS, DropReason, FLOW_HOLD_SYNACK, FlowKey, IPPROTO_ICMP, IPPROTO_TCP,
-    MASQUERADING_PORT_TRIES, PATH_PER_FLOW, PATH_SOCKET, PEER_READY, POLICY_OUTBOUND,
-    SOCKET_HOLD_ANSWER, Settings, SocketKey, TRAFFIC_EGRESS, is_virtual,
+    MASQUERADING_PORT_TRIES, PATH_PER_FLOW, PEER_READY, POLICY_OUTBOUND, SOCKET_AWAIT_ANSWER,
+    SOCKET_HOLD_ANSWER, Settings, SocketKey, SocketPeer, TRAFFIC_EGRESS, is_virtual,
 };
 
 use crate::{
@@ -192,15 +192,14 @@ fn socket_syn(ctx: &TcContext, ip: &Ipv4, tcp: &Tcp) -> Result<i32, DropReason> 
     };
     let s = settings().ok_or(DropReason::AgentNotReady)?;
     // The member's path may have moved, ended or taken a technique the
-    // socket cannot follow (a traversal) since connect(): this SYN (a
+    // socket cannot follow (a traversal that moves the member's port)
+    // since connect(): this SYN (a
     // retransmission) is refused, so that connect() fails at once and the
     // application's next one takes the path as it is now, instead of
     // retransmitting into a path that no longer exists.
-    let Some(path) = peer(c.vpeer).filter(|p| {
-        p.state == PEER_READY
-            && p.real == ip.daddr
-            && p.flags & (PATH_SOCKET | PATH_PER_FLOW) == PATH_SOCKET
-    }) else {
+    let Some(path) = peer(c.vpeer)
+        .filter(|p| p.state == PEER_READY && p.real == ip.daddr && p.connects_at_socket())
+    else {
         return Err(flow::refuse(ctx, ip, DropReason::UnknownPeer));
     };
     let key = SocketKey {
@@ -208,11 +207,22 @@ fn socket_syn(ctx: &TcContext, ip: &Ipv4, tcp: &Tcp) -> Result<i32, DropReason> 
         peer_port: tcp.dport,
         local_port: tcp.sport,
     };
+    let traversal = path.flags & PATH_PER_FLOW != 0;
+    let c = SocketPeer {
+        flags: if traversal { SOCKET_AWAIT_ANSWER } else { 0 },
+        ..c
+    };
     if flow::open_at_socket(&key, &c, s.virtual_addr, DIRECTION_EGRESS).is_err() {
         return Err(flow::refuse(ctx, ip, DropReason::FlowTableFull));
     }
     let mac = flow::tag_mac(&path, s.virtual_addr, c.vpeer, c.vport, 0, tcp);
-    nat::append_tag(ctx, ip, tcp, s.virtual_addr, c.vport, mac)?;
+    let tagged = nat::append_tag(ctx, ip, tcp, s.virtual_addr, c.vport, mac)?;
+    if traversal {
+        // The member's NAT or firewall lets it in only once the agents
+        // opened the way: the agent sends this very SYN then.
+        flow::hold_for_traversal(ctx, &tagged, c.vpeer);
+        return Err(DropReason::AwaitingPath);
+    }
     Ok(TC_ACT_OK as i32)
 }
 

@@ -11,8 +11,9 @@ use aya_ebpf::{
 use pvc_common::{
     DIRECTION_EGRESS, DIRECTION_INGRESS, DropReason, EVENT_INBOUND_REFUSED, Event, FLOW_AWAIT_SYN,
     FLOW_AWAIT_SYNACK, FlowKey, IPPROTO_ICMP, IPPROTO_TCP, PATH_PER_FLOW, PATH_SOCKET, PEER_READY,
-    POLICY_INBOUND, PeerPath, ReplayKey, ReplayValue, SOCKET_ACCEPTED, SOCKET_HOLD_ANSWER,
-    Settings, SocketKey, SocketPeer, TAG_PUNCH, TCP_RST, TRAFFIC_INGRESS, Technique, is_virtual,
+    POLICY_INBOUND, PeerPath, ReplayKey, ReplayValue, SOCKET_ACCEPTED, SOCKET_AWAIT_ANSWER,
+    SOCKET_HOLD_ANSWER, Settings, SocketKey, SocketPeer, TAG_PUNCH, TCP_RST, TRAFFIC_INGRESS,
+    Technique, is_virtual,
 };
 
 use crate::{
@@ -23,8 +24,8 @@ use crate::{
     },
     nat,
     packet::{
-        ICMP_DEST_UNREACH, ICMP_ECHO_REPLY, ICMP_TIME_EXCEEDED, Ipv4, Parsed, Tag, Tcp, parse_icmp,
-        parse_ipv4, parse_quoted, parse_tcp, read_tag,
+        ICMP_DEST_UNREACH, ICMP_ECHO_REPLY, ICMP_TIME_EXCEEDED, Ipv4, Parsed, TCP_SYN, Tag, Tcp,
+        parse_icmp, parse_ipv4, parse_quoted, parse_tcp, read_tag,
     },
     sockets::{self, Use},
 };
@@ -179,12 +180,8 @@ fn ingress_tcp(ctx: &TcContext, ip: &Ipv4) -> Result<i32, DropReason> {
         flow::open(&key, &m, fresh).map_err(|r| flow::refuse(ctx, ip, r))?;
         m
     } else {
-        if tcp.flags & TCP_RST != 0
-            && socket_flow(ip, &tcp).is_some_and(|f| f.flags & SOCKET_HOLD_ANSWER != 0)
-        {
-            // The member's NAT rejecting our punch, for a flow our stack
-            // serves at the socket: the member's own SYN is still to come.
-            return Err(DropReason::TraversalReset);
+        if tcp.flags & (TCP_RST | TCP_SYN) != 0 && traversal_at_socket(ip, &tcp)? {
+            return PASS;
         }
         // Most packets without an entry (flows translated at the socket,
         // connections between real addresses) stop at the hint.
@@ -298,6 +295,42 @@ fn forwarded_to_listener(ctx: &TcContext, ip: &Ipv4, tcp: &Tcp) {
     sockets::assign_listener(ctx, ip.daddr, f.local_vport, ip.saddr, tcp.sport);
 }
 
+/// A RST or SYN/ACK of a traversal's flow carried at the socket, before
+/// the traversal is done: on the server's side (punching) a RST is the
+/// member's NAT rejecting our punch, the member's own SYN still to come; on
+/// the client's side a RST is a firewall rejecting the SYN the agents carry
+/// around it, and the member's SYN/ACK completes the traversal (announced:
+/// the agent stops waiting for it). Err drops the packet; Ok(true): the
+/// packet goes up as it is.
+#[inline(always)]
+fn traversal_at_socket(ip: &Ipv4, tcp: &Tcp) -> Result<bool, DropReason> {
+    let key = SocketKey {
+        peer: ip.saddr,
+        peer_port: tcp.sport,
+        local_port: tcp.dport,
+    };
+    let Some(p) = SOCKET_FLOWS.get_ptr_mut(&key) else {
+        return Ok(false);
+    };
+    // SAFETY: a live value of the map, under RCU; the flags are only
+    // cleared (a racing writer clears the same bit).
+    let f = unsafe { &mut *p };
+    if f.flags & (SOCKET_HOLD_ANSWER | SOCKET_AWAIT_ANSWER) == 0 {
+        return Ok(false);
+    }
+    if tcp.flags & TCP_RST != 0 {
+        return Err(DropReason::TraversalReset);
+    }
+    if f.flags & SOCKET_AWAIT_ANSWER != 0 && tcp.is_syn_ack() {
+        f.flags &= !SOCKET_AWAIT_ANSWER;
+        if let Some(s) = settings() {
+            flow::announce_at_socket(&key, f, s.virtual_addr, DIRECTION_EGRESS);
+        }
+        return Ok(true);
+    }
+    Ok(false)
+}
+
 /// A member's SYN came through the hole our agent punched for a flow our
 /// stack serves at the socket: the stack's answer (a retransmission of
 /// the one the punch carried) may leave now, and the flow exists.
@@ -318,15 +351,7 @@ fn punch_completed(ip: &Ipv4, tcp: &Tcp, local_vip: [u8; 4]) {
         return;
     }
     f.flags &= !SOCKET_HOLD_ANSWER;
-    let virtual_tuple = FlowKey::new(
-        local_vip,
-        f.vpeer,
-        f.local_vport(key.local_port),
-        f.vport,
-        IPPROTO_TCP,
-        DIRECTION_EGRESS,
-    );
-    flow::announce_flow(&virtual_tuple, DIRECTION_INGRESS, f.technique);
+    flow::announce_at_socket(&key, f, local_vip, DIRECTION_INGRESS);
 }
 
 /// The flow taken at the socket that a packet from a member belongs to,

@@ -124,7 +124,7 @@ impl Agent {
                     } else {
                         self.route(vip, session.peer_real).await?;
                     }
-                    let entry = self.translated(super::core::kernel_path(&session, &path));
+                    let entry = self.translated(super::core::kernel_path(&session, &path, false));
                     self.datapath.maps.set_peer(vip, entry)
                 }
                 .await;
@@ -330,8 +330,10 @@ impl Agent {
                 technique,
             } => {
                 if outbound && technique.is_some_and(|t| t.per_flow()) {
-                    self.core
+                    let effects = self
+                        .core
                         .traversed(*remote.ip(), local.port(), Instant::now());
+                    self.apply(effects).await;
                 }
                 let technique = technique.map_or("unknown", |t| t.name());
                 *self.flows_opened.entry(technique.to_string()).or_default() += 1;

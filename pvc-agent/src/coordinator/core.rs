@@ -130,6 +130,17 @@ pub(super) enum Exchange {
 pub(super) struct Established {
     pub session: Session,
     pub since: Instant,
+    /// A traversal to the member completed in this session: connect()s
+    /// may go to its endpoint on the wire when the technique keeps its
+    /// port (`PATH_SOCKET_TRAVERSAL`).
+    pub traversed: bool,
+}
+
+impl Established {
+    /// The kernel's entry for this session over `path`.
+    pub fn kernel_path(&self, path: &connectivity::Path) -> KernelPath {
+        kernel_path(&self.session, path, self.traversed)
+    }
 }
 
 /// Requests remembered per member (`Core::first_time`): far more than run
@@ -192,13 +203,21 @@ impl Peer {
     }
 }
 
-/// The kernel's entry for an authenticated path.
-pub(super) fn kernel_path(session: &Session, path: &connectivity::Path) -> KernelPath {
-    let flags = if path.technique.per_flow() || path.technique == Technique::Relay {
+/// The kernel's entry for an authenticated path; `traversed`: a traversal
+/// over it has worked (`Established::traversed`).
+pub(super) fn kernel_path(
+    session: &Session,
+    path: &connectivity::Path,
+    traversed: bool,
+) -> KernelPath {
+    let mut flags = if path.technique.per_flow() || path.technique == Technique::Relay {
         pvc_common::PATH_PER_FLOW
     } else {
         0
     };
+    if traversed && path.technique.keeps_server_port() {
+        flags |= pvc_common::PATH_SOCKET_TRAVERSAL;
+    }
     KernelPath::ready(
         session.peer_real.octets(),
         path.technique as u8,
@@ -364,6 +383,10 @@ impl Core {
         let p = self.peers.get_mut(&vip).expect("looked up");
         let was_relay = p.technique() == Technique::Relay;
         p.path = path;
+        if let Some(s) = p.session.as_mut() {
+            // Whether traversals work is for the new path to show.
+            s.traversed = false;
+        }
         match (&p.session, path) {
             (Some(s), Some(path)) if path.real == s.session.peer_real => {
                 tracing::info!(name = p.member.name, %vip, technique = path.technique.name(), "path to member changed technique");
@@ -378,7 +401,7 @@ impl Core {
                         real: s.session.peer_real,
                     });
                 }
-                out.push(Effect::SetPeer(vip, kernel_path(&s.session, &path)));
+                out.push(Effect::SetPeer(vip, s.kernel_path(&path)));
             }
             (Some(s), new) => {
                 tracing::info!(name = p.member.name, %vip, "member's path moved; it will be authenticated again");

@@ -139,6 +139,7 @@ impl Core {
                             tag_key: path.tag_key,
                         },
                         since: now,
+                        traversed: false,
                     });
                     self.routed.insert(vip);
                     out.push(Effect::Route { vip, real });

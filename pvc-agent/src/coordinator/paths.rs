@@ -309,6 +309,7 @@ impl Core {
         p.session = Some(Established {
             session,
             since: now,
+            traversed: false,
         });
         p.failed_at = None;
         if let Some(started) = p.auth_started.take() {

@@ -160,10 +160,7 @@ impl Core {
         p.relay_since.get_or_insert_with(std::time::Instant::now);
         out.push(Effect::RelayRoute(vip));
         if let Some(s) = &p.session {
-            out.push(Effect::SetPeer(
-                vip,
-                super::core::kernel_path(&s.session, &path),
-            ));
+            out.push(Effect::SetPeer(vip, s.kernel_path(&path)));
         }
     }
 }

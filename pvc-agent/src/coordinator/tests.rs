@@ -764,3 +764,106 @@ fn a_served_traversal_is_punched_with_the_answer_of_either_form() {
     let virtual_answer = answer(SocketAddrV4::new(va, 22), SocketAddrV4::new(vb, 50000));
     assert_eq!(punches(&a.answer_held(&virtual_answer, t)).len(), 1);
 }
+
+/// A SYN translated at the socket, as tc hands it over: from our real
+/// address and `sport` to the member's public address and `dport`.
+fn wire_syn(c: &Cluster, sport: u16, dport: u16) -> Vec<u8> {
+    let mut p = vec![0u8; 40];
+    p[0] = 0x45;
+    p[2..4].copy_from_slice(&40u16.to_be_bytes());
+    p[8] = 64;
+    p[9] = 6;
+    p[12..16].copy_from_slice(&c.hosts[0].real.octets());
+    p[16..20].copy_from_slice(&c.hosts[1].real.octets());
+    p[20..22].copy_from_slice(&sport.to_be_bytes());
+    p[22..24].copy_from_slice(&dport.to_be_bytes());
+    p[32] = 0x50;
+    p[33] = 0x02;
+    p
+}
+
+/// The client's side of a traversal translated at the socket: the member's
+/// agent gets the SYN as if sent to the virtual address; our SYN goes as it
+/// is once the member's NAT expects it at the application's port, and is
+/// refused if the member's NAT put the flow elsewhere or the traversal
+/// times out (it cannot take the relay). The first traversal that works
+/// lets connect() go to the member's endpoint from then on.
+#[test]
+fn a_traversal_translated_at_the_socket_sends_its_syn_as_it_is_or_refuses_it() {
+    use std::net::SocketAddrV4;
+    let c = Cluster::new(2);
+    let t = Instant::now();
+    let (mut a, _b) = paired(&c, t);
+    let (va, vb) = (c.hosts[0].vip, c.hosts[1].vip);
+    let (ra, rb) = (c.hosts[0].real, c.hosts[1].real);
+    let path = crate::connectivity::Path {
+        real: rb,
+        local: ra,
+        technique: pvc_common::Technique::Punch,
+        port: 0,
+    };
+    a.peers.get_mut(&vb).unwrap().path = Some(path);
+    let key = a.peers[&vb].session.as_ref().unwrap().session.tag_key;
+    let traverse = |effects: &[Effect]| {
+        sends(effects)
+            .into_iter()
+            .find_map(|(_, m)| match m {
+                Handshake::Traverse(t) => Some(t),
+                _ => None,
+            })
+            .expect("a traversal request")
+    };
+    let punched = |a: &mut Core, id: u64, server: SocketAddrV4| {
+        let mut p = pvc_proto::handshake::Punched {
+            id,
+            server,
+            mac: [0; 32],
+        };
+        p.mac = crate::security::challenge::control_mac(&key, &p.signed_part());
+        let mut out = Vec::new();
+        a.punched(vb, p, t, &mut out);
+        out
+    };
+
+    let syn = wire_syn(&c, 40000, 22);
+    let request = traverse(&a.held(vb, Some(syn.clone()), t));
+    let virtual_syn = crate::interposition::inject::Syn::parse(&request.syn).unwrap();
+    assert_eq!(
+        (
+            virtual_syn.saddr,
+            virtual_syn.sport,
+            virtual_syn.daddr,
+            virtual_syn.dport
+        ),
+        (va, 40000, vb, 22)
+    );
+    assert_eq!(request.client, SocketAddrV4::new(ra, 40000));
+    let out = punched(&mut a, request.id, SocketAddrV4::new(rb, 22));
+    assert_eq!(resent(&out), vec![syn], "{out:?}");
+    assert!(
+        !out.iter().any(|e| matches!(e, Effect::InstallFlow { .. })),
+        "{out:?}"
+    );
+    let first = kernel_entry(&a.traversed(vb, 40000, t), vb).expect("the path is rewritten");
+    assert_ne!(first.flags & pvc_common::PATH_SOCKET_TRAVERSAL, 0);
+    assert!(a.traversed(vb, 40000, t).is_empty(), "once per session");
+
+    // The member's NAT put the flow at another port: refused.
+    let moved = wire_syn(&c, 40001, 22);
+    let request = traverse(&a.held(vb, Some(moved.clone()), t));
+    let out = punched(&mut a, request.id, SocketAddrV4::new(rb, 2222));
+    assert_eq!(refused(&out), vec![moved]);
+    assert!(resent(&out).is_empty());
+
+    // No answer in time: refused, not re-sent towards the relay.
+    let late = wire_syn(&c, 40002, 22);
+    let _ = traverse(&a.held(vb, Some(late.clone()), t));
+    let mut out = Vec::new();
+    a.set_active(BTreeSet::from([vb]));
+    a.expire_flows(
+        t + super::traversal::TRAVERSAL_TIMEOUT + Duration::from_millis(10),
+        &mut out,
+    );
+    assert_eq!(refused(&out), vec![late]);
+    assert!(resent(&out).is_empty());
+}

@@ -83,7 +83,7 @@ impl ServedFlow {
         SocketKey {
             peer: self.client.ip().octets(),
             peer_port: self.client.port(),
-            local_port: u16::from_be_bytes([self.syn[22], self.syn[23]]),
+            local_port: Syn::parse(&self.syn).map_or(0, |s| s.dport),
         }
     }
 
@@ -128,6 +128,10 @@ impl Core {
         let (Some(syn), Some(p)) = (Syn::parse(&packet), self.peers.get(&peer)) else {
             return;
         };
+        // Translated at the socket, the SYN goes to the member's public
+        // address already; the member's agent gets it as its application
+        // would have sent it to the virtual address.
+        let at_socket = at_socket(&syn);
         let (Some(path), Some(session)) = (p.path, p.session.as_ref()) else {
             return;
         };
@@ -153,12 +157,20 @@ impl Core {
         let mut t = Traverse {
             id,
             technique: path.technique as u8,
-            syn: packet.clone(),
+            syn: if at_socket {
+                readdressed(&packet, self.me.virtual_ip, peer)
+            } else {
+                packet.clone()
+            },
             client,
             mac: [0; 32],
         };
         t.mac = control_mac(&session.session.tag_key, &t.signed_part());
-        if path.technique == Technique::Ttcp {
+        if path.technique == Technique::Ttcp && at_socket {
+            // Our SYN goes out first and opens our side (tc drops a RST
+            // before the member's answer, `SOCKET_AWAIT_ANSWER`).
+            out.push(Effect::Resend(packet.clone()));
+        } else if path.technique == Technique::Ttcp {
             // Our SYN goes out first and opens our side; the member's
             // answer comes back on it. Until it does, a RST from the
             // member's firewall is not for our socket.
@@ -457,6 +469,20 @@ impl Core {
         };
         flow.completing = true;
         let (peer, technique, packet) = (flow.peer, flow.technique, packet.clone());
+        if at_socket(&syn) {
+            // connect() sent it to the member's public address at the
+            // application's port: only there can it go.
+            if server == SocketAddrV4::new(syn.daddr, syn.dport) {
+                out.push(Effect::Resend(packet));
+                self.count("traversals_completed");
+            } else {
+                warn!(%peer, %server, "the member's NAT put a flow at another port than the application's: refused (connect() again)");
+                self.flows.remove(&id);
+                out.push(Effect::Refuse(packet));
+                self.count("traversals_failed");
+            }
+            return;
+        }
         let key = FlowKey::new(
             syn.saddr.octets(),
             syn.daddr.octets(),
@@ -484,7 +510,9 @@ impl Core {
 
     /// Our kernel saw the member's SYN/ACK for a flow we opened with a
     /// traversal: it is done (Traversing-TCP has no other sign of it).
-    pub fn traversed(&mut self, peer: Ipv4Addr, sport: u16, now: Instant) {
+    /// The first in a session lets connect() go to the member's endpoint
+    /// on the wire, when the technique keeps the member's port.
+    pub fn traversed(&mut self, peer: Ipv4Addr, sport: u16, now: Instant) -> Vec<Effect> {
         let metrics = &self.metrics;
         self.flows.retain(|_, f| {
             let done =
@@ -495,6 +523,17 @@ impl Core {
             }
             !done
         });
+        let mut out = Vec::new();
+        if let Some(p) = self.peers.get_mut(&peer)
+            && let (Some(path), Some(s)) = (p.path, p.session.as_mut())
+            && path.technique.keeps_server_port()
+            && !s.traversed
+        {
+            s.traversed = true;
+            debug!(%peer, technique = path.technique.name(), "a traversal worked: connect()s go to the member's public address from now on");
+            out.push(Effect::SetPeer(peer, s.kernel_path(&path)));
+        }
+        out
     }
 
     /// Traversals that did not complete in time: their SYNs are refused
@@ -510,7 +549,16 @@ impl Core {
             let flow = self.flows.remove(&id).expect("listed");
             if let Side::Client { syn, .. } = flow.side {
                 self.count("traversals_failed");
-                if self.active.contains(&flow.peer) {
+                if Syn::parse(&syn).is_some_and(|s| at_socket(&s)) {
+                    // Sent to the member's public address, it cannot take
+                    // the relay: refused; the next connect() takes the
+                    // path as it is then.
+                    warn!(peer = %flow.peer, technique = flow.technique.name(), "a flow's traversal did not complete within {TRAVERSAL_TIMEOUT:?}: refused");
+                    out.push(Effect::Refuse(syn));
+                    if !self.active.contains(&flow.peer) {
+                        self.use_relay(flow.peer, out);
+                    }
+                } else if self.active.contains(&flow.peer) {
                     // Flows on the direct path run: moving the pair to the
                     // relay would break them.
                     warn!(peer = %flow.peer, technique = flow.technique.name(), "a flow's traversal did not complete within {TRAVERSAL_TIMEOUT:?}: refused");
@@ -524,6 +572,21 @@ impl Core {
             }
         }
     }
+}
+
+/// Whether a held SYN was translated at the socket (it goes to the
+/// member's public address, not its virtual one).
+fn at_socket(syn: &Syn) -> bool {
+    !pvc_common::is_virtual(syn.daddr.octets())
+}
+
+/// `packet` (an IPv4 SYN) from `saddr` to `daddr` instead; its TCP checksum
+/// is left for the injector, which computes it whole.
+fn readdressed(packet: &[u8], saddr: Ipv4Addr, daddr: Ipv4Addr) -> Vec<u8> {
+    let mut p = packet.to_vec();
+    p[12..16].copy_from_slice(&saddr.octets());
+    p[16..20].copy_from_slice(&daddr.octets());
+    p
 }
 
 /// The virtual source and port a punch SYN's PVC tag names (the tag is

@@ -993,3 +993,61 @@ async fn a_punched_flow_served_at_the_socket_holds_its_answer_and_drops_the_punc
     assert_eq!(host.drops(DropReason::HeldAnswer), 1);
     assert_eq!(host.drops(DropReason::TraversalReset), 1);
 }
+
+/// A traversal's client side translated at the socket: before the member's
+/// SYN/ACK, a RST on the flow's tuple (a firewall rejecting the SYN the
+/// agents carry around it) is dropped; the SYN/ACK passes as it is and
+/// reports the flow (the agent stops waiting for the traversal); after it,
+/// a RST is the flow's own.
+#[tokio::test]
+async fn a_traversal_at_the_socket_is_reported_at_the_members_answer() {
+    use pvc_common::{SOCKET_AWAIT_ANSWER, SOCKET_CONNECTED, SocketKey, SocketPeer};
+    let mut host = Host::new();
+    // Our socket 198.18.0.1:40000 connected to B's public endpoint B_R:22.
+    let key = SocketKey {
+        peer: B_R,
+        peer_port: 22,
+        local_port: 40000,
+    };
+    host.maps
+        .open_at_socket(
+            key,
+            SocketPeer {
+                vpeer: B_V,
+                vport: 22,
+                technique: Technique::Ttcp as u8,
+                side: SOCKET_CONNECTED,
+                local_vport: 0,
+                flags: SOCKET_AWAIT_ANSWER,
+            },
+        )
+        .unwrap();
+    let rejection = tcp_flags_frame((B_R, 22), (A_R, 40000), false, true, true);
+    let answer = tcp_flags_frame((B_R, 22), (A_R, 40000), true, true, false);
+
+    let (verdict, _) = host.run(INGRESS, &rejection);
+    assert_eq!(verdict, TC_ACT_SHOT, "a firewall's RST before the answer");
+    assert_eq!(host.drops(DropReason::TraversalReset), 1);
+    let (verdict, out) = host.run(INGRESS, &answer);
+    assert_eq!(
+        (verdict, out),
+        (TC_ACT_OK, answer.clone()),
+        "the answer, as it is"
+    );
+    // Reported without waking the agent, which reads it on its timer.
+    assert_eq!(
+        host.events.drain(),
+        vec![FlowEvent::Opened {
+            proto: IPPROTO_TCP,
+            outbound: true,
+            local: std::net::SocketAddrV4::new(A_V.into(), 40000),
+            remote: std::net::SocketAddrV4::new(B_V.into(), 22),
+            technique: Some(Technique::Ttcp),
+        }]
+    );
+    let (verdict, out) = host.run(INGRESS, &rejection);
+    assert_eq!((verdict, out), (TC_ACT_OK, rejection), "the flow's own RST");
+    let (verdict, _) = host.run(INGRESS, &answer);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(host.drops(DropReason::TraversalReset), 1);
+}
