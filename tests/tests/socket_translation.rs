@@ -708,6 +708,14 @@ fn traversed_flows_are_carried_by_their_sockets() {
             assert_eq!(seen["local_port"], 7000, "{server}'s getsockname()");
         };
         connect(&lab, 1);
+        // (The agent learns the traversal worked from the kernel's report,
+        // read at the latest on its timer or before it answers `pvc status`.)
+        wait_until(
+            Duration::from_secs(5),
+            "the first traversal to be done",
+            || (lab.status(client).ok()?["flows_opened"][technique].as_u64()? >= 1).then_some(()),
+        )
+        .unwrap();
 
         probe::echo_server(&mut lab, server, 7600).unwrap();
         let rewritten = (traffic(&lab, client), traffic(&lab, server));
@@ -760,5 +768,71 @@ fn traversed_flows_are_carried_by_their_sockets() {
         }
         connect(&lab, 2);
     }
+    assert_eq!(lab.leaks().unwrap(), 0);
+}
+
+/// A traversal translated at the socket cannot fall back to the relay (its
+/// socket is connected to the member's public address): when the way does
+/// not open (here b's NAT drops every connection request toward a's site,
+/// so b's punch never leaves), connect() fails at once with ECONNREFUSED
+/// instead of waiting for TCP's timeouts, and a flow that runs at the
+/// socket meanwhile goes on.
+#[test]
+fn a_traversal_at_the_socket_that_fails_is_refused_at_once() {
+    require_tools(&["python3", "socat", "iptables"]);
+    let mut lab =
+        started_at_the_socket(Lab::internet(&[(Site::Cone, 1), (Site::Cone, 1)]).unwrap());
+    let b = lab.host("b").virtual_ip;
+    wait_until(
+        Duration::from_secs(30),
+        "a's path to b to take punch",
+        || (technique_to(&lab, "a", b).as_deref() == Some("punch")).then_some(()),
+    )
+    .unwrap();
+    probe::echo_server(&mut lab, "b", 7600).unwrap();
+    // The pair's first traversal works (per packet at a); the next flow
+    // goes at the socket.
+    let first = probe::timed(&lab, "a", b, 7600, true).unwrap();
+    assert_eq!(first["reply"], "hello", "{first}");
+    // (The agent learns it from the kernel's report, read at the latest
+    // on its timer or before it answers `pvc status`.)
+    wait_until(
+        Duration::from_secs(5),
+        "a's first traversal to be done",
+        || (lab.status("a").ok()?["flows_opened"]["punch"].as_u64()? >= 1).then_some(()),
+    )
+    .unwrap();
+    let chatter = probe::chatter(&mut lab, "a", b, 7600, 4).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let running: Vec<Value> = flows_on_port(&lab, "a", 7600)
+        .into_iter()
+        .filter(|f| f["closing"] == false)
+        .collect();
+    assert_eq!(directions(&running), ["socket"], "{running:?}");
+
+    let router = lab.router_netns(1).unwrap();
+    let a_site = lab.site_wan(0).to_string();
+    Lab::command_in(&router, None, "iptables")
+        .unwrap()
+        .args([
+            "-I", "FORWARD", "-o", "wan", "-d", &a_site, "-p", "tcp", "--syn", "-j", "DROP",
+        ])
+        .ok()
+        .unwrap();
+    let failed = probe::timed(&lab, "a", b, 7600, true).unwrap();
+    assert_eq!(
+        failed["errno"],
+        ECONNREFUSED,
+        "{failed}\n{}",
+        lab.agent_log("a")
+    );
+    assert!(failed["ms"].as_f64().unwrap() < 2500.0, "{failed}");
+    assert!(
+        lab.agent_log("a").contains("did not complete within"),
+        "{}",
+        lab.agent_log("a")
+    );
+    let result = probe::chatter_result(&mut lab, &chatter).unwrap();
+    assert_eq!(result["ok"], true, "the flow at the socket: {result}");
     assert_eq!(lab.leaks().unwrap(), 0);
 }
