@@ -407,8 +407,9 @@ pub const SOCKET_ACCEPTED: u8 = 1;
 /// `SocketPeer::flags`: a traversal's server side, punching. The agent
 /// injected the member's SYN as it will come on the wire; tc egress hands
 /// the stack's answer to the agent (which sends its sequence number out as
-/// the punch SYN) and drops a RST on the tuple (the member's NAT rejecting
-/// the punch), until the member's own SYN arrives and clears the flag.
+/// the punch SYN) and tc ingress drops a RST on the tuple (the member's NAT
+/// rejecting the punch), until the member's own SYN arrives and clears the
+/// flag.
 pub const SOCKET_HOLD_ANSWER: u16 = 1;
 /// `SocketPeer::flags`: a traversal's client side, its SYN handed to the
 /// agents. tc ingress announces the flow at the member's SYN/ACK (the

@@ -155,7 +155,17 @@ pub fn open_at_socket(
     local_vip: [u8; 4],
     direction: u8,
 ) -> Result<(), ()> {
-    let fresh = SOCKET_FLOWS.get_ptr(key).is_none();
+    // SAFETY: a copy of the value, read under RCU.
+    let existing = unsafe { SOCKET_FLOWS.get(key) }.copied();
+    if existing
+        .is_some_and(|e| e.vpeer == peer.vpeer && e.vport == peer.vport && e.side == peer.side)
+    {
+        // The flow's SYN again: its entry stands, flags included (an
+        // update would replace the element, and could undo tc ingress
+        // clearing a flag at the same time).
+        return Ok(());
+    }
+    let fresh = existing.is_none();
     SOCKET_FLOWS.insert(key, peer, 0).map_err(|_| ())?;
     // A traversal's flow exists once the member answers (tc ingress).
     if fresh && peer.flags & SOCKET_AWAIT_ANSWER == 0 {

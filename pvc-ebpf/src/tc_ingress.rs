@@ -247,11 +247,7 @@ fn accept_at_socket(
     } else if !sockets::assign_listener(ctx, ip.daddr, tag.vdport, ip.saddr, tcp.sport) {
         return false;
     }
-    let key = SocketKey {
-        peer: ip.saddr,
-        peer_port: tcp.sport,
-        local_port: tcp.dport,
-    };
+    let key = wire_key(ip, tcp);
     // The SYN came straight: over our path's own technique when that is a
     // direct one, else (our flows to the member need a traversal, its
     // flows to us do not) straight to our address.
@@ -304,16 +300,13 @@ fn forwarded_to_listener(ctx: &TcContext, ip: &Ipv4, tcp: &Tcp) {
 /// packet goes up as it is.
 #[inline(always)]
 fn traversal_at_socket(ip: &Ipv4, tcp: &Tcp) -> Result<bool, DropReason> {
-    let key = SocketKey {
-        peer: ip.saddr,
-        peer_port: tcp.sport,
-        local_port: tcp.dport,
-    };
+    let key = wire_key(ip, tcp);
     let Some(p) = SOCKET_FLOWS.get_ptr_mut(&key) else {
         return Ok(false);
     };
-    // SAFETY: a live value of the map, under RCU; the flags are only
-    // cleared (a racing writer clears the same bit).
+    // SAFETY: a live value of the map, under RCU; the programs only clear
+    // its flags once it is in (a SYN sent again leaves it as it is), and
+    // a racing writer clears the same bit.
     let f = unsafe { &mut *p };
     if f.flags & (SOCKET_HOLD_ANSWER | SOCKET_AWAIT_ANSWER) == 0 {
         return Ok(false);
@@ -336,11 +329,7 @@ fn traversal_at_socket(ip: &Ipv4, tcp: &Tcp) -> Result<bool, DropReason> {
 /// the one the punch carried) may leave now, and the flow exists.
 #[inline(always)]
 fn punch_completed(ip: &Ipv4, tcp: &Tcp, local_vip: [u8; 4]) {
-    let key = SocketKey {
-        peer: ip.saddr,
-        peer_port: tcp.sport,
-        local_port: tcp.dport,
-    };
+    let key = wire_key(ip, tcp);
     let Some(p) = SOCKET_FLOWS.get_ptr_mut(&key) else {
         return;
     };
@@ -354,15 +343,21 @@ fn punch_completed(ip: &Ipv4, tcp: &Tcp, local_vip: [u8; 4]) {
     flow::announce_at_socket(&key, f, local_vip, DIRECTION_INGRESS);
 }
 
+/// The socket-flows key of a packet from a member, as it came on the wire.
+#[inline(always)]
+fn wire_key(ip: &Ipv4, tcp: &Tcp) -> SocketKey {
+    SocketKey {
+        peer: ip.saddr,
+        peer_port: tcp.sport,
+        local_port: tcp.dport,
+    }
+}
+
 /// The flow taken at the socket that a packet from a member belongs to,
 /// by its tuple on the wire.
 #[inline(always)]
 fn socket_flow(ip: &Ipv4, tcp: &Tcp) -> Option<SocketPeer> {
-    let key = SocketKey {
-        peer: ip.saddr,
-        peer_port: tcp.sport,
-        local_port: tcp.dport,
-    };
+    let key = wire_key(ip, tcp);
     // SAFETY: a copy of the value, read under RCU.
     unsafe { SOCKET_FLOWS.get(&key) }.copied()
 }

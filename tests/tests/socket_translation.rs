@@ -836,3 +836,96 @@ fn a_traversal_at_the_socket_that_fails_is_refused_at_once() {
     assert_eq!(result["ok"], true, "the flow at the socket: {result}");
     assert_eq!(lab.leaks().unwrap(), 0);
 }
+
+/// A flow masqueraded per packet beside one carried at the socket can pick
+/// the same ports on the wire (here a socket bound to a's virtual address
+/// and to the port the kernel gave the running flow's socket, towards the
+/// same member's port): the member's agent refuses to serve its traversal,
+/// and the running flow goes on untouched (before, b's agent rewrote the
+/// running flow's entry for the new one: held answers, dropped RSTs, and a
+/// SYN injected into the running connection). The new connect() fails, or
+/// takes the relay when the pair moves to it.
+#[test]
+fn a_traversal_that_would_take_a_running_flows_ports_is_refused() {
+    require_tools(&["python3", "socat", "iptables", "bpftool"]);
+    let mut lab =
+        started_at_the_socket(Lab::internet(&[(Site::Cone, 1), (Site::Cone, 1)]).unwrap());
+    let (a, b) = (lab.host("a").virtual_ip, lab.host("b").virtual_ip);
+    wait_until(
+        Duration::from_secs(30),
+        "a's path to b to take punch",
+        || (technique_to(&lab, "a", b).as_deref() == Some("punch")).then_some(()),
+    )
+    .unwrap();
+    probe::echo_server(&mut lab, "b", 7600).unwrap();
+    let first = probe::timed(&lab, "a", b, 7600, true).unwrap();
+    assert_eq!(first["reply"], "hello", "{first}");
+    wait_until(
+        Duration::from_secs(5),
+        "a's first traversal to be done",
+        || (lab.status("a").ok()?["flows_opened"]["punch"].as_u64()? >= 1).then_some(()),
+    )
+    .unwrap();
+    let chatter = probe::chatter(&mut lab, "a", b, 7600, 4).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let running: Vec<Value> = flows_on_port(&lab, "a", 7600)
+        .into_iter()
+        .filter(|f| f["direction"] == "socket")
+        .collect();
+    assert_eq!(running.len(), 1, "{running:?}");
+    // "198.18.x.y:PORT -> ...": the running flow's port on the wire.
+    let wire = running[0]["to"].as_str().unwrap();
+    let port: u16 = wire
+        .split(" -> ")
+        .next()
+        .unwrap()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let pin = format!("/sys/fs/bpf/pvc/{}/socket_flows", lab.host("b").instance);
+    let entry_on_b = || -> Value {
+        let dump: Value =
+            serde_json::from_str(&bpftool(&["-j", "map", "dump", "pinned", &pin])).unwrap();
+        dump.as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["formatted"]["key"]["local_port"] == 7600)
+            .map(|e| e["formatted"]["value"].clone())
+            .unwrap_or(Value::Null)
+    };
+    let before = entry_on_b();
+    assert_eq!(before["flags"], 0, "{before}");
+
+    let script = format!(
+        r#"
+import socket, json
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("{a}", {port}))
+s.settimeout(5)
+try:
+    s.connect(("{b}", 7600))
+    print(json.dumps({{"connected": True}}))
+except OSError as e:
+    print(json.dumps({{"errno": e.errno}}))
+"#
+    );
+    let out = lab.app("a", "python3").args(["-c", &script]).ok().unwrap();
+    let got: Value = serde_json::from_str(out.trim()).unwrap();
+    assert!(
+        got["connected"] == true || got["errno"] == ECONNREFUSED,
+        "{got}\n{}",
+        lab.agent_log("a")
+    );
+    assert_eq!(entry_on_b(), before, "b's entry of the running flow");
+    assert!(
+        lab.agent_log("b").contains("refused to serve a traversal"),
+        "{}",
+        lab.agent_log("b")
+    );
+    let result = probe::chatter_result(&mut lab, &chatter).unwrap();
+    assert_eq!(result["ok"], true, "the running flow: {result}");
+    assert_eq!(lab.leaks().unwrap(), 0);
+}

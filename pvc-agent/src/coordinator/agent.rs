@@ -165,7 +165,14 @@ impl Agent {
                 to,
                 twin_flags,
             } => {
-                if let Err(e) = self.datapath.maps.install_flow(key, to, twin_flags) {
+                if self.datapath.maps.wire_tuple_taken(&key, &to) {
+                    // Its SYN then meets the running flow's socket on
+                    // egress and is refused (ECONNREFUSED).
+                    warn!(
+                        peer = %Ipv4Addr::from(to.peer),
+                        "a traversal's flow would take the ports on the wire of a flow that runs: not installed"
+                    );
+                } else if let Err(e) = self.datapath.maps.install_flow(key, to, twin_flags) {
                     warn!("{e:#}");
                 }
             }
@@ -662,6 +669,11 @@ impl Agent {
     /// address (nothing of the flow is rewritten here then), else with the
     /// flow's entries, masqueraded per packet.
     fn serve_traversal(&mut self, flow: super::traversal::ServedFlow) {
+        if self.datapath.maps.wire_tuple_taken(&flow.key, &flow.to) {
+            // The member's traversal times out and its connect() fails.
+            warn!(peer = %Ipv4Addr::from(flow.at_socket.vpeer), client = %flow.client, "refused to serve a traversal whose ports on the wire a flow that runs holds");
+            return;
+        }
         let key = flow.socket_key();
         let listener = || {
             interposition::listens_on(flow.real, key.local_port).unwrap_or_else(|e| {

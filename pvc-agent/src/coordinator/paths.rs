@@ -32,6 +32,17 @@ impl Core {
                     // A flow to a member behind a NAT or firewall: the
                     // agents open the way for this one.
                     self.start_flow(peer, packet, now, &mut out);
+                } else if packet
+                    .get(16..20)
+                    .and_then(|d| <[u8; 4]>::try_from(d).ok())
+                    .is_some_and(|d| !pvc_common::is_virtual(d))
+                {
+                    // Translated at the socket for a traversal the path no
+                    // longer takes (it moved to the relay, say): sent as
+                    // it is, it would bypass the path. Its connect() fails
+                    // at once; the next one takes the path as it is.
+                    out.push(Effect::Refuse(packet));
+                    self.count("held_refused");
                 } else {
                     // The path came up (or the member's address became
                     // local, for the relay) between the packet and this event.

@@ -636,6 +636,7 @@ fn a_traversal_request_is_served_once_and_never_over_a_flow_of_ours() {
                 syn: syn(9),
                 sport: 40000,
                 wire_port: 40000,
+                port_kept: false,
             },
             completing: false,
         },
@@ -848,14 +849,34 @@ fn a_traversal_translated_at_the_socket_sends_its_syn_as_it_is_or_refuses_it() {
     assert_ne!(first.flags & pvc_common::PATH_SOCKET_TRAVERSAL, 0);
     assert!(a.traversed(vb, 40000, t).is_empty(), "once per session");
 
-    // The member's NAT put the flow at another port: refused.
+    // The member's NAT put the flow at another port: refused, and
+    // connect()s go to the virtual address again (per packet).
     let moved = wire_syn(&c, 40001, 22);
     let request = traverse(&a.held(vb, Some(moved.clone()), t));
     let out = punched(&mut a, request.id, SocketAddrV4::new(rb, 2222));
     assert_eq!(refused(&out), vec![moved]);
     assert!(resent(&out).is_empty());
+    let entry = kernel_entry(&out, vb).expect("the path is rewritten");
+    assert_eq!(entry.flags & pvc_common::PATH_SOCKET_TRAVERSAL, 0);
+
+    // A traversal per packet through such a NAT works, but says nothing
+    // for the socket.
+    let mut virtual_syn = wire_syn(&c, 40003, 22);
+    virtual_syn[12..16].copy_from_slice(&va.octets());
+    virtual_syn[16..20].copy_from_slice(&vb.octets());
+    let request = traverse(&a.held(vb, Some(virtual_syn), t));
+    let out = punched(&mut a, request.id, SocketAddrV4::new(rb, 2222));
+    assert!(out.iter().any(|e| matches!(e, Effect::InstallFlow { .. })));
+    assert!(a.traversed(vb, 40003, t).is_empty(), "not at the socket");
 
     // No answer in time: refused, not re-sent towards the relay.
+    a.peers
+        .get_mut(&vb)
+        .unwrap()
+        .session
+        .as_mut()
+        .unwrap()
+        .traversed = true;
     let late = wire_syn(&c, 40002, 22);
     let _ = traverse(&a.held(vb, Some(late.clone()), t));
     let mut out = Vec::new();
@@ -865,5 +886,18 @@ fn a_traversal_translated_at_the_socket_sends_its_syn_as_it_is_or_refuses_it() {
         &mut out,
     );
     assert_eq!(refused(&out), vec![late]);
+    assert!(resent(&out).is_empty());
+    let entry = kernel_entry(&out, vb).expect("the path is rewritten");
+    assert_eq!(entry.flags & pvc_common::PATH_SOCKET_TRAVERSAL, 0);
+
+    // The path no longer takes a traversal (the pair moved to the relay)
+    // when the agent gets such a SYN: refused, not sent past the path.
+    a.peers.get_mut(&vb).unwrap().path = Some(crate::connectivity::Path {
+        technique: pvc_common::Technique::Relay,
+        ..path
+    });
+    let stray = wire_syn(&c, 40004, 22);
+    let out = a.held(vb, Some(stray.clone()), t);
+    assert_eq!(refused(&out), vec![stray]);
     assert!(resent(&out).is_empty());
 }

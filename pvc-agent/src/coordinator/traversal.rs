@@ -47,11 +47,14 @@ pub(super) struct Flow {
 pub(super) enum Side {
     /// We opened it: the application's SYN waits here. `wire_port`: the
     /// flow's port on our uplink (the application's, or the PVC port when
-    /// the member reaches us through our UPnP forward).
+    /// the member reaches us through our UPnP forward). `port_kept`: the
+    /// member's endpoint on the wire has the application's port (known
+    /// when the way is open).
     Client {
         syn: Vec<u8>,
         sport: u16,
         wire_port: u16,
+        port_kept: bool,
     },
     /// The member opened it: our stack's answer will come to us (punch).
     Server {
@@ -91,10 +94,8 @@ impl ServedFlow {
     /// there to our real address), which our stack then takes for the
     /// same connection request: its checksum is left for the injector.
     pub fn wire_syn(&self) -> Vec<u8> {
-        let mut p = self.syn.clone();
+        let mut p = readdressed(&self.syn, *self.client.ip(), self.real);
         let ihl = (p[0] & 0x0f) as usize * 4;
-        p[12..16].copy_from_slice(&self.client.ip().octets());
-        p[16..20].copy_from_slice(&self.real.octets());
         p[ihl..ihl + 2].copy_from_slice(&self.client.port().to_be_bytes());
         p
     }
@@ -208,6 +209,8 @@ impl Core {
                     syn: packet,
                     sport: syn.sport,
                     wire_port,
+                    // Traversing-TCP goes to the member's own port.
+                    port_kept: path.technique == Technique::Ttcp,
                 },
                 // Traversing-TCP: our SYN is out already.
                 completing: path.technique == Technique::Ttcp,
@@ -460,6 +463,7 @@ impl Core {
             syn: ref packet,
             sport,
             wire_port,
+            ref mut port_kept,
         } = flow.side
         else {
             return;
@@ -467,6 +471,7 @@ impl Core {
         let Some(syn) = Syn::parse(packet) else {
             return;
         };
+        *port_kept = server.port() == syn.dport;
         flow.completing = true;
         let (peer, technique, packet) = (flow.peer, flow.technique, packet.clone());
         if at_socket(&syn) {
@@ -480,6 +485,7 @@ impl Core {
                 self.flows.remove(&id);
                 out.push(Effect::Refuse(packet));
                 self.count("traversals_failed");
+                self.traversal_failed_at_socket(peer, out);
             }
             return;
         }
@@ -514,12 +520,20 @@ impl Core {
     /// on the wire, when the technique keeps the member's port.
     pub fn traversed(&mut self, peer: Ipv4Addr, sport: u16, now: Instant) -> Vec<Effect> {
         let metrics = &self.metrics;
+        let mut port_kept = false;
         self.flows.retain(|_, f| {
             let done =
                 f.peer == peer && matches!(f.side, Side::Client { sport: s, .. } if s == sport);
             if done {
                 metrics
                     .connection_setup(f.technique.name(), now.saturating_duration_since(f.since));
+                port_kept |= matches!(
+                    f.side,
+                    Side::Client {
+                        port_kept: true,
+                        ..
+                    }
+                );
             }
             !done
         });
@@ -527,6 +541,7 @@ impl Core {
         if let Some(p) = self.peers.get_mut(&peer)
             && let (Some(path), Some(s)) = (p.path, p.session.as_mut())
             && path.technique.keeps_server_port()
+            && port_kept
             && !s.traversed
         {
             s.traversed = true;
@@ -534,6 +549,19 @@ impl Core {
             out.push(Effect::SetPeer(peer, s.kernel_path(&path)));
         }
         out
+    }
+
+    /// A traversal translated at the socket failed: connect()s go to the
+    /// virtual address again (masqueraded per packet, free to fall back
+    /// to the relay) until one works again.
+    fn traversal_failed_at_socket(&mut self, peer: Ipv4Addr, out: &mut Vec<Effect>) {
+        if let Some(p) = self.peers.get_mut(&peer)
+            && let (Some(path), Some(s)) = (p.path, p.session.as_mut())
+            && s.traversed
+        {
+            s.traversed = false;
+            out.push(Effect::SetPeer(peer, s.kernel_path(&path)));
+        }
     }
 
     /// Traversals that did not complete in time: their SYNs are refused
@@ -549,20 +577,18 @@ impl Core {
             let flow = self.flows.remove(&id).expect("listed");
             if let Side::Client { syn, .. } = flow.side {
                 self.count("traversals_failed");
-                if Syn::parse(&syn).is_some_and(|s| at_socket(&s)) {
-                    // Sent to the member's public address, it cannot take
-                    // the relay: refused; the next connect() takes the
-                    // path as it is then.
-                    warn!(peer = %flow.peer, technique = flow.technique.name(), "a flow's traversal did not complete within {TRAVERSAL_TIMEOUT:?}: refused");
-                    out.push(Effect::Refuse(syn));
-                    if !self.active.contains(&flow.peer) {
-                        self.use_relay(flow.peer, out);
-                    }
-                } else if self.active.contains(&flow.peer) {
+                let at_socket = Syn::parse(&syn).is_some_and(|s| at_socket(&s));
+                if at_socket || self.active.contains(&flow.peer) {
                     // Flows on the direct path run: moving the pair to the
-                    // relay would break them.
+                    // relay would break them. A SYN sent to the member's
+                    // public address (translated at the socket) cannot take
+                    // the relay either; the next connect() goes to the
+                    // virtual address, masqueraded per packet.
                     warn!(peer = %flow.peer, technique = flow.technique.name(), "a flow's traversal did not complete within {TRAVERSAL_TIMEOUT:?}: refused");
                     out.push(Effect::Refuse(syn));
+                    if at_socket {
+                        self.traversal_failed_at_socket(flow.peer, out);
+                    }
                 } else {
                     warn!(peer = %flow.peer, technique = flow.technique.name(), "a flow's traversal did not complete within {TRAVERSAL_TIMEOUT:?}: the member is reached through the relay from now on");
                     self.use_relay(flow.peer, out);

@@ -4,8 +4,8 @@
 use std::{collections::BTreeSet, net::Ipv4Addr, time::Duration};
 
 use pvc_common::{
-    DIRECTION_EGRESS, FLOW_AWAIT_SYN, FLOW_AWAIT_SYNACK, FlowKey, IPPROTO_ICMP, IPPROTO_TCP,
-    Masquerade, MasqueradingPorts, SocketKey, SocketPeer, TCP_FIN, TCP_RST, Technique,
+    DIRECTION_EGRESS, DIRECTION_INGRESS, FLOW_AWAIT_SYN, FLOW_AWAIT_SYNACK, FlowKey, IPPROTO_ICMP,
+    IPPROTO_TCP, Masquerade, MasqueradingPorts, SocketKey, SocketPeer, TCP_FIN, TCP_RST, Technique,
 };
 use serde::{Deserialize, Serialize};
 
@@ -352,6 +352,29 @@ impl Maps {
         }
         self.socket_unseen = missing;
         removed
+    }
+
+    /// Whether a flow that runs holds the wire tuple of the flow `key`
+    /// rewritten to `to` (as an agent-installed traversal would): one
+    /// carried at the socket, or one masqueraded per packet that has not
+    /// closed. A traversal's new flow must not take it: its entries would
+    /// turn the running flow's packets into its own.
+    pub fn wire_tuple_taken(&self, key: &FlowKey, to: &Masquerade) -> bool {
+        let ingress = if key.direction == DIRECTION_INGRESS {
+            *key
+        } else {
+            to.reverse(key).0
+        };
+        let wire = SocketKey {
+            peer: ingress.saddr,
+            peer_port: ingress.sport,
+            local_port: ingress.dport,
+        };
+        self.socket_flows.get(&wire, 0).is_ok()
+            || self
+                .masquerading
+                .get(&ingress, 0)
+                .is_ok_and(|m| m.tcp_flags & (TCP_FIN | TCP_RST) == 0)
     }
 
     /// The socket-flows map: flows translated at the socket, by wire tuple.

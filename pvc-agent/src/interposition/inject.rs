@@ -68,6 +68,11 @@ pub fn complete_syn(packet: &[u8]) -> Option<Vec<u8>> {
     let syn = Syn::parse(packet)?;
     let ihl = (packet[0] & 0x0f) as usize * 4;
     let tot = (u16::from_be_bytes([packet[2], packet[3]]) as usize).min(packet.len());
+    if tot < ihl + 20 {
+        // A total length that cuts the TCP header (a member's traversal
+        // request carries the SYN as its agent wrote it).
+        return None;
+    }
     let mut out = packet[..tot].to_vec();
     let csum = tcp_checksum(syn.saddr, syn.daddr, &out[ihl..]);
     out[ihl + 16..ihl + 18].copy_from_slice(&csum.to_be_bytes());
@@ -173,7 +178,10 @@ impl Injector {
         Ok(())
     }
 
-    /// Re-sends a held SYN; tc egress now masquerades and tags it.
+    /// Re-sends a held SYN, its checksum computed whole: one to a virtual
+    /// address is masqueraded and tagged by tc egress; one to a member's
+    /// public address (translated at the socket, tagged) or to this host
+    /// (a member's SYN injected into our stack) goes as it is.
     pub fn resend(&self, packet: &[u8]) -> io::Result<()> {
         let complete =
             complete_syn(packet).ok_or_else(|| io::Error::other("not a held TCP SYN"))?;
