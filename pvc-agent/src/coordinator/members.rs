@@ -139,7 +139,7 @@ impl Core {
                             tag_key: path.tag_key,
                         },
                         since: now,
-                        traversed: false,
+                        traversed: path.flags & pvc_common::PATH_SOCKET_TRAVERSAL != 0,
                     });
                     self.routed.insert(vip);
                     out.push(Effect::Route { vip, real });

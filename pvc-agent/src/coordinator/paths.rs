@@ -317,11 +317,22 @@ impl Core {
         };
         info!(name = p.member.name, virtual_ip = %vip, real = %session.peer_real,
               technique = p.technique().name(), "path to member authenticated and installed");
-        p.session = Some(Established {
+        // A session renewed over the same path keeps what its traversals
+        // showed (the member's NAT keeps its port), and with it connect()s
+        // at the socket: the installed kernel path does not carry it yet.
+        let traversed = p
+            .session
+            .as_ref()
+            .is_some_and(|s| s.traversed && s.session.peer_real == session.peer_real);
+        let renewed = Established {
             session,
             since: now,
-            traversed: false,
-        });
+            traversed,
+        };
+        if traversed && let Some(path) = p.path {
+            out.push(Effect::SetPeer(vip, renewed.kernel_path(&path)));
+        }
+        p.session = Some(renewed);
         p.failed_at = None;
         if let Some(started) = p.auth_started.take() {
             let took = now.saturating_duration_since(started);

@@ -901,3 +901,36 @@ fn a_traversal_translated_at_the_socket_sends_its_syn_as_it_is_or_refuses_it() {
     assert_eq!(refused(&out), vec![stray]);
     assert!(resent(&out).is_empty());
 }
+
+/// A session renewed over the same path keeps connect()s at the socket
+/// for a member whose traversals kept its port; one with another address
+/// starts over.
+#[test]
+fn a_renewed_session_keeps_what_its_traversals_showed() {
+    let c = Cluster::new(2);
+    let t = Instant::now();
+    let (mut a, _b) = paired(&c, t);
+    let vb = c.hosts[1].vip;
+    a.peers.get_mut(&vb).unwrap().path = Some(crate::connectivity::Path {
+        real: c.hosts[1].real,
+        local: c.hosts[0].real,
+        technique: pvc_common::Technique::Punch,
+        port: 0,
+    });
+    let established = a.peers.get_mut(&vb).unwrap().session.as_mut().unwrap();
+    established.traversed = true;
+    let session = established.session.clone();
+
+    let out = a.installed(session.clone(), t);
+    let entry = kernel_entry(&out, vb).expect("the kernel path with the flag");
+    assert_ne!(entry.flags & pvc_common::PATH_SOCKET_TRAVERSAL, 0);
+    assert!(a.peers[&vb].session.as_ref().unwrap().traversed);
+
+    let moved = crate::security::challenge::Session {
+        peer_real: std::net::Ipv4Addr::new(198, 18, 99, 9),
+        ..session
+    };
+    let out = a.installed(moved, t);
+    assert!(kernel_entry(&out, vb).is_none(), "{out:?}");
+    assert!(!a.peers[&vb].session.as_ref().unwrap().traversed);
+}

@@ -555,9 +555,10 @@ impl Core {
     /// virtual address again (masqueraded per packet, free to fall back
     /// to the relay) until one works again.
     fn traversal_failed_at_socket(&mut self, peer: Ipv4Addr, out: &mut Vec<Effect>) {
+        // (Also when this agent did not set it: a path taken over from
+        // the previous agent keeps the kernel's flags.)
         if let Some(p) = self.peers.get_mut(&peer)
             && let (Some(path), Some(s)) = (p.path, p.session.as_mut())
-            && s.traversed
         {
             s.traversed = false;
             out.push(Effect::SetPeer(peer, s.kernel_path(&path)));
