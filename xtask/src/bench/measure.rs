@@ -384,7 +384,7 @@ impl<'a> Bench<'a> {
         name: &str,
         programs: &mut BTreeMap<String, BTreeMap<String, ProgramCost>>,
         phase: impl FnOnce(&mut Self) -> anyhow::Result<T>,
-        pvc_sample: impl FnOnce(&mut Self) -> anyhow::Result<()>,
+        mut pvc_sample: impl FnMut(&mut Self) -> anyhow::Result<()>,
     ) -> anyhow::Result<T> {
         eprintln!("bench: {name}");
         let result = phase(self)?;
@@ -395,6 +395,11 @@ impl<'a> Bench<'a> {
         let before = self.programs()?;
         pvc_sample(self)?;
         let after = self.programs()?;
+        // The floor, over the same work again.
+        let beside = floor::Beside::attach(&self.lab, &[A, B])?;
+        pvc_sample(self)?;
+        let floor = beside.cost()?;
+        drop(beside);
         std::thread::sleep(SCRAPE_SETTLE);
         let to = unix_secs();
         let (p0, p1) = (
@@ -410,7 +415,8 @@ impl<'a> Bench<'a> {
             })
             .collect();
         self.prometheus.insert(name.to_string(), seen);
-        let costs = program_costs(&before, &after);
+        let mut costs = program_costs(&before, &after);
+        costs.insert(floor::BESIDE.to_string(), floor);
         programs.insert(name.to_string(), costs);
         Ok(result)
     }

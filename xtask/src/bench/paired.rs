@@ -300,25 +300,28 @@ pub fn per_packet(opts: &super::measure::Options) -> anyhow::Result<String> {
     );
     let _ = writeln!(
         m,
-        "| phase | program | runs | ns per run | x empty program |\n|---|---|---|---|---|"
+        "| phase | program | runs | ns per run | x empty program on PVC's uplinks, the run after | x empty program alone on the bare link |\n|---|---|---|---|---|---|"
     );
     for (phase, progs) in &programs {
-        for (name, c) in progs
-            .iter()
-            .filter(|(n, _)| n.starts_with("pvc_e") || n.starts_with("pvc_i"))
-        {
+        let beside = progs
+            .get(super::floor::BESIDE)
+            .map_or(f64::NAN, |c| c.ns_per_run);
+        for (name, c) in progs.iter().filter(|(n, _)| {
+            n.starts_with("pvc_e") || n.starts_with("pvc_i") || *n == super::floor::BESIDE
+        }) {
             let _ = writeln!(
                 m,
-                "| {phase} | {name} | {} | {:.0} | {:.2} |",
+                "| {phase} | {name} | {} | {:.0} | {:.2} | {:.2} |",
                 c.runs,
                 c.ns_per_run,
+                c.ns_per_run / beside,
                 c.ns_per_run / floor.ns_per_run
             );
         }
     }
     let _ = writeln!(
         m,
-        "| iperf3, bare | empty program | {} | {:.0} | 1 |",
+        "| iperf3, bare | empty program alone | {} | {:.0} | - | 1 |",
         floor.runs, floor.ns_per_run
     );
     for (name, p) in [

@@ -167,6 +167,16 @@ struct Target {
 /// NetPIPE messages from this size on are bandwidth-bound.
 const NETPIPE_LARGE: u64 = 64 * 1024;
 
+/// The floor under a phase's programs: the empty program that ran in
+/// front of them on PVC's uplinks over the same work, in the run right
+/// after theirs, else the one alone on the bare link.
+fn floor_of(r: &Report, progs: &BTreeMap<String, ProgramCost>) -> f64 {
+    progs
+        .get(super::floor::BESIDE)
+        .filter(|c| c.runs > 0)
+        .map_or(r.empty_program.ns_per_run, |c| c.ns_per_run)
+}
+
 fn targets(r: &Report) -> Vec<Target> {
     let mut t = Vec::new();
     let worst_iperf = r
@@ -254,47 +264,55 @@ fn targets(r: &Report) -> Vec<Target> {
     });
     // Established flows: the bulk and round-trip phases on the LAN (the
     // connect phase is mostly SYNs, which are checked and tagged on
-    // purpose), and each pair across NATs by its path type.
-    let floor = r.empty_program.ns_per_run * 1.5;
-    let worst = |costs: &mut dyn Iterator<Item = (&String, &ProgramCost)>| {
-        costs
-            .filter(|(name, c)| c.runs > 0 && matches!(name.as_str(), "pvc_egress" | "pvc_ingress"))
-            .map(|(_, c)| c.ns_per_run)
-            .fold(0.0, f64::max)
-    };
-    let sites = |techniques: &[&str]| {
-        let mut costs = r
-            .sites
+    // purpose), and each pair across NATs by its path type. Each program
+    // against the empty program on the same path and work, in the run
+    // right after (the floor moves by a third between runs here); a run
+    // made before that was measured has only the bare link's.
+    let lan = r
+        .programs
+        .iter()
+        .filter(|(phase, _)| matches!(phase.as_str(), "iperf3" | "round trip"))
+        .map(|(phase, progs)| (phase.as_str(), progs));
+    let sites = |techniques: &'static [&'static str]| {
+        r.sites
             .iter()
-            .filter(|c| techniques.contains(&c.technique.as_str()))
-            .flat_map(|c| c.programs.iter());
-        worst(&mut costs)
+            .filter(move |c| techniques.contains(&c.technique.as_str()))
+            .map(|c| (c.technique.as_str(), &c.programs))
     };
-    let lan = worst(
-        &mut r
-            .programs
-            .iter()
-            .filter(|(phase, _)| matches!(phase.as_str(), "iperf3" | "round trip"))
-            .flat_map(|(_, progs)| progs.iter()),
-    );
-    for (name, established) in [
+    for (name, phases) in [
         (
             "tc programs on established flows of LAN, public and UPnP paths <= 1.5x the empty program (issue 13)",
-            lan.max(sites(&["direct", "upnp"])),
+            lan.chain(sites(&["direct", "upnp"])).collect::<Vec<_>>(),
         ),
         (
             "tc programs on established hole-punched flows <= 1.5x the empty program (issue 13)",
-            sites(&["punch"]),
+            sites(&["punch"]).collect(),
         ),
     ] {
+        let worst = phases
+            .iter()
+            .flat_map(|(at, progs)| {
+                let floor = floor_of(r, progs);
+                progs
+                    .iter()
+                    .filter(|(name, c)| {
+                        c.runs > 0 && matches!(name.as_str(), "pvc_egress" | "pvc_ingress")
+                    })
+                    .map(move |(name, c)| (c.ns_per_run / floor, name, c.ns_per_run, floor, at))
+            })
+            .max_by(|a, b| a.0.total_cmp(&b.0));
+        let Some((ratio, prog, ns, floor, at)) = worst else {
+            continue;
+        };
         t.push(Target {
             name,
             measured: format!(
-                "worst {established:.0} ns, {:.1}x the empty program",
-                established / r.empty_program.ns_per_run
+                "worst {prog} ({at}) {ns:.0} ns against {floor:.0} ns for the empty program on \
+                 the same path and work: {ratio:.2}x (the empty program alone on the bare link: {:.0} ns)",
+                r.empty_program.ns_per_run
             ),
-            met: established <= floor,
-            miss: format!("{:.0} ns", established - floor),
+            met: ratio <= 1.5,
+            miss: format!("{:.2}x", ratio - 1.5),
         });
     }
     for (name, p, limit) in [
@@ -449,9 +467,11 @@ pub fn markdown(r: &Report) -> String {
          The last column is the same figure read back from Prometheus, which scraped the \
          agents' metrics (`pvc_program_run_time_nanoseconds_total / pvc_program_runs_total`) \
          every second during the run.\n\n\
-         | phase | program | runs | ns per run | above the empty program | Prometheus, ns per run |\n|---|---|---|---|---|---|"
+         \"x empty\": against the empty program in front of PVC's on their uplinks, over the same work in the run right after theirs.\n\n\
+         | phase | program | runs | ns per run | x empty | Prometheus, ns per run |\n|---|---|---|---|---|---|"
     );
     for (phase, progs) in &r.programs {
+        let floor = floor_of(r, progs);
         for (name, c) in progs {
             let prom = r
                 .programs_prometheus
@@ -460,16 +480,16 @@ pub fn markdown(r: &Report) -> String {
                 .map_or("-".to_string(), |v| format!("{v:.0}"));
             let _ = writeln!(
                 m,
-                "| {phase} | {name} | {} | {:.0} | {:.0} | {prom} |",
+                "| {phase} | {name} | {} | {:.0} | {:.2} | {prom} |",
                 c.runs,
                 c.ns_per_run,
-                c.ns_per_run - r.empty_program.ns_per_run
+                c.ns_per_run / floor
             );
         }
     }
     let _ = writeln!(
         m,
-        "| iperf3, bare path | an empty program (the floor: dispatch, statistics, cold caches) | {} | {:.0} | 0 | - |",
+        "| iperf3, bare path | an empty program alone (the floor: dispatch, statistics, cold caches) | {} | {:.0} | - | - |",
         r.empty_program.runs, r.empty_program.ns_per_run
     );
     let _ = writeln!(
@@ -493,7 +513,7 @@ pub fn markdown(r: &Report) -> String {
          by hand on the server's NAT. \"First byte\": a new connection up to its first byte echoed back (the \
          traversal or the relay's setup included; a relayed connect() itself returns as soon as \
          the local agent accepts). Medians; iperf3 {} s.\n\n\
-         | pair | technique | iperf3 bare / PVC Gbit/s | PVC/bare | first byte bare / PVC µs | round trip bare / PVC µs | pvc_egress / pvc_ingress ns per run (x empty) |\n\
+         | pair | technique | iperf3 bare / PVC Gbit/s | PVC/bare | first byte bare / PVC µs | round trip bare / PVC µs | pvc_egress / pvc_ingress ns per run (x the empty program on the same path and work) |\n\
          |---|---|---|---|---|---|---|",
         r.options.iperf_seconds
     );
@@ -512,10 +532,10 @@ pub fn markdown(r: &Report) -> String {
             c.round_trip_pvc_us.median,
             ["pvc_egress", "pvc_ingress"]
                 .iter()
-                .map(|p| c.programs.get(*p).map_or("-".to_string(), |c| format!(
-                    "{:.0} ({:.1}x)",
-                    c.ns_per_run,
-                    c.ns_per_run / r.empty_program.ns_per_run
+                .map(|p| c.programs.get(*p).map_or("-".to_string(), |p| format!(
+                    "{:.0} ({:.2}x)",
+                    p.ns_per_run,
+                    p.ns_per_run / floor_of(r, &c.programs)
                 )))
                 .collect::<Vec<_>>()
                 .join(" / ")

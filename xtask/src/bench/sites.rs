@@ -14,6 +14,7 @@ use pvc_lab::{Lab, Site, bin, wait_until};
 use serde::Serialize;
 
 use super::{
+    floor::{BESIDE, Beside},
     measure::{
         Options, connect_bench_us, enable_bpf_stats, iperf_gbps, program_costs, program_totals,
     },
@@ -33,7 +34,8 @@ pub struct SiteCell {
     pub round_trip_bare_us: Spread,
     pub round_trip_pvc_us: Spread,
     /// Each program's cost per run (client and server) over one more PVC
-    /// iperf3 run, with the kernel's statistics on.
+    /// iperf3 run, with the kernel's statistics on, and the empty program's
+    /// in front of them in one more (`floor::BESIDE`).
     #[serde(default)]
     pub programs: BTreeMap<String, ProgramCost>,
 }
@@ -228,7 +230,15 @@ fn measure_pair(
         let hosts = [p.client, p.server];
         let before = program_totals(lab, &hosts)?;
         iperf(lab, opts, p, false, bare_dst, server_vip)?;
-        program_costs(&before, &program_totals(lab, &hosts)?)
+        let after = program_totals(lab, &hosts)?;
+        // The floor, over the same work again.
+        let beside = Beside::attach(lab, &hosts)?;
+        iperf(lab, opts, p, false, bare_dst, server_vip)?;
+        let floor = beside.cost()?;
+        drop(beside);
+        let mut costs = program_costs(&before, &after);
+        costs.insert(BESIDE.to_string(), floor);
+        costs
     };
     let used = opened(lab, p.client, technique) - before;
     ensure!(

@@ -68,6 +68,14 @@ fn check(r: &Report, opts: &Options, out: &Path) -> anyhow::Result<()> {
     // Every program ran in the phases it serves, and the kernel timed it.
     for phase in ["netpipe", "iperf3", "connect", "round trip"] {
         let progs = r.programs.get(phase).context(phase)?;
+        // The floor ran in front of them over the same work again: on
+        // both hosts and both directions, as often as PVC's did, within
+        // the background's packets.
+        let floor = progs.get(super::floor::BESIDE).context("no floor beside")?;
+        ensure!(
+            floor.ns_per_run > 0.0 && floor.runs * 2 >= pvc_runs(progs),
+            "{phase}: the empty program beside PVC's: {floor:?}, PVC's: {progs:?}"
+        );
         for prog in ["pvc_egress", "pvc_ingress"] {
             let c = progs.get(prog).context(prog)?;
             ensure!(c.runs > 0 && c.ns_per_run > 0.0, "{phase}/{prog}: {c:?}");
@@ -140,6 +148,13 @@ fn check(r: &Report, opts: &Options, out: &Path) -> anyhow::Result<()> {
     }
     ensure!(r.sites.len() == 4, "{:?}", r.sites);
     for c in &r.sites {
+        let floor = c.programs.get(super::floor::BESIDE);
+        ensure!(
+            floor.is_some_and(|f| f.ns_per_run > 0.0 && f.runs * 2 >= pvc_runs(&c.programs)),
+            "{}: the empty program beside PVC's: {floor:?}, PVC's: {:?}",
+            c.name,
+            c.programs
+        );
         for p in ["pvc_egress", "pvc_ingress"] {
             ensure!(
                 c.programs
@@ -201,4 +216,13 @@ fn check(r: &Report, opts: &Options, out: &Path) -> anyhow::Result<()> {
         "raw NetPIPE runs missing from bench.json"
     );
     Ok(())
+}
+
+/// How often PVC's tc programs ran.
+fn pvc_runs(progs: &std::collections::BTreeMap<String, super::report::ProgramCost>) -> u64 {
+    ["pvc_egress", "pvc_ingress"]
+        .iter()
+        .filter_map(|p| progs.get(*p))
+        .map(|c| c.runs)
+        .sum()
 }
