@@ -31,6 +31,10 @@ use crate::{
 };
 
 #[classifier]
+// The macro wraps this function in the program's entry point; left to
+// itself LLVM keeps a body this large out of line, and every packet pays a
+// call and a return (a return thunk on CPUs with return-stack mitigations).
+#[inline(always)]
 pub fn pvc_ingress(ctx: TcContext) -> i32 {
     match ingress(&ctx) {
         Ok(verdict) => verdict,
