@@ -364,15 +364,7 @@ fn a_traversal_that_fails_falls_back_to_the_relay_within_two_seconds() {
     .unwrap();
     // b's NAT lets no connection request out to a's site: its punch
     // never leaves (the brokers it still reaches).
-    let router = lab.router_netns(1).unwrap();
-    let a_site = lab.site_wan(0).to_string();
-    Lab::command_in(&router, None, "iptables")
-        .unwrap()
-        .args([
-            "-I", "FORWARD", "-o", "wan", "-d", &a_site, "-p", "tcp", "--syn", "-j", "DROP",
-        ])
-        .ok()
-        .unwrap();
+    lab.drop_syns_between_sites(1, 0).unwrap();
     let first = connect_once(&lab, "a", "b", 7500);
     assert_eq!(
         first["reply"],

@@ -777,9 +777,10 @@ fn traversed_flows_are_carried_by_their_sockets() {
 /// so b's punch never leaves), connect() fails at once with ECONNREFUSED
 /// instead of waiting for TCP's timeouts, and a flow that runs at the
 /// socket meanwhile goes on.
-#[test]
-fn a_traversal_at_the_socket_that_fails_is_refused_at_once() {
-    require_tools(&["python3", "socat", "iptables"]);
+/// Two cone NATs' hosts at the socket, a's path to b punched, an echo
+/// server on b's `port`, and the pair's first traversal done (per packet
+/// at a): a's next flows to b go at the socket.
+fn punched_past_the_first_traversal(port: u16) -> Lab {
     let mut lab =
         started_at_the_socket(Lab::internet(&[(Site::Cone, 1), (Site::Cone, 1)]).unwrap());
     let b = lab.host("b").virtual_ip;
@@ -789,10 +790,8 @@ fn a_traversal_at_the_socket_that_fails_is_refused_at_once() {
         || (technique_to(&lab, "a", b).as_deref() == Some("punch")).then_some(()),
     )
     .unwrap();
-    probe::echo_server(&mut lab, "b", 7600).unwrap();
-    // The pair's first traversal works (per packet at a); the next flow
-    // goes at the socket.
-    let first = probe::timed(&lab, "a", b, 7600, true).unwrap();
+    probe::echo_server(&mut lab, "b", port).unwrap();
+    let first = probe::timed(&lab, "a", b, port, true).unwrap();
     assert_eq!(first["reply"], "hello", "{first}");
     // (The agent learns it from the kernel's report, read at the latest
     // on its timer or before it answers `pvc status`.)
@@ -802,6 +801,14 @@ fn a_traversal_at_the_socket_that_fails_is_refused_at_once() {
         || (lab.status("a").ok()?["flows_opened"]["punch"].as_u64()? >= 1).then_some(()),
     )
     .unwrap();
+    lab
+}
+
+#[test]
+fn a_traversal_at_the_socket_that_fails_is_refused_at_once() {
+    require_tools(&["python3", "socat", "iptables"]);
+    let mut lab = punched_past_the_first_traversal(7600);
+    let b = lab.host("b").virtual_ip;
     let chatter = probe::chatter(&mut lab, "a", b, 7600, 4).unwrap();
     std::thread::sleep(Duration::from_millis(500));
     let running: Vec<Value> = flows_on_port(&lab, "a", 7600)
@@ -810,15 +817,7 @@ fn a_traversal_at_the_socket_that_fails_is_refused_at_once() {
         .collect();
     assert_eq!(directions(&running), ["socket"], "{running:?}");
 
-    let router = lab.router_netns(1).unwrap();
-    let a_site = lab.site_wan(0).to_string();
-    Lab::command_in(&router, None, "iptables")
-        .unwrap()
-        .args([
-            "-I", "FORWARD", "-o", "wan", "-d", &a_site, "-p", "tcp", "--syn", "-j", "DROP",
-        ])
-        .ok()
-        .unwrap();
+    lab.drop_syns_between_sites(1, 0).unwrap();
     let failed = probe::timed(&lab, "a", b, 7600, true).unwrap();
     assert_eq!(
         failed["errno"],
@@ -848,24 +847,8 @@ fn a_traversal_at_the_socket_that_fails_is_refused_at_once() {
 #[test]
 fn a_traversal_that_would_take_a_running_flows_ports_is_refused() {
     require_tools(&["python3", "socat", "iptables", "bpftool"]);
-    let mut lab =
-        started_at_the_socket(Lab::internet(&[(Site::Cone, 1), (Site::Cone, 1)]).unwrap());
+    let mut lab = punched_past_the_first_traversal(7600);
     let (a, b) = (lab.host("a").virtual_ip, lab.host("b").virtual_ip);
-    wait_until(
-        Duration::from_secs(30),
-        "a's path to b to take punch",
-        || (technique_to(&lab, "a", b).as_deref() == Some("punch")).then_some(()),
-    )
-    .unwrap();
-    probe::echo_server(&mut lab, "b", 7600).unwrap();
-    let first = probe::timed(&lab, "a", b, 7600, true).unwrap();
-    assert_eq!(first["reply"], "hello", "{first}");
-    wait_until(
-        Duration::from_secs(5),
-        "a's first traversal to be done",
-        || (lab.status("a").ok()?["flows_opened"]["punch"].as_u64()? >= 1).then_some(()),
-    )
-    .unwrap();
     let chatter = probe::chatter(&mut lab, "a", b, 7600, 4).unwrap();
     std::thread::sleep(Duration::from_millis(500));
     let running: Vec<Value> = flows_on_port(&lab, "a", 7600)

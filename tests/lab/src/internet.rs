@@ -484,6 +484,21 @@ impl Lab {
         self.net().sites[j].router.clone()
     }
 
+    /// Site `from`'s router lets no TCP connection request out to site
+    /// `to`'s public address (everything else still passes).
+    pub fn drop_syns_between_sites(&self, from: usize, to: usize) -> anyhow::Result<()> {
+        let router = self
+            .router_netns(from)
+            .ok_or_else(|| anyhow::anyhow!("site {from} has no router"))?;
+        let to = self.site_wan(to).to_string();
+        Lab::command_in(&router, None, "iptables")?
+            .args([
+                "-I", "FORWARD", "-o", "wan", "-d", &to, "-p", "tcp", "--syn", "-j", "DROP",
+            ])
+            .ok()?;
+        Ok(())
+    }
+
     /// Cuts broker `i` off the Internet without closing anything: its
     /// sessions' sockets stay open, packets simply stop (a host gone, a
     /// cable pulled).

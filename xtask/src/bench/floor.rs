@@ -100,45 +100,16 @@ impl Empty {
             prog_flags: 0,
             prog_name,
         };
-        // SAFETY: the attribute points at live memory for the call.
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_PROG_LOAD,
-                &attr as *const ProgLoad,
-                size_of::<ProgLoad>(),
-            )
-        };
-        if fd < 0 {
-            bail!(
-                "cannot load an empty tc program: {}",
-                std::io::Error::last_os_error()
-            );
-        }
+        let fd = bpf(BPF_PROG_LOAD, &attr).context("cannot load an empty tc program")?;
         // SAFETY: the kernel just returned this descriptor to us.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         let path = std::ffi::CString::new(pin.as_os_str().as_encoded_bytes())?;
         let attr = ObjPin {
             pathname: path.as_ptr() as u64,
             bpf_fd: fd.as_raw_fd() as u32,
             file_flags: 0,
         };
-        // SAFETY: as above.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_OBJ_PIN,
-                &attr as *const ObjPin,
-                size_of::<ObjPin>(),
-            )
-        };
-        if r != 0 {
-            bail!(
-                "cannot pin {}: {}",
-                pin.display(),
-                std::io::Error::last_os_error()
-            );
-        }
+        bpf(BPF_OBJ_PIN, &attr).with_context(|| format!("cannot pin {}", pin.display()))?;
         Ok(Empty { pin, fd })
     }
 
@@ -209,6 +180,17 @@ pub(super) fn measure(b: &mut Bench) -> anyhow::Result<ProgramCost> {
         let _ = tc(&b.lab, h, &["qdisc", "del", "dev", "eth1", "clsact"]);
     }
     result
+}
+
+/// The bpf(2) command `cmd` with `attr`: what it returned (a descriptor
+/// for the commands that make one).
+fn bpf<A>(cmd: libc::c_long, attr: &A) -> std::io::Result<i32> {
+    // SAFETY: `attr` is a live `union bpf_attr` head of its own size.
+    let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *const A, size_of::<A>()) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(r as i32)
 }
 
 /// The empty program in front of PVC's on both directions of hosts'
@@ -284,23 +266,10 @@ fn tcx_links(netns: &str, prog: u32) -> anyhow::Result<Vec<OwnedFd>> {
                 _pad: 0,
                 expected_revision: 0,
             };
-            // SAFETY: the attribute points at live memory for the call.
-            let fd = unsafe {
-                libc::syscall(
-                    libc::SYS_bpf,
-                    BPF_LINK_CREATE,
-                    &attr as *const TcxLinkCreate,
-                    size_of::<TcxLinkCreate>(),
-                )
-            };
-            if fd < 0 {
-                bail!(
-                    "cannot link an empty program to eth0's TCX hook: {}",
-                    std::io::Error::last_os_error()
-                );
-            }
+            let fd = bpf(BPF_LINK_CREATE, &attr)
+                .context("cannot link an empty program to eth0's TCX hook")?;
             // SAFETY: the kernel just returned this descriptor to us.
-            Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+            Ok(unsafe { OwnedFd::from_raw_fd(fd) })
         })
         .collect()
 }
