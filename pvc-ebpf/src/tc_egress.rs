@@ -197,10 +197,10 @@ fn socket_syn(ctx: &TcContext, ip: &Ipv4, tcp: &Tcp) -> Result<i32, DropReason> 
     let s = settings().ok_or(DropReason::AgentNotReady)?;
     // The member's path may have moved, ended or taken a technique the
     // socket cannot follow (a traversal that moves the member's port)
-    // since connect(): this SYN (a
-    // retransmission) is refused, so that connect() fails at once and the
-    // application's next one takes the path as it is now, instead of
-    // retransmitting into a path that no longer exists.
+    // since connect(): this SYN (a retransmission) is refused, so that
+    // connect() fails at once and the application's next one takes the
+    // path as it is now, instead of retransmitting into a path that no
+    // longer exists.
     let Some(path) = peer(c.vpeer)
         .filter(|p| p.state == PEER_READY && p.real == ip.daddr && p.connects_at_socket())
     else {
