@@ -174,8 +174,22 @@ impl MasqueradingPorts {
 pub const HINT_SLOTS: u32 = 65536;
 /// The hints' slot that holds how long a hint lasts (ns), written by the
 /// agent: longer than any idle TCP entry can live before its removal.
-/// 0 (not written yet): every packet is looked up.
+/// 0 (not written yet): hints never lapse (`hint_until`).
 pub const HINT_LIFETIME_SLOT: u32 = HINT_SLOTS;
+
+/// Until when a hint given at `now` stays live, for the hints' `lifetime`.
+/// Before the agent says how long hints last, a hinted tuple is looked up
+/// for good: a tuple's slot is zero until it is hinted, and a packet whose
+/// slot is zero needs nothing else (no clock, no lifetime), so the
+/// readers cannot tell "not said yet" from a lapse.
+#[inline(always)]
+pub fn hint_until(now: u64, lifetime: u64) -> u64 {
+    if lifetime == 0 {
+        u64::MAX
+    } else {
+        now.saturating_add(lifetime)
+    }
+}
 
 /// Value of the masquerading map: the tuple a packet matching the key is
 /// rewritten to, and bookkeeping for garbage collection.
@@ -378,10 +392,11 @@ pub struct SocketPeer {
     pub technique: u8,
     /// `SOCKET_CONNECTED` or `SOCKET_ACCEPTED`.
     pub side: u8,
-    /// This host's port as the application knows it, when the wire's is
-    /// another (a member's flow a UPnP forward brought to this host's
-    /// forwarded port: the listener took it for its own port); 0 when they
-    /// are the same.
+    /// This host's port as the application knows it, for a member's flow
+    /// whose SYN tc ingress handed to the listener: a UPnP forward brought
+    /// it to this host's forwarded port (the listener took it for its own
+    /// port), or the listener is bound to the virtual address. 0 when the
+    /// stack delivered the SYN itself (the wire's port is the listener's).
     pub local_vport: u16,
     /// `SOCKET_*` flags.
     pub flags: u16,

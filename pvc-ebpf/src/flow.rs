@@ -6,8 +6,8 @@ use pvc_common::{
     DIRECTION_EGRESS, DIRECTION_INGRESS, DropReason, EVENT_ANSWER_HELD, EVENT_FLOW_CREATED,
     EVENT_PACKET_HELD, EVENT_PACKET_REFUSED, EVENT_PUNCH, Event, FlowKey, HELD_BYTES,
     HINT_LIFETIME_SLOT, HeldPacket, IPPROTO_TCP, Masquerade, MasqueradingPorts, PATH_PER_FLOW,
-    PATH_SOCKET, PeerPath, SOCKET_AWAIT_ANSWER, Settings, SocketKey, SocketPeer, siphash24_16,
-    tag_message,
+    PATH_SOCKET, PeerPath, SOCKET_AWAIT_ANSWER, Settings, SocketKey, SocketPeer, hint_until,
+    siphash24_16, tag_message,
 };
 
 use crate::{
@@ -69,15 +69,14 @@ pub fn touch(key: &FlowKey, tcp_flags: u8) -> Option<Masquerade> {
 }
 
 /// Whether an ingress TCP packet may have a masquerading entry: its
-/// hint is live, or the agent has not said yet how long hints last.
+/// hint is live. A slot never hinted (zero) answers from its own cache
+/// line: most packets that get here belong to flows carried at the socket
+/// or to connections between real addresses, and every line more is a
+/// miss the stack's work between two packets brings back.
 #[inline(always)]
 pub fn hinted(key: &FlowKey) -> bool {
-    match MASQUERADING_HINTS.get(HINT_LIFETIME_SLOT) {
-        Some(&lifetime) if lifetime != 0 => {}
-        _ => return true,
-    }
     match MASQUERADING_HINTS.get(key.hint_slot()) {
-        Some(&until) => until > now_ns(),
+        Some(&until) => until != 0 && until > now_ns(),
         None => true,
     }
 }
@@ -89,7 +88,7 @@ pub fn hint(key: &FlowKey) {
     let Some(&lifetime) = MASQUERADING_HINTS.get(HINT_LIFETIME_SLOT) else {
         return;
     };
-    let until = now_ns().wrapping_add(lifetime);
+    let until = hint_until(now_ns(), lifetime);
     if let Some(p) = MASQUERADING_HINTS.get_ptr_mut(key.hint_slot()) {
         // SAFETY: a slot of an array map, live for the program's run; a
         // racing writer stores a time as well. Written at most once a

@@ -11,7 +11,7 @@ use aya::{
 use pvc_common::{
     DIRECTION_INGRESS, DropReason, FlowKey, HINT_LIFETIME_SLOT, IPPROTO_TCP, Masquerade,
     MasqueradingPorts, PeerPath, PolicyKey, Settings, SocketKey, SocketPeer, TRAFFIC_EGRESS,
-    TRAFFIC_INGRESS, Traffic,
+    TRAFFIC_INGRESS, Traffic, hint_until,
 };
 use serde::{Deserialize, Serialize};
 
@@ -178,7 +178,7 @@ impl Maps {
             return Ok(());
         }
         let lifetime = self.hints.get(&HINT_LIFETIME_SLOT, 0).unwrap_or(0);
-        let until = super::flows::monotonic_ns() + lifetime;
+        let until = hint_until(super::flows::monotonic_ns(), lifetime);
         let slot = key.hint_slot();
         if self.hints.get(&slot, 0).unwrap_or(0) < until {
             self.hints

@@ -862,13 +862,19 @@ async fn ingress_looks_a_flow_up_while_its_hint_is_live_and_skips_the_lookup_onc
         host.maps.hints.get(&slot, 0).unwrap(),
         now + 150_000_000_000
     );
-    // Before the agent says how long hints last, every packet is looked up.
+    // A slot never hinted is all a packet reads: it passes as it is.
     host.maps.hints.set(slot, 0, 0).unwrap();
+    let (_, out) = host.run(INGRESS, &data);
+    assert_eq!(check(&out).daddr, A_R, "never hinted: no lookup");
+    // Before the agent says how long hints last, a hint never lapses.
     host.maps
         .set_hint_lifetime(std::time::Duration::ZERO)
         .unwrap();
+    host.maps.hint(&reply).unwrap();
+    host.maps.set_clock(now + 1_000_000_000_000_000).unwrap();
     let (_, out) = host.run(INGRESS, &data);
-    assert_eq!(check(&out).daddr, A_V);
+    assert_eq!(check(&out).daddr, A_V, "a hint without a lifetime holds");
+    assert_eq!(host.maps.hints.get(&slot, 0).unwrap(), u64::MAX);
 }
 
 /// On a path that sockets also carry, a flow masqueraded per packet from
