@@ -264,8 +264,8 @@ pub enum Translation {
     Packet,
     /// Flows over direct paths are translated at the socket: connect4 sends
     /// them to the member's real address, getpeername/getsockname show
-    /// virtual ones, tc tags and checks their SYNs only. Flows of sockets
-    /// bound to the virtual address, the first flow to a member (held
+    /// virtual ones, tc tags and checks their SYNs only. Flows of client
+    /// sockets bound to the virtual address, the first flow to a member (held
     /// while it is authenticated) and flows over traversals or the relay
     /// stay per packet. Per packet, an established flow costs ~4x an
     /// empty tc program; at the socket, ~1.4x. The default.

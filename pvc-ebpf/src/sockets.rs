@@ -48,8 +48,9 @@ pub fn has_socket(ctx: &TcContext) -> bool {
 /// Whether a SYN/ACK this host sends answers for the cgroup PVC serves.
 /// One sent with a SYN cookie (under a SYN flood, or with a full accept
 /// queue) has no socket, and tc cannot read a listener's cgroup: a cookie
-/// answering for a listener passes (its client's SYN passed the tag and
-/// policy checks).
+/// answering for a listener of `lport` passes (its client's SYN passed the
+/// tag and policy checks), whether the listener takes `local` or is bound
+/// to the virtual address (tc ingress handed it the SYN).
 #[inline(always)]
 pub fn answer_in_cgroup(
     ctx: &TcContext,
@@ -64,7 +65,13 @@ pub fn answer_in_cgroup(
     }
     // SAFETY: the context's own skb, for a helper.
     match unsafe { bpf_skb_ancestor_cgroup_id(ctx.skb.skb, s.cgroup_level as i32) } {
-        0 => tcp_state(ctx, local, lport, remote, rport) == Some(BPF_TCP_LISTEN),
+        // A request socket on the tuple (no cookie) is not a listener's
+        // answer; nothing on the real address may be a listener bound to
+        // the virtual one.
+        0 => match tcp_state(ctx, local, lport, remote, rport) {
+            None => tcp_state(ctx, s.virtual_addr, lport, remote, rport) == Some(BPF_TCP_LISTEN),
+            state => state == Some(BPF_TCP_LISTEN),
+        },
         id => id == s.cgroup_id,
     }
 }

@@ -175,7 +175,10 @@ fn socket_answer(ctx: &TcContext, ip: &Ipv4, tcp: &Tcp) -> Result<i32, DropReaso
         // the listener again (`forwarded_to_listener`).
         flow::hint(&flow::reply_key(ip, tcp));
     }
-    if sockets::answer_in_cgroup(ctx, &s, ip.saddr, tcp.sport, ip.daddr, tcp.dport) {
+    // A SYN cookie's answer: its listener is the one ingress handed the
+    // SYN to, when it did.
+    let listener_port = entry.local_vport(tcp.sport);
+    if sockets::answer_in_cgroup(ctx, &s, ip.saddr, listener_port, ip.daddr, tcp.dport) {
         return Ok(TC_ACT_OK as i32);
     }
     let _ = SOCKET_FLOWS.remove(&key);

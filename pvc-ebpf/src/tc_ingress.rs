@@ -223,11 +223,12 @@ fn ingress_tcp(ctx: &TcContext, ip: &Ipv4) -> Result<i32, DropReason> {
 /// A member's verified SYN that this host's listener can take as it is:
 /// this host translates at the socket (whatever technique its own flows
 /// to the member take: the member's SYN came straight), and a listener of
-/// the port the member asked for accepts the real address (one bound to
-/// the virtual address does not: its flows are masqueraded per packet),
-/// also when a UPnP forward brought the SYN to another port. Whether the listener serves the virtual network is checked on
-/// its answer (egress). Records who the flow is from, for
-/// accept() and getpeername(); false leaves the flow to the per-packet path.
+/// the port the member asked for takes it: one that accepts the real
+/// address, or one bound to the virtual address, which is handed the SYN
+/// (also when a UPnP forward brought the SYN to another port). Whether the
+/// listener serves the virtual network is checked on its answer (egress).
+/// Records who the flow is from, for accept() and getpeername(); false
+/// leaves the flow to the per-packet path.
 #[inline(always)]
 fn accept_at_socket(
     ctx: &TcContext,
@@ -240,15 +241,16 @@ fn accept_at_socket(
     if path.flags & PATH_SOCKET == 0 {
         return false;
     }
-    if tag.vdport == tcp.dport {
-        if !sockets::listening(ctx, ip.daddr, tcp.dport, ip.saddr, tcp.sport) {
-            return false;
-        }
-    // A NAT's forward brought the SYN to another port than the tag's (this
-    // host's UPnP forward): the listener of the tag's port takes it as it
-    // is. Should the entry below not fit, the per-packet rewrite gives the
-    // packet that listener's port, so the assignment holds either way.
-    } else if !sockets::assign_listener(ctx, ip.daddr, tag.vdport, ip.saddr, tcp.sport) {
+    let as_it_is = tag.vdport == tcp.dport
+        && sockets::listening(ctx, ip.daddr, tcp.dport, ip.saddr, tcp.sport);
+    // Else the listener of the tag's port is handed the SYN: a NAT's
+    // forward brought it to another port (this host's UPnP forward), or
+    // the listener is bound to the virtual address, which no packet on the
+    // wire names. Its child socket keeps the wire's tuple, and no one but
+    // a member whose tag was verified reaches it this way. Should the
+    // entry below not fit, the per-packet rewrite gives the packet the
+    // listener's address and port, so the assignment holds either way.
+    if !as_it_is && !hand_to_listener(ctx, s, ip, tag.vdport, tcp.sport) {
         return false;
     }
     let key = wire_key(ip, tcp);
@@ -265,11 +267,9 @@ fn accept_at_socket(
         vport: tcp.sport,
         technique,
         side: SOCKET_ACCEPTED,
-        local_vport: if tag.vdport == tcp.dport {
-            0
-        } else {
-            tag.vdport
-        },
+        // Set for a SYN handed to its listener: a SYN cookie's ACK is
+        // handed to it as well (`forwarded_to_listener`).
+        local_vport: if as_it_is { 0 } else { tag.vdport },
         flags: 0,
     };
     flow::open_at_socket(&key, &from, s.virtual_addr, DIRECTION_INGRESS).is_ok()
@@ -292,7 +292,17 @@ fn forwarded_to_listener(ctx: &TcContext, ip: &Ipv4, tcp: &Tcp) {
     {
         return;
     }
-    sockets::assign_listener(ctx, ip.daddr, f.local_vport, ip.saddr, tcp.sport);
+    if let Some(s) = settings() {
+        hand_to_listener(ctx, &s, ip, f.local_vport, tcp.sport);
+    }
+}
+
+/// Hands a member's packet to this host's listener of `port`: one that
+/// takes the real address, else one bound to the virtual address.
+#[inline(always)]
+fn hand_to_listener(ctx: &TcContext, s: &Settings, ip: &Ipv4, port: u16, rport: u16) -> bool {
+    sockets::assign_listener(ctx, ip.daddr, port, ip.saddr, rport)
+        || sockets::assign_listener(ctx, s.virtual_addr, port, ip.saddr, rport)
 }
 
 /// A RST or SYN/ACK of a traversal's flow carried at the socket, before

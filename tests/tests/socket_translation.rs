@@ -133,8 +133,9 @@ fn flows_over_a_direct_path_are_translated_at_the_socket_and_both_ends_see_virtu
     })
     .unwrap();
 
-    // A server bound to its virtual address cannot take the real one: the
-    // server's side masquerades per packet, the client's stays at the socket.
+    // A server bound to its virtual address: tc ingress hands it the
+    // member's verified SYN, so both ends carry the flow at the socket,
+    // and the server still sees only virtual addresses.
     let log = probe::server(&mut lab, "b", &b.to_string(), 7001, 1).unwrap();
     let got = probe::client(&lab, "a", b, 7001).unwrap();
     assert_eq!(got["reply"], "echo:hello", "{got}");
@@ -155,11 +156,38 @@ fn flows_over_a_direct_path_are_translated_at_the_socket_and_both_ends_see_virtu
     let result = probe::chatter_result(&mut lab, &chatter).unwrap();
     assert_eq!(result["ok"], true, "{result}");
     assert_eq!(directions(&on_a), ["socket"], "a's flows: {on_a:?}");
-    assert_eq!(
-        directions(&on_b),
-        ["egress", "ingress"],
-        "b's flows: {on_b:?}"
-    );
+    assert_eq!(directions(&on_b), ["socket"], "b's flows: {on_b:?}");
+    assert_eq!(on_b[0]["peer"], a.to_string(), "{on_b:?}");
+    // Answered with a SYN cookie (as under a SYN flood), the answer has no
+    // socket: it is still that listener's, and the client's ACK is handed
+    // to it as the SYN was.
+    let syncookies = |value: &str| {
+        Lab::command_in(&lab.host("b").netns, None, "sysctl")
+            .unwrap()
+            .args(["-qw", &format!("net.ipv4.tcp_syncookies={value}")])
+            .ok()
+            .unwrap();
+    };
+    syncookies("2");
+    let got = probe::client(&lab, "a", b, 7003).unwrap();
+    syncookies("1");
+    assert_eq!(got["reply"], "hello", "{got}\n{}", lab.agent_log("b"));
+    let cookies = lab
+        .app("b", "nstat")
+        .args(["-az", "TcpExtSyncookiesSent"])
+        .ok()
+        .unwrap();
+    let sent: u64 = cookies
+        .lines()
+        .find_map(|l| l.strip_prefix("TcpExtSyncookiesSent"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    assert!(sent >= 1, "b sent no SYN cookie: {cookies}");
+    assert_eq!(got["peer"], b.to_string(), "client's getpeername()");
+    // Only a member's tagged SYN reaches it: on the real address there is
+    // no listener, for members and strangers alike.
+    let real = probe::client(&lab, "a", b_real, 7003).unwrap();
+    assert_eq!(real["errno"], ECONNREFUSED, "{real}");
 
     // A client bound to its virtual address: its packets leave with it, so
     // they are masqueraded per packet.
