@@ -265,9 +265,9 @@ pub enum Translation {
     /// Flows over direct paths are translated at the socket: connect4 sends
     /// them to the member's real address, getpeername/getsockname show
     /// virtual ones, tc tags and checks their SYNs only. Flows of client
-    /// sockets bound to the virtual address, the first flow to a member (held
-    /// while it is authenticated) and flows over traversals or the relay
-    /// stay per packet. Per packet, an established flow costs ~4x an
+    /// sockets bound to the virtual address, the first flow to a member
+    /// beyond the LAN and flows over traversals or the relay stay per
+    /// packet. Per packet, an established flow costs ~4x an
     /// empty tc program; at the socket, ~1.4x. The default.
     #[default]
     Socket,

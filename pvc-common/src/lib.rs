@@ -431,6 +431,11 @@ pub const SOCKET_HOLD_ANSWER: u16 = 1;
 /// traversal is done) and drops a RST before it (a firewall rejecting
 /// the SYN that the agents are carrying around it).
 pub const SOCKET_AWAIT_ANSWER: u16 = 2;
+/// `SocketPeer::flags`: the first flow to a member whose path is still to
+/// be authenticated, translated at the socket from connect() on: tc egress
+/// hands its SYN to the agent untagged, and tags it when the agent sends
+/// it again over the authenticated path; the flow is announced then.
+pub const SOCKET_AWAIT_PATH: u16 = 4;
 
 impl PeerPath {
     /// Whether a connect() to the member goes straight to its endpoint on
@@ -442,14 +447,38 @@ impl PeerPath {
             && (self.flags & PATH_PER_FLOW == 0 || self.flags & PATH_SOCKET_TRAVERSAL != 0)
     }
 
-    /// A verified member without an authenticated path yet.
-    pub const fn member(real: [u8; 4], technique: u8) -> Self {
+    /// Whether connect4 sends a connect() to the member straight to its
+    /// endpoint on the wire now: over an authenticated path that connects
+    /// at the socket, or over a LAN path still to be authenticated (the
+    /// member's first flow: its SYN waits for the agents at tc egress,
+    /// `SOCKET_AWAIT_PATH`). Beyond the LAN the technique the agents pick
+    /// first can change while they learn their sites (a firewall found
+    /// filtering: a traversal per flow), and a connect() sent to the wire
+    /// cannot follow it; the first flow there stays at the virtual
+    /// address, free to take a traversal or the relay.
+    #[inline(always)]
+    pub fn connects_at_socket_now(&self) -> bool {
+        self.connects_at_socket()
+            && match self.state {
+                PEER_READY => true,
+                PEER_MEMBER => {
+                    self.technique == Technique::Lan as u8
+                        && self.flags & PATH_PER_FLOW == 0
+                        && self.real != [0; 4]
+                }
+                _ => false,
+            }
+    }
+
+    /// A verified member without an authenticated path yet, and the path
+    /// the agents will authenticate (`port`, `flags` as for `ready`).
+    pub const fn member(real: [u8; 4], technique: u8, port: u16, flags: u8) -> Self {
         Self {
             real,
             technique,
             state: PEER_MEMBER,
-            port: 0,
-            flags: 0,
+            port,
+            flags,
             _pad: [0; 7],
             tag_key: [0; 16],
         }
@@ -854,6 +883,33 @@ mod pod {
 mod tests {
     use super::*;
     use core::mem::size_of;
+
+    /// connect4 sends a member's first flow to the wire only on the LAN:
+    /// elsewhere the first technique can still change.
+    #[test]
+    fn a_members_first_flow_goes_to_the_wire_only_on_the_lan() {
+        let at = |state: u8, technique: Technique, flags: u8| PeerPath {
+            state,
+            flags: flags | PATH_SOCKET,
+            ..PeerPath::member([198, 18, 0, 2], technique as u8, 0, 0)
+        };
+        assert!(at(PEER_MEMBER, Technique::Lan, 0).connects_at_socket_now());
+        assert!(!at(PEER_MEMBER, Technique::Direct, 0).connects_at_socket_now());
+        assert!(!at(PEER_MEMBER, Technique::Upnp, 0).connects_at_socket_now());
+        assert!(!at(PEER_MEMBER, Technique::Lan, PATH_PER_FLOW).connects_at_socket_now());
+        let unknown = PeerPath {
+            real: [0; 4],
+            ..at(PEER_MEMBER, Technique::Lan, 0)
+        };
+        assert!(!unknown.connects_at_socket_now());
+        assert!(at(PEER_READY, Technique::Direct, 0).connects_at_socket_now());
+        assert!(!at(PEER_READY, Technique::Punch, PATH_PER_FLOW).connects_at_socket_now());
+        let packet = PeerPath {
+            flags: 0,
+            ..at(PEER_MEMBER, Technique::Lan, 0)
+        };
+        assert!(!packet.connects_at_socket_now(), "translation per packet");
+    }
 
     #[test]
     fn layouts_have_no_hidden_padding() {

@@ -6,8 +6,8 @@ use pvc_common::{
     DIRECTION_EGRESS, DIRECTION_INGRESS, DropReason, EVENT_ANSWER_HELD, EVENT_FLOW_CREATED,
     EVENT_PACKET_HELD, EVENT_PACKET_REFUSED, EVENT_PUNCH, Event, FlowKey, HELD_BYTES,
     HINT_LIFETIME_SLOT, HeldPacket, IPPROTO_TCP, Masquerade, MasqueradingPorts, PATH_PER_FLOW,
-    PATH_SOCKET, PeerPath, SOCKET_AWAIT_ANSWER, Settings, SocketKey, SocketPeer, hint_until,
-    siphash24_16, tag_message,
+    PATH_SOCKET, PeerPath, SOCKET_AWAIT_ANSWER, SOCKET_AWAIT_PATH, Settings, SocketKey, SocketPeer,
+    hint_until, siphash24_16, tag_message,
 };
 
 use crate::{
@@ -166,11 +166,34 @@ pub fn open_at_socket(
     }
     let fresh = existing.is_none();
     SOCKET_FLOWS.insert(key, peer, 0).map_err(|_| ())?;
-    // A traversal's flow exists once the member answers (tc ingress).
-    if fresh && peer.flags & SOCKET_AWAIT_ANSWER == 0 {
+    // A traversal's flow exists once the member answers (tc ingress); a
+    // flow that waits for its path once the path is there.
+    if fresh && peer.flags & (SOCKET_AWAIT_ANSWER | SOCKET_AWAIT_PATH) == 0 {
         announce_at_socket(key, peer, local_vip, direction);
     }
     Ok(())
+}
+
+/// A flow whose SYN waited for its path (`SOCKET_AWAIT_PATH`) goes on:
+/// its entry takes `flags`, and the flow is announced unless a traversal
+/// is still to come. Nothing for any other flow.
+#[inline(always)]
+pub fn path_authenticated(key: &SocketKey, flags: u16, local_vip: [u8; 4]) {
+    let Some(p) = SOCKET_FLOWS.get_ptr_mut(key) else {
+        return;
+    };
+    // SAFETY: a live value of the map, under RCU; the copy is taken after
+    // the write, and a racing writer stores flags of the same flow.
+    let f = unsafe {
+        if (*p).flags & SOCKET_AWAIT_PATH == 0 {
+            return;
+        }
+        (*p).flags = flags;
+        *p
+    };
+    if flags & SOCKET_AWAIT_ANSWER == 0 {
+        announce_at_socket(key, &f, local_vip, DIRECTION_EGRESS);
+    }
 }
 
 /// Reports a flow translated at the socket by its virtual tuple.
@@ -366,10 +389,11 @@ pub fn hold(ctx: &TcContext, ip: &Ipv4) {
 }
 
 /// Hands the SYN of a flow with the member at `vpeer` to the agent, which
-/// runs the flow's traversal and then sends it (translated at the socket:
-/// it goes to the member's public address already).
+/// authenticates the path or runs the flow's traversal and then sends it
+/// (translated at the socket: it goes to the member's real address
+/// already).
 #[inline(always)]
-pub fn hold_for_traversal(ctx: &TcContext, ip: &Ipv4, vpeer: [u8; 4]) {
+pub fn hold_at_socket(ctx: &TcContext, ip: &Ipv4, vpeer: [u8; 4]) {
     to_agent(ctx, ip, vpeer, EVENT_PACKET_HELD, DropReason::AwaitingPath);
 }
 

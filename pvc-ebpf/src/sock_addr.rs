@@ -15,7 +15,7 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use pvc_common::{
-    DropReason, EVENT_CONNECT_REFUSED, Event, IPPROTO_TCP, PEER_READY, POLICY_OUTBOUND, PeerPath,
+    DropReason, EVENT_CONNECT_REFUSED, Event, IPPROTO_TCP, POLICY_OUTBOUND, PeerPath,
     SOCKET_CONNECTED, STANDING_EXPIRED, STANDING_REVOKED, SocketKey, SocketPeer, is_virtual,
 };
 
@@ -80,12 +80,13 @@ pub fn pvc_connect4(ctx: SockAddrContext) -> i32 {
 }
 
 /// Sends a connect() to the member's real address when its path allows it
-/// and the socket is not bound to a virtual address (its packets would
-/// leave with it). Otherwise, or when the connect cannot be recorded, the
-/// flow is masqueraded per packet, as before.
+/// (also a direct path still to be authenticated: tc egress holds the SYN
+/// for it) and the socket is not bound to a virtual address (its packets
+/// would leave with it). Otherwise, or when the connect cannot be recorded,
+/// the flow is masqueraded per packet, as before.
 #[inline(always)]
 fn translate(ctx: &SockAddrContext, path: &PeerPath, vpeer: [u8; 4], vport: u16) {
-    if path.state != PEER_READY || !path.connects_at_socket() {
+    if !path.connects_at_socket_now() {
         return;
     }
     // SAFETY: the context's bpf_sock_addr, valid for the whole run.

@@ -16,7 +16,8 @@ use aya_ebpf::{
 use pvc_common::{
     DIRECTION_EGRESS, DropReason, FLOW_HOLD_SYNACK, FlowKey, IPPROTO_ICMP, IPPROTO_TCP,
     MASQUERADING_PORT_TRIES, PATH_PER_FLOW, PEER_READY, POLICY_OUTBOUND, SOCKET_AWAIT_ANSWER,
-    SOCKET_HOLD_ANSWER, Settings, SocketKey, SocketPeer, TRAFFIC_EGRESS, is_virtual,
+    SOCKET_AWAIT_PATH, SOCKET_CONNECTED, SOCKET_HOLD_ANSWER, Settings, SocketKey, SocketPeer,
+    TRAFFIC_EGRESS, is_virtual,
 };
 
 use crate::{
@@ -28,7 +29,7 @@ use crate::{
     nat,
     packet::{
         ARP_REQUEST, ARP_SENDER_IP_OFF, ICMP_ECHO, Ipv4, Parsed, TCP_SYN, Tcp, parse_arp,
-        parse_icmp, parse_ipv4, parse_tcp,
+        parse_icmp, parse_ipv4, parse_tcp, read_tag,
     },
     sockets::{self, Use},
 };
@@ -124,6 +125,9 @@ fn egress_real_tcp(ctx: &TcContext, ip: &Ipv4) -> Result<i32, DropReason> {
     };
     // The agent's punch SYNs go out on a flow's own tuple, on purpose.
     if sockets::from_agent(ctx) {
+        if tcp.is_syn() {
+            return sent_again_at_socket(ctx, ip, &tcp);
+        }
         return Ok(TC_ACT_OK as i32);
     }
     if tcp.is_syn_ack() {
@@ -204,8 +208,7 @@ fn socket_syn(ctx: &TcContext, ip: &Ipv4, tcp: &Tcp) -> Result<i32, DropReason> 
     // connect() fails at once and the application's next one takes the
     // path as it is now, instead of retransmitting into a path that no
     // longer exists.
-    let Some(path) = peer(c.vpeer)
-        .filter(|p| p.state == PEER_READY && p.real == ip.daddr && p.connects_at_socket())
+    let Some(path) = peer(c.vpeer).filter(|p| p.real == ip.daddr && p.connects_at_socket_now())
     else {
         return Err(flow::refuse(ctx, ip, DropReason::UnknownPeer));
     };
@@ -214,22 +217,77 @@ fn socket_syn(ctx: &TcContext, ip: &Ipv4, tcp: &Tcp) -> Result<i32, DropReason> 
         peer_port: tcp.dport,
         local_port: tcp.sport,
     };
+    if path.state != PEER_READY {
+        // The member's first flow: the agents authenticate the path, then
+        // the agent sends this SYN again, and it is tagged on its way
+        // (`sent_again_at_socket`).
+        let c = SocketPeer {
+            flags: SOCKET_AWAIT_PATH,
+            ..c
+        };
+        if flow::open_at_socket(&key, &c, s.virtual_addr, DIRECTION_EGRESS).is_err() {
+            return Err(flow::refuse(ctx, ip, DropReason::FlowTableFull));
+        }
+        flow::hold_at_socket(ctx, ip, c.vpeer);
+        return Err(DropReason::AwaitingPath);
+    }
     let traversal = path.flags & PATH_PER_FLOW != 0;
-    let c = SocketPeer {
-        flags: if traversal { SOCKET_AWAIT_ANSWER } else { 0 },
-        ..c
-    };
+    let flags = if traversal { SOCKET_AWAIT_ANSWER } else { 0 };
+    let c = SocketPeer { flags, ..c };
     if flow::open_at_socket(&key, &c, s.virtual_addr, DIRECTION_EGRESS).is_err() {
         return Err(flow::refuse(ctx, ip, DropReason::FlowTableFull));
     }
+    // The application's SYN again, after the path it waited for came up
+    // (before the agent sent the held one).
+    flow::path_authenticated(&key, flags, s.virtual_addr);
     let mac = flow::tag_mac(&path, s.virtual_addr, c.vpeer, c.vport, 0, tcp);
     let tagged = nat::append_tag(ctx, ip, tcp, s.virtual_addr, c.vport, mac)?;
     if traversal {
         // The member's NAT or firewall lets it in only once the agents
         // opened the way: the agent sends this very SYN then.
-        flow::hold_for_traversal(ctx, &tagged, c.vpeer);
+        flow::hold_at_socket(ctx, &tagged, c.vpeer);
         return Err(DropReason::AwaitingPath);
     }
+    Ok(TC_ACT_OK as i32)
+}
+
+/// A SYN the agent sends on a flow's tuple between real addresses. One
+/// that waited for the member's path (`SOCKET_AWAIT_PATH`, sent untagged)
+/// is tagged now, as the application's SYN would have been, if the path
+/// that came up still takes the flow at the socket; else it is refused,
+/// and the application's next connect() takes the path as it is. The
+/// agent's other SYNs (punches, SYNs a traversal carries) carry their tag
+/// already and pass as they are.
+#[inline(always)]
+fn sent_again_at_socket(ctx: &TcContext, ip: &Ipv4, tcp: &Tcp) -> Result<i32, DropReason> {
+    let key = SocketKey {
+        peer: ip.daddr,
+        peer_port: tcp.dport,
+        local_port: tcp.sport,
+    };
+    // SAFETY: a copy of the value, read under RCU.
+    let Some(f) = (unsafe { SOCKET_FLOWS.get(&key) }).copied() else {
+        return Ok(TC_ACT_OK as i32);
+    };
+    // Also once the flag is cleared: the application's retransmitted SYN
+    // may have been held twice, and an untagged SYN on the tuple would
+    // tell the member the flow is a connection between real addresses.
+    if f.side != SOCKET_CONNECTED || read_tag(ctx, ip, tcp).is_some() {
+        return Ok(TC_ACT_OK as i32);
+    }
+    let s = settings().ok_or(DropReason::AgentNotReady)?;
+    let Some(path) = peer(f.vpeer).filter(|p| {
+        p.state == PEER_READY
+            && p.real == ip.daddr
+            && p.connects_at_socket()
+            && p.flags & PATH_PER_FLOW == 0
+    }) else {
+        let _ = SOCKET_FLOWS.remove(&key);
+        return Err(flow::refuse(ctx, ip, DropReason::UnknownPeer));
+    };
+    flow::path_authenticated(&key, 0, s.virtual_addr);
+    let mac = flow::tag_mac(&path, s.virtual_addr, f.vpeer, f.vport, 0, tcp);
+    nat::append_tag(ctx, ip, tcp, s.virtual_addr, f.vport, mac)?;
     Ok(TC_ACT_OK as i32)
 }
 

@@ -227,6 +227,8 @@ for _ in range(5):
 fn bpftool_shows_the_masquerading_map_with_field_names() {
     require_tools(&["bpftool", "python3"]);
     let mut lab = Lab::lan(2).unwrap();
+    // Flows in the masquerading map: every flow per packet.
+    lab.translate_per_packet().unwrap();
     lab.start_all().unwrap();
     let b = lab.host("b").virtual_ip;
     pvc_lab::probe::server(&mut lab, "b", "0.0.0.0", 7100, 1).unwrap();

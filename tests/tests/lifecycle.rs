@@ -181,9 +181,13 @@ for garbage in [b"GET / HTTP/1.0\r\n\r\n", b"PVC\x01\xff\xff\xff\xff", b"PVC\x07
 fn ended_flows_are_retired_from_the_masquerading_map() {
     require_tools(&["python3"]);
     let mut lab = Lab::lan(2).unwrap();
-    let fast_gc = "[flows]\nclosed_timeout_secs = 1\ngc_interval_secs = 1\n";
-    lab.write_config(0, fast_gc).unwrap();
-    lab.write_config(1, fast_gc).unwrap();
+    // Flows in the masquerading map: every flow per packet.
+    let fast_gc = format!(
+        "{}[flows]\nclosed_timeout_secs = 1\ngc_interval_secs = 1\n",
+        pvc_lab::PER_PACKET
+    );
+    lab.write_config(0, &fast_gc).unwrap();
+    lab.write_config(1, &fast_gc).unwrap();
     lab.start_all().unwrap();
     probe::server(&mut lab, "b", "0.0.0.0", 7600, 5).unwrap();
     let results = probe::clients(&lab, "a", lab.host("b").virtual_ip, 7600, 5).unwrap();

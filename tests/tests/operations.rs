@@ -105,6 +105,12 @@ fn prometheus_scrapes_agents_and_brokers_and_every_dashboard_query_returns_data(
         }
     };
     traffic(&lab);
+    // A flow that lasts while Prometheus scrapes: a flow carried at the
+    // socket leaves the flow gauges when its socket closes (the clients
+    // above close at once).
+    probe::echo_server(&mut lab, "b", 7301).unwrap();
+    let b = lab.host("b").virtual_ip;
+    let _lasting = probe::chatter(&mut lab, "a", b, 7301, 60).unwrap();
     let garbage = lab
         .in_broker_netns("python3")
         .args([

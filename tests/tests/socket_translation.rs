@@ -226,6 +226,61 @@ time.sleep(2)
     );
 }
 
+/// The first flow to a member goes at the socket too: connect() goes to
+/// the member's real address at once, tc egress holds its SYN while the
+/// agents authenticate the path, and the agent's sending it again is
+/// tagged on its way. Both ends see virtual addresses, no packet of it is
+/// rewritten, and `ss` shows the real tuple.
+#[test]
+fn the_first_flow_to_a_member_is_carried_at_the_socket() {
+    require_tools(&["python3", "socat", "ss"]);
+    let mut lab = started_at_the_socket(Lab::lan(2).unwrap());
+    let (a, b) = (lab.host("a").virtual_ip, lab.host("b").virtual_ip);
+    let b_real = lab.host("b").real;
+    let log = probe::server(&mut lab, "b", "0.0.0.0", 7800, 1).unwrap();
+    let script = format!(
+        r#"
+import socket, json, time
+s = socket.create_connection(("{b}", 7800), timeout=10)
+s.sendall(b"hello")
+r = s.recv(100)
+print(json.dumps({{"reply": r.decode(), "peer": s.getpeername()[0], "local": s.getsockname()[0]}}), flush=True)
+time.sleep(3)
+"#
+    );
+    let client = lab.spawn("a", "python3", &["-c", &script]).unwrap();
+    let seen = wait_until(Duration::from_secs(10), "server log", || {
+        probe::accepted(&log).pop()
+    })
+    .unwrap();
+    // The server closes after its echo: the client's socket is there in
+    // whatever state it reached.
+    let ss = lab.app("a", "ss").args(["-tnH"]).ok().unwrap();
+    let on_a = flows_on_port(&lab, "a", 7800);
+    let out = lab.wait(&client, Duration::from_secs(15)).unwrap();
+    let got: Value = serde_json::from_str(out.lines().next().unwrap_or_default()).unwrap();
+    assert_eq!(got["reply"], "echo:hello", "{got}");
+    assert_eq!(got["peer"], b.to_string(), "client's getpeername()");
+    assert_eq!(got["local"], a.to_string(), "client's getsockname()");
+    assert_eq!(seen["peer"], a.to_string(), "server's accept()");
+    assert_eq!(seen["local"], b.to_string(), "server's getsockname()");
+    assert!(ss.contains(&format!("{b_real}:7800")), "a's ss: {ss}");
+    assert_eq!(directions(&on_a), ["socket"], "a's flows: {on_a:?}");
+    let status = lab.status("a").unwrap();
+    assert!(
+        status["agent_counters"]["held_resent"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 1,
+        "the SYN did not wait for the path: {status}"
+    );
+    assert_eq!(
+        (traffic(&lab, "a"), traffic(&lab, "b")),
+        (0, 0),
+        "packets of the first flow were masqueraded"
+    );
+}
+
 #[test]
 fn a_socket_level_flow_to_a_server_outside_the_cgroup_is_refused() {
     require_tools(&["python3", "socat"]);
@@ -527,22 +582,25 @@ fn a_server_behind_a_upnp_nat_takes_members_flows_at_the_socket() {
 
 /// The kernel picks a translated connect()'s source port for the member's
 /// real address, blind to the ports of flows to the same member that are
-/// masqueraded per packet (the first one, held while the member is
-/// authenticated; sockets bound to the virtual address). Such a flow takes
-/// a port outside the kernel's ephemeral range on the wire, so that a
-/// socket-level connect() from its own port is carried, not refused as a
-/// collision. Forced here by binding the second socket to that port.
+/// masqueraded per packet (a client socket bound to the virtual address).
+/// Such a flow takes a port outside the kernel's ephemeral range on the
+/// wire, so that a socket-level connect() from its own port is carried,
+/// not refused as a collision. Forced here by binding the second socket to
+/// that port.
 #[test]
 fn a_socket_level_connect_from_the_port_of_a_flow_masqueraded_per_packet_is_carried() {
     require_tools(&["python3", "socat"]);
     let mut lab = started_at_the_socket(Lab::lan(2).unwrap());
     let b = lab.host("b").virtual_ip;
-    let a_real = lab.host("a").real;
+    let (a, a_real) = (lab.host("a").virtual_ip, lab.host("a").real);
     probe::echo_server(&mut lab, "b", 7600).unwrap();
     let script = format!(
         r#"
 import socket, json, time
-first = socket.create_connection(("{b}", 7600), timeout=10)
+first = socket.socket()
+first.settimeout(10)
+first.bind(("{a}", 0))
+first.connect(("{b}", 7600))
 port = first.getsockname()[1]
 out = {{"port": port}}
 second = socket.socket()
@@ -577,7 +635,6 @@ time.sleep(3)
     d.dedup();
     assert_eq!(d, ["egress", "ingress", "socket"], "a's flows: {on_a:?}");
     let egress = on_a.iter().find(|f| f["direction"] == "egress").unwrap();
-    let a = lab.host("a").virtual_ip;
     assert!(
         egress["from"]
             .as_str()

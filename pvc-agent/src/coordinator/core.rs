@@ -210,11 +210,7 @@ pub(super) fn kernel_path(
     path: &connectivity::Path,
     traversed: bool,
 ) -> KernelPath {
-    let mut flags = if path.technique.per_flow() || path.technique == Technique::Relay {
-        pvc_common::PATH_PER_FLOW
-    } else {
-        0
-    };
+    let mut flags = path_flags(path.technique);
     if traversed && path.technique.keeps_server_port() {
         flags |= pvc_common::PATH_SOCKET_TRAVERSAL;
     }
@@ -225,6 +221,15 @@ pub(super) fn kernel_path(
         flags,
         session.tag_key,
     )
+}
+
+/// The kernel's flags for a path of this technique, authenticated or not.
+fn path_flags(technique: Technique) -> u8 {
+    if technique.per_flow() || technique == Technique::Relay {
+        pvc_common::PATH_PER_FLOW
+    } else {
+        0
+    }
 }
 
 /// Who this agent is.
@@ -498,7 +503,9 @@ impl Core {
     }
 
     /// Tells the kernel about a member without an authenticated path: its
-    /// connects are allowed, their SYNs held for the agent.
+    /// connects are allowed, their SYNs held for the agent. The path the
+    /// agents will authenticate comes with it: a direct one lets the first
+    /// flow go at the socket from connect() on.
     pub(super) fn publish_member(&self, vip: Ipv4Addr, out: &mut Vec<Effect>) {
         let Some(p) = self.peers.get(&vip) else {
             return;
@@ -506,11 +513,16 @@ impl Core {
         if p.session.is_some() {
             return;
         }
-        let real = p.path.map_or(Ipv4Addr::UNSPECIFIED, |h| h.real);
-        out.push(Effect::SetPeer(
-            vip,
-            KernelPath::member(real.octets(), p.technique() as u8),
-        ));
+        let path = match p.path {
+            Some(h) => KernelPath::member(
+                h.real.octets(),
+                h.technique as u8,
+                h.port,
+                path_flags(h.technique),
+            ),
+            None => KernelPath::member([0; 4], p.technique() as u8, 0, 0),
+        };
+        out.push(Effect::SetPeer(vip, path));
     }
 
     /// Sets (or clears) a peer's exchange, keeping the index by id.

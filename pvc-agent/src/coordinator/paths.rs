@@ -28,15 +28,18 @@ impl Core {
         if p.session.is_some() {
             let per_flow = p.technique().per_flow();
             if let Some(packet) = packet {
-                if per_flow {
+                if awaits_path_at_socket(&packet) {
+                    // A first flow translated at the socket, and the path
+                    // came up between its SYN and this event: tc egress
+                    // tags it on its way, or refuses it if the path no
+                    // longer takes it at the socket.
+                    out.push(Effect::Resend(packet));
+                    self.count("held_resent");
+                } else if per_flow {
                     // A flow to a member behind a NAT or firewall: the
                     // agents open the way for this one.
                     self.start_flow(peer, packet, now, &mut out);
-                } else if packet
-                    .get(16..20)
-                    .and_then(|d| <[u8; 4]>::try_from(d).ok())
-                    .is_some_and(|d| !pvc_common::is_virtual(d))
-                {
+                } else if at_socket(&packet) {
                     // Translated at the socket for a traversal the path no
                     // longer takes (it moved to the relay, say): sent as
                     // it is, it would bypass the path. Its connect() fails
@@ -355,7 +358,13 @@ impl Core {
         let per_flow = p.technique().per_flow();
         let held = std::mem::take(&mut p.held);
         for packet in held {
-            if per_flow {
+            if per_flow && awaits_path_at_socket(&packet) {
+                // The path became one every flow needs the agents for:
+                // the application's next connect() takes it, from the
+                // virtual address.
+                self.count("held_refused");
+                out.push(Effect::Refuse(packet));
+            } else if per_flow {
                 // Every flow to this member needs a traversal: now it can
                 // start. (Relayed ones go again, now to a local address.)
                 self.start_flow(vip, packet, now, &mut out);
@@ -444,4 +453,21 @@ impl Core {
         }
         out
     }
+}
+
+/// Whether a held packet was translated at the socket (it goes to the
+/// member's real address, not its virtual one).
+fn at_socket(packet: &[u8]) -> bool {
+    packet
+        .get(16..20)
+        .and_then(|d| <[u8; 4]>::try_from(d).ok())
+        .is_some_and(|d| !pvc_common::is_virtual(d))
+}
+
+/// Whether a held SYN is a first flow translated at the socket that waits
+/// for its path (`SOCKET_AWAIT_PATH`): to the member's real address and
+/// without a tag (tc egress tags the SYNs of traversals before it holds
+/// them, and tags this one when the agent sends it again).
+fn awaits_path_at_socket(packet: &[u8]) -> bool {
+    at_socket(packet) && !super::traversal::tagged(packet)
 }

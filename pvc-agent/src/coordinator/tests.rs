@@ -766,9 +766,25 @@ fn a_served_traversal_is_punched_with_the_answer_of_either_form() {
     assert_eq!(punches(&a.answer_held(&virtual_answer, t)).len(), 1);
 }
 
-/// A SYN translated at the socket, as tc hands it over: from our real
-/// address and `sport` to the member's public address and `dport`.
+/// A SYN of a traversal translated at the socket, as tc hands it over:
+/// from our real address and `sport` to the member's public address and
+/// `dport`, with its PVC tag (tc tags it before it holds it).
 fn wire_syn(c: &Cluster, sport: u16, dport: u16) -> Vec<u8> {
+    let mut p = untagged_wire_syn(c, sport, dport);
+    p[2..4].copy_from_slice(&60u16.to_be_bytes());
+    p[32] = 0xa0;
+    let mut tag = vec![pvc_common::TAG_KIND, pvc_common::TAG_LEN];
+    tag.extend_from_slice(&pvc_common::TAG_EXID);
+    tag.extend_from_slice(&c.hosts[0].vip.octets());
+    tag.extend_from_slice(&dport.to_be_bytes());
+    tag.resize(pvc_common::TAG_LEN as usize, 0);
+    p.extend_from_slice(&tag);
+    p
+}
+
+/// A SYN translated at the socket that tc holds untagged: the first flow
+/// to a member whose path is still to be authenticated.
+fn untagged_wire_syn(c: &Cluster, sport: u16, dport: u16) -> Vec<u8> {
     let mut p = vec![0u8; 40];
     p[0] = 0x45;
     p[2..4].copy_from_slice(&40u16.to_be_bytes());
@@ -900,6 +916,56 @@ fn a_traversal_translated_at_the_socket_sends_its_syn_as_it_is_or_refuses_it() {
     let out = a.held(vb, Some(stray.clone()), t);
     assert_eq!(refused(&out), vec![stray]);
     assert!(resent(&out).is_empty());
+}
+
+/// The first flow to a member over a direct path goes at the socket from
+/// connect() on: the kernel's entry for the member names the path the
+/// agents will authenticate, the flow's SYN (untagged) waits for the
+/// exchange and then goes out again for tc to tag. Over a path that turned
+/// out to need the agents for every flow, it is refused, and the next
+/// connect() takes the path from the virtual address.
+#[test]
+fn a_first_flow_at_the_socket_waits_for_the_path_and_goes_out_again_for_tc_to_tag() {
+    let c = Cluster::new(2);
+    let t = Instant::now();
+    let (mut a, mut b) = (c.core(0, t), c.core(1, t));
+    let vb = c.hosts[1].vip;
+    let mut out = Vec::new();
+    a.publish_member(vb, &mut out);
+    let entry = kernel_entry(&out, vb).expect("the member's entry");
+    assert_eq!(entry.state, pvc_common::PEER_MEMBER);
+    assert_eq!(entry.real, c.hosts[1].real.octets());
+    assert_eq!(entry.flags & pvc_common::PATH_PER_FLOW, 0);
+
+    let first = untagged_wire_syn(&c, 40000, 22);
+    let held = a.held(vb, Some(first.clone()), t);
+    assert!(resent(&held).is_empty() && refused(&held).is_empty());
+    let log = run(&mut [&mut a, &mut b], vec![(0, held)], t);
+    assert_eq!(resent(&log[0]), vec![first]);
+    // The path came up between such a SYN and its event: out at once.
+    let late = untagged_wire_syn(&c, 40001, 22);
+    assert_eq!(resent(&a.held(vb, Some(late.clone()), t)), vec![late]);
+
+    // A member whose path needs a traversal per flow: its kernel entry
+    // says so (connect4 leaves its flows at the virtual address), and a
+    // SYN that went to the socket meanwhile is refused once the path is up.
+    let (mut a, mut b) = (c.core(0, t), c.core(1, t));
+    let punch = crate::connectivity::Path {
+        real: c.hosts[1].real,
+        local: c.hosts[0].real,
+        technique: pvc_common::Technique::Punch,
+        port: 0,
+    };
+    a.peers.get_mut(&vb).unwrap().path = Some(punch);
+    let mut out = Vec::new();
+    a.publish_member(vb, &mut out);
+    let entry = kernel_entry(&out, vb).unwrap();
+    assert_ne!(entry.flags & pvc_common::PATH_PER_FLOW, 0);
+    let stray = untagged_wire_syn(&c, 40002, 22);
+    let held = a.held(vb, Some(stray.clone()), t);
+    let log = run(&mut [&mut a, &mut b], vec![(0, held)], t);
+    assert_eq!(refused(&log[0]), vec![stray]);
+    assert!(resent(&log[0]).is_empty());
 }
 
 /// A session renewed over the same path keeps connect()s at the socket

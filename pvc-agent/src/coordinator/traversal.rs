@@ -616,6 +616,13 @@ fn readdressed(packet: &[u8], saddr: Ipv4Addr, daddr: Ipv4Addr) -> Vec<u8> {
     p
 }
 
+/// Whether a held IPv4 SYN carries a PVC tag (as its last option).
+pub(super) fn tagged(packet: &[u8]) -> bool {
+    packet
+        .first()
+        .is_some_and(|b| tag_source(packet, (b & 0x0f) as usize * 4).is_some())
+}
+
 /// The virtual source and port a punch SYN's PVC tag names (the tag is
 /// its last option; a punch names the client's port of the flow).
 fn tag_source(packet: &[u8], ihl: usize) -> Option<(Ipv4Addr, u16)> {

@@ -258,8 +258,8 @@ pub fn per_packet(opts: &super::measure::Options) -> anyhow::Result<String> {
     use std::{collections::BTreeMap, fmt::Write as _};
     let mut bench = Bench::new(opts)?;
     let (bare_echo, pvc_echo) = bench.servers("echo")?;
-    // The first flow to a member waits for its authentication (and is
-    // masqueraded per packet whatever the translation): not measured.
+    // The first flow to a member waits for its authentication: not
+    // measured.
     bench.round_trips(Route::Pvc, pvc_echo, 100)?;
     let mut programs = BTreeMap::new();
     bench.measured(
