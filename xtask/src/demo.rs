@@ -228,10 +228,16 @@ pub fn run() -> anyhow::Result<()> {
 
     step("pvc status on host b");
     show(&pvc(&lab, "b", &["status"])?);
+    // A flow that is open while the map is listed: flows carried at the
+    // socket leave it when their socket closes.
+    probe::echo_server(&mut lab, "b", 9100)?;
+    let open = probe::chatter(&mut lab, "a", b, 9100, 2)?;
+    std::thread::sleep(Duration::from_millis(500));
     println!(
-        "\n   $ pvc flows          (on host b: the masquerading map, and flows translated at the socket)"
+        "\n   $ pvc flows          (on host b, while a exchanges messages with it: the masquerading map, and flows translated at the socket)"
     );
     show(&pvc(&lab, "b", &["flows"])?);
+    probe::chatter_result(&mut lab, &open)?;
 
     step(
         "Cleaning up: agents stop (removing routes, addresses, eBPF programs and pins), namespaces go",
