@@ -46,6 +46,26 @@ pub fn reply_key(ip: &Ipv4, tcp: &Tcp) -> FlowKey {
     )
 }
 
+/// The socket-flows key of a packet this host sends, as it leaves.
+#[inline(always)]
+pub fn sent_socket_key(ip: &Ipv4, tcp: &Tcp) -> SocketKey {
+    SocketKey {
+        peer: ip.daddr,
+        peer_port: tcp.dport,
+        local_port: tcp.sport,
+    }
+}
+
+/// The socket-flows key of a packet from a member, as it came on the wire.
+#[inline(always)]
+pub fn received_socket_key(ip: &Ipv4, tcp: &Tcp) -> SocketKey {
+    SocketKey {
+        peer: ip.saddr,
+        peer_port: tcp.sport,
+        local_port: tcp.dport,
+    }
+}
+
 /// Looks up a flow and records that a packet (with these TCP flags) used it.
 #[inline(always)]
 pub fn touch(key: &FlowKey, tcp_flags: u8) -> Option<Masquerade> {
@@ -161,7 +181,14 @@ pub fn open_at_socket(
     {
         // The flow's SYN again: its entry stands, flags included (an
         // update would replace the element, and could undo tc ingress
-        // clearing a flag at the same time).
+        // clearing a flag at the same time). The application's SYN again
+        // once the path it waited for came up (before the agent sent the
+        // held one) lets the flow go on.
+        if existing.is_some_and(|e| e.flags & SOCKET_AWAIT_PATH != 0)
+            && peer.flags & SOCKET_AWAIT_PATH == 0
+        {
+            path_authenticated(key, peer.flags, local_vip);
+        }
         return Ok(());
     }
     let fresh = existing.is_none();

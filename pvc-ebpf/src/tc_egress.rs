@@ -16,8 +16,8 @@ use aya_ebpf::{
 use pvc_common::{
     DIRECTION_EGRESS, DropReason, FLOW_HOLD_SYNACK, FlowKey, IPPROTO_ICMP, IPPROTO_TCP,
     MASQUERADING_PORT_TRIES, PATH_PER_FLOW, PEER_READY, POLICY_OUTBOUND, SOCKET_AWAIT_ANSWER,
-    SOCKET_AWAIT_PATH, SOCKET_CONNECTED, SOCKET_HOLD_ANSWER, Settings, SocketKey, SocketPeer,
-    TRAFFIC_EGRESS, is_virtual,
+    SOCKET_AWAIT_PATH, SOCKET_CONNECTED, SOCKET_HOLD_ANSWER, Settings, SocketPeer, TRAFFIC_EGRESS,
+    is_virtual,
 };
 
 use crate::{
@@ -153,11 +153,7 @@ fn egress_real_tcp(ctx: &TcContext, ip: &Ipv4) -> Result<i32, DropReason> {
 /// as for flows masqueraded per packet.
 #[inline(always)]
 fn socket_answer(ctx: &TcContext, ip: &Ipv4, tcp: &Tcp) -> Result<i32, DropReason> {
-    let key = SocketKey {
-        peer: ip.daddr,
-        peer_port: tcp.dport,
-        local_port: tcp.sport,
-    };
+    let key = flow::sent_socket_key(ip, tcp);
     // SAFETY: a copy of the value, read under RCU.
     let Some(entry) = (unsafe { SOCKET_FLOWS.get(&key) }).copied() else {
         return Ok(TC_ACT_OK as i32);
@@ -212,34 +208,27 @@ fn socket_syn(ctx: &TcContext, ip: &Ipv4, tcp: &Tcp) -> Result<i32, DropReason> 
     else {
         return Err(flow::refuse(ctx, ip, DropReason::UnknownPeer));
     };
-    let key = SocketKey {
-        peer: ip.daddr,
-        peer_port: tcp.dport,
-        local_port: tcp.sport,
-    };
-    if path.state != PEER_READY {
-        // The member's first flow: the agents authenticate the path, then
-        // the agent sends this SYN again, and it is tagged on its way
-        // (`sent_again_at_socket`).
-        let c = SocketPeer {
-            flags: SOCKET_AWAIT_PATH,
-            ..c
-        };
-        if flow::open_at_socket(&key, &c, s.virtual_addr, DIRECTION_EGRESS).is_err() {
-            return Err(flow::refuse(ctx, ip, DropReason::FlowTableFull));
-        }
-        flow::hold_at_socket(ctx, ip, c.vpeer);
-        return Err(DropReason::AwaitingPath);
-    }
+    let authenticated = path.state == PEER_READY;
     let traversal = path.flags & PATH_PER_FLOW != 0;
-    let flags = if traversal { SOCKET_AWAIT_ANSWER } else { 0 };
+    let flags = if !authenticated {
+        SOCKET_AWAIT_PATH
+    } else if traversal {
+        SOCKET_AWAIT_ANSWER
+    } else {
+        0
+    };
     let c = SocketPeer { flags, ..c };
+    let key = flow::sent_socket_key(ip, tcp);
     if flow::open_at_socket(&key, &c, s.virtual_addr, DIRECTION_EGRESS).is_err() {
         return Err(flow::refuse(ctx, ip, DropReason::FlowTableFull));
     }
-    // The application's SYN again, after the path it waited for came up
-    // (before the agent sent the held one).
-    flow::path_authenticated(&key, flags, s.virtual_addr);
+    if !authenticated {
+        // The member's first flow: the agents authenticate the path, then
+        // the agent sends this SYN again, and it is tagged on its way
+        // (`sent_again_at_socket`).
+        flow::hold_at_socket(ctx, ip, c.vpeer);
+        return Err(DropReason::AwaitingPath);
+    }
     let mac = flow::tag_mac(&path, s.virtual_addr, c.vpeer, c.vport, 0, tcp);
     let tagged = nat::append_tag(ctx, ip, tcp, s.virtual_addr, c.vport, mac)?;
     if traversal {
@@ -260,11 +249,7 @@ fn socket_syn(ctx: &TcContext, ip: &Ipv4, tcp: &Tcp) -> Result<i32, DropReason> 
 /// already and pass as they are.
 #[inline(always)]
 fn sent_again_at_socket(ctx: &TcContext, ip: &Ipv4, tcp: &Tcp) -> Result<i32, DropReason> {
-    let key = SocketKey {
-        peer: ip.daddr,
-        peer_port: tcp.dport,
-        local_port: tcp.sport,
-    };
+    let key = flow::sent_socket_key(ip, tcp);
     // SAFETY: a copy of the value, read under RCU.
     let Some(f) = (unsafe { SOCKET_FLOWS.get(&key) }).copied() else {
         return Ok(TC_ACT_OK as i32);

@@ -12,8 +12,8 @@ use pvc_common::{
     DIRECTION_EGRESS, DIRECTION_INGRESS, DropReason, EVENT_INBOUND_REFUSED, Event, FLOW_AWAIT_SYN,
     FLOW_AWAIT_SYNACK, FlowKey, IPPROTO_ICMP, IPPROTO_TCP, PATH_PER_FLOW, PATH_SOCKET, PEER_READY,
     POLICY_INBOUND, PeerPath, ReplayKey, ReplayValue, SOCKET_ACCEPTED, SOCKET_AWAIT_ANSWER,
-    SOCKET_HOLD_ANSWER, Settings, SocketKey, SocketPeer, TAG_PUNCH, TCP_RST, TRAFFIC_INGRESS,
-    Technique, is_virtual,
+    SOCKET_HOLD_ANSWER, Settings, SocketPeer, TAG_PUNCH, TCP_RST, TRAFFIC_INGRESS, Technique,
+    is_virtual,
 };
 
 use crate::{
@@ -253,7 +253,7 @@ fn accept_at_socket(
     if !as_it_is && !hand_to_listener(ctx, s, ip, tag.vdport, tcp.sport) {
         return false;
     }
-    let key = wire_key(ip, tcp);
+    let key = flow::received_socket_key(ip, tcp);
     // The SYN came straight: over our path's own technique when that is a
     // direct one, else (our flows to the member need a traversal, its
     // flows to us do not) straight to our address.
@@ -314,7 +314,7 @@ fn hand_to_listener(ctx: &TcContext, s: &Settings, ip: &Ipv4, port: u16, rport: 
 /// packet goes up as it is.
 #[inline(always)]
 fn traversal_at_socket(ip: &Ipv4, tcp: &Tcp) -> Result<bool, DropReason> {
-    let key = wire_key(ip, tcp);
+    let key = flow::received_socket_key(ip, tcp);
     let Some(p) = SOCKET_FLOWS.get_ptr_mut(&key) else {
         return Ok(false);
     };
@@ -343,7 +343,7 @@ fn traversal_at_socket(ip: &Ipv4, tcp: &Tcp) -> Result<bool, DropReason> {
 /// the one the punch carried) may leave now, and the flow exists.
 #[inline(always)]
 fn punch_completed(ip: &Ipv4, tcp: &Tcp, local_vip: [u8; 4]) {
-    let key = wire_key(ip, tcp);
+    let key = flow::received_socket_key(ip, tcp);
     let Some(p) = SOCKET_FLOWS.get_ptr_mut(&key) else {
         return;
     };
@@ -357,21 +357,11 @@ fn punch_completed(ip: &Ipv4, tcp: &Tcp, local_vip: [u8; 4]) {
     flow::announce_at_socket(&key, f, local_vip, DIRECTION_INGRESS);
 }
 
-/// The socket-flows key of a packet from a member, as it came on the wire.
-#[inline(always)]
-fn wire_key(ip: &Ipv4, tcp: &Tcp) -> SocketKey {
-    SocketKey {
-        peer: ip.saddr,
-        peer_port: tcp.sport,
-        local_port: tcp.dport,
-    }
-}
-
 /// The flow taken at the socket that a packet from a member belongs to,
 /// by its tuple on the wire.
 #[inline(always)]
 fn socket_flow(ip: &Ipv4, tcp: &Tcp) -> Option<SocketPeer> {
-    let key = wire_key(ip, tcp);
+    let key = flow::received_socket_key(ip, tcp);
     // SAFETY: a copy of the value, read under RCU.
     unsafe { SOCKET_FLOWS.get(&key) }.copied()
 }

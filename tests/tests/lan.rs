@@ -269,26 +269,14 @@ fn a_server_answering_with_syn_cookies_is_reached() {
     let mut lab = Lab::lan(2).unwrap();
     lab.start_all().unwrap();
     let b = lab.host("b").virtual_ip;
-    lab.app("b", "sysctl")
-        .args(["-qw", "net.ipv4.tcp_syncookies=2"])
-        .ok()
-        .unwrap();
+    lab.force_syn_cookies("b", true).unwrap();
     probe::server(&mut lab, "b", "0.0.0.0", 7000, 3).unwrap();
     for _ in 0..3 {
         let got = probe::client(&lab, "a", b, 7000).unwrap();
         assert_eq!(got["reply"], "echo:hello", "{got}\n{}", lab.agent_log("b"));
     }
-    let cookies = lab
-        .app("b", "nstat")
-        .args(["-az", "TcpExtSyncookiesSent"])
-        .ok()
-        .unwrap();
-    let sent: u64 = cookies
-        .lines()
-        .find_map(|l| l.strip_prefix("TcpExtSyncookiesSent"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0);
-    assert!(sent >= 3, "the server sent no SYN cookies: {cookies}");
+    let sent = lab.syn_cookies_sent("b").unwrap();
+    assert!(sent >= 3, "the server sent {sent} SYN cookies");
 }
 
 /// Each host of the lab has its own hostname, as separate machines do

@@ -161,28 +161,14 @@ fn flows_over_a_direct_path_are_translated_at_the_socket_and_both_ends_see_virtu
     // Answered with a SYN cookie (as under a SYN flood), the answer has no
     // socket: it is still that listener's, and the client's ACK is handed
     // to it as the SYN was.
-    let syncookies = |value: &str| {
-        Lab::command_in(&lab.host("b").netns, None, "sysctl")
-            .unwrap()
-            .args(["-qw", &format!("net.ipv4.tcp_syncookies={value}")])
-            .ok()
-            .unwrap();
-    };
-    syncookies("2");
+    lab.force_syn_cookies("b", true).unwrap();
     let got = probe::client(&lab, "a", b, 7003).unwrap();
-    syncookies("1");
+    lab.force_syn_cookies("b", false).unwrap();
     assert_eq!(got["reply"], "hello", "{got}\n{}", lab.agent_log("b"));
-    let cookies = lab
-        .app("b", "nstat")
-        .args(["-az", "TcpExtSyncookiesSent"])
-        .ok()
-        .unwrap();
-    let sent: u64 = cookies
-        .lines()
-        .find_map(|l| l.strip_prefix("TcpExtSyncookiesSent"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0);
-    assert!(sent >= 1, "b sent no SYN cookie: {cookies}");
+    assert!(
+        lab.syn_cookies_sent("b").unwrap() >= 1,
+        "b sent no SYN cookie"
+    );
     assert_eq!(got["peer"], b.to_string(), "client's getpeername()");
     // Only a member's tagged SYN reaches it: on the real address there is
     // no listener, for members and strangers alike.
@@ -537,17 +523,9 @@ fn a_server_behind_a_upnp_nat_takes_members_flows_at_the_socket() {
     // A listener answering with SYN cookies (as under a SYN flood) keeps
     // no state: the client's ACK, on the forwarded port as its SYN was,
     // must reach the same listener (not the agent's, on that port).
-    Lab::command_in(&lab.host("b").netns, None, "sysctl")
-        .unwrap()
-        .args(["-qw", "net.ipv4.tcp_syncookies=2"])
-        .ok()
-        .unwrap();
+    lab.force_syn_cookies("b", true).unwrap();
     connect(&lab, 2);
-    Lab::command_in(&lab.host("b").netns, None, "sysctl")
-        .unwrap()
-        .args(["-qw", "net.ipv4.tcp_syncookies=1"])
-        .ok()
-        .unwrap();
+    lab.force_syn_cookies("b", false).unwrap();
 
     probe::echo_server(&mut lab, "b", 7600).unwrap();
     let packets_before = traffic(&lab, "b");

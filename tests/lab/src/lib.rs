@@ -1373,6 +1373,30 @@ impl Lab {
     pub fn wait_listening(&self, host: &str, port: u16) -> anyhow::Result<()> {
         self.wait_port(&self.host(host).netns.clone(), port)
     }
+
+    /// Makes `host`'s listeners answer every SYN with a SYN cookie (as
+    /// under a SYN flood), or only when their queue is full (Linux's
+    /// default), in its own namespace.
+    pub fn force_syn_cookies(&self, host: &str, forced: bool) -> anyhow::Result<()> {
+        let value = if forced { 2 } else { 1 };
+        Self::command_in(&self.host(host).netns, None, "sysctl")?
+            .args(["-qw", &format!("net.ipv4.tcp_syncookies={value}")])
+            .ok()?;
+        Ok(())
+    }
+
+    /// The SYN cookies `host`'s kernel has sent (`nstat`'s counter).
+    pub fn syn_cookies_sent(&self, host: &str) -> anyhow::Result<u64> {
+        let out = self
+            .app(host, "nstat")
+            .args(["-az", "TcpExtSyncookiesSent"])
+            .ok()?;
+        Ok(out
+            .lines()
+            .find_map(|l| l.strip_prefix("TcpExtSyncookiesSent"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0))
+    }
 }
 
 /// tcpdump on the LAN bridge: what really crosses the wire.
