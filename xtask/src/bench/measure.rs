@@ -395,13 +395,16 @@ impl<'a> Bench<'a> {
         let before = self.programs()?;
         pvc_sample(self)?;
         let after = self.programs()?;
+        // Prometheus's window ends here too: the floor's run below is the
+        // same work again, and PVC's programs run in it as well, at another
+        // cost (a second run of a noisy machine), which would weigh in.
+        std::thread::sleep(SCRAPE_SETTLE);
+        let to = unix_secs();
         // The floor, over the same work again.
         let beside = floor::Beside::attach(&self.lab, &[A, B])?;
         pvc_sample(self)?;
         let floor = beside.cost()?;
         drop(beside);
-        std::thread::sleep(SCRAPE_SETTLE);
-        let to = unix_secs();
         let (p0, p1) = (
             self.prometheus_programs(from)?,
             self.prometheus_programs(to)?,
