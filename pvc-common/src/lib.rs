@@ -51,6 +51,11 @@ pub mod maps {
     /// The agent's relay listener, for the sk_lookup program: a socket
     /// lives only as long as its agent, so this map is not pinned.
     pub const RELAY_LISTENER: &str = "relay_listener";
+    /// The in-place masquerading program, for tc's tail call. Not pinned:
+    /// the kernel empties it when its agent goes, and tc then rewrites with
+    /// helpers (a stopped agent's programs never call a newer agent's,
+    /// whose control-block layout may differ).
+    pub const IN_PLACE: &str = "in_place";
 }
 
 pub const IPPROTO_ICMP: u8 = 1;

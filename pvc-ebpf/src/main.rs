@@ -7,6 +7,8 @@
 //!   masquerading map the agent fills, so that sockets on both ends see only
 //!   virtual addresses while the wire carries real ones. No encapsulation, no
 //!   copy to userspace.
+//! - `tc_masquerade`: the rewrite of a packet masqueraded per packet, in
+//!   place, tail-called by both.
 //! - `sk_lookup`: connections to members reached through the relay go to
 //!   the agent's relay listener.
 #![no_std]
@@ -22,6 +24,7 @@ mod sock_ops;
 mod sockets;
 mod tc_egress;
 mod tc_ingress;
+mod tc_masquerade;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -3,7 +3,10 @@
 
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
-    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SockMap, lpm_trie::Key},
+    btf_maps::{
+        Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf, SockMap,
+        lpm_trie::Key,
+    },
     helpers::bpf_ktime_get_coarse_ns,
     macros::btf_map,
 };
@@ -91,6 +94,12 @@ pub static MASQUERADING_PORTS: Array<MasqueradingPorts, 1> = Array::new();
 /// The agent's relay listener (`sk_lookup`), at index 0.
 #[btf_map(name = "relay_listener")]
 pub static RELAY_LISTENER: SockMap<1> = SockMap::new();
+
+/// `pvc_masquerade` at index 0, for the masquerading programs' tail call
+/// (`nat::masquerade_tcp`). Empty while no agent holds it: they then
+/// rewrite with helpers.
+#[btf_map(name = "in_place")]
+pub static IN_PLACE: ProgramArray<1> = ProgramArray::new();
 
 /// Control-plane events: new flows and refusals. Never per packet.
 #[btf_map(name = "events")]

@@ -8,8 +8,12 @@
 use aya_ebpf::{bindings::BPF_F_PSEUDO_HDR, helpers::bpf_skb_change_tail, programs::TcContext};
 use pvc_common::{DropReason, IPPROTO_TCP, Masquerade, TAG_EXID, TAG_KIND, TAG_LEN};
 
-use crate::packet::{
-    ETH_HLEN, IP_CSUM_OFF, IP_TOT_LEN_OFF, Ipv4, Quoted, TCP_CSUM, TCP_DOFF, TCP_MAX_HLEN, Tcp,
+use crate::{
+    maps::{IN_PLACE, count_traffic},
+    packet::{
+        ETH_HLEN, IP_CSUM_OFF, IP_OFF, IP_TOT_LEN_OFF, IPV4_MAX_HLEN, IPV4_MIN_HLEN, Ipv4, Ipv4Hdr,
+        Quoted, TCP_CSUM, TCP_DOFF, TCP_MAX_HLEN, Tcp, TcpHdr, ptr_at,
+    },
 };
 
 /// `l4_csum_replace`'s flags carry the size of the field that changed (the
@@ -115,6 +119,113 @@ pub fn masquerade(
         .map_err(err)?;
         ctx.store(ip.l4_off, &to_ports, 0).map_err(err)?;
     }
+    Ok(())
+}
+
+/// Marks the skb control block `masquerade_tcp` filled for
+/// `pvc_masquerade`: the high half of its last word.
+const IN_PLACE_MARK: u32 = 0x5056_0000;
+
+/// Masquerades a TCP packet to `to` and counts it under `traffic`: in
+/// place, by `pvc_masquerade`, which this tail-calls and which ends the
+/// program's run; with helpers (`masquerade`) when that program is not
+/// there (its agent went away, and the kernel emptied `IN_PLACE`).
+#[inline(always)]
+pub fn masquerade_tcp(
+    ctx: &TcContext,
+    ip: &Ipv4,
+    sport: u16,
+    dport: u16,
+    to: &Masquerade,
+    traffic: u32,
+) -> Result<(), DropReason> {
+    let skb = ctx.skb.skb;
+    // SAFETY: the control block of this program's own skb, scratch space
+    // for tc programs; the tail call ends this run when it succeeds.
+    unsafe {
+        (*skb).cb[0] = u32::from_ne_bytes(to.saddr);
+        (*skb).cb[1] = u32::from_ne_bytes(to.daddr);
+        (*skb).cb[2] = ports_word(to.sport, to.dport);
+        (*skb).cb[3] = IN_PLACE_MARK | (traffic << 8) | ip.l4_off as u32;
+        IN_PLACE.tail_call(ctx, 0);
+    }
+    masquerade(ctx, ip, sport, dport, to)?;
+    count_traffic(traffic, ctx.len());
+    Ok(())
+}
+
+/// `pvc_masquerade`'s work: the rewrite `masquerade_tcp` left in the
+/// control block, the addresses and ports stored directly into the
+/// packet, the TCP checksum through `l4_csum_replace` (which knows how the
+/// skb keeps its checksum), the IP checksum computed here.
+#[inline(always)]
+pub fn rewrite_in_place(ctx: &TcContext) -> Result<(), DropReason> {
+    let skb = ctx.skb.skb;
+    // SAFETY: the control block of this program's own skb.
+    let (saddr, daddr, to_ports, meta) =
+        unsafe { ((*skb).cb[0], (*skb).cb[1], (*skb).cb[2], (*skb).cb[3]) };
+    if meta & 0xffff_0000 != IN_PLACE_MARK {
+        return Err(DropReason::RewriteFailed);
+    }
+    let l4_off = (meta & 0xff) as usize;
+    let traffic = (meta >> 8) & 0xff;
+    if !(IP_OFF + IPV4_MIN_HLEN..=IP_OFF + IPV4_MAX_HLEN).contains(&l4_off) {
+        return Err(DropReason::Malformed);
+    }
+    let (from_addrs, check, from_ports) = {
+        let ip = ptr_at::<Ipv4Hdr>(ctx, IP_OFF).ok_or(DropReason::Malformed)?;
+        let tcp = ptr_at::<TcpHdr>(ctx, l4_off).ok_or(DropReason::Malformed)?;
+        // SAFETY: bounds checked by `ptr_at`; read before any helper.
+        unsafe {
+            (
+                pair((*ip).saddr, (*ip).daddr),
+                (*ip).check,
+                u32::from_ne_bytes([
+                    (*tcp).sport[0],
+                    (*tcp).sport[1],
+                    (*tcp).dport[0],
+                    (*tcp).dport[1],
+                ]),
+            )
+        }
+    };
+    let to_addrs = pair(saddr.to_ne_bytes(), daddr.to_ne_bytes());
+    let err = |_| DropReason::RewriteFailed;
+    let diff = addrs_diff(&from_addrs, &to_addrs);
+    // The helpers first: they move the packet, and the stores below take
+    // their pointers afresh.
+    if from_addrs != to_addrs {
+        ctx.l4_csum_replace(l4_off + TCP_CSUM, 0, diff as u64, BPF_F_PSEUDO_HDR as u64)
+            .map_err(err)?;
+    }
+    if from_ports != to_ports {
+        ctx.l4_csum_replace(
+            l4_off + TCP_CSUM,
+            from_ports as u64,
+            to_ports as u64,
+            CSUM_FIELD_32,
+        )
+        .map_err(err)?;
+    }
+    let ip = ptr_at::<Ipv4Hdr>(ctx, IP_OFF).ok_or(DropReason::Malformed)? as *mut Ipv4Hdr;
+    let tcp = ptr_at::<TcpHdr>(ctx, l4_off).ok_or(DropReason::Malformed)? as *mut TcpHdr;
+    // SAFETY: bounds checked by `ptr_at` after the last helper; the
+    // verifier made the packet writable before this program ran.
+    unsafe {
+        if from_addrs != to_addrs {
+            (*ip).check = ip_check_after(check, diff);
+            (*ip).saddr = saddr.to_ne_bytes();
+            (*ip).daddr = daddr.to_ne_bytes();
+        }
+        if from_ports != to_ports {
+            let p = to_ports.to_ne_bytes();
+            (*tcp).sport = [p[0], p[1]];
+            (*tcp).dport = [p[2], p[3]];
+        }
+        // Done: no later program of the hook reads this rewrite as its own.
+        (*skb).cb[3] = 0;
+    }
+    count_traffic(traffic, ctx.len());
     Ok(())
 }
 

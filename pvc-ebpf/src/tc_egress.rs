@@ -288,10 +288,8 @@ fn egress_established(ctx: &TcContext, ip: &Ipv4, tcp: &Tcp) -> Option<Result<i3
     }
     let m = flow::touch(&flow::tcp_key(ip, tcp, DIRECTION_EGRESS), tcp.flags)?;
     Some(
-        nat::masquerade(ctx, ip, tcp.sport, tcp.dport, &m).map(|()| {
-            count_traffic(TRAFFIC_EGRESS, ctx.len());
-            TC_ACT_OK as i32
-        }),
+        nat::masquerade_tcp(ctx, ip, tcp.sport, tcp.dport, &m, TRAFFIC_EGRESS)
+            .map(|()| TC_ACT_OK as i32),
     )
 }
 
@@ -400,8 +398,7 @@ fn egress_tcp(ctx: &TcContext, ip: &Ipv4, tcp: Tcp, s: &Settings) -> Result<i32,
         }
         (m, *ip)
     };
-    nat::masquerade(ctx, &ip, tcp.sport, tcp.dport, &m)?;
-    count_traffic(TRAFFIC_EGRESS, ctx.len());
+    nat::masquerade_tcp(ctx, &ip, tcp.sport, tcp.dport, &m, TRAFFIC_EGRESS)?;
     Ok(TC_ACT_OK as i32)
 }
 

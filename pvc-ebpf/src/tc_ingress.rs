@@ -215,8 +215,7 @@ fn ingress_tcp(ctx: &TcContext, ip: &Ipv4) -> Result<i32, DropReason> {
         }
         m
     };
-    nat::masquerade(ctx, ip, tcp.sport, tcp.dport, &m)?;
-    count_traffic(TRAFFIC_INGRESS, ctx.len());
+    nat::masquerade_tcp(ctx, ip, tcp.sport, tcp.dport, &m, TRAFFIC_INGRESS)?;
     PASS
 }
 

@@ -25,6 +25,7 @@ use std::{
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
+    maps::{MapData, ProgramArray},
     programs::{
         CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier, SkLookup, SockOps,
         TcAttachType,
@@ -49,10 +50,12 @@ const RELAY_LOOKUP: &str = "pvc_relay_lookup";
 const GETPEERNAME4: &str = "pvc_getpeername4";
 const GETSOCKNAME4: &str = "pvc_getsockname4";
 const SOCK_OPS: &str = "pvc_sock_ops";
-pub const PROGRAM_NAMES: [&str; 7] = [
+const MASQUERADE: &str = "pvc_masquerade";
+pub const PROGRAM_NAMES: [&str; 8] = [
     CONNECT4,
     EGRESS,
     INGRESS,
+    MASQUERADE,
     RELAY_LOOKUP,
     GETPEERNAME4,
     GETSOCKNAME4,
@@ -79,6 +82,10 @@ pub struct Datapath {
     /// Whether the maps a previous agent pinned were taken over.
     pub reused: bool,
     events: Option<EventStream>,
+    /// Holds `pvc_masquerade` for the masquerading programs' tail call for
+    /// as long as this agent runs: the kernel empties the array when the
+    /// last holder goes, and tc then rewrites with helpers.
+    in_place: Option<ProgramArray<MapData>>,
 }
 
 impl Datapath {
@@ -120,6 +127,7 @@ impl Datapath {
             maps,
             reused,
             events: Some(events),
+            in_place: None,
         };
         datapath.attach(a)?;
         Ok(datapath)
@@ -133,6 +141,27 @@ impl Datapath {
     fn attach(&mut self, a: &Attachment) -> anyhow::Result<()> {
         let links = a.pin_dir.join("links");
         pins::create_dir(&links)?;
+
+        // Before the programs that tail-call it attach, so that their first
+        // packets already take it.
+        let mut in_place: ProgramArray<MapData> = self
+            .ebpf
+            .take_map(pvc_common::maps::IN_PLACE)
+            .ok_or_else(|| {
+                anyhow!(
+                    "map {} missing from the eBPF object",
+                    pvc_common::maps::IN_PLACE
+                )
+            })?
+            .try_into()
+            .context("the in-place masquerading map has an unexpected type")?;
+        let prog: &mut SchedClassifier = self.program(MASQUERADE)?.try_into()?;
+        prog.load()
+            .with_context(|| format!("the kernel refused program {MASQUERADE}"))?;
+        in_place
+            .set(0, prog.fd()?, 0)
+            .context("cannot put the in-place masquerading program in its array")?;
+        self.in_place = Some(in_place);
 
         for (name, kind, label) in [
             (INGRESS, TcAttachType::Ingress, "ingress"),
@@ -254,9 +283,10 @@ impl Datapath {
             ebpf,
             maps,
             events,
+            in_place,
             ..
         } = self;
-        drop((events, maps, ebpf));
+        drop((events, maps, in_place, ebpf));
         remove_instance(&pin_dir)
     }
 }
@@ -301,6 +331,7 @@ mod tests {
         let in_object: BTreeSet<&str> = obj.maps.keys().map(String::as_str).collect();
         let mut taken: BTreeSet<&str> = MAP_NAMES.into_iter().collect();
         taken.insert(pvc_common::maps::RELAY_LISTENER);
+        taken.insert(pvc_common::maps::IN_PLACE);
         assert_eq!(in_object, taken);
         let programs: BTreeSet<&str> = obj.programs.keys().map(String::as_str).collect();
         assert_eq!(programs, PROGRAM_NAMES.into_iter().collect());

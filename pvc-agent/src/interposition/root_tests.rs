@@ -4,6 +4,7 @@
 
 use aya::{
     Ebpf, EbpfLoader,
+    maps::{MapData, ProgramArray},
     programs::{SchedClassifier, TestRun as _, TestRunOptions},
 };
 use etherparse::{PacketBuilder, TcpOptionElement};
@@ -14,7 +15,7 @@ use pvc_common::{
 };
 
 use super::{
-    EGRESS, INGRESS, OBJECT,
+    EGRESS, INGRESS, MASQUERADE, OBJECT,
     events::{EventStream, FlowEvent},
     maps::Maps,
 };
@@ -34,7 +35,15 @@ struct Host {
     ebpf: Ebpf,
     maps: Maps,
     events: EventStream,
+    /// `pvc_masquerade` for the tail call, as the agent holds it; None:
+    /// the programs rewrite with helpers, as when their agent is gone.
+    _in_place: Option<ProgramArray<MapData>>,
 }
+
+/// Where a tc program leaves the control block of its skb: `__sk_buff`'s
+/// `cb[3]`, the last word `masquerade_tcp` fills for `pvc_masquerade`,
+/// which clears it once it has rewritten the packet.
+const CB3: std::ops::Range<usize> = 60..64;
 
 /// The tag key the exchange between A and B would have given them.
 const KEY: [u8; 16] = *b"sixteen byte key";
@@ -53,35 +62,65 @@ fn require_root() {
 
 impl Host {
     fn new() -> Self {
+        Self::with_in_place(true)
+    }
+
+    /// `in_place`: whether `pvc_masquerade` is in its array (the agent
+    /// puts it there), or the programs rewrite with helpers.
+    fn with_in_place(in_place: bool) -> Self {
         require_root();
         let mut ebpf = EbpfLoader::new()
             .load(OBJECT)
             .expect("the eBPF object loads (root, BTF, Linux >= 6.6)");
-        for name in [EGRESS, INGRESS] {
+        for name in [MASQUERADE, EGRESS, INGRESS] {
             let p: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into().unwrap();
             p.load().expect("the verifier accepts the tc program");
+        }
+        let mut array: ProgramArray<MapData> = ebpf
+            .take_map(pvc_common::maps::IN_PLACE)
+            .unwrap()
+            .try_into()
+            .unwrap();
+        if in_place {
+            let p: &SchedClassifier = ebpf.program(MASQUERADE).unwrap().try_into().unwrap();
+            array.set(0, p.fd().unwrap(), 0).unwrap();
         }
         let (mut maps, events) = Maps::take(&mut ebpf, 2 * 65536, Default::default()).unwrap();
         maps.set_identity(A_V.into(), A_R.into(), &Compiled::default())
             .unwrap();
         maps.set_peer(B_V.into(), ready(B_R)).unwrap();
-        Self { ebpf, maps, events }
+        Self {
+            ebpf,
+            maps,
+            events,
+            _in_place: Some(array),
+        }
     }
 
     /// Runs a program on a frame; returns its verdict and the frame after it.
     fn run(&self, program: &str, frame: &[u8]) -> (u32, Vec<u8>) {
+        let (verdict, out, _) = self.run_with_cb(program, frame);
+        (verdict, out)
+    }
+
+    /// `run`, and the skb's `cb[3]` after it.
+    fn run_with_cb(&self, program: &str, frame: &[u8]) -> (u32, Vec<u8>, u32) {
         let p: &SchedClassifier = self.ebpf.program(program).unwrap().try_into().unwrap();
         let mut out = vec![0u8; frame.len() + 64];
+        // `struct __sk_buff`, and room to spare.
+        let mut ctx = vec![0u8; 256];
         let r = p
             .test_run(TestRunOptions {
                 data_in: Some(frame),
                 data_out: Some(&mut out),
+                ctx_out: Some(&mut ctx),
                 repeat: 1,
                 ..Default::default()
             })
             .expect("BPF_PROG_TEST_RUN");
         out.truncate(r.data_size_out as usize);
-        (r.return_value, out)
+        let cb3 = u32::from_ne_bytes(ctx[CB3].try_into().unwrap());
+        (r.return_value, out, cb3)
     }
 
     fn drops(&self, reason: DropReason) -> u64 {
@@ -507,6 +546,56 @@ async fn entries_that_translate_ports_keep_checksums_valid() {
         let p = check(&out);
         assert_eq!(p.tcp_ports(), (61000, 8080));
     }
+}
+
+#[tokio::test]
+async fn packets_masqueraded_per_packet_are_rewritten_in_place_and_with_helpers_alike() {
+    // One flow that keeps its ports, one whose ports change on the wire.
+    let moved = Masquerade {
+        saddr: A_R,
+        daddr: B_R,
+        sport: 61001,
+        dport: 8081,
+        peer: B_V,
+        technique: Technique::Direct as u8,
+        ..Default::default()
+    };
+    let (mut in_place, mut helpers) = (Host::with_in_place(true), Host::with_in_place(false));
+    let mut outputs = Vec::new();
+    for (host, tail_called) in [(&mut in_place, true), (&mut helpers, false)] {
+        let mut host_out = Vec::new();
+        let k = FlowKey::new(A_V, B_V, 40031, 81, 6, DIRECTION_EGRESS);
+        host.maps.masquerading.insert(k, moved, 0).unwrap();
+        host.run(EGRESS, &tcp_frame(A_V, B_V, 40002, 22, true, &[]));
+        for len in [0, 1, 1399] {
+            let payload = vec![0x5a; len];
+            for (program, frame) in [
+                (EGRESS, tcp_frame(A_V, B_V, 40002, 22, false, &payload)),
+                (INGRESS, tcp_frame(B_R, A_R, 22, 40002, false, &payload)),
+                (EGRESS, tcp_frame(A_V, B_V, 40031, 81, false, &payload)),
+            ] {
+                let (verdict, out, cb3) = host.run_with_cb(program, &frame);
+                assert_eq!(verdict, TC_ACT_OK, "{program}, {len} bytes");
+                check(&out);
+                // The in-place program clears the control block it was
+                // handed: the tail call was taken, or (without the
+                // program) the helpers rewrote the packet.
+                assert_eq!(
+                    cb3 == 0,
+                    tail_called,
+                    "{program}, {len} bytes: cb[3] {cb3:#x}"
+                );
+                host_out.push(out);
+            }
+        }
+        outputs.push(host_out);
+    }
+    assert_eq!(outputs[0], outputs[1], "the same packets either way");
+    let p = check(&outputs[0][2]);
+    assert_eq!((p.saddr, p.daddr, p.tcp_ports()), (A_R, B_R, (61001, 8081)));
+    let p = check(&outputs[0][1]);
+    assert_eq!((p.saddr, p.daddr, p.tcp_ports()), (B_V, A_V, (22, 40002)));
+    assert_eq!(in_place.maps.counters(), helpers.maps.counters());
 }
 
 #[tokio::test]
