@@ -103,6 +103,14 @@ impl Empty {
         let fd = bpf(BPF_PROG_LOAD, &attr).context("cannot load an empty tc program")?;
         // SAFETY: the kernel just returned this descriptor to us.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // The name carries this process's id: a pin of that name was left
+        // by an earlier process with the same id that was killed before it
+        // could clean up (ids wrap on a machine that runs for long).
+        match fs::remove_file(&pin) {
+            Ok(()) => eprintln!("bench: removed {}, left by a killed run", pin.display()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("cannot remove {}", pin.display())),
+        }
         let path = std::ffi::CString::new(pin.as_os_str().as_encoded_bytes())?;
         let attr = ObjPin {
             pathname: path.as_ptr() as u64,
