@@ -138,6 +138,32 @@ pub fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Option<*const T> {
     Some((start + offset) as *const T)
 }
 
+/// An Ethernet frame's IPv4 header without options and the TCP header
+/// after it, as they sit in the packet.
+#[repr(C)]
+pub struct PlainTcpFrame {
+    pub eth: EthHdr,
+    pub ip: Ipv4Hdr,
+    pub tcp: TcpHdr,
+}
+
+/// The headers of a TCP segment between two real addresses (not a
+/// fragment, no IP options, headers in the linear part), read in one
+/// bounds check: what most packets on the uplink are, flows carried at the
+/// socket among them. None for anything else, which the full parse sees.
+#[inline(always)]
+pub fn plain_real_tcp(ctx: &TcContext) -> Option<&PlainTcpFrame> {
+    // SAFETY: bounds checked by `ptr_at`; read before any helper.
+    let f = unsafe { &*ptr_at::<PlainTcpFrame>(ctx, 0)? };
+    let plain = f.eth.proto == ETH_P_IP
+        && f.ip.ver_ihl == IPV4_VER_IHL_PLAIN
+        && f.ip.proto == pvc_common::IPPROTO_TCP
+        && u16::from_be_bytes(f.ip.frag_off) & IP_FRAGMENT_MASK == 0
+        && !pvc_common::is_virtual(f.ip.saddr)
+        && !pvc_common::is_virtual(f.ip.daddr);
+    plain.then_some(f)
+}
+
 /// What the programs need to know of an IPv4 packet.
 #[derive(Clone, Copy)]
 pub struct Ipv4 {
