@@ -124,6 +124,15 @@ pub fn settings() -> Option<Settings> {
     }
 }
 
+/// A tc program's verdict: the packet's, or a drop counted by its reason.
+#[inline(always)]
+pub fn tc_verdict(result: Result<i32, DropReason>) -> i32 {
+    result.unwrap_or_else(|reason| {
+        count_drop(reason);
+        aya_ebpf::bindings::TC_ACT_SHOT as i32
+    })
+}
+
 #[inline(always)]
 pub fn count_drop(reason: DropReason) {
     add(&DROPS, reason as u32, 1);

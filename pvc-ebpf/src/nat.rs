@@ -92,32 +92,51 @@ pub fn masquerade(
     let from_addrs = pair(ip.saddr, ip.daddr);
     let to_addrs = pair(to.saddr, to.daddr);
     let err = |_| DropReason::RewriteFailed;
-    if from_addrs != to_addrs {
-        let diff = addrs_diff(&from_addrs, &to_addrs);
-        if ip.proto == IPPROTO_TCP {
-            ctx.l4_csum_replace(
-                ip.l4_off + TCP_CSUM,
-                0,
-                diff as u64,
-                BPF_F_PSEUDO_HDR as u64,
-            )
-            .map_err(err)?;
-        }
+    let diff = (from_addrs != to_addrs).then(|| addrs_diff(&from_addrs, &to_addrs));
+    let ports = (ip.proto == IPPROTO_TCP)
+        .then(|| (ports_word(sport, dport), ports_word(to.sport, to.dport)));
+    if let Some((from_ports, to_ports)) = ports {
+        tcp_checksum(ctx, ip.l4_off, diff, from_ports, to_ports)?;
+    }
+    if let Some(diff) = diff {
         let check = ip_check_after(ip.check, diff);
         ctx.store(IP_CSUM_OFF, &check_and_addrs(check, &to_addrs), 0)
             .map_err(err)?;
     }
-    if ip.proto == IPPROTO_TCP && (sport != to.sport || dport != to.dport) {
-        let from_ports = ports_word(sport, dport);
-        let to_ports = ports_word(to.sport, to.dport);
+    if let Some((from_ports, to_ports)) = ports
+        && from_ports != to_ports
+    {
+        ctx.store(ip.l4_off, &to_ports, 0).map_err(err)?;
+    }
+    Ok(())
+}
+
+/// Updates the TCP checksum at `l4_off` for addresses that changed by
+/// `addrs_diff` (None: kept) and ports that go from `from_ports` to
+/// `to_ports`, through `l4_csum_replace`, which knows how the skb keeps its
+/// checksum (CHECKSUM_PARTIAL from TSO, or complete). Before the stores:
+/// the helper may move the packet.
+#[inline(always)]
+fn tcp_checksum(
+    ctx: &TcContext,
+    l4_off: usize,
+    addrs_diff: Option<u32>,
+    from_ports: u32,
+    to_ports: u32,
+) -> Result<(), DropReason> {
+    let err = |_| DropReason::RewriteFailed;
+    if let Some(diff) = addrs_diff {
+        ctx.l4_csum_replace(l4_off + TCP_CSUM, 0, diff as u64, BPF_F_PSEUDO_HDR as u64)
+            .map_err(err)?;
+    }
+    if from_ports != to_ports {
         ctx.l4_csum_replace(
-            ip.l4_off + TCP_CSUM,
+            l4_off + TCP_CSUM,
             from_ports as u64,
             to_ports as u64,
             CSUM_FIELD_32,
         )
         .map_err(err)?;
-        ctx.store(ip.l4_off, &to_ports, 0).map_err(err)?;
     }
     Ok(())
 }
@@ -190,23 +209,14 @@ pub fn rewrite_in_place(ctx: &TcContext) -> Result<(), DropReason> {
         }
     };
     let to_addrs = pair(saddr.to_ne_bytes(), daddr.to_ne_bytes());
-    let err = |_| DropReason::RewriteFailed;
     let diff = addrs_diff(&from_addrs, &to_addrs);
-    // The helpers first: they move the packet, and the stores below take
-    // their pointers afresh.
-    if from_addrs != to_addrs {
-        ctx.l4_csum_replace(l4_off + TCP_CSUM, 0, diff as u64, BPF_F_PSEUDO_HDR as u64)
-            .map_err(err)?;
-    }
-    if from_ports != to_ports {
-        ctx.l4_csum_replace(
-            l4_off + TCP_CSUM,
-            from_ports as u64,
-            to_ports as u64,
-            CSUM_FIELD_32,
-        )
-        .map_err(err)?;
-    }
+    tcp_checksum(
+        ctx,
+        l4_off,
+        (from_addrs != to_addrs).then_some(diff),
+        from_ports,
+        to_ports,
+    )?;
     let ip = ptr_at::<Ipv4Hdr>(ctx, IP_OFF).ok_or(DropReason::Malformed)? as *mut Ipv4Hdr;
     let tcp = ptr_at::<TcpHdr>(ctx, l4_off).ok_or(DropReason::Malformed)? as *mut TcpHdr;
     // SAFETY: bounds checked by `ptr_at` after the last helper; the

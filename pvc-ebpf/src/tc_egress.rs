@@ -8,10 +8,7 @@
 //! and no need for the host to forward).
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    helpers::bpf_get_socket_cookie,
-    macros::classifier,
-    programs::TcContext,
+    bindings::TC_ACT_OK, helpers::bpf_get_socket_cookie, macros::classifier, programs::TcContext,
 };
 use pvc_common::{
     DIRECTION_EGRESS, DropReason, FLOW_HOLD_SYNACK, FlowKey, IPPROTO_ICMP, IPPROTO_TCP,
@@ -23,8 +20,8 @@ use pvc_common::{
 use crate::{
     flow,
     maps::{
-        MASQUERADING, SOCKET_CONNECTS, SOCKET_FLOWS, allowed, count_drop, count_traffic, peer,
-        settings,
+        MASQUERADING, SOCKET_CONNECTS, SOCKET_FLOWS, allowed, count_traffic, peer, settings,
+        tc_verdict,
     },
     nat,
     packet::{
@@ -40,13 +37,7 @@ use crate::{
 // call and a return (a return thunk on CPUs with return-stack mitigations).
 #[inline(always)]
 pub fn pvc_egress(ctx: TcContext) -> i32 {
-    match egress(&ctx) {
-        Ok(verdict) => verdict,
-        Err(reason) => {
-            count_drop(reason);
-            TC_ACT_SHOT as i32
-        }
-    }
+    tc_verdict(egress(&ctx))
 }
 
 #[inline(always)]

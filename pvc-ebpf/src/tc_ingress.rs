@@ -4,7 +4,7 @@
 //! to its virtual address receives them.
 
 use aya_ebpf::{
-    bindings::{BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{BPF_NOEXIST, TC_ACT_OK},
     macros::classifier,
     programs::TcContext,
 };
@@ -19,8 +19,8 @@ use pvc_common::{
 use crate::{
     flow,
     maps::{
-        MASQUERADING, REPLAY, SOCKET_FLOWS, allowed, count_drop, count_traffic, emit, peer,
-        settings,
+        MASQUERADING, REPLAY, SOCKET_FLOWS, allowed, count_traffic, emit, peer, settings,
+        tc_verdict,
     },
     nat,
     packet::{
@@ -36,13 +36,7 @@ use crate::{
 // call and a return (a return thunk on CPUs with return-stack mitigations).
 #[inline(always)]
 pub fn pvc_ingress(ctx: TcContext) -> i32 {
-    match ingress(&ctx) {
-        Ok(verdict) => verdict,
-        Err(reason) => {
-            count_drop(reason);
-            TC_ACT_SHOT as i32
-        }
-    }
+    tc_verdict(ingress(&ctx))
 }
 
 const PASS: Result<i32, DropReason> = Ok(TC_ACT_OK as i32);

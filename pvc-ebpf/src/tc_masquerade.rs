@@ -9,22 +9,12 @@
 //! flows carried at the socket included. Here only packets that are
 //! rewritten pay it, in place of the store helper's call and work.
 
-use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    macros::classifier,
-    programs::TcContext,
-};
+use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
 
-use crate::{maps::count_drop, nat};
+use crate::{maps::tc_verdict, nat};
 
 #[classifier]
 #[inline(always)]
 pub fn pvc_masquerade(ctx: TcContext) -> i32 {
-    match nat::rewrite_in_place(&ctx) {
-        Ok(()) => TC_ACT_OK as i32,
-        Err(reason) => {
-            count_drop(reason);
-            TC_ACT_SHOT as i32
-        }
-    }
+    tc_verdict(nat::rewrite_in_place(&ctx).map(|()| TC_ACT_OK as i32))
 }

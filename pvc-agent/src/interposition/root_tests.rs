@@ -35,9 +35,9 @@ struct Host {
     ebpf: Ebpf,
     maps: Maps,
     events: EventStream,
-    /// `pvc_masquerade` for the tail call, as the agent holds it; None:
-    /// the programs rewrite with helpers, as when their agent is gone.
-    _in_place: Option<ProgramArray<MapData>>,
+    /// Holds the tail call's array (with `pvc_masquerade`, as the agent
+    /// has it, or empty, as when the agent is gone) while the host lives.
+    _in_place: ProgramArray<MapData>,
 }
 
 /// Where a tc program leaves the control block of its skb: `__sk_buff`'s
@@ -93,7 +93,7 @@ impl Host {
             ebpf,
             maps,
             events,
-            _in_place: Some(array),
+            _in_place: array,
         }
     }
 
@@ -521,22 +521,30 @@ async fn icmp_errors_about_a_flow_are_mapped_back_to_virtual() {
     );
 }
 
+/// An egress entry to B's real address that also translates the ports,
+/// as a NAT traversal's would.
+fn to_b_on_ports(sport: u16, dport: u16) -> Masquerade {
+    Masquerade {
+        saddr: A_R,
+        daddr: B_R,
+        sport,
+        dport,
+        peer: B_V,
+        technique: Technique::Direct as u8,
+        ..Default::default()
+    }
+}
+
 #[tokio::test]
 async fn entries_that_translate_ports_keep_checksums_valid() {
     // Not used by direct paths (ports are kept), but the rewrite supports it
     // for NAT traversal: an entry is installed by hand here.
     let mut host = Host::new();
     let k = FlowKey::new(A_V, B_V, 40030, 80, 6, DIRECTION_EGRESS);
-    let m = Masquerade {
-        saddr: A_R,
-        daddr: B_R,
-        sport: 61000,
-        dport: 8080,
-        peer: B_V,
-        technique: Technique::Direct as u8,
-        ..Default::default()
-    };
-    host.maps.masquerading.insert(k, m, 0).unwrap();
+    host.maps
+        .masquerading
+        .insert(k, to_b_on_ports(61000, 8080), 0)
+        .unwrap();
     for len in [0, 33] {
         let (verdict, out) = host.run(
             EGRESS,
@@ -551,15 +559,7 @@ async fn entries_that_translate_ports_keep_checksums_valid() {
 #[tokio::test]
 async fn packets_masqueraded_per_packet_are_rewritten_in_place_and_with_helpers_alike() {
     // One flow that keeps its ports, one whose ports change on the wire.
-    let moved = Masquerade {
-        saddr: A_R,
-        daddr: B_R,
-        sport: 61001,
-        dport: 8081,
-        peer: B_V,
-        technique: Technique::Direct as u8,
-        ..Default::default()
-    };
+    let moved = to_b_on_ports(61001, 8081);
     let (mut in_place, mut helpers) = (Host::with_in_place(true), Host::with_in_place(false));
     let mut outputs = Vec::new();
     for (host, tail_called) in [(&mut in_place, true), (&mut helpers, false)] {
