@@ -25,6 +25,7 @@ use std::{
 
 use anyhow::{Context as _, anyhow, bail, ensure};
 
+pub mod cpu;
 pub mod grid;
 mod internet;
 pub mod prometheus;

@@ -41,9 +41,10 @@ pub struct Options {
     pub load_agents: usize,
     pub load_clusters: usize,
     pub load_seconds: u64,
-    /// CPU per byte: iperf3's fixed rate, seconds per run, paired runs.
+    /// CPU per byte: the fixed rate, ms per block, quartets of blocks (bare,
+    /// PVC, PVC, bare: one pair of values each).
     pub cpu_rate_mbit: u32,
-    pub cpu_seconds: u32,
+    pub cpu_block_ms: u64,
     pub cpu_pairs: usize,
     /// Round trips in paired blocks: blocks per path, round trips per block.
     pub rtt_blocks: usize,
@@ -69,8 +70,8 @@ impl Options {
             load_clusters: 100,
             load_seconds: 20,
             cpu_rate_mbit: 2000,
-            cpu_seconds: 5,
-            cpu_pairs: 12,
+            cpu_block_ms: 100,
+            cpu_pairs: 750,
             rtt_blocks: 30,
             rtt_block: 2000,
             distribution_nodes: vec![1, 2, 4, 6],
@@ -93,8 +94,8 @@ impl Options {
             load_clusters: 3,
             load_seconds: 2,
             cpu_rate_mbit: 500,
-            cpu_seconds: 1,
-            cpu_pairs: 2,
+            cpu_block_ms: 50,
+            cpu_pairs: 3,
             rtt_blocks: 2,
             rtt_block: 100,
             distribution_nodes: vec![2],
@@ -149,7 +150,7 @@ impl<'a> Bench<'a> {
         })
     }
 
-    /// connect-bench servers in `mode` ("serve", "echo") on b, one per path
+    /// connect-bench servers in `mode` ("serve", "echo", "sink") on b, one per path
     /// (bare, PVC); the PVC one is reached once, which authenticates the
     /// path: what follows is measured against an authenticated peer.
     pub(super) fn servers(&mut self, mode: &str) -> anyhow::Result<(u16, u16)> {
@@ -158,7 +159,7 @@ impl<'a> Bench<'a> {
         for (route, port) in [(Route::Bare, bare), (Route::Pvc, pvc)] {
             let port_s = port.to_string();
             let mut args = vec![connect_bench.as_str(), mode, &port_s];
-            if mode == "echo" {
+            if mode == "echo" || mode == "sink" {
                 args.splice(0..0, PINNED);
             }
             let program = args.remove(0);
@@ -628,9 +629,10 @@ pub fn run(opts: &Options, out: &Path) -> anyhow::Result<Report> {
         },
     )?;
 
-    eprintln!("bench: CPU per byte at a fixed rate, paired runs");
-    let cpu_per_byte = bench.cpu_per_byte()?;
-    let programs_per_kib = bench.programs_per_kib()?;
+    eprintln!("bench: CPU per byte at a fixed rate, paired blocks");
+    let (bare_sink, pvc_sink) = bench.servers("sink")?;
+    let cpu_per_byte = bench.cpu_per_byte(bare_sink, pvc_sink)?;
+    let programs_per_kib = bench.programs_per_kib(pvc_sink)?;
     eprintln!("bench: round trips in paired blocks");
     let round_trip_blocks = bench.round_trip_blocks(bare_echo, pvc_echo)?;
 

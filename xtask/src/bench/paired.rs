@@ -1,15 +1,20 @@
 //! The two measurements that can resolve a cost of about 1% on this noisy
 //! machine: the machine's CPU time per byte at a fixed rate below
-//! saturation, and one-byte round trips, each in alternating paired blocks
-//! (bare then PVC, PVC then bare, ...). Each pair gives one PVC/bare ratio,
-//! so slow drifts of the machine cancel within a pair; the report gives the
-//! mean ratio and its 95% confidence interval.
+//! saturation, and one-byte round trips, each from one process holding a
+//! connection over each path and alternating between them in short blocks
+//! (connect-bench's `rate-pairs` and `rtt-pairs`). Each pair of values
+//! gives one PVC/bare ratio, so slow drifts of the machine cancel within a
+//! pair; the report gives the ratios' geometric mean and its 95%
+//! confidence interval. Geometric, because a block's noise is skewed (a
+//! block that something else on the machine slowed is slower by a lot, one
+//! it spared is faster by little): the arithmetic mean of such ratios is
+//! above 1 for the same path on both sides, their log is not.
 
 use anyhow::{Context as _, anyhow, ensure};
 use serde::Serialize;
 use serde_json::Value;
 
-use super::measure::{A, B, Bench, Route};
+use super::measure::{B, Bench, Route};
 
 /// One paired measurement: means per path, and the PVC/bare ratio over the
 /// pairs.
@@ -18,9 +23,10 @@ pub struct Paired {
     pub unit: String,
     pub bare: f64,
     pub pvc: f64,
-    /// Mean of the pairs' PVC/bare ratios.
+    /// Geometric mean of the pairs' PVC/bare ratios.
     pub ratio: f64,
-    /// Half-width of its 95% confidence interval (normal approximation).
+    /// Half-width of its 95% confidence interval (normal approximation on
+    /// the logs; the interval is nearly symmetric at these widths).
     pub ratio_ci95: f64,
     pub pairs: usize,
 }
@@ -33,92 +39,53 @@ impl Paired {
             return Paired::default();
         }
         let mean = |v: &mut dyn Iterator<Item = f64>| v.sum::<f64>() / n as f64;
-        let ratios: Vec<f64> = pairs.iter().map(|(b, p)| p / b).collect();
-        let ratio = mean(&mut ratios.iter().copied());
-        let var = if n > 1 {
-            ratios.iter().map(|r| (r - ratio).powi(2)).sum::<f64>() / (n - 1) as f64
+        let logs: Vec<f64> = pairs.iter().map(|(b, p)| (p / b).ln()).collect();
+        let log = mean(&mut logs.iter().copied());
+        let sd = if n > 1 {
+            (logs.iter().map(|l| (l - log).powi(2)).sum::<f64>() / (n - 1) as f64).sqrt()
         } else {
             f64::NAN
         };
+        let half = 1.96 * sd / (n as f64).sqrt();
         Paired {
             unit: unit.to_string(),
             bare: mean(&mut pairs.iter().map(|p| p.0)),
             pvc: mean(&mut pairs.iter().map(|p| p.1)),
-            ratio,
-            ratio_ci95: 1.96 * (var / n as f64).sqrt(),
+            ratio: log.exp(),
+            ratio_ci95: ((log + half).exp() - (log - half).exp()) / 2.0,
             pairs: n,
         }
     }
 }
 
-/// Microseconds all CPUs have spent idle so far, from cpuidle's own
-/// per-state counters: exact, where /proc/stat's busy time is sampled at
-/// the tick (a paced sender's bursts can fall between ticks, or on them).
-fn idle_us(only: Option<usize>) -> anyhow::Result<(u64, usize)> {
-    let mut total = 0;
-    let mut cpus = 0;
-    for cpu in std::fs::read_dir("/sys/devices/system/cpu")?.flatten() {
-        let name = cpu.file_name();
-        let name = name.to_string_lossy();
-        let Some(n) = name
-            .strip_prefix("cpu")
-            .and_then(|n| n.parse::<usize>().ok())
-        else {
-            continue;
-        };
-        if only.is_some_and(|o| o != n) {
-            continue;
-        }
-        let idle = cpu.path().join("cpuidle");
-        let states = std::fs::read_dir(&idle).with_context(|| {
-            format!(
-                "no cpuidle statistics in {}: CPU time cannot be measured exactly here",
-                idle.display()
-            )
-        })?;
-        for state in states.flatten() {
-            let t = std::fs::read_to_string(state.path().join("time")).unwrap_or_default();
-            total += t.trim().parse::<u64>().unwrap_or(0);
-        }
-        cpus += 1;
-    }
-    ensure!(cpus > 0, "no CPU in /sys/devices/system/cpu");
-    Ok((total, cpus))
-}
-
-/// Runs `work`; returns its result and the busy time meanwhile (wall time
-/// less idle time) of CPU `only`, or of all CPUs, ns.
-fn busy_during<T>(
-    only: Option<usize>,
-    work: impl FnOnce() -> anyhow::Result<T>,
-) -> anyhow::Result<(T, f64)> {
-    let (idle0, cpus) = idle_us(only)?;
-    let t = std::time::Instant::now();
-    let out = work()?;
-    let wall = t.elapsed().as_nanos() as f64;
-    let (idle1, _) = idle_us(only)?;
-    Ok((out, wall * cpus as f64 - (idle1 - idle0) as f64 * 1e3))
-}
-
 impl Bench<'_> {
-    /// CPU per byte: iperf3 from a to b at `cpu_rate_mbit` for
-    /// `cpu_seconds`, the whole machine's busy time over the bytes b
-    /// received; ns of CPU per KiB.
-    fn cpu_per_kib(&mut self, route: Route) -> anyhow::Result<f64> {
-        let (busy_ns, bytes) = self.fixed_rate(route)?;
-        Ok(busy_ns / (bytes / 1024.0))
-    }
-
-    /// The tc programs' own CPU per byte in the same fixed-rate transfer
-    /// over PVC: their run time from the kernel's statistics (both hosts,
-    /// both programs) over the bytes received, ns per KiB. The programs are
-    /// all the per-packet work PVC adds, and their statistics are exact
+    /// The tc programs' own CPU per byte in the same paced transfer over
+    /// PVC (`connect-bench rate`, one block of `cpu_block_ms` x
+    /// `cpu_pairs`): their run time from the kernel's statistics (both
+    /// hosts, both programs) over the bytes sent, ns per KiB. The programs
+    /// are all the per-packet work PVC adds, and their statistics are exact
     /// where the machine's busy time is not.
-    pub(super) fn programs_per_kib(&mut self) -> anyhow::Result<f64> {
+    pub(super) fn programs_per_kib(&mut self, pvc_sink: u16) -> anyhow::Result<f64> {
         let _stats = super::measure::enable_bpf_stats()?;
         let before = self.programs()?;
-        let (_, bytes) = self.fixed_rate(Route::Pvc)?;
+        let ms = self.opts.cpu_block_ms * self.opts.cpu_pairs as u64;
+        let out = self
+            .round_trip_client(Route::Pvc, true)
+            .args([
+                "rate".to_string(),
+                self.addr(B, Route::Pvc).to_string(),
+                pvc_sink.to_string(),
+                self.opts.cpu_rate_mbit.to_string(),
+                ms.to_string(),
+            ])
+            .ok()
+            .context("connect-bench rate over the PVC path")?;
         let after = self.programs()?;
+        let v: Value = serde_json::from_str(out.trim())?;
+        let bytes = v["bytes"]
+            .as_f64()
+            .ok_or_else(|| anyhow!("connect-bench said: {out}"))?;
+        ensure!(bytes > 0.0, "connect-bench sent nothing");
         let ns: u64 = ["pvc_egress", "pvc_ingress"]
             .iter()
             .map(|p| {
@@ -127,45 +94,6 @@ impl Bench<'_> {
             })
             .sum();
         Ok(ns as f64 / (bytes / 1024.0))
-    }
-
-    /// iperf3 from a to b at `cpu_rate_mbit` for `cpu_seconds`: CPU 0's
-    /// busy time meanwhile (ns) and the bytes b received.
-    fn fixed_rate(&mut self, route: Route) -> anyhow::Result<(f64, f64)> {
-        let port = self.next_port();
-        self.spawn(B, route, "iperf3", &["-s", "-1", "-p", &port.to_string()])?;
-        self.lab.wait_listening(B, port)?;
-        let dst = self.addr(B, route).to_string();
-        let rate = format!("{}M", self.opts.cpu_rate_mbit);
-        let secs = self.opts.cpu_seconds.to_string();
-        let cmd = self.command(A, route, "iperf3").args([
-            "-c",
-            &dst,
-            "-p",
-            &port.to_string(),
-            "-b",
-            &rate,
-            "-t",
-            &secs,
-            // Client and server on one CPU, as for the round trips: where
-            // the scheduler puts them otherwise changes what a byte costs.
-            "-A",
-            "0,0",
-            "-J",
-        ]);
-        // CPU 0's busy time: the transfer runs there, softirqs included
-        // (veth delivers on the sending CPU); the rest of the machine
-        // (Prometheus, agents, the broker) mostly runs beside it.
-        let (out, busy_ns) = busy_during(Some(0), || {
-            cmd.ok()
-                .with_context(|| format!("iperf3 at a fixed rate over the {} path", route.name()))
-        })?;
-        let v: Value = serde_json::from_str(&out)?;
-        let bytes = v["end"]["sum_received"]["bytes"]
-            .as_f64()
-            .ok_or_else(|| anyhow!("iperf3 reported no bytes: {out}"))?;
-        ensure!(bytes > 0.0, "iperf3 moved nothing");
-        Ok((busy_ns, bytes))
     }
 
     /// iperf3 between the hosts' real addresses on eth0, PVC's uplink,
@@ -187,23 +115,28 @@ impl Bench<'_> {
         super::measure::iperf_gbps(&out)
     }
 
-    /// CPU per byte at a fixed rate, alternating paired runs.
-    pub(super) fn cpu_per_byte(&mut self) -> anyhow::Result<Paired> {
-        let mut pairs = Vec::new();
-        for k in 0..self.opts.cpu_pairs {
-            let mut pair = (0.0, 0.0);
-            for route in Route::interleaved(k) {
-                let v = self.cpu_per_kib(route)?;
-                eprintln!(
-                    "bench: CPU per byte, pair {k}, {}: {v:.1} ns per KiB",
-                    route.name()
-                );
-                match route {
-                    Route::Bare => pair.0 = v,
-                    Route::Pvc => pair.1 = v,
-                }
-            }
-            pairs.push(pair);
+    /// CPU per byte at a fixed rate below saturation, in alternating paired
+    /// blocks over one held connection per path to a sink on b (from
+    /// inside a's cgroup, pinned to CPU 0 with the sinks), ns of CPU 0's
+    /// busy time per KiB.
+    pub(super) fn cpu_per_byte(&mut self, bare_sink: u16, pvc_sink: u16) -> anyhow::Result<Paired> {
+        let out = self
+            .round_trip_client(Route::Pvc, true)
+            .args([
+                "rate-pairs".to_string(),
+                self.addr(B, Route::Bare).to_string(),
+                bare_sink.to_string(),
+                self.addr(B, Route::Pvc).to_string(),
+                pvc_sink.to_string(),
+                self.opts.cpu_rate_mbit.to_string(),
+                self.opts.cpu_block_ms.to_string(),
+                self.opts.cpu_pairs.to_string(),
+            ])
+            .ok()
+            .context("connect-bench rate-pairs")?;
+        let pairs = pairs_of(&out, self.opts.cpu_pairs)?;
+        for (k, (bare, pvc)) in pairs.iter().enumerate() {
+            eprintln!("bench: CPU per byte, block {k}: bare {bare:.1}, PVC {pvc:.1} ns per KiB");
         }
         Ok(Paired::of("ns of CPU per KiB", &pairs))
     }
@@ -230,24 +163,30 @@ impl Bench<'_> {
             ])
             .ok()
             .context("connect-bench rtt-pairs")?;
-        let v: Value = serde_json::from_str(out.trim())?;
-        let pairs: Vec<(f64, f64)> = v["pairs"]
-            .as_array()
-            .ok_or_else(|| anyhow!("connect-bench said: {out}"))?
-            .iter()
-            .filter_map(|p| Some((p[0].as_f64()?, p[1].as_f64()?)))
-            .collect();
+        let pairs = pairs_of(&out, self.opts.rtt_blocks)?;
         for (k, (bare, pvc)) in pairs.iter().enumerate() {
             eprintln!("bench: round trips, block {k}: bare {bare:.2} µs, PVC {pvc:.2} µs");
         }
-        ensure!(
-            pairs.len() == self.opts.rtt_blocks,
-            "connect-bench timed {} of {} pairs",
-            pairs.len(),
-            self.opts.rtt_blocks
-        );
         Ok(Paired::of("µs per round trip", &pairs))
     }
+}
+
+/// connect-bench's (bare, PVC) pairs; exactly `count` of them.
+fn pairs_of(out: &str, count: usize) -> anyhow::Result<Vec<(f64, f64)>> {
+    let v: Value =
+        serde_json::from_str(out.trim()).with_context(|| format!("connect-bench said: {out}"))?;
+    let pairs: Vec<(f64, f64)> = v["pairs"]
+        .as_array()
+        .ok_or_else(|| anyhow!("connect-bench said: {out}"))?
+        .iter()
+        .filter_map(|p| Some((p[0].as_f64()?, p[1].as_f64()?)))
+        .collect();
+    ensure!(
+        pairs.len() == count,
+        "connect-bench measured {} of {count} pairs",
+        pairs.len()
+    );
+    Ok(pairs)
 }
 
 /// Only the per-packet measurements (issue 13), as markdown: each tc
@@ -290,8 +229,9 @@ pub fn per_packet(opts: &super::measure::Options) -> anyhow::Result<String> {
         let _stats = super::measure::enable_bpf_stats()?;
         super::floor::measure(&mut bench)?
     };
-    let cpu = bench.cpu_per_byte()?;
-    let programs_per_kib = bench.programs_per_kib()?;
+    let (bare_sink, pvc_sink) = bench.servers("sink")?;
+    let cpu = bench.cpu_per_byte(bare_sink, pvc_sink)?;
+    let programs_per_kib = bench.programs_per_kib(pvc_sink)?;
     let mut m = String::new();
     let _ = writeln!(
         m,
@@ -345,8 +285,6 @@ pub fn per_packet(opts: &super::measure::Options) -> anyhow::Result<String> {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
 
     #[test]
@@ -354,24 +292,15 @@ mod tests {
         let p = Paired::of("x", &[(100.0, 101.0), (200.0, 202.0), (50.0, 50.5)]);
         assert!((p.ratio - 1.01).abs() < 1e-12);
         assert!(p.ratio_ci95.abs() < 1e-9);
+        // The geometric mean of 1.00 and 1.02, and the interval around it:
+        // sd of (ln 1.00, ln 1.02) is 0.014003; / sqrt(2) * 1.96 = 0.019408.
         let q = Paired::of("x", &[(100.0, 100.0), (100.0, 102.0)]);
-        assert!((q.ratio - 1.01).abs() < 1e-12);
-        // sd of (1.00, 1.02) is 0.01414; / sqrt(2) * 1.96 = 0.0196.
+        assert!((q.ratio - 1.02f64.sqrt()).abs() < 1e-12, "{q:?}");
         assert!((q.ratio_ci95 - 0.0196).abs() < 1e-4, "{q:?}");
+        // Ratios of x and 1/x: the same path on both sides, one block
+        // slowed and one spared, is 1, not their arithmetic mean 1.25.
+        let r = Paired::of("x", &[(100.0, 200.0), (100.0, 50.0)]);
+        assert!((r.ratio - 1.0).abs() < 1e-12, "{r:?}");
         assert_eq!(Paired::of("x", &[]).pairs, 0);
-    }
-
-    #[test]
-    fn busy_time_counts_a_busy_loop() {
-        let ((), busy) = busy_during(None, || {
-            let t = std::time::Instant::now();
-            while t.elapsed() < Duration::from_millis(300) {
-                std::hint::black_box(0);
-            }
-            Ok(())
-        })
-        .unwrap();
-        // At least the loop's own 300 ms (other work may add to it).
-        assert!(busy >= 0.25e9, "{busy}");
     }
 }

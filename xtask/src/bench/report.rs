@@ -98,7 +98,7 @@ pub struct Report {
     /// latency of the path with thousands of samples per run.
     pub round_trip_bare_us: Spread,
     pub round_trip_pvc_us: Spread,
-    /// The machine's CPU time per byte at a fixed rate, paired runs.
+    /// The machine's CPU time per byte at a fixed rate, paired blocks.
     #[serde(default)]
     pub cpu_per_byte: super::paired::Paired,
     /// PVC's tc programs' own run time per KiB in one more fixed-rate PVC

@@ -8,16 +8,22 @@
 //! local agent accepts); `rtt-pairs ADDR1 PORT1 ADDR2 PORT2 BLOCK BLOCKS`
 //! holds one connection to each echo server and times BLOCKS pairs of
 //! BLOCK round trips (each block's median), the blocks alternating
-//! between the two. Durations
-//! are printed in microseconds, as JSON.
+//! between the two; `sink PORT` reads and discards; `rate-pairs ADDR1
+//! PORT1 ADDR2 PORT2 MBIT BLOCK_MS QUARTETS` holds one connection to each
+//! sink and measures CPU 0's busy time per KiB sent at MBIT in QUARTETS
+//! quartets of blocks of BLOCK_MS (one, two, two, one); `rate ADDR PORT MBIT
+//! MS` sends at MBIT for MS once. Durations are printed in microseconds,
+//! CPU per byte in ns per KiB, as JSON.
 
 use std::{
     io::{Read as _, Write as _},
     net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream},
-    time::Instant,
+    os::fd::AsRawFd as _,
+    thread::sleep,
+    time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::{Context as _, bail, ensure};
 use socket2::{Domain, Socket, Type};
 
 fn listen(port: u16) -> anyhow::Result<TcpListener> {
@@ -46,6 +52,16 @@ fn echo(port: u16) -> anyhow::Result<()> {
                 break;
             }
         }
+    }
+    Ok(())
+}
+
+/// One connection at a time, as `echo`.
+fn sink(port: u16) -> anyhow::Result<()> {
+    let mut buf = vec![0u8; 1 << 18];
+    for stream in listen(port)?.incoming() {
+        let mut s = stream?;
+        while let Ok(1..) = s.read(&mut buf) {}
     }
     Ok(())
 }
@@ -121,6 +137,104 @@ fn rtt_pairs(
     Ok(())
 }
 
+/// iperf3's TCP block: the size of one paced write.
+const CHUNK: usize = 128 * 1024;
+
+/// Sends for `ms` at `mbit`, one `CHUNK` write at each of evenly spaced
+/// deadlines (as `iperf3 -b` paces), then waits until the peer has
+/// acknowledged every byte, so that a block's work ends in that block.
+/// Returns CPU 0's busy time meanwhile (ns) and the bytes sent. The caller
+/// runs on CPU 0, as the sink does: veth delivers on the sending CPU, so
+/// the whole transfer, softirqs included, is CPU 0's work, and CPU 0's
+/// idle counter is exact when CPU 0 reads it.
+fn paced(s: &mut TcpStream, mbit: f64, ms: u64) -> anyhow::Result<(f64, u64)> {
+    let chunk = vec![0u8; CHUNK];
+    let interval = Duration::from_secs_f64(CHUNK as f64 * 8.0 / (mbit * 1e6));
+    let writes = (ms as f64 / 1e3 / interval.as_secs_f64()).round().max(1.0) as u32;
+    let ((), busy_ns) = pvc_lab::cpu::busy_during(Some(0), || {
+        let t0 = Instant::now();
+        for i in 0..writes {
+            if let Some(wait) = (t0 + interval * i).checked_duration_since(Instant::now()) {
+                sleep(wait);
+            }
+            s.write_all(&chunk).context("the sink closed")?;
+        }
+        wait_acknowledged(s)
+    })?;
+    Ok((busy_ns, u64::from(writes) * CHUNK as u64))
+}
+
+fn wait_acknowledged(s: &TcpStream) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut unacked: libc::c_int = 0;
+        // SAFETY: SIOCOUTQ (TIOCOUTQ) writes one int, the bytes in the
+        // socket's send queue not yet acknowledged, to the pointer given.
+        let rc = unsafe { libc::ioctl(s.as_raw_fd(), libc::TIOCOUTQ, &mut unacked) };
+        ensure!(rc == 0, "SIOCOUTQ: {}", std::io::Error::last_os_error());
+        if unacked == 0 {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "{unacked} bytes still unacknowledged after 10 s: is the sink reading?"
+        );
+        sleep(Duration::from_micros(100));
+    }
+}
+
+fn sink_connection(addr: Ipv4Addr, port: u16) -> anyhow::Result<TcpStream> {
+    TcpStream::connect((addr, port)).with_context(|| format!("connect to {addr}:{port}"))
+}
+
+/// CPU per byte on both paths from one process, in quartets of blocks
+/// (one, two, two, one): each quartet gives each path's busy time over its
+/// bytes in its two blocks, ns per KiB. On this machine, separate runs (an
+/// iperf3 process and a new connection per run, 5 s each) spread by +-15%
+/// for the same path: slow changes of the machine, which short blocks from
+/// one process on held connections cancel. Each path gets one block right
+/// after one of its own and one after two of the other's in every quartet,
+/// so what the order does (a connection resuming after idling, a drift of
+/// the machine within the quartet) falls on both paths alike; pairing one
+/// block with its neighbours' mean instead made one path look 2% cheaper
+/// than the same path.
+fn rate_pairs(
+    one: (Ipv4Addr, u16),
+    two: (Ipv4Addr, u16),
+    mbit: f64,
+    ms: u64,
+    quartets: usize,
+) -> anyhow::Result<()> {
+    let mut conns = [
+        sink_connection(one.0, one.1)?,
+        sink_connection(two.0, two.1)?,
+    ];
+    for c in &mut conns {
+        paced(c, mbit, ms)?;
+    }
+    let per_kib =
+        |(ns1, b1): (f64, u64), (ns2, b2): (f64, u64)| (ns1 + ns2) / ((b1 + b2) as f64 / 1024.0);
+    let mut pairs = Vec::with_capacity(quartets);
+    for _ in 0..quartets {
+        let one1 = paced(&mut conns[0], mbit, ms)?;
+        let two1 = paced(&mut conns[1], mbit, ms)?;
+        let two2 = paced(&mut conns[1], mbit, ms)?;
+        let one2 = paced(&mut conns[0], mbit, ms)?;
+        pairs.push([per_kib(one1, one2), per_kib(two1, two2)]);
+    }
+    println!("{}", serde_json::json!({ "pairs": pairs }));
+    Ok(())
+}
+
+fn rate(addr: Ipv4Addr, port: u16, mbit: f64, ms: u64) -> anyhow::Result<()> {
+    let (busy_ns, bytes) = paced(&mut sink_connection(addr, port)?, mbit, ms)?;
+    println!(
+        "{}",
+        serde_json::json!({ "bytes": bytes, "busy_ns": busy_ns })
+    );
+    Ok(())
+}
+
 fn connect(addr: Ipv4Addr, port: u16, count: usize) -> anyhow::Result<()> {
     let mut us = Vec::with_capacity(count);
     for _ in 0..count {
@@ -156,6 +270,7 @@ fn main() -> anyhow::Result<()> {
     match args.get(1).map(String::as_str) {
         Some("serve") => serve(args.get(2).context("port")?.parse()?),
         Some("echo") => echo(args.get(2).context("port")?.parse()?),
+        Some("sink") => sink(args.get(2).context("port")?.parse()?),
         Some(mode @ ("connect" | "rtt" | "first")) => {
             let addr = args.get(2).context("address")?.parse()?;
             let port = args.get(3).context("port")?.parse()?;
@@ -178,10 +293,33 @@ fn main() -> anyhow::Result<()> {
                 arg(7)?.parse()?,
             )
         }
+        Some("rate-pairs") => {
+            let arg = |i: usize| {
+                args.get(i)
+                    .context("rate-pairs ADDR1 PORT1 ADDR2 PORT2 MBIT BLOCK_MS QUARTETS")
+            };
+            rate_pairs(
+                (arg(2)?.parse()?, arg(3)?.parse()?),
+                (arg(4)?.parse()?, arg(5)?.parse()?),
+                arg(6)?.parse()?,
+                arg(7)?.parse()?,
+                arg(8)?.parse()?,
+            )
+        }
+        Some("rate") => {
+            let arg = |i: usize| args.get(i).context("rate ADDR PORT MBIT MS");
+            rate(
+                arg(2)?.parse()?,
+                arg(3)?.parse()?,
+                arg(4)?.parse()?,
+                arg(5)?.parse()?,
+            )
+        }
         _ => bail!(
             "usage: connect-bench serve PORT | connect ADDR PORT COUNT | echo PORT | \
              rtt ADDR PORT COUNT | first ADDR PORT COUNT | \
-             rtt-pairs ADDR1 PORT1 ADDR2 PORT2 BLOCK BLOCKS"
+             rtt-pairs ADDR1 PORT1 ADDR2 PORT2 BLOCK BLOCKS | sink PORT | \
+             rate-pairs ADDR1 PORT1 ADDR2 PORT2 MBIT BLOCK_MS QUARTETS | rate ADDR PORT MBIT MS"
         ),
     }
 }
