@@ -115,8 +115,9 @@ impl Bench<'_> {
         super::measure::iperf_gbps(&out)
     }
 
-    /// CPU per byte at a fixed rate below saturation, in alternating paired
-    /// blocks over one held connection per path to a sink on b (from
+    /// CPU per byte at a fixed rate below saturation, in quartets of blocks
+    /// (bare, PVC, PVC, bare) over one held connection per path to a sink
+    /// on b (from
     /// inside a's cgroup, pinned to CPU 0 with the sinks), ns of CPU 0's
     /// busy time per KiB.
     pub(super) fn cpu_per_byte(&mut self, bare_sink: u16, pvc_sink: u16) -> anyhow::Result<Paired> {

@@ -335,7 +335,7 @@ fn targets(r: &Report) -> Vec<Target> {
             ),
             met: p.ratio + p.ratio_ci95 <= limit,
             miss: format!(
-                "the interval reaches {:.4} (limit {limit})",
+                "{:.4} at the interval's top (limit {limit})",
                 p.ratio + p.ratio_ci95
             ),
         });
