@@ -10,11 +10,16 @@
 //! it spared is faster by little): the arithmetic mean of such ratios is
 //! above 1 for the same path on both sides, their log is not.
 
+use std::collections::BTreeMap;
+
 use anyhow::{Context as _, anyhow, ensure};
 use serde::Serialize;
 use serde_json::Value;
 
-use super::measure::{B, Bench, Route};
+use super::{
+    measure::{B, Bench, Route},
+    report::ProgramCost,
+};
 
 /// One paired measurement: means per path, and the PVC/bare ratio over the
 /// pairs.
@@ -172,6 +177,21 @@ impl Bench<'_> {
     }
 }
 
+/// What an empty program in their place would cost, as a share of what
+/// PVC's tc programs cost in a phase: the empty program's ns per run over
+/// theirs (weighted by their runs). An empty program runs on the same
+/// packets, so this share of the programs' CPU per byte is the price of
+/// having any tc program on the uplink, the floor under PVC's.
+pub fn empty_share(progs: &BTreeMap<String, ProgramCost>, floor_ns: f64) -> Option<f64> {
+    let (ns, runs) = ["pvc_egress", "pvc_ingress"]
+        .iter()
+        .filter_map(|p| progs.get(*p))
+        .fold((0.0, 0u64), |(ns, runs), c| {
+            (ns + c.ns_per_run * c.runs as f64, runs + c.runs)
+        });
+    (runs > 0 && ns > 0.0).then(|| floor_ns * runs as f64 / ns)
+}
+
 /// connect-bench's (bare, PVC) pairs; exactly `count` of them.
 fn pairs_of(out: &str, count: usize) -> anyhow::Result<Vec<(f64, f64)>> {
     let v: Value =
@@ -195,7 +215,7 @@ fn pairs_of(out: &str, count: usize) -> anyhow::Result<Vec<(f64, f64)>> {
 /// empty program's, CPU per byte at a fixed rate and round trips in paired
 /// blocks. A few minutes: for trying a change to the data path.
 pub fn per_packet(opts: &super::measure::Options) -> anyhow::Result<String> {
-    use std::{collections::BTreeMap, fmt::Write as _};
+    use std::fmt::Write as _;
     let mut bench = Bench::new(opts)?;
     let (bare_echo, pvc_echo) = bench.servers("echo")?;
     // The first flow to a member waits for its authentication: not
@@ -275,11 +295,15 @@ pub fn per_packet(opts: &super::measure::Options) -> anyhow::Result<String> {
             p.bare, p.pvc, p.unit, p.ratio, p.ratio_ci95, p.pairs
         );
     }
+    let share = programs
+        .get("iperf3")
+        .and_then(|p| empty_share(p, p.get(super::floor::BESIDE)?.ns_per_run));
     let _ = writeln!(
         m,
         "\nthe programs' own CPU per byte at that rate: {programs_per_kib:.2} ns per KiB, \
-         {:.4} of the bare path's CPU per byte",
-        1.0 + programs_per_kib / cpu.bare
+         {:.4} of the bare path's CPU per byte; an empty program in their place: {:.4}",
+        1.0 + programs_per_kib / cpu.bare,
+        share.map_or(f64::NAN, |s| 1.0 + programs_per_kib * s / cpu.bare)
     );
     Ok(m)
 }
@@ -303,5 +327,19 @@ mod tests {
         let r = Paired::of("x", &[(100.0, 200.0), (100.0, 50.0)]);
         assert!((r.ratio - 1.0).abs() < 1e-12, "{r:?}");
         assert_eq!(Paired::of("x", &[]).pairs, 0);
+    }
+
+    #[test]
+    fn an_empty_programs_share_weights_by_runs() {
+        let cost = |runs, ns_per_run| ProgramCost { runs, ns_per_run };
+        let progs = BTreeMap::from([
+            ("pvc_egress".to_string(), cost(100, 100.0)),
+            ("pvc_ingress".to_string(), cost(300, 60.0)),
+            ("pvc_connect4".to_string(), cost(5, 5000.0)),
+        ]);
+        // 400 runs at 35 ns against 10,000 + 18,000 ns.
+        let s = empty_share(&progs, 35.0).unwrap();
+        assert!((s - 0.5).abs() < 1e-12, "{s}");
+        assert_eq!(empty_share(&BTreeMap::new(), 35.0), None);
     }
 }
