@@ -10,7 +10,7 @@ use anyhow::{Context as _, ensure};
 /// how many CPUs that is. A CPU's counter only grows when it leaves an idle
 /// state, so it is exact for the CPU that reads it, and behind by at most
 /// the current idle period for another.
-pub fn idle_us(only: Option<usize>) -> anyhow::Result<(u64, usize)> {
+fn idle_us(only: Option<usize>) -> anyhow::Result<(u64, usize)> {
     let mut total = 0;
     let mut cpus = 0;
     for cpu in std::fs::read_dir("/sys/devices/system/cpu")?.flatten() {

@@ -122,58 +122,64 @@ impl Bench<'_> {
 
     /// CPU per byte at a fixed rate below saturation, in quartets of blocks
     /// (bare, PVC, PVC, bare) over one held connection per path to a sink
-    /// on b (from
-    /// inside a's cgroup, pinned to CPU 0 with the sinks), ns of CPU 0's
-    /// busy time per KiB.
+    /// on b, ns of CPU 0's busy time per KiB.
     pub(super) fn cpu_per_byte(&mut self, bare_sink: u16, pvc_sink: u16) -> anyhow::Result<Paired> {
-        let out = self
-            .round_trip_client(Route::Pvc, true)
-            .args([
-                "rate-pairs".to_string(),
-                self.addr(B, Route::Bare).to_string(),
-                bare_sink.to_string(),
-                self.addr(B, Route::Pvc).to_string(),
-                pvc_sink.to_string(),
-                self.opts.cpu_rate_mbit.to_string(),
-                self.opts.cpu_block_ms.to_string(),
-                self.opts.cpu_pairs.to_string(),
-            ])
-            .ok()
-            .context("connect-bench rate-pairs")?;
-        let pairs = pairs_of(&out, self.opts.cpu_pairs)?;
-        for (k, (bare, pvc)) in pairs.iter().enumerate() {
-            eprintln!("bench: CPU per byte, block {k}: bare {bare:.1}, PVC {pvc:.1} ns per KiB");
-        }
-        Ok(Paired::of("ns of CPU per KiB", &pairs))
+        let o = self.opts;
+        let rest = [o.cpu_rate_mbit.to_string(), o.cpu_block_ms.to_string()];
+        self.paired_blocks(
+            ("rate-pairs", "CPU per byte"),
+            (bare_sink, pvc_sink),
+            &rest,
+            (o.cpu_pairs, "ns of CPU per KiB"),
+        )
     }
 
-    /// One-byte round trips in alternating paired blocks, one process
-    /// holding a connection over each path (from inside a's cgroup: the
-    /// bare path's real addresses are nothing to PVC), each block's
-    /// median, µs.
+    /// One-byte round trips in alternating paired blocks over one held
+    /// connection per path to an echo server on b, each block's median, µs.
     pub(super) fn round_trip_blocks(
         &mut self,
         bare_port: u16,
         pvc_port: u16,
     ) -> anyhow::Result<Paired> {
+        let rest = [self.opts.rtt_block.to_string()];
+        self.paired_blocks(
+            ("rtt-pairs", "round trips"),
+            (bare_port, pvc_port),
+            &rest,
+            (self.opts.rtt_blocks, "µs per round trip"),
+        )
+    }
+
+    /// connect-bench's paired `mode` from one process inside a's cgroup
+    /// (the bare path's real addresses are nothing to PVC), pinned to CPU
+    /// 0 as the servers on b are: the bare path's server on `ports.0`,
+    /// PVC's on `ports.1`, then `rest` and the count of pairs.
+    fn paired_blocks(
+        &mut self,
+        (mode, what): (&str, &str),
+        ports: (u16, u16),
+        rest: &[String],
+        (count, unit): (usize, &str),
+    ) -> anyhow::Result<Paired> {
+        let mut args = vec![
+            mode.to_string(),
+            self.addr(B, Route::Bare).to_string(),
+            ports.0.to_string(),
+            self.addr(B, Route::Pvc).to_string(),
+            ports.1.to_string(),
+        ];
+        args.extend(rest.iter().cloned());
+        args.push(count.to_string());
         let out = self
             .round_trip_client(Route::Pvc, true)
-            .args([
-                "rtt-pairs".to_string(),
-                self.addr(B, Route::Bare).to_string(),
-                bare_port.to_string(),
-                self.addr(B, Route::Pvc).to_string(),
-                pvc_port.to_string(),
-                self.opts.rtt_block.to_string(),
-                self.opts.rtt_blocks.to_string(),
-            ])
+            .args(args)
             .ok()
-            .context("connect-bench rtt-pairs")?;
-        let pairs = pairs_of(&out, self.opts.rtt_blocks)?;
+            .with_context(|| format!("connect-bench {mode}"))?;
+        let pairs = pairs_of(&out, count)?;
         for (k, (bare, pvc)) in pairs.iter().enumerate() {
-            eprintln!("bench: round trips, block {k}: bare {bare:.2} µs, PVC {pvc:.2} µs");
+            eprintln!("bench: {what}, pair {k}: bare {bare:.2}, PVC {pvc:.2} {unit}");
         }
-        Ok(Paired::of("µs per round trip", &pairs))
+        Ok(Paired::of(unit, &pairs))
     }
 }
 

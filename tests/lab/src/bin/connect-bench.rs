@@ -66,10 +66,12 @@ fn sink(port: u16) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn connect_to(addr: Ipv4Addr, port: u16) -> anyhow::Result<TcpStream> {
+    TcpStream::connect((addr, port)).with_context(|| format!("connect to {addr}:{port}"))
+}
+
 fn rtt(addr: Ipv4Addr, port: u16, count: usize) -> anyhow::Result<()> {
-    let mut s =
-        TcpStream::connect((addr, port)).with_context(|| format!("connect to {addr}:{port}"))?;
-    s.set_nodelay(true)?;
+    let mut s = echo_connection(addr, port)?;
     let mut us = Vec::with_capacity(count);
     let mut buf = [0u8; 1];
     for _ in 0..count {
@@ -83,8 +85,7 @@ fn rtt(addr: Ipv4Addr, port: u16, count: usize) -> anyhow::Result<()> {
 }
 
 fn echo_connection(addr: Ipv4Addr, port: u16) -> anyhow::Result<TcpStream> {
-    let s =
-        TcpStream::connect((addr, port)).with_context(|| format!("connect to {addr}:{port}"))?;
+    let s = connect_to(addr, port)?;
     s.set_nodelay(true)?;
     Ok(s)
 }
@@ -183,10 +184,6 @@ fn wait_acknowledged(s: &TcpStream) -> anyhow::Result<()> {
     }
 }
 
-fn sink_connection(addr: Ipv4Addr, port: u16) -> anyhow::Result<TcpStream> {
-    TcpStream::connect((addr, port)).with_context(|| format!("connect to {addr}:{port}"))
-}
-
 /// CPU per byte on both paths from one process, in quartets of blocks
 /// (one, two, two, one): each quartet gives each path's busy time over its
 /// bytes in its two blocks, ns per KiB. On this machine, separate runs (an
@@ -205,10 +202,7 @@ fn rate_pairs(
     ms: u64,
     quartets: usize,
 ) -> anyhow::Result<()> {
-    let mut conns = [
-        sink_connection(one.0, one.1)?,
-        sink_connection(two.0, two.1)?,
-    ];
+    let mut conns = [connect_to(one.0, one.1)?, connect_to(two.0, two.1)?];
     for c in &mut conns {
         paced(c, mbit, ms)?;
     }
@@ -227,7 +221,7 @@ fn rate_pairs(
 }
 
 fn rate(addr: Ipv4Addr, port: u16, mbit: f64, ms: u64) -> anyhow::Result<()> {
-    let (busy_ns, bytes) = paced(&mut sink_connection(addr, port)?, mbit, ms)?;
+    let (busy_ns, bytes) = paced(&mut connect_to(addr, port)?, mbit, ms)?;
     println!(
         "{}",
         serde_json::json!({ "bytes": bytes, "busy_ns": busy_ns })
@@ -239,8 +233,7 @@ fn connect(addr: Ipv4Addr, port: u16, count: usize) -> anyhow::Result<()> {
     let mut us = Vec::with_capacity(count);
     for _ in 0..count {
         let t = Instant::now();
-        let s = TcpStream::connect((addr, port))
-            .with_context(|| format!("connect to {addr}:{port}"))?;
+        let s = connect_to(addr, port)?;
         us.push(t.elapsed().as_secs_f64() * 1e6);
         // Closing first on this side leaves TIME_WAIT here, not on the server.
         drop(s);
@@ -254,9 +247,7 @@ fn first(addr: Ipv4Addr, port: u16, count: usize) -> anyhow::Result<()> {
     let mut buf = [0u8; 1];
     for _ in 0..count {
         let t = Instant::now();
-        let mut s = TcpStream::connect((addr, port))
-            .with_context(|| format!("connect to {addr}:{port}"))?;
-        s.set_nodelay(true)?;
+        let mut s = echo_connection(addr, port)?;
         s.write_all(b"x")?;
         s.read_exact(&mut buf).context("the echo server closed")?;
         us.push(t.elapsed().as_secs_f64() * 1e6);
@@ -265,16 +256,37 @@ fn first(addr: Ipv4Addr, port: u16, count: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A mode's arguments, parsed one by one; a missing or bad one names the
+/// mode's usage.
+struct Args<'a> {
+    args: &'a [String],
+    usage: &'static str,
+}
+
+impl Args<'_> {
+    fn get<T: std::str::FromStr>(&self, i: usize) -> anyhow::Result<T>
+    where
+        T::Err: std::error::Error + Send + Sync + 'static,
+    {
+        let arg = self
+            .args
+            .get(i)
+            .with_context(|| format!("usage: {}", self.usage))?;
+        arg.parse()
+            .with_context(|| format!("{arg:?} (argument {i}); usage: {}", self.usage))
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
+    let with = |usage| Args { args: &args, usage };
     match args.get(1).map(String::as_str) {
-        Some("serve") => serve(args.get(2).context("port")?.parse()?),
-        Some("echo") => echo(args.get(2).context("port")?.parse()?),
-        Some("sink") => sink(args.get(2).context("port")?.parse()?),
+        Some("serve") => serve(with("serve PORT").get(2)?),
+        Some("echo") => echo(with("echo PORT").get(2)?),
+        Some("sink") => sink(with("sink PORT").get(2)?),
         Some(mode @ ("connect" | "rtt" | "first")) => {
-            let addr = args.get(2).context("address")?.parse()?;
-            let port = args.get(3).context("port")?.parse()?;
-            let count = args.get(4).context("count")?.parse()?;
+            let a = with("connect|rtt|first ADDR PORT COUNT");
+            let (addr, port, count) = (a.get(2)?, a.get(3)?, a.get(4)?);
             match mode {
                 "connect" => connect(addr, port, count),
                 "rtt" => rtt(addr, port, count),
@@ -282,38 +294,27 @@ fn main() -> anyhow::Result<()> {
             }
         }
         Some("rtt-pairs") => {
-            let arg = |i: usize| {
-                args.get(i)
-                    .context("rtt-pairs ADDR1 PORT1 ADDR2 PORT2 BLOCK BLOCKS")
-            };
+            let a = with("rtt-pairs ADDR1 PORT1 ADDR2 PORT2 BLOCK BLOCKS");
             rtt_pairs(
-                (arg(2)?.parse()?, arg(3)?.parse()?),
-                (arg(4)?.parse()?, arg(5)?.parse()?),
-                arg(6)?.parse()?,
-                arg(7)?.parse()?,
+                (a.get(2)?, a.get(3)?),
+                (a.get(4)?, a.get(5)?),
+                a.get(6)?,
+                a.get(7)?,
             )
         }
         Some("rate-pairs") => {
-            let arg = |i: usize| {
-                args.get(i)
-                    .context("rate-pairs ADDR1 PORT1 ADDR2 PORT2 MBIT BLOCK_MS QUARTETS")
-            };
+            let a = with("rate-pairs ADDR1 PORT1 ADDR2 PORT2 MBIT BLOCK_MS QUARTETS");
             rate_pairs(
-                (arg(2)?.parse()?, arg(3)?.parse()?),
-                (arg(4)?.parse()?, arg(5)?.parse()?),
-                arg(6)?.parse()?,
-                arg(7)?.parse()?,
-                arg(8)?.parse()?,
+                (a.get(2)?, a.get(3)?),
+                (a.get(4)?, a.get(5)?),
+                a.get(6)?,
+                a.get(7)?,
+                a.get(8)?,
             )
         }
         Some("rate") => {
-            let arg = |i: usize| args.get(i).context("rate ADDR PORT MBIT MS");
-            rate(
-                arg(2)?.parse()?,
-                arg(3)?.parse()?,
-                arg(4)?.parse()?,
-                arg(5)?.parse()?,
-            )
+            let a = with("rate ADDR PORT MBIT MS");
+            rate(a.get(2)?, a.get(3)?, a.get(4)?, a.get(5)?)
         }
         _ => bail!(
             "usage: connect-bench serve PORT | connect ADDR PORT COUNT | echo PORT | \
