@@ -70,7 +70,7 @@ impl Options {
             load_clusters: 100,
             load_seconds: 20,
             // 60% of CPU 0 on the bare path: below saturation, and a
-            // quartet's noise is 8% here against 13% at 2 Gbit/s.
+            // quartet's noise is 8-11% here against 13-20% at 2 Gbit/s.
             cpu_rate_mbit: 4000,
             cpu_block_ms: 100,
             cpu_pairs: 1500,

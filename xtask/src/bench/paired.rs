@@ -66,8 +66,9 @@ impl Paired {
 impl Bench<'_> {
     /// The tc programs' own CPU per byte in the same paced transfer over
     /// PVC (`connect-bench rate`, one block of `cpu_block_ms` x
-    /// `cpu_pairs`, at most a minute): their run time from the kernel's statistics (both
-    /// hosts, both programs) over the bytes sent, ns per KiB. The programs
+    /// `cpu_pairs`, at most a minute): their run time from the kernel's
+    /// statistics (both hosts, both programs) over the bytes sent, ns per
+    /// KiB. The programs
     /// are all the per-packet work PVC adds, and their statistics are exact
     /// where the machine's busy time is not.
     pub(super) fn programs_per_kib(&mut self, pvc_sink: u16) -> anyhow::Result<f64> {
@@ -189,7 +190,7 @@ impl Bench<'_> {
 /// theirs (weighted by their runs). An empty program runs on the same
 /// packets, so this share of the programs' CPU per byte is the price of
 /// having any tc program on the uplink, the floor under PVC's.
-pub fn empty_share(progs: &BTreeMap<String, ProgramCost>, floor_ns: f64) -> Option<f64> {
+fn empty_share(progs: &BTreeMap<String, ProgramCost>, floor_ns: f64) -> Option<f64> {
     let (ns, runs) = ["pvc_egress", "pvc_ingress"]
         .iter()
         .filter_map(|p| progs.get(*p))
@@ -197,6 +198,19 @@ pub fn empty_share(progs: &BTreeMap<String, ProgramCost>, floor_ns: f64) -> Opti
             (ns + c.ns_per_run * c.runs as f64, runs + c.runs)
         });
     (runs > 0 && ns > 0.0).then(|| floor_ns * runs as f64 / ns)
+}
+
+/// The CPU per byte, as a ratio to the bare path's (`bare_per_kib`), that
+/// an empty program in the place of PVC's tc programs would cost: their own
+/// `programs_per_kib` times the empty program's share of their cost in
+/// `progs`, at `floor_ns` per run.
+pub fn empty_in_place(
+    progs: &BTreeMap<String, ProgramCost>,
+    floor_ns: f64,
+    programs_per_kib: f64,
+    bare_per_kib: f64,
+) -> f64 {
+    empty_share(progs, floor_ns).map_or(f64::NAN, |s| 1.0 + programs_per_kib * s / bare_per_kib)
 }
 
 /// connect-bench's (bare, PVC) pairs; exactly `count` of them.
@@ -302,15 +316,18 @@ pub fn per_packet(opts: &super::measure::Options) -> anyhow::Result<String> {
             p.bare, p.pvc, p.unit, p.ratio, p.ratio_ci95, p.pairs
         );
     }
-    let share = programs
-        .get("iperf3")
-        .and_then(|p| empty_share(p, p.get(super::floor::BESIDE)?.ns_per_run));
+    let empty = programs.get("iperf3").map_or(f64::NAN, |p| {
+        let floor = p
+            .get(super::floor::BESIDE)
+            .map_or(f64::NAN, |c| c.ns_per_run);
+        empty_in_place(p, floor, programs_per_kib, cpu.bare)
+    });
     let _ = writeln!(
         m,
         "\nthe programs' own CPU per byte at that rate: {programs_per_kib:.2} ns per KiB, \
          {:.4} of the bare path's CPU per byte; an empty program in their place: {:.4}",
         1.0 + programs_per_kib / cpu.bare,
-        share.map_or(f64::NAN, |s| 1.0 + programs_per_kib * s / cpu.bare)
+        empty
     );
     Ok(m)
 }

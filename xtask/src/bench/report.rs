@@ -335,7 +335,8 @@ fn targets(r: &Report) -> Vec<Target> {
             ),
             met: p.ratio + p.ratio_ci95 <= limit,
             miss: format!(
-                "{:.4} at the interval's top (limit {limit})",
+                "{:.4}: the interval's top is {:.4} (limit {limit})",
+                p.ratio + p.ratio_ci95 - limit,
                 p.ratio + p.ratio_ci95
             ),
         });
@@ -343,13 +344,9 @@ fn targets(r: &Report) -> Vec<Target> {
     // What the busy times cannot resolve here, the programs' statistics
     // can: they are all the per-packet work PVC adds to a byte.
     let derived = 1.0 + r.programs_per_kib / r.cpu_per_byte.bare;
-    let empty = r
-        .programs
-        .get("iperf3")
-        .and_then(|p| super::paired::empty_share(p, floor_of(r, p)))
-        .map_or(f64::NAN, |s| {
-            1.0 + r.programs_per_kib * s / r.cpu_per_byte.bare
-        });
+    let empty = r.programs.get("iperf3").map_or(f64::NAN, |p| {
+        super::paired::empty_in_place(p, floor_of(r, p), r.programs_per_kib, r.cpu_per_byte.bare)
+    });
     t.push(Target {
         name: "CPU per byte <= 1.01x bare, from the programs' own run time (issue 13)",
         measured: format!(
